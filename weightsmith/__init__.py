@@ -1,0 +1,6 @@
+"""weightsmith: compress and merge Hugging Face transformer checkpoints, stage by stage."""
+from .errors import WeightsmithError
+from .loading import load
+
+__version__ = "0.1.0"
+__all__ = ["WeightsmithError", "load", "__version__"]

@@ -1,0 +1,176 @@
+"""Lazy reader for Hugging Face model folders: config.json + one or many safetensors shards.
+
+Opening a folder reads headers only and validates the whole folder (index against shards,
+offsets, duplicate names) before any tensor is touched. Tensors are then read one at a time
+from memory-mapped files, so a stage holds only what it asks for.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from ..errors import WeightsmithError
+from .safetensors_file import TORCH_TO_ST, TensorInfo, read_header
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+# Files that describe a model rather than hold its weights; copied to outputs.
+SIDE_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
+    "merges.txt", "tokenizer.model", "added_tokens.json", "generation_config.json", "chat_template.jinja",
+    "preprocessor_config.json",
+)
+
+
+def read_json(path: Path, what: str) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise WeightsmithError(f"{path}: no {what} found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise WeightsmithError(f"{path}: {what} is not valid JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise WeightsmithError(f"{path}: {what} must be a JSON object")
+    return data
+
+
+class Checkpoint:
+    """A validated model folder. ``ckpt.get(name)`` reads one tensor; nothing is loaded eagerly."""
+
+    def __init__(self, path: str | Path, allow_pickle: bool = False):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise WeightsmithError(f"{self.path}: not a model folder (no such directory)")
+        self.config = read_json(self.path / "config.json", "config.json") if (self.path / "config.json").exists() else None
+        self.tensors: dict[str, TensorInfo] = {}
+        self.metadata: dict[str, str] = {}
+        self._handles: dict[Path, object] = {}
+        self._pickled: dict[str, torch.Tensor] | None = None
+        index = self.path / INDEX_NAME
+        if index.exists():
+            self._open_index(index)
+        elif (self.path / SINGLE_NAME).exists():
+            self._add_shard(self.path / SINGLE_NAME)
+        else:
+            loose = sorted(p for p in self.path.glob("*.safetensors"))
+            if len(loose) == 1:
+                self._add_shard(loose[0])
+            elif loose:
+                raise WeightsmithError(
+                    f"{self.path}: {len(loose)} safetensors files but no {INDEX_NAME}; add the index or keep one file")
+            elif any((self.path / n).exists() for n in PICKLE_NAMES):
+                if not allow_pickle:
+                    raise WeightsmithError(
+                        f"{self.path}: only pickle (.bin) weights found; loading them runs arbitrary code. "
+                        "Pass --allow-pickle if you trust this folder, or convert it to safetensors")
+                self._open_pickle()
+            else:
+                raise WeightsmithError(f"{self.path}: no model weights (*.safetensors) found")
+
+    # -- opening -------------------------------------------------------------------------
+    def _add_shard(self, file: Path, expected: set[str] | None = None) -> None:
+        infos, meta = read_header(file)
+        for name, info in infos.items():
+            if name in self.tensors:
+                raise WeightsmithError(
+                    f"{self.path}: tensor {name!r} appears in both {self.tensors[name].file.name} and {file.name}")
+            if expected is not None and name not in expected:
+                raise WeightsmithError(f"{file}: tensor {name!r} is not listed in {INDEX_NAME}")
+            self.tensors[name] = info
+        self.metadata.update(meta)
+
+    def _open_index(self, index: Path) -> None:
+        data = read_json(index, INDEX_NAME)
+        weight_map = data.get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise WeightsmithError(f"{index}: missing or empty 'weight_map'")
+        by_file: dict[str, set[str]] = {}
+        for name, file in weight_map.items():
+            by_file.setdefault(file, set()).add(name)
+        for file in sorted(by_file):
+            shard = self.path / file
+            if not shard.exists():
+                some = sorted(by_file[file])[0]
+                raise WeightsmithError(
+                    f"{index}: shard {file} (holding {some!r} and {len(by_file[file]) - 1} more) does not exist")
+            self._add_shard(shard, by_file[file])
+            missing = by_file[file] - {n for n, i in self.tensors.items() if i.file == shard}
+            if missing:
+                raise WeightsmithError(f"{shard}: tensor {sorted(missing)[0]!r} listed in {INDEX_NAME} is missing from the shard")
+
+    def _open_pickle(self) -> None:
+        files = sorted(self.path.glob("pytorch_model*.bin"))
+        state: dict[str, torch.Tensor] = {}
+        for f in files:
+            part = torch.load(f, map_location="cpu", weights_only=False, mmap=True)
+            for k, v in part.items():
+                if k in state:
+                    raise WeightsmithError(f"{self.path}: tensor {k!r} appears in two .bin files")
+                state[k] = v
+        self._pickled = state
+        for k, v in state.items():
+            self.tensors[k] = TensorInfo(k, TORCH_TO_ST[v.dtype], tuple(v.shape), files[0], 0, v.numel() * v.element_size())
+
+    # -- queries ------------------------------------------------------------------------
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise WeightsmithError(f"{self.path}: no tensor named {name!r}") from None
+
+    @property
+    def num_params(self) -> int:
+        return sum(i.numel for i in self.tensors.values())
+
+    @property
+    def nbytes(self) -> int:
+        return sum(i.nbytes for i in self.tensors.values())
+
+    @property
+    def files(self) -> list[Path]:
+        return sorted({i.file for i in self.tensors.values()})
+
+    @property
+    def size_on_disk(self) -> int:
+        return sum(f.stat().st_size for f in self.files)
+
+    def get(self, name: str, device: str | torch.device = "cpu") -> torch.Tensor:
+        info = self.info(name)
+        if self._pickled is not None:
+            return self._pickled[name].to(device)
+        handle = self._handles.get(info.file)
+        if handle is None:
+            handle = self._handles[info.file] = safe_open(str(info.file), framework="pt", device="cpu")
+        t = handle.get_tensor(name)
+        return t if str(device) == "cpu" else t.to(device)
+
+    def items(self, names: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        for n in names or self.names():
+            yield n, self.get(n)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(self.items())
+
+    def side_files(self) -> list[Path]:
+        return [self.path / n for n in SIDE_FILES if (self.path / n).is_file()]
+
+    def close(self) -> None:
+        self._handles.clear()
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({str(self.path)!r}, {len(self)} tensors)"
+

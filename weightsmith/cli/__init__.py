@@ -1,0 +1,57 @@
+"""The ``weightsmith`` command: one sub-command per stage, each a thin layer over a library function."""
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+
+from ..errors import WeightsmithError
+
+app = typer.Typer(
+    name="weightsmith",
+    help="Compress and merge Hugging Face transformer checkpoints, stage by stage.",
+    no_args_is_help=True,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+    pretty_exceptions_enable=False,
+)
+
+# Each module registers its commands on ``app``.
+from . import inspect_cmd, eval_cmd, zoo_cmd  # noqa: E402,F401
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def main() -> None:
+    _quiet_libraries()
+    try:
+        app(standalone_mode=False)
+    except WeightsmithError as exc:
+        from .common import err_console
+
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except SystemExit:
+        raise
+    except Exception as exc:  # click usage errors come through here in non-standalone mode
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.exceptions.Abort):
+            sys.exit(1)
+        raise

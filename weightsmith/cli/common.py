@@ -1,0 +1,77 @@
+"""Shared CLI pieces: option types with defaults, rich progress bars, JSON output, error exit."""
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+err_console = Console(stderr=True)
+console = Console()
+
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed; same seed, same output.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout instead of a table.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Replace OUT if it already exists.")]
+OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder (written atomically).")]
+ShardOpt = Annotated[str, typer.Option("--out-shard-size", help="Largest output shard, e.g. 2GB or 500MB.")]
+DtypeOpt = Annotated[str | None, typer.Option("--dtype", help="Output dtype: float32, bfloat16 or float16 (default: as input).")]
+PickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Allow loading .bin (pickle) weights; runs code from the file.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+
+
+@contextmanager
+def progress_bars(enabled: bool = True):
+    """Yield a ``progress(label, done, total)`` callback drawing one rich bar per label (stderr)."""
+    if not enabled or not err_console.is_terminal and not _force_bars():
+        yield None
+        return
+    bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TimeRemainingColumn(), console=err_console, transient=True)
+    tasks: dict[str, Any] = {}
+
+    def callback(label: str, done: int, total: int | None) -> None:
+        if label not in tasks:
+            tasks[label] = bars.add_task(label, total=total)
+        bars.update(tasks[label], completed=done, total=total)
+
+    with bars:
+        yield callback
+
+
+def _force_bars() -> bool:
+    import os
+    return os.environ.get("WEIGHTSMITH_PROGRESS") == "1"
+
+
+def print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=_jsonable) + "\n")
+
+
+def _jsonable(o: Any) -> Any:
+    if isinstance(o, Path):
+        return str(o)
+    if hasattr(o, "to_dict"):
+        return o.to_dict()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def human_count(n: float) -> str:
+    for unit in ("", "K", "M", "B"):
+        if abs(n) < 1000 or unit == "B":
+            return f"{n:.2f}{unit}" if unit else str(int(n))
+        n /= 1000
+    return str(n)

@@ -1,0 +1,136 @@
+"""Perplexity (sliding window with stride), classification accuracy, size and speed of model folders."""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..device import resolve_device
+from ..errors import WeightsmithError
+from ..progress import ProgressFn, track
+
+
+def tokenize(tokenizer, texts: list[str], max_tokens: int | None = None) -> torch.Tensor:
+    """One token stream: texts joined by the EOS token, cut to ``max_tokens``."""
+    sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    ids: list[int] = []
+    for i, t in enumerate(texts):
+        if i:
+            ids.extend(sep)
+        ids.extend(tokenizer(t, add_special_tokens=False)["input_ids"])
+        if max_tokens and len(ids) >= max_tokens:
+            break
+    if len(ids) < 2:
+        raise WeightsmithError("evaluation data has fewer than 2 tokens")
+    return torch.tensor(ids[:max_tokens] if max_tokens else ids, dtype=torch.long)
+
+
+def windows(n: int, context: int, stride: int) -> list[tuple[int, int, int]]:
+    """(begin, end, scored) for a sliding window: each window scores its last ``scored`` tokens, once each."""
+    if stride > context or stride < 1:
+        raise WeightsmithError(f"stride {stride} must be between 1 and the context length {context}")
+    out = []
+    prev_end = 0
+    for begin in range(0, n, stride):
+        end = min(begin + context, n)
+        scored = end - max(prev_end, begin + 1)
+        if scored > 0:
+            out.append((begin, end, scored))
+        prev_end = end
+        if end == n:
+            break
+    return out
+
+
+@torch.no_grad()
+def perplexity(model: torch.nn.Module, ids: torch.Tensor, *, context: int, stride: int | None = None,
+               batch_size: int = 8, device: str | torch.device = "cpu",
+               progress: ProgressFn | None = None, label: str = "perplexity") -> dict:
+    """exp(mean NLL) over every token of ``ids`` but the first, each predicted from up to ``context`` tokens."""
+    dev = resolve_device(device)
+    stride = stride or context
+    wins = windows(ids.numel(), context, stride)
+    groups: dict[int, list[tuple[int, int, int]]] = {}
+    for w in wins:
+        groups.setdefault(w[1] - w[0], []).append(w)
+    batches = [g[i:i + batch_size] for g in groups.values() for i in range(0, len(g), batch_size)]
+    nll, count = 0.0, 0
+    start = time.perf_counter()
+    for batch in track(progress, label, batches):
+        x = torch.stack([ids[b:e] for b, e, _ in batch]).to(dev)
+        logits = model(input_ids=x).logits.float()
+        for row, (b, e, scored) in enumerate(batch):
+            pred = logits[row, e - b - scored - 1: e - b - 1]
+            nll += F.cross_entropy(pred, x[row, e - b - scored:], reduction="sum").item()
+            count += scored
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    seconds = time.perf_counter() - start
+    processed = sum(e - b for b, e, _ in wins)
+    return {"perplexity": math.exp(nll / count), "nll": nll / count, "tokens": count,
+            "seconds": seconds, "tokens_per_s": processed / seconds if seconds > 0 else float("inf")}
+
+
+@torch.no_grad()
+def accuracy(model: torch.nn.Module, tokenizer, texts: list[str], labels: list, *, batch_size: int = 32,
+             max_length: int = 256, device: str | torch.device = "cpu",
+             progress: ProgressFn | None = None) -> dict:
+    """Share of ``texts`` whose argmax class equals the label (label ids, or names via config.label2id)."""
+    dev = resolve_device(device)
+    label2id = getattr(model.config, "label2id", None) or {}
+    targets = []
+    for lab in labels:
+        if isinstance(lab, int) or (isinstance(lab, str) and lab.lstrip("-").isdigit()):
+            targets.append(int(lab))
+        elif lab in label2id:
+            targets.append(int(label2id[lab]))
+        else:
+            raise WeightsmithError(f"label {lab!r} is neither a class id nor one of {sorted(label2id)}")
+    correct = 0
+    start = time.perf_counter()
+    idx = list(range(0, len(texts), batch_size))
+    for i in track(progress, "accuracy", idx):
+        enc = tokenizer(texts[i:i + batch_size], padding=True, truncation=True, max_length=max_length,
+                        return_tensors="pt").to(dev)
+        pred = model(**enc).logits.argmax(-1).cpu()
+        correct += int((pred == torch.tensor(targets[i:i + batch_size])).sum())
+    seconds = time.perf_counter() - start
+    return {"accuracy": correct / len(texts), "examples": len(texts), "seconds": seconds}
+
+
+def count_params(model: torch.nn.Module) -> int:
+    """Parameters as stored: a tensor shared by several modules counts once."""
+    seen = set()
+    total = 0
+    for p in model.parameters():
+        if p.data_ptr() in seen:
+            continue
+        seen.add(p.data_ptr())
+        total += p.numel()
+    return total
+
+
+def folder_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file() and p.suffix in (".safetensors", ".bin"))
+
+
+@dataclass
+class EvalRow:
+    model: str
+    params: int
+    size_bytes: int
+    perplexity: float | None = None
+    nll: float | None = None
+    tokens: int | None = None
+    tokens_per_s: float | None = None
+    accuracy: float | None = None
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.update(d.pop("extra"))
+        return d

@@ -1,0 +1,57 @@
+"""``weightsmith.load``: any folder weightsmith writes (plain, folded, hashed) as a transformers model."""
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import torch
+
+from .checkpoint import read_json
+from .device import resolve_device, resolve_dtype
+from .errors import WeightsmithError
+
+# config["weightsmith"]["format"] -> module with load(path, device, dtype) and export_plain(path, out, ...)
+FORMATS = {
+    "folded": "weightsmith.fold.format",
+    "rps": "weightsmith.compressor.format",
+}
+
+
+def folder_format(path: str | Path) -> str:
+    config = read_json(Path(path) / "config.json", "config.json")
+    return (config.get("weightsmith") or {}).get("format", "plain")
+
+
+def format_module(fmt: str):
+    if fmt not in FORMATS:
+        raise WeightsmithError(f"folder format {fmt!r} is unknown to this weightsmith version")
+    return importlib.import_module(FORMATS[fmt])
+
+
+def model_class(config: dict):
+    import transformers
+
+    for arch in config.get("architectures") or []:
+        cls = getattr(transformers, arch, None)
+        if cls is not None:
+            return cls
+    return transformers.AutoModel
+
+
+def load(path: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
+         allow_pickle: bool = False) -> torch.nn.Module:
+    """Load a model folder in eval mode on ``device`` (plain HF, folded or RPS)."""
+    path = Path(path)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype)
+    fmt = folder_format(path)
+    if fmt != "plain":
+        return format_module(fmt).load(path, device=dev, dtype=dt)
+    if not list(path.glob("*.safetensors")) and not allow_pickle:
+        from .checkpoint import Checkpoint
+        Checkpoint(path, allow_pickle=False)  # raises the clear error
+    config = read_json(path / "config.json", "config.json")
+    cls = model_class(config)
+    kwargs = {"dtype": dt} if dt is not None else {}
+    model = cls.from_pretrained(path, use_safetensors=not allow_pickle or None, **kwargs)
+    return model.to(dev).eval()
