@@ -1,0 +1,66 @@
+"""Model cards: every output folder gets a README.md with Hub metadata, what was done, and metrics."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import yaml
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def hub_ids(inputs: list[str]) -> list[str]:
+    """Inputs that look like Hub repo ids (owner/name) and are not local folders."""
+    return [i for i in inputs if HUB_ID.match(str(i)) and not Path(str(i)).exists()]
+
+
+def _source_base_models(inputs: list[str]) -> list[str]:
+    """base_model entries carried over from the inputs' own cards, so lineage survives local paths."""
+    found = []
+    for i in inputs:
+        card = Path(str(i)) / "README.md"
+        if card.is_file():
+            m = re.match(r"^---\n(.*?)\n---", card.read_text(), re.S)
+            if m:
+                meta = yaml.safe_load(m.group(1)) or {}
+                base = meta.get("base_model") or []
+                found += [base] if isinstance(base, str) else list(base)
+    return found
+
+
+def write_model_card(folder: str | Path, *, stage: str, method: str, inputs: list[str], parameters: dict,
+                     metrics: list[dict] | None = None, recipe: str | None = None, notes: str | None = None,
+                     tags: list[str] | None = None) -> Path:
+    """Write README.md (and the recipe beside it, when given) into ``folder``."""
+    folder = Path(folder)
+    bases = list(dict.fromkeys(hub_ids([str(i) for i in inputs]) + _source_base_models([str(i) for i in inputs])))
+    meta: dict = {"library_name": "transformers", "tags": ["weightsmith", stage, method, *(tags or [])]}
+    if bases:
+        meta["base_model"] = bases
+    lines = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "",
+             f"# {folder.name.split('.tmp-')[0]}", "",
+             f"Made with weightsmith `{stage}` using **{method}**.", ""]
+    if notes:
+        lines += [notes, ""]
+    lines += ["## Inputs", ""] + [f"- `{i}`" for i in inputs] + [""]
+    lines += ["## Parameters", "", "```json", json.dumps(parameters, indent=2, sort_keys=True, default=str), "```", ""]
+    if metrics:
+        keys = [k for k in metrics[0] if k != "model"]
+        lines += ["## Evaluation", "", "| model | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+        for row in metrics:
+            lines.append(f"| {row.get('model', '')} | " + " | ".join(_fmt(row.get(k)) for k in keys) + " |")
+        lines.append("")
+    if recipe:
+        (folder / "weightsmith_recipe.yaml").write_text(recipe)
+        lines += ["## Recipe", "", "```yaml", recipe.strip(), "```", ""]
+    lines += ["## Loading", "", "```python", "import weightsmith", f"model = weightsmith.load(\"{folder.name.split('.tmp-')[0]}\")", "```", ""]
+    path = folder / "README.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "" if v is None else str(v)
