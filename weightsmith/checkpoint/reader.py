@@ -27,9 +27,20 @@ SIDE_FILES = (
 )
 
 
+def _no_duplicates(pairs: list) -> dict:
+    seen = {}
+    for k, v in pairs:
+        if k in seen:
+            raise WeightsmithError(f"names {k!r} twice")
+        seen[k] = v
+    return seen
+
+
 def read_json(path: Path, what: str) -> dict:
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(), object_pairs_hook=_no_duplicates)
+    except WeightsmithError as exc:
+        raise WeightsmithError(f"{path}: {what} {exc}") from None
     except FileNotFoundError:
         raise WeightsmithError(f"{path}: no {what} found") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:

@@ -30,19 +30,17 @@ def tokenize(tokenizer, texts: list[str], max_tokens: int | None = None) -> torc
 
 
 def windows(n: int, context: int, stride: int) -> list[tuple[int, int, int]]:
-    """(begin, end, scored) for a sliding window: each window scores its last ``scored`` tokens, once each."""
-    if stride > context or stride < 1:
-        raise WeightsmithError(f"stride {stride} must be between 1 and the context length {context}")
+    """(begin, end, scored) windows: each scores its last ``scored`` tokens, every token but the first once.
+
+    A window of ``context`` tokens predicts at most ``context - 1`` of them, so the stride is capped there.
+    """
+    if stride > context or stride < 1 or context < 2:
+        raise WeightsmithError(f"stride {stride} must be between 1 and the context length {context} (>= 2)")
+    step = min(stride, context - 1)
     out = []
-    prev_end = 0
-    for begin in range(0, n, stride):
-        end = min(begin + context, n)
-        scored = end - max(prev_end, begin + 1)
-        if scored > 0:
-            out.append((begin, end, scored))
-        prev_end = end
-        if end == n:
-            break
+    for t0 in range(1, n, step):
+        end = min(t0 + step, n)
+        out.append((max(0, end - context), end, end - t0))
     return out
 
 
