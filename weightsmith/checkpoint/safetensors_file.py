@@ -150,7 +150,6 @@ class ShardFile:
 
     def close(self) -> None:
         if self._fd >= 0:
-            os.fsync(self._fd)
             os.close(self._fd)
             self._fd = -1
 

@@ -32,9 +32,9 @@ SIZES: dict[str, dict] = {
     "tiny": dict(vocab=1024, hidden=64, layers=4, heads=4, intermediate=176, seq=64, batch=32,
                  base_steps=500, ft_steps=120, lr=4e-3, ft_lr=1.5e-3, tokenizer_chars=1_500_000,
                  train_chars=2_000_000, valid_chars=24_000, calib_chars=48_000),
-    # demo and benchmarks: a few minutes
-    "small": dict(vocab=2048, hidden=128, layers=8, heads=4, intermediate=352, seq=128, batch=32,
-                  base_steps=1200, ft_steps=250, lr=3e-3, ft_lr=1e-3, tokenizer_chars=3_000_000,
+    # benchmarks: about 10-15 minutes
+    "small": dict(vocab=2048, hidden=128, layers=6, heads=4, intermediate=352, seq=128, batch=16,
+                  base_steps=800, ft_steps=200, lr=3e-3, ft_lr=1e-3, tokenizer_chars=3_000_000,
                   train_chars=6_000_000, valid_chars=60_000, calib_chars=120_000),
 }
 SOUP_RECIPES = ((0.5, 11), (1.0, 12), (2.0, 13), (1.0, 14))  # (lr multiplier, seed)
