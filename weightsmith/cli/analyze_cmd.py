@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from . import app
+from .common import DeviceOpt, JsonOpt, QuietOpt, console, print_json, progress_bars
+
+
+@app.command("analyze")
+def analyze_cmd(
+    model: Annotated[Path, typer.Argument(help="Model folder (causal LM or encoder).")],
+    data: Annotated[Path, typer.Option("--data", help="Calibration text (.txt/.md/.jsonl file or folder).")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Folder for analysis.json and heatmap.png.")] = None,
+    remove: Annotated[float, typer.Option("--remove", help="Fraction of blocks the drop suggestions remove.")] = 0.25,
+    seq: Annotated[int | None, typer.Option("--seq", help="Tokens per window (default: min(positions, 128)).")] = None,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", help="Calibration tokens in all.")] = 4096,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Windows per forward batch.")] = 8,
+    device: DeviceOpt = "auto",
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Per-block angular distance (l to l+n), Block Influence and linear CKA from one forward pass.
+
+    Angular distance d(l, l+n) = arccos(cos(x_l, x_{l+n}))/pi is taken on the last token of each window
+    (Gromov et al.) and also averaged over all tokens; BI_i = 1 - mean cos(x_i, x_{i+1}) (ShortGPT).
+    """
+    from ..fold.analyze import analyze
+
+    with progress_bars(not quiet and not json_out) as progress:
+        rep = analyze(model, data, out, remove=remove, seq=seq, max_tokens=max_tokens, batch_size=batch_size,
+                      device=device, progress=progress)
+    if json_out:
+        print_json(rep)
+        return
+    n = rep["num_blocks"]
+    table = Table(title=f"{model}: {n} blocks, {rep['tokens']} tokens", title_justify="left")
+    for col in ("block", "BI", "d(l,l+1) last", "d(l,l+1) mean", "CKA(l,l+1)"):
+        table.add_column(col, justify="right")
+    for i in range(n):
+        table.add_row(str(i), f"{rep['block_influence'][i]:.4f}", f"{rep['angular_distance_last_token'][i][0]:.4f}",
+                      f"{rep['angular_distance_mean'][i][0]:.4f}", f"{rep['cka'][i][i + 1]:.4f}")
+    console.print(table)
+    console.print(f"remove {rep['remove']} of {n}: ShortGPT (lowest BI) drops blocks {rep['shortgpt_drop']}; "
+                  f"angular distance drops span {rep['angular_drop']}")
+    for k, v in rep["angular_drop_by_n"].items():
+        console.print(f"  angular, n={k}: blocks {v['blocks']} (d={v['distance']:.4f})")
+    for f in rep.get("files", []):
+        console.print(f"wrote {f}")

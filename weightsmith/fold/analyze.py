@@ -1,0 +1,128 @@
+"""The analyze stage: one forward pass on calibration tokens, then per-block similarity metrics
+(angular distance, ShortGPT Block Influence, linear CKA), a JSON report and a heatmap PNG.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from ..device import resolve_device
+from ..errors import WeightsmithError
+from ..progress import ProgressFn, track
+from .blocks import block_list, first_tensor, is_causal_lm
+from .data import calibration_windows, model_seq
+from .similarity import angular_distance, angular_drop, block_influence, cka_matrix, shortgpt_drop
+
+
+@torch.no_grad()
+def block_states(model: torch.nn.Module, windows: torch.Tensor, *, batch_size: int = 8,
+                 device: str | torch.device = "cpu", progress: ProgressFn | None = None) -> list[torch.Tensor]:
+    """Inputs of every block plus the last block's output, [windows, seq, hidden] each, from one forward pass.
+
+    Hooks read the residual stream itself, so the last entry is before any final norm (unlike
+    ``output_hidden_states`` on Llama, whose last entry is normed).
+    """
+    blocks = block_list(model)
+    got: list[list[torch.Tensor]] = [[] for _ in range(len(blocks) + 1)]
+
+    def pre(i):
+        def hook(mod, args, kwargs):
+            x = args[0] if args else kwargs["hidden_states"]
+            got[i].append(x.detach().float().cpu())
+        return hook
+
+    def post(mod, args, kwargs, out):
+        got[-1].append(first_tensor(out).detach().float().cpu())
+
+    handles = [b.register_forward_pre_hook(pre(i), with_kwargs=True) for i, b in enumerate(blocks)]
+    handles.append(blocks[-1].register_forward_hook(post, with_kwargs=True))
+    try:
+        for s in track(progress, "forward", range(0, windows.shape[0], batch_size)):
+            model(input_ids=windows[s:s + batch_size].to(device))
+    finally:
+        for h in handles:
+            h.remove()
+    return [torch.cat(g) for g in got]
+
+
+def similarity_report(states: list[torch.Tensor], remove: int, cka_tokens: int | None = 2048) -> dict:
+    bi = block_influence(states)
+    last = angular_distance(states, last_token=True)
+    mean = angular_distance(states, last_token=False)
+    cka = cka_matrix(states, max_tokens=cka_tokens)
+    n = len(states) - 1
+
+    def rows(m):
+        return [[None if math.isnan(v) else round(v, 6) for v in r] for r in m.tolist()]
+
+    return {
+        "num_blocks": n,
+        "block_influence": [round(v, 6) for v in bi.tolist()],
+        "angular_distance_last_token": rows(last),
+        "angular_distance_mean": rows(mean),
+        "cka": rows(cka),
+        "remove": remove,
+        "shortgpt_drop": shortgpt_drop(bi, remove),
+        "angular_drop": angular_drop(last, remove),
+        "angular_drop_by_n": {str(k): {"blocks": angular_drop(last, k), "distance": round(float(last[angular_drop(last, k)[0], k - 1]), 6)}
+                              for k in range(1, n)},
+    }
+
+
+def heatmap(report: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    n = report["num_blocks"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    ang = np.array([[np.nan if v is None else v for v in r] for r in report["angular_distance_last_token"]])
+    im = axes[0].imshow(ang.T, origin="lower", cmap="viridis_r", aspect="auto",
+                        extent=(-0.5, n - 0.5, 0.5, n + 0.5))
+    axes[0].set(xlabel="first block l", ylabel="span n", title="angular distance d(l, l+n), last token")
+    fig.colorbar(im, ax=axes[0])
+    im = axes[1].imshow(np.array(report["cka"]), origin="lower", cmap="magma", vmin=0, vmax=1)
+    axes[1].set(xlabel="block input j", ylabel="block input i", title="linear CKA")
+    fig.colorbar(im, ax=axes[1])
+    axes[2].bar(range(n), report["block_influence"])
+    axes[2].set(xlabel="block", ylabel="BI", title="Block Influence (ShortGPT)")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def analyze(model_path: str | Path, data: str | Path, out: str | Path | None = None, *, remove: float = 0.25,
+            seq: int | None = None, max_tokens: int = 4096, batch_size: int = 8, device: str = "auto",
+            tokenizer: str | Path | None = None, progress: ProgressFn | None = None) -> dict:
+    """Similarity report for every block of the model at ``model_path``; writes analysis.json and heatmap.png to ``out``."""
+    from ..eval import load_tokenizer
+    from ..loading import load
+
+    if not Path(data).exists():
+        raise WeightsmithError(f"{data}: data file not found")
+    if not 0 <= remove < 1:
+        raise WeightsmithError(f"--remove {remove} must be a fraction in [0, 1)")
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise WeightsmithError(f"{out}: exists and is not a folder")
+    dev = resolve_device(device)
+    model = load(model_path, device=dev)
+    tok = load_tokenizer(tokenizer or model_path)
+    windows = calibration_windows(tok, data, seq=model_seq(model, seq), max_tokens=max_tokens,
+                                  causal=is_causal_lm(model))
+    states = block_states(model, windows, batch_size=batch_size, device=dev, progress=progress)
+    n = len(states) - 1
+    report = {"model": str(model_path), "data": str(data), "tokens": int(windows.numel()), **similarity_report(
+        states, remove=int(round(remove * n)))}
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "analysis.json").write_text(json.dumps(report, indent=2) + "\n")
+        heatmap(report, out / "heatmap.png", f"{Path(model_path).name}: {n} blocks, {report['tokens']} tokens")
+        report["files"] = [str(out / "analysis.json"), str(out / "heatmap.png")]
+    return report

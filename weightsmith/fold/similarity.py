@@ -1,0 +1,75 @@
+"""Layer-similarity metrics on block inputs: angular distance (Gromov et al., arXiv 2403.17887),
+Block Influence (ShortGPT) and linear CKA (Kornblith et al.; used by CRaSh to cluster layers).
+
+``states[i]`` is the input of block i ([windows, tokens, hidden]); ``states[N]`` is the last block's output.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1)
+
+
+def angular(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """arccos(cos(a, b)) / pi along the last dimension, in [0, 1]."""
+    return torch.arccos(_cos(a, b).clamp(-1.0, 1.0)) / math.pi
+
+
+def angular_distance(states: list[torch.Tensor], last_token: bool = True) -> torch.Tensor:
+    """D[l, n-1] = d(x_l, x_{l+n}) for n = 1..N (NaN where l+n > N); on the last token or averaged over tokens."""
+    n_blocks = len(states) - 1
+    d = torch.full((n_blocks, n_blocks), float("nan"))
+    pick = (lambda s: s[:, -1]) if last_token else (lambda s: s)
+    for l in range(n_blocks):
+        for n in range(1, n_blocks - l + 1):
+            d[l, n - 1] = angular(pick(states[l]), pick(states[l + n])).mean().item()
+    return d
+
+
+def block_influence(states: list[torch.Tensor]) -> torch.Tensor:
+    """ShortGPT BI_i = 1 - mean over tokens of cos(x_i, x_{i+1})."""
+    return torch.tensor([1.0 - _cos(states[i], states[i + 1]).mean().item() for i in range(len(states) - 1)])
+
+
+def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Linear CKA of two [samples, features] matrices: ||Y'X||_F^2 / (||X'X||_F ||Y'Y||_F) after centring."""
+    x = x.double() - x.double().mean(0)
+    y = y.double() - y.double().mean(0)
+    num = (y.T @ x).square().sum()
+    den = (x.T @ x).norm() * (y.T @ y).norm()
+    return float(num / den) if den > 0 else float("nan")
+
+
+def cka_matrix(states: list[torch.Tensor], max_tokens: int | None = 2048, seed: int = 0) -> torch.Tensor:
+    """Linear CKA between every pair of block inputs, on up to ``max_tokens`` tokens drawn at random."""
+    flat = [s.reshape(-1, s.shape[-1]).float() for s in states]
+    if max_tokens and flat[0].shape[0] > max_tokens:
+        idx = torch.randperm(flat[0].shape[0], generator=torch.Generator().manual_seed(seed))[:max_tokens]
+        flat = [f[idx.to(f.device)] for f in flat]
+    centred = [f - f.mean(0) for f in flat]
+    self_norm = [(c.T @ c).norm() for c in centred]
+    k = len(states)
+    m = torch.eye(k)
+    for i in range(k):
+        for j in range(i + 1, k):
+            v = (centred[j].T @ centred[i]).square().sum() / (self_norm[i] * self_norm[j])
+            m[i, j] = m[j, i] = float(v)
+    return m
+
+
+def shortgpt_drop(bi: torch.Tensor, k: int) -> list[int]:
+    """The ``k`` blocks with the lowest Block Influence."""
+    return sorted(torch.argsort(bi)[:k].tolist())
+
+
+def angular_drop(dist: torch.Tensor, k: int) -> list[int]:
+    """The span of ``k`` consecutive blocks l..l+k-1 whose input and output are closest (min d(l, l+k))."""
+    if k == 0:
+        return []
+    col = dist[: dist.shape[0] - k + 1, k - 1]
+    l = int(torch.argmin(col))
+    return list(range(l, l + k))
