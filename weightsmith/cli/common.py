@@ -75,3 +75,13 @@ def human_count(n: float) -> str:
             return f"{n:.2f}{unit}" if unit else str(int(n))
         n /= 1000
     return str(n)
+
+
+def short_name(path: str, others: list[str]) -> str:
+    """The shortest tail of ``path`` (folder name, then parent/name, ...) that tells it apart from ``others``."""
+    parts = Path(path).parts
+    for k in range(1, len(parts) + 1):
+        tail = "/".join(parts[-k:])
+        if sum(1 for o in others if "/".join(Path(o).parts[-k:]) == tail) <= 1:
+            return tail
+    return str(path)

@@ -7,7 +7,8 @@ import typer
 from rich.table import Table
 
 from . import app
-from .common import DeviceOpt, JsonOpt, PickleOpt, QuietOpt, console, human_bytes, human_count, print_json, progress_bars
+from .common import (DeviceOpt, JsonOpt, PickleOpt, QuietOpt, console, human_bytes, human_count, print_json,
+                     progress_bars, short_name)
 
 
 @app.command("eval")
@@ -39,7 +40,7 @@ def eval_cmd(
     table = Table("model", "params", "size", *(["perplexity", "tokens", "tokens/s"] if data else []),
                   *(["accuracy"] if labelled else []))
     for r in rows:
-        cells = [r.model, human_count(r.params), human_bytes(r.size_bytes)]
+        cells = [short_name(r.model, [x.model for x in rows]), human_count(r.params), human_bytes(r.size_bytes)]
         if data:
             cells += [f"{r.perplexity:.2f}", str(r.tokens), f"{r.tokens_per_s:,.0f}"]
         if labelled:

@@ -24,9 +24,10 @@ def inspect_cmd(
     if json_out:
         print_json(info)
         return
-    table = Table(title=str(model), show_header=False, title_justify="left")
+    table = Table(show_header=False)
     table.add_column(style="bold")
     table.add_column()
+    table.add_row("path", info["path"])
     table.add_row("architecture", str(info["architecture"]))
     table.add_row("format", info["format"])
     table.add_row("layers", f"{info['layers']} under {info['layout'].get('block_prefix')}" if info["layers"] else
