@@ -37,6 +37,8 @@ def build_cmd(size: SizeOpt = "tiny", force: Annotated[bool, typer.Option("--for
     table = Table("name", "path", title=f"zoo {size} (built in {info['build_seconds']} s)", title_justify="left")
     for name, path in info["models"].items():
         table.add_row(name, path)
+    if info["mwa_checkpoints"]:
+        table.add_row(f"mwa ({len(info['mwa_checkpoints'])} checkpoints)", str(zoo.root / "models" / "mwa"))
     for name, path in info["data"].items():
         table.add_row(f"data {name}", path)
     console.print(table)
