@@ -1,0 +1,111 @@
+"""weightsmith push against a local stand-in for the Hub API: what arrives must be the folder, byte for byte."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from fake_hub import TOKEN, FakeHub
+from weightsmith.checkpoint.hub import plan_push, push
+from weightsmith.errors import WeightsmithError
+
+
+def run_push(hub: FakeHub, tmp_path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_TOKEN": TOKEN, "HF_HOME": str(tmp_path / "hf-home"),
+           # The stand-in speaks the basic LFS transfer, which huggingface_hub uses when Xet is off.
+           "HF_HUB_DISABLE_XET": "1", "HF_HUB_OFFLINE": "1", "NO_PROXY": "127.0.0.1"}
+    return subprocess.run([sys.executable, "-m", "weightsmith", "push", *args], env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+@pytest.fixture
+def model(tiny_llama, tmp_path):
+    folder = tiny_llama("model")
+    (folder / "tokenizer_config.json").write_text("{}")
+    (folder / ".weightsmith-stage.json").write_text("{}")
+    return folder
+
+
+def test_push_uploads_every_file_and_a_generated_card_without_touching_the_folder(model, tmp_path):
+    before = sorted(p.name for p in model.iterdir())
+    with FakeHub() as hub:
+        proc = run_push(hub, tmp_path, str(model), "alice/tiny", "--json", "-q")
+        assert proc.returncode == 0, proc.stderr
+        out = json.loads(proc.stdout)
+        files = hub.repos["alice/tiny"]["branches"]["main"]
+    assert sorted(p.name for p in model.iterdir()) == before  # nothing written into the user's folder
+    expected = {p.name for p in model.iterdir()} - {".weightsmith-stage.json"} | {"README.md"}
+    assert set(files) == expected
+    for name in expected - {"README.md"}:
+        assert files[name] == (model / name).read_bytes(), name
+    assert ("PUT", next(p for m, p in hub.requests if p.startswith("/lfs-upload/"))) in hub.requests
+    meta = yaml.safe_load(files["README.md"].decode().split("---")[1])
+    assert meta["library_name"] == "transformers" and "weightsmith" in meta["tags"]
+    assert out["repo_id"] == "alice/tiny" and out["commit"] and not hub.repos["alice/tiny"]["private"]
+    assert {f["path"] for f in out["files"]} == expected
+
+
+@pytest.fixture
+def hub_env(monkeypatch, tmp_path):
+    """In-process pushes: endpoint and token from the environment, as a user sets them; Xet off (see run_push)."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-stored-token"))
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    with FakeHub() as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        yield hub
+
+
+def test_push_to_a_branch_of_a_private_repo_keeps_the_folders_own_card(model, hub_env):
+    (model / "README.md").write_text("---\nlicense: mit\n---\n# mine\n")
+    push(model, "alice/tiny", private=True, revision="dev")
+    push(model, "alice/tiny", revision="dev")  # existing repo and branch are reused
+    repo = hub_env.repos["alice/tiny"]
+    assert repo["private"] and repo["branches"]["main"] == {}
+    assert repo["branches"]["dev"]["README.md"] == b"---\nlicense: mit\n---\n# mine\n"
+    assert repo["branches"]["dev"]["model.safetensors"] == (model / "model.safetensors").read_bytes()
+
+
+def test_push_without_a_token_is_one_clear_error(model, hub_env, monkeypatch):
+    monkeypatch.delenv("HF_TOKEN")
+    with pytest.raises(WeightsmithError, match="HTTP 401.*HF_TOKEN"):
+        push(model, "alice/tiny")
+    assert not hub_env.repos
+
+
+def test_dry_run_lists_files_with_sizes_and_sends_nothing(model):
+    result = push(model, "alice/tiny", dry_run=True)
+    sizes = {f["path"]: f["size"] for f in result["files"]}
+    assert sizes["model.safetensors"] == (model / "model.safetensors").stat().st_size
+    assert ".weightsmith-stage.json" not in sizes and "README.md" in sizes
+    assert result["total_bytes"] == sum(sizes.values())
+    assert not (model / "README.md").exists()
+
+
+def test_push_refuses_invalid_folders(tiny_llama, tmp_path):
+    no_config = tiny_llama("a")
+    (no_config / "config.json").unlink()
+    with pytest.raises(WeightsmithError, match="no config.json"):
+        plan_push(no_config)
+    sharded = tiny_llama("b")
+    from weightsmith.checkpoint import Checkpoint, save_state_dict
+    ckpt = Checkpoint(sharded)
+    state = {n: ckpt.get(n) for n in ckpt.names()}
+    out = tmp_path / "sharded"
+    out.mkdir()
+    shutil.copy(sharded / "config.json", out)
+    save_state_dict(state, out, max_shard_size="100KB")
+    shards = sorted(out.glob("*.safetensors"))
+    assert len(shards) > 1
+    shards[-1].unlink()
+    with pytest.raises(WeightsmithError, match=shards[-1].name):
+        push(out, "alice/tiny", dry_run=True)
+    with pytest.raises(WeightsmithError, match="OWNER/NAME"):
+        push(sharded, "not a repo", dry_run=True)

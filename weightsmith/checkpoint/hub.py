@@ -1,0 +1,149 @@
+"""The push stage: upload a validated model folder, with its model card, to the Hugging Face Hub.
+
+The user's folder is never modified: the files to upload are staged as links in a temporary folder,
+together with a generated README.md when the folder has none, and that staging folder is uploaded.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from contextlib import contextmanager
+from fnmatch import fnmatch
+from pathlib import Path
+
+from ..errors import WeightsmithError
+from ..progress import ProgressFn, report
+from .reader import Checkpoint
+
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
+# Bookkeeping that describes how a folder was made on this machine, not the model.
+LOCAL_ONLY = (".weightsmith-stage.json", "*.tmp-*", ".git", ".git/*", "**/.git/**", ".cache/*", "**/.cache/**",
+              "**/__pycache__/**", ".DS_Store")
+
+
+def _ignored(rel: str) -> bool:
+    return any(fnmatch(rel, pat) or fnmatch(Path(rel).name, pat) for pat in LOCAL_ONLY)
+
+
+def plan_push(folder: str | Path) -> dict:
+    """Validate ``folder`` and list what a push uploads: ``{"files": [{"path", "size", "generated"}], ...}``."""
+    folder = Path(folder)
+    ckpt = Checkpoint(folder)
+    if ckpt.config is None:
+        raise WeightsmithError(f"{folder}: no config.json; the Hub cannot load a model folder without one")
+    files = [{"path": p.relative_to(folder).as_posix(), "size": p.stat().st_size, "generated": False}
+             for p in sorted(folder.rglob("*")) if p.is_file() and not _ignored(p.relative_to(folder).as_posix())]
+    card = None
+    if not (folder / "README.md").is_file():
+        card = _default_card_text(folder, ckpt)
+        files.append({"path": "README.md", "size": len(card.encode()), "generated": True})
+        files.sort(key=lambda f: f["path"])
+    fmt = (ckpt.config.get("weightsmith") or {}).get("format", "plain")
+    return {"folder": str(folder), "format": fmt, "files": files, "total_bytes": sum(f["size"] for f in files),
+            "card": card}
+
+
+def _default_card_text(folder: Path, ckpt: Checkpoint) -> str:
+    from .card import write_model_card
+
+    config = ckpt.config or {}
+    fmt = (config.get("weightsmith") or {}).get("format", "plain")
+    source = config.get("_name_or_path")
+    params = {"architecture": (config.get("architectures") or [None])[0], "parameters": ckpt.num_params,
+              "format": fmt}
+    with tempfile.TemporaryDirectory() as tmp:
+        target = Path(tmp) / folder.resolve().name
+        target.mkdir()
+        path = write_model_card(target, stage="push", method=fmt, inputs=[source] if source else [],
+                                parameters=params,
+                                notes="This card was written at upload time because the folder had none.")
+        return path.read_text()
+
+
+def check_repo_id(repo_id: str) -> str:
+    if not REPO_ID.match(repo_id) or ".." in repo_id or repo_id.endswith((".git", ".")):
+        raise WeightsmithError(f"repo id {repo_id!r} is not of the form OWNER/NAME (letters, digits, '-', '_', '.')")
+    return repo_id
+
+
+@contextmanager
+def _online():
+    """``push`` is the one command that talks to the network; lift the offline default for its duration."""
+    from huggingface_hub import constants
+
+    saved = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = False
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved
+
+
+def _stage(folder: Path, plan: dict, into: Path) -> None:
+    for f in plan["files"]:
+        dst = into / f["path"]
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if f["generated"]:
+            dst.write_text(plan["card"])
+            continue
+        src = (folder / f["path"]).resolve()
+        try:
+            os.symlink(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    # huggingface_hub < 1.0 speaks through requests (its errors are OSErrors); later versions through httpx.
+    errors: tuple[type[BaseException], ...] = (OSError,)
+    for module in ("httpx2", "httpx"):
+        try:
+            errors += (__import__(module).TransportError,)
+        except (ImportError, AttributeError):
+            pass
+    return errors
+
+
+def push(folder: str | Path, repo_id: str, *, private: bool = False, revision: str | None = None,
+         dry_run: bool = False, token: str | None = None, commit_message: str | None = None,
+         progress: ProgressFn | None = None) -> dict:
+    """Upload ``folder`` to the Hub model repo ``repo_id`` (created if missing). Returns what was (or would be) sent."""
+    folder = Path(folder)
+    check_repo_id(repo_id)
+    plan = plan_push(folder)
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    result = {"repo_id": repo_id, "endpoint": endpoint, "revision": revision or "main", "private": private,
+              "dry_run": dry_run, "folder": plan["folder"], "format": plan["format"],
+              "files": [{k: f[k] for k in ("path", "size", "generated")} for f in plan["files"]],
+              "total_bytes": plan["total_bytes"]}
+    if dry_run:
+        return result
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    api = HfApi(endpoint=endpoint, token=token)
+    message = commit_message or f"Upload {folder.resolve().name} with weightsmith"
+    steps = 3 if revision and revision != "main" else 2
+    try:
+        with _online(), tempfile.TemporaryDirectory(prefix="weightsmith-push-") as tmp:
+            report(progress, f"push {repo_id}", 0, steps)
+            url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+            report(progress, f"push {repo_id}", 1, steps)
+            if steps == 3:
+                api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
+                report(progress, f"push {repo_id}", 2, steps)
+            _stage(folder, plan, Path(tmp))
+            info = api.upload_folder(repo_id=repo_id, folder_path=tmp, revision=revision, repo_type="model",
+                                     commit_message=message)
+            report(progress, f"push {repo_id}", steps, steps)
+    except HfHubHTTPError as exc:
+        status = getattr(exc.response, "status_code", None)
+        hint = {401: "set HF_TOKEN or run `hf auth login`", 403: "the token lacks write access to this repo"}.get(
+            status, "check the repo id and your access")
+        raise WeightsmithError(f"push to {endpoint}/{repo_id} failed (HTTP {status}): {hint}") from exc
+    except _transport_errors() as exc:
+        raise WeightsmithError(f"push to {endpoint}/{repo_id} failed: cannot reach the Hub ({exc})") from exc
+    result.update(url=str(url), commit_url=getattr(info, "commit_url", None), commit=getattr(info, "oid", None))
+    return result
