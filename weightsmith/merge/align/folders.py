@@ -1,0 +1,103 @@
+"""``weightsmith align``: permute model B into model A's basis (weight or activation matching) and save it.
+
+The aligned folder computes the same function as B; only the order of units inside each group changes.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from ...checkpoint import Checkpoint, check_output, copy_side_files, output_folder, save_state_dict, write_config
+from ...checkpoint.card import write_model_card
+from ...device import resolve_device
+from ...errors import WeightsmithError
+from ...progress import ProgressFn
+from .activation_matching import METRICS, activation_matching
+from .apply import apply_permutation
+from .spec import spec_for
+from .weight_matching import weight_matching
+
+METHODS = ("weight", "activation")
+
+
+def lm_batches(tokenizer_from: str | Path, data: str | Path, *, max_tokens: int, seq_len: int,
+               batch_size: int) -> list[torch.Tensor]:
+    """Calibration batches: the text of ``data`` as one token stream cut into (batch, seq_len) windows."""
+    from ...eval import load_texts, load_tokenizer, tokenize
+
+    ids = tokenize(load_tokenizer(tokenizer_from), load_texts(data), max_tokens)
+    rows = len(ids) // seq_len
+    if rows == 0:
+        raise WeightsmithError(f"{data}: only {len(ids)} tokens, fewer than one window of --seq-len {seq_len}")
+    windows = ids[: rows * seq_len].reshape(rows, seq_len)
+    return list(windows.split(batch_size))
+
+
+def load_pair(model_a: str | Path, model_b: str | Path, device) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """Both models in float32 on ``device``, refused unless every tensor has the same shape."""
+    from ... import loading
+
+    ca, cb = Checkpoint(model_a), Checkpoint(model_b)
+    if (ca.config or {}).get("model_type") != (cb.config or {}).get("model_type"):
+        raise WeightsmithError(f"{model_a} and {model_b} have different model_type "
+                               f"({(ca.config or {}).get('model_type')} vs {(cb.config or {}).get('model_type')})")
+    for name in ca.names():
+        if name not in cb.names() or ca.info(name).shape != cb.info(name).shape:
+            raise WeightsmithError(f"tensor {name}: shape {ca.info(name).shape} in {model_a} but "
+                                   f"{cb.info(name).shape if name in cb.names() else 'missing'} in {model_b}; "
+                                   "alignment needs two models of one architecture and size")
+    return (loading.load(model_a, device=device, dtype=torch.float32),
+            loading.load(model_b, device=device, dtype=torch.float32))
+
+
+def save_like(model: torch.nn.Module, source: str | Path, folder: Path, config: dict, max_shard_size: str) -> None:
+    """Save ``model``'s weights in the dtypes ``source`` stores them, with ``config`` and its side files."""
+    ckpt = Checkpoint(source)
+    stored = {n: ckpt.info(n).torch_dtype for n in ckpt.names()}
+    state = {k: v.detach().to("cpu", stored.get(k, v.dtype)).contiguous() for k, v in model.state_dict().items()}
+    if config.get("tie_word_embeddings"):
+        state.pop("lm_head.weight", None)
+    save_state_dict(state, folder, max_shard_size)
+    write_config(folder, config)
+    copy_side_files(source, folder)
+
+
+def align(model_a: str | Path, model_b: str | Path, out: str | Path, *, method: str = "weight",
+          data: str | Path | None = None, metric: str = "euclidean", max_tokens: int = 8192, seq_len: int = 128,
+          batch_size: int = 8, max_sweeps: int = 100, seed: int = 0, device: str = "auto", force: bool = False,
+          max_shard_size: str = "5GB", progress: ProgressFn | None = None) -> dict:
+    """Write B permuted into A's basis to ``out``; returns a report (groups, units moved, seconds per stage)."""
+    if method not in METHODS:
+        raise WeightsmithError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
+    if metric not in METRICS:
+        raise WeightsmithError(f"--metric must be one of {', '.join(METRICS)}, got {metric!r}")
+    if method == "activation" and data is None:
+        raise WeightsmithError("--method activation needs --data (calibration text)")
+    check_output(out, [model_a, model_b], force)
+    dev = resolve_device(device)
+    a, b = load_pair(model_a, model_b, dev)
+    spec = spec_for(a)
+    times: dict[str, float] = {}
+    t0 = time.perf_counter()
+    if method == "weight":
+        perms = weight_matching(spec, a.state_dict(), b.state_dict(), max_sweeps=max_sweeps, seed=seed,
+                                device=dev, progress=progress)
+    else:
+        batches = lm_batches(model_a, data, max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size)
+        perms = activation_matching(a, b, spec, batches, metric=metric, device=dev, progress=progress)
+    times["matching_s"] = round(time.perf_counter() - t0, 3)
+    b.load_state_dict(apply_permutation(b.state_dict(), spec, perms))
+    moved = {g: int((p != torch.arange(len(p))).sum()) for g, p in perms.items()}
+    report = {"model_a": str(model_a), "model_b": str(model_b), "out": str(out), "method": method,
+              "metric": metric if method == "activation" else None, "groups": len(spec.groups),
+              "units": sum(g.size for g in spec.groups.values()), "units_moved": sum(moved.values()), **times}
+    with output_folder(out, [model_a, model_b], force) as folder:
+        save_like(b, model_b, folder, Checkpoint(model_b).config, max_shard_size)
+        write_model_card(folder, stage="align", method=f"{method} matching", inputs=[str(model_a), str(model_b)],
+                         parameters={"method": method, "metric": report["metric"], "data": str(data) if data else None,
+                                     "max_tokens": max_tokens, "seq_len": seq_len, "seed": seed},
+                         notes=f"`{Path(model_b).name}` with its units permuted into the basis of "
+                               f"`{Path(model_a).name}` (Git Re-Basin); it computes the same function as the original.")
+    return report

@@ -1,0 +1,51 @@
+"""Git Re-Basin weight matching (Ainsworth et al. 2022): data-free permutation alignment of B onto A.
+
+Coordinate descent over groups; each step solves one linear assignment on Σ W_A P W_Bᵀ over the group's
+tensors (scipy ``linear_sum_assignment``); stops when a whole sweep gains nothing.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from ...progress import ProgressFn, report
+from .apply import identity_perms, permute_tensor
+from .spec import PermSpec
+
+
+def _units(t: torch.Tensor, dim: int, n: int) -> torch.Tensor:
+    return t.movedim(dim, 0).reshape(n, -1)
+
+
+@torch.no_grad()
+def weight_matching(spec: PermSpec, state_a: dict[str, torch.Tensor], state_b: dict[str, torch.Tensor], *,
+                    max_sweeps: int = 100, seed: int = 0, device: str | torch.device = "cpu",
+                    progress: ProgressFn | None = None) -> dict[str, torch.Tensor]:
+    """Permutations of B's groups maximising Σ ⟨W_A, P(W_B)⟩ over all tensors in ``spec``."""
+    dt = torch.float64 if torch.device(device).type == "cpu" else torch.float32
+    a = {k: state_a[k].to(device, dt) for k in spec.axes}
+    b = {k: state_b[k].to(device, dt) for k in spec.axes}
+    perms = identity_perms(spec, device)
+    members = {g: spec.tensors_of(g) for g in spec.groups}
+    rng = np.random.default_rng(seed)
+    names = list(spec.groups)
+    for sweep in range(max_sweeps):
+        gained = False
+        for g in rng.permutation(names):
+            n = spec.groups[g].size
+            cost = torch.zeros(n, n, dtype=dt, device=device)
+            for name, ax in members[g]:
+                wb = permute_tensor(b[name], spec.axes[name], perms, skip=g)
+                cost += _units(a[name], ax.dim, n) @ _units(wb, ax.dim, n).T
+            c = cost.cpu().numpy()
+            _, cols = linear_sum_assignment(c, maximize=True)
+            old = c[np.arange(n), perms[g].cpu().numpy()].sum()
+            new = c[np.arange(n), cols].sum()
+            if new > old + 1e-12 * max(1.0, abs(old)):
+                perms[g] = torch.as_tensor(cols, device=device)
+                gained = True
+        report(progress, "weight matching sweeps", sweep + 1, None)
+        if not gained:
+            break
+    return {g: p.cpu() for g, p in perms.items()}
