@@ -46,17 +46,39 @@ def write_model_card(folder: str | Path, *, stage: str, method: str, inputs: lis
     lines += ["## Inputs", ""] + [f"- `{i}`" for i in inputs] + [""]
     lines += ["## Parameters", "", "```json", json.dumps(parameters, indent=2, sort_keys=True, default=str), "```", ""]
     if metrics:
-        keys = [k for k in metrics[0] if k != "model"]
-        lines += ["## Evaluation", "", "| model | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
-        for row in metrics:
-            lines.append(f"| {row.get('model', '')} | " + " | ".join(_fmt(row.get(k)) for k in keys) + " |")
-        lines.append("")
+        lines += _metrics_section(metrics)
     if recipe:
         (folder / "weightsmith_recipe.yaml").write_text(recipe)
         lines += ["## Recipe", "", "```yaml", recipe.strip(), "```", ""]
     lines += ["## Loading", "", "```python", "import weightsmith", f"model = weightsmith.load(\"{folder.name.split('.tmp-')[0]}\")", "```", ""]
     path = folder / "README.md"
     path.write_text("\n".join(lines))
+    return path
+
+
+def _metrics_section(metrics: list[dict]) -> list[str]:
+    keys = list(dict.fromkeys(k for row in metrics for k in row if k != "model"))
+    keys = [k for k in keys if any(row.get(k) is not None for row in metrics)]
+    lines = ["## Evaluation", "", "| model | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for row in metrics:
+        lines.append(f"| {row.get('model', '')} | " + " | ".join(_fmt(row.get(k)) for k in keys) + " |")
+    return lines + [""]
+
+
+def add_metrics(folder: str | Path, metrics: list[dict]) -> Path:
+    """Replace (or add) the Evaluation table of the README.md model card in ``folder``."""
+    path = Path(folder) / "README.md"
+    text = path.read_text()
+    section = "\n".join(_metrics_section(metrics))
+    start = text.find("\n## Evaluation\n")
+    if start >= 0:
+        end = text.find("\n## ", start + 1)
+        text = text[:start + 1] + section + (text[end + 1:] if end >= 0 else "")
+    else:
+        anchor = min((i for i in (text.find("\n## Recipe\n"), text.find("\n## Loading\n")) if i >= 0),
+                     default=len(text))
+        text = text[:anchor + 1] + section + text[anchor + 1:] if anchor < len(text) else text + "\n" + section
+    path.write_text(text)
     return path
 
 

@@ -1,0 +1,95 @@
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from . import app
+from .common import DeviceOpt, JsonOpt, QuietOpt, SeedOpt, console, human_bytes, human_count, progress_bars
+
+
+@app.command("run")
+def run_cmd(
+    pipeline: Annotated[Path, typer.Argument(help="Pipeline YAML: a list of stages with inputs and params.")],
+    workdir: Annotated[Path | None, typer.Option("--workdir", "-w", help="Folder for stage outputs and the report (default: the YAML's workdir:, else NAME-out beside it).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Rerun every stage, even those whose output is up to date.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate the pipeline and show which stages would run.")] = False,
+    device: DeviceOpt = "auto",
+    seed: SeedOpt = 0,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON event per line on stdout (for CI).")] = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Run a YAML pipeline of stages; up-to-date stages are skipped; writes report.json, report.md and plots."""
+    from ..pipeline import load_pipeline, run_pipeline
+
+    spec = load_pipeline(pipeline, workdir)
+    events = _json_events if json_out else _console_events(quiet)
+    with progress_bars(not quiet and not json_out) as progress:
+        summary = run_pipeline(spec, device=device, seed=seed, force=force, dry_run=dry_run,
+                               progress=progress if not json_out else _json_progress(), events=events)
+    if json_out:
+        return
+    if dry_run:
+        table = Table("stage", "kind", "inputs", "status", title=f"pipeline {spec.name} (dry run)", title_justify="left")
+        for r in summary["stages"]:
+            table.add_row(r["name"], r["stage"], "\n".join(r["inputs"]), r["status"])
+        console.print(table)
+        return
+    _print_summary(summary)
+
+
+def _json_events(event: dict) -> None:
+    sys.stdout.write(json.dumps({"time": round(time.time(), 3), **event}, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def _json_progress():
+    last: dict[str, int] = {}
+
+    def progress(label: str, done: int, total: int | None) -> None:
+        step = max(1, (total or 0) // 10)
+        if done in (0, total) or done - last.get(label, 0) >= step:
+            last[label] = done
+            _json_events({"event": "progress", "label": label, "done": done, "total": total})
+    return progress
+
+
+def _console_events(quiet: bool):
+    from .common import err_console
+
+    def events(event: dict) -> None:
+        if quiet:
+            return
+        kind = event["event"]
+        if kind == "stage_skipped":
+            err_console.print(f"[dim]skip[/] {event['name']} ({event['stage']}): output up to date")
+        elif kind == "stage_done":
+            err_console.print(f"[green]done[/] {event['name']} ({event['stage']}) in {event['seconds']:.1f} s")
+        elif kind == "stage_failed":
+            err_console.print(f"[red]failed[/] {event['name']} ({event['stage']})")
+    return events
+
+
+def _print_summary(summary: dict) -> None:
+    table = Table("stage", "kind", "status", "seconds", "size", "params", "unique",
+                  title=f"pipeline {summary['pipeline']}", title_justify="left")
+    for r in summary["stages"]:
+        table.add_row(r["name"], r["stage"], r["status"], f"{r['seconds']:.1f}" if r.get("seconds") is not None else "",
+                      human_bytes(r["size_bytes"]) if r.get("size_bytes") else "",
+                      human_count(r["num_params"]) if r.get("num_params") else "",
+                      human_count(r["unique_params"]) if r.get("unique_params") else "")
+    console.print(table)
+    if summary["metrics"]:
+        t = Table("eval", "model", "data", "perplexity", "accuracy", "params", "size")
+        for m in summary["metrics"]:
+            t.add_row(m["stage"], m["label"], m.get("data") or m.get("labelled") or "",
+                      f"{m['perplexity']:.2f}" if m.get("perplexity") is not None else "",
+                      f"{m['accuracy']:.4f}" if m.get("accuracy") is not None else "",
+                      human_count(m["params"]), human_bytes(m["size_bytes"]))
+        console.print(t)
+    console.print("report: " + ", ".join(summary["files"].values()), highlight=False, soft_wrap=True)

@@ -1,0 +1,123 @@
+"""Pipeline report: report.json, report.md and a perplexity-vs-size plot in the workdir; eval metrics
+copied into the model cards of the stage outputs they measured."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..checkpoint.card import add_metrics
+from .spec import Pipeline
+
+
+def _model_facts(folder: Path) -> dict:
+    from ..checkpoint.inspect import summarize
+    from ..errors import WeightsmithError
+
+    try:
+        info = summarize(folder)
+    except WeightsmithError:
+        return {}
+    return {"size_bytes": info["size_on_disk"], "num_params": info["params"],
+            "unique_params": info.get("unique_params", info["params"]), "format": info["format"]}
+
+
+def _eval_rows(records: list[dict]) -> list[dict]:
+    return [dict(row, stage=r["name"]) for r in records for row in (r.get("result") or {}).get("rows", [])]
+
+
+def _label(model: str, pipeline: Pipeline) -> str:
+    p = Path(model)
+    return p.name if p.parent == pipeline.workdir else f"{p.name} (input)"
+
+
+def annotate_cards(pipeline: Pipeline, records: list[dict]) -> None:
+    """Put every eval row measured on a stage output into that output's model card."""
+    by_model: dict[str, list[dict]] = {}
+    for row in _eval_rows(records):
+        by_model.setdefault(row["model"], []).append(row)
+    for model, rows in by_model.items():
+        folder = Path(model)
+        if folder.parent == pipeline.workdir and (folder / "README.md").is_file():
+            add_metrics(folder, [{"data": r.get("data") or r.get("labelled"), "perplexity": r.get("perplexity"),
+                                  "accuracy": r.get("accuracy"), "params": r.get("params"),
+                                  "size_bytes": r.get("size_bytes")} for r in rows])
+
+
+def write_report(pipeline: Pipeline, records: list[dict], seconds: float) -> dict:
+    from .stages import STAGES
+
+    for r in records:
+        if STAGES[r["stage"]].writes_model and r["status"] in ("ran", "skipped"):
+            r.update(_model_facts(Path(r["output"])))
+    rows = _eval_rows(records)
+    for row in rows:
+        row["label"] = _label(row["model"], pipeline)
+        if "unique_params" not in row:
+            row["unique_params"] = _model_facts(Path(row["model"])).get("unique_params")
+    files = {"json": str(pipeline.workdir / "report.json"), "markdown": str(pipeline.workdir / "report.md")}
+    plot = pipeline.workdir / "perplexity_vs_size.png"
+    if any(r.get("perplexity") is not None for r in rows):
+        _plot(rows, plot, pipeline.name)
+        files["plot"] = str(plot)
+    summary = {"pipeline": pipeline.name, "source": str(pipeline.source), "workdir": str(pipeline.workdir),
+               "seconds": round(seconds, 3), "status": "failed" if records[-1]["status"] == "failed" else "done",
+               "stages": records, "metrics": rows, "files": files}
+    pipeline.workdir.mkdir(parents=True, exist_ok=True)
+    Path(files["json"]).write_text(json.dumps(summary, indent=2, default=str))
+    Path(files["markdown"]).write_text(_markdown(summary))
+    return summary
+
+
+def _num(v, fmt: str = "{:,}") -> str:
+    if v is None:
+        return ""
+    return f"{v:.4g}" if isinstance(v, float) else fmt.format(v)
+
+
+def _markdown(summary: dict) -> str:
+    lines = [f"# Pipeline {summary['pipeline']}", "", f"`{summary['source']}` → `{summary['workdir']}`, "
+             f"{summary['seconds']:.1f} s, {summary['status']}.", "",
+             "| stage | kind | status | seconds | size (bytes) | params | unique params |", "|---|---|---|---|---|---|---|"]
+    for r in summary["stages"]:
+        lines.append(f"| {r['name']} | {r['stage']} | {r['status']} | {_num(r.get('seconds'))} | "
+                     f"{_num(r.get('size_bytes'))} | {_num(r.get('num_params'))} | {_num(r.get('unique_params'))} |")
+    if summary["metrics"]:
+        lines += ["", "## Evaluation", "", "| eval stage | model | data | perplexity | accuracy | params | "
+                  "unique params | size (bytes) |", "|---|---|---|---|---|---|---|---|"]
+        for m in summary["metrics"]:
+            lines.append(f"| {m['stage']} | {m['label']} | {m.get('data') or m.get('labelled') or ''} | "
+                         f"{_num(m.get('perplexity'))} | {_num(m.get('accuracy'))} | {_num(m.get('params'))} | "
+                         f"{_num(m.get('unique_params'))} | {_num(m.get('size_bytes'))} |")
+    lines += ["", "## Parameters", ""]
+    for r in summary["stages"]:
+        lines += [f"- **{r['name']}** ({r['stage']}): `{json.dumps(r['params'], default=str)}`"]
+        if r.get("error"):
+            lines += [f"  - error: {r['error']}"]
+    if "plot" in summary["files"]:
+        lines += ["", "![perplexity vs size](perplexity_vs_size.png)"]
+    return "\n".join(lines) + "\n"
+
+
+def _plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    for data in sorted({r.get("data") or "" for r in rows if r.get("perplexity") is not None}):
+        pts = [r for r in rows if r.get("perplexity") is not None and (r.get("data") or "") == data]
+        ax.scatter([r["size_bytes"] / 1e6 for r in pts], [r["perplexity"] for r in pts], label=data or "perplexity")
+        for r in pts:
+            ax.annotate(r["label"], (r["size_bytes"] / 1e6, r["perplexity"]), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+    ax.set_xlabel("size on disk (MB)")
+    ax.set_ylabel("perplexity (lower is better)")
+    ax.set_title(f"{title}: perplexity vs size")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
