@@ -1,0 +1,343 @@
+"""The streaming merge engine: one tensor name at a time across all inputs, through a method, to disk.
+
+Everything is validated from headers and configs before the first tensor is read. Peak memory is
+the inputs' copies of the largest tensor (float32, on --device) plus the result; shards are written
+in place by ShardedWriter. Methods that need whole models or data (greedy soup, PLeaS) are not
+tensor functions: ``merge`` hands their recipe to the function named in ``Method.whole_model``.
+"""
+from __future__ import annotations
+
+import importlib
+import re
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import Checkpoint, ShardedWriter, check_output, copy_side_files, detect_layout, output_folder, write_config
+from ..checkpoint.card import write_model_card
+from ..device import resolve_device, resolve_dtype
+from ..errors import WeightsmithError
+from ..progress import ProgressFn, report
+from .methods import Method, Param, get_method
+from .mwa import checkpoint_metric, mwa_weights
+from .recipe import ModelEntry, Recipe, evaluate_setting
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+# Config keys that must agree for tensors to mean the same thing; differing needs --allow-crimes.
+ARCH_KEYS = ("model_type", "architectures", "hidden_size", "num_hidden_layers", "num_attention_heads",
+             "num_key_value_heads", "intermediate_size", "n_embd", "n_layer", "n_head")
+VOCAB_NAMES = re.compile(r"(embed_tokens|lm_head|wte|word_embeddings|embed_out|output)\.weight$")
+# mergekit parameters accepted for compatibility that change nothing here.
+IGNORED_PARAMS = {"int8_mask"}
+
+
+@dataclass
+class TensorJob:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    kwargs: dict
+    rows: int | None = None  # crop the vocabulary axis to this many rows
+    float_math: bool = True
+
+
+@dataclass
+class MergePlan:
+    method: Method
+    recipe: Recipe
+    base: Checkpoint | None
+    models: list[Checkpoint]
+    jobs: list[TensorJob]
+    reference: Checkpoint
+    adapter: bool = False
+    notes: list[str] = field(default_factory=list)
+    card_parameters: dict = field(default_factory=dict)
+
+
+def _open(path: str, what: str) -> Checkpoint:
+    if not Path(path).is_dir():
+        raise WeightsmithError(f"{what} {path}: folder not found")
+    return Checkpoint(path)
+
+
+def _check_architectures(ckpts: list[Checkpoint], allow_crimes: bool) -> None:
+    ref = ckpts[0]
+    for c in ckpts[1:]:
+        if (ref.config is None) != (c.config is None):
+            raise WeightsmithError(f"{c.path}: one input has config.json and another has not; merge like with like")
+        if ref.config is None:
+            a, b = (ref.path / ADAPTER_CONFIG), (c.path / ADAPTER_CONFIG)
+            if a.is_file() and b.is_file() and not allow_crimes:
+                import json
+                ka, kb = json.loads(a.read_text()), json.loads(b.read_text())
+                for key in ("r", "target_modules", "base_model_name_or_path"):
+                    if ka.get(key) != kb.get(key):
+                        raise WeightsmithError(f"{c.path}: adapter {key} {kb.get(key)!r} differs from {ref.path}'s "
+                                               f"{ka.get(key)!r}; pass --allow-crimes to merge anyway")
+            continue
+        for key in ARCH_KEYS:
+            if ref.config.get(key) != c.config.get(key) and not allow_crimes:
+                raise WeightsmithError(
+                    f"{c.path}: config {key} = {c.config.get(key)!r} but {ref.path} has {ref.config.get(key)!r}; "
+                    "these models do not share an architecture (pass --allow-crimes to merge anyway)")
+
+
+def _depths(ref: Checkpoint) -> dict[str, float]:
+    """Relative depth t of every tensor (block i of L -> i/(L-1)); non-block tensors get 0 as in mergekit."""
+    names = ref.names()
+    try:
+        layout = detect_layout(ref.config, names, str(ref.path))
+        block_of, n = layout.block_of, layout.num_blocks
+    except WeightsmithError:
+        pat = re.compile(r"\.(\d+)\.")
+        def block_of(name: str) -> int | None:
+            m = pat.search(name)
+            return int(m.group(1)) if m else None
+        found = [b for b in map(block_of, names) if b is not None]
+        n = max(found) + 1 if found else 0
+    out = {}
+    for name in names:
+        b = block_of(name)
+        out[name] = 0.0 if b is None else (b / (n - 1) if n > 1 else 1.0)
+    return out
+
+
+def _resolve(param: Param, setting, name: str, t: float, where: str, compat: str | None, explicit: bool):
+    value = evaluate_setting(setting, name, t, where) if setting is not None else None
+    if value is None:
+        value = param.default
+        if compat == "mergekit" and not explicit and param.mergekit is not None:
+            value = param.mergekit
+        if value is None:
+            return None
+    if param.name == "rescale" and isinstance(value, bool):
+        value = "l1" if value else "none"
+    return param.check(value, where)
+
+
+def _param_names(method: Method, recipe: Recipe, where: str) -> None:
+    known = {p.name for p in method.params} | IGNORED_PARAMS
+    for key in recipe.parameters:
+        if key not in known:
+            raise WeightsmithError(f"{where}: method {method.name!r} has no parameter {key!r}; "
+                                   f"it takes {', '.join(sorted(p.name for p in method.params)) or 'none'}")
+    for m in recipe.models:
+        for key in m.parameters:
+            p = method.param(key)
+            if key in IGNORED_PARAMS:
+                continue
+            if p is None:
+                raise WeightsmithError(f"{where}: model {m.path}: method {method.name!r} has no parameter {key!r}")
+
+
+def _prepare_mwa(recipe: Recipe, where: str) -> tuple[Recipe, dict]:
+    """Turn an MWA recipe into the linear merge it defines; return it and the card's parameters."""
+    method = get_method("mwa")
+    _param_names(method, recipe, where)
+    metric = _resolve(method.param("metric"), recipe.parameters.get("metric"), "", 0.0, where, None, True)
+    p = _resolve(method.param("p"), recipe.parameters.get("p"), "", 0.0, where, None, True)
+    values = []
+    for m in recipe.models:
+        given = m.parameters.get("metric_value")
+        if given is not None:
+            v = method.param("metric_value").check(given, f"{where}: model {m.path}")
+            values.append(1.0 / v if metric == "loss" else v)
+        else:
+            if not Path(m.path).is_dir():
+                raise WeightsmithError(f"model {m.path}: folder not found")
+            values.append(checkpoint_metric(m.path, metric))
+    weights = mwa_weights(values, p)
+    linear = Recipe("linear", [ModelEntry(m.path, {"weight": w}) for m, w in zip(recipe.models, weights)],
+                    recipe.base_model, {"normalize": True}, recipe.dtype, recipe.text)
+    card = {"metric": metric, "p": p, "weights": {m.path: round(w, 6) for m, w in zip(recipe.models, weights)}}
+    return linear, card
+
+
+def plan_merge(recipe: Recipe, *, dtype: str | None = None, allow_crimes: bool = False) -> MergePlan:
+    """Open headers, check architectures, names, shapes and every parameter for every tensor; read no tensor."""
+    where = "recipe"
+    card_params: dict = {}
+    if recipe.method == "mwa":
+        recipe, card_params = _prepare_mwa(recipe, where)
+    method = get_method(recipe.method)
+    _param_names(method, recipe, where)
+    base = _open(recipe.base_model, "base_model") if recipe.base_model else None
+    if method.base == "required" and base is None:
+        raise WeightsmithError(f"method {method.name!r} needs a base model (base_model: in YAML, --base on the command line)")
+    entries = [m for m in recipe.models if not (method.base == "required" and base is not None
+                                                and Path(m.path).resolve() == base.path.resolve())]
+    if len(entries) < method.min_models:
+        raise WeightsmithError(f"method {method.name!r} needs at least {method.min_models} model(s) besides the base, "
+                               f"got {len(entries)}")
+    if method.max_models is not None and len(entries) > method.max_models:
+        raise WeightsmithError(f"method {method.name!r} takes at most {method.max_models} model(s) besides the base, "
+                               f"got {len(entries)}")
+    models = [_open(m.path, "model") for m in entries]
+    everyone = ([base] if base else []) + models
+    _check_architectures(everyone, allow_crimes)
+    reference = base or models[0]
+    adapter = (reference.path / ADAPTER_WEIGHTS).is_file() and reference.config is None
+    out_dtype = resolve_dtype(dtype or recipe.dtype)
+
+    ref_names = reference.names()
+    for c in everyone:
+        missing = [n for n in ref_names if n not in c]
+        extra = [n for n in c.names() if n not in reference]
+        if missing:
+            raise WeightsmithError(f"{c.path}: has no tensor {missing[0]!r} (present in {reference.path})"
+                                   + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+        if extra:
+            raise WeightsmithError(f"{c.path}: tensor {extra[0]!r} is not in {reference.path}")
+
+    compat_param = method.param("compat")
+    compat_setting = recipe.parameters.get("compat")
+    compat = _resolve(compat_param, compat_setting, "", 0.0, where, None, True) if compat_param else None
+    depth = _depths(reference)
+    notes = []
+    jobs = []
+    for name in ref_names:
+        shapes = [tuple(c.info(name).shape) for c in everyone]
+        shape, rows = shapes[0], None
+        if any(s != shape for s in shapes):
+            same_tail = all(len(s) == len(shape) and s[1:] == shape[1:] for s in shapes)
+            if same_tail and VOCAB_NAMES.search(name):
+                rows = min(s[0] for s in shapes)
+                shape = (rows, *shape[1:])
+                notes.append(f"{name}: vocabulary rows differ {sorted({s[0] for s in shapes})}; cropped to the first {rows}")
+            else:
+                odd = next(c for c, s in zip(everyone, shapes) if s != shapes[0])
+                raise WeightsmithError(f"{odd.path}: tensor {name!r} has shape {list(odd.info(name).shape)} but "
+                                       f"{everyone[0].path} has {list(shapes[0])}")
+        t = depth[name]
+        kwargs: dict = {}
+        for p in method.params:
+            if p.name == "compat":
+                continue
+            if p.scope == "global":
+                setting = recipe.parameters.get(p.name)
+                kwargs[p.name] = _resolve(p, setting, name, t, f"{where}: {name}", compat, p.name in recipe.parameters)
+            else:
+                vals = []
+                for m in entries:
+                    explicit = p.name in m.parameters or p.name in recipe.parameters
+                    setting = m.parameters.get(p.name, recipe.parameters.get(p.name))
+                    vals.append(_resolve(p, setting, name, t, f"{where}: model {m.path}: {name}", compat, explicit))
+                kwargs[p.name] = vals
+        if "compat" in _fn_args(method):
+            kwargs["compat"] = compat
+        in_dtype = reference.info(name).torch_dtype
+        float_math = in_dtype.is_floating_point
+        jobs.append(TensorJob(name, shape, out_dtype if (out_dtype and float_math) else in_dtype,
+                              _fn_kwargs(kwargs), rows, float_math))
+    params = {p.name: recipe.parameters.get(p.name, p.default) for p in method.params}
+    card_params = {**params, **card_params}
+    return MergePlan(method, recipe, base, models, jobs, reference, adapter, notes, card_params)
+
+
+def _fn_args(method: Method) -> set[str]:
+    import inspect
+    return set(inspect.signature(method.fn).parameters)
+
+
+def _fn_kwargs(kwargs: dict) -> dict:
+    return {("lambda_" if k == "lambda" else k): v for k, v in kwargs.items()}
+
+
+def _generator(seed: int, name: str, index: int) -> torch.Generator:
+    """One generator per (seed, tensor, model): the same seed gives the same output in any order."""
+    g = torch.Generator()
+    g.manual_seed((seed * 1_000_003 + zlib.crc32(f"{name}#{index}".encode())) % (2**63))
+    return g
+
+
+def run_job(plan: MergePlan, job: TensorJob, tensors: list[torch.Tensor], base: torch.Tensor | None,
+            seed: int) -> torch.Tensor:
+    """Apply the method to one tensor's inputs (already cropped and float32 on the device)."""
+    if not job.float_math:
+        return (base if base is not None else tensors[0])
+    kwargs = dict(job.kwargs)
+    if plan.method.random:
+        kwargs["generators"] = [_generator(seed, job.name, i) for i in range(len(tensors))]
+    if plan.method.base == "required":
+        return plan.method.fn(tensors, base, **kwargs)
+    return plan.method.fn(tensors, **kwargs)
+
+
+def _read(ckpt: Checkpoint, job: TensorJob, device: torch.device) -> torch.Tensor:
+    x = ckpt.get(job.name)
+    if job.rows is not None:
+        x = x[: job.rows]
+    if job.float_math:
+        return x.to(device=device, dtype=torch.float32)
+    return x.to(device)
+
+
+def merge(recipe: Recipe, out: str | Path, *, device: str = "auto", dtype: str | None = None,
+          out_shard_size: str | int = "5GB", seed: int = 0, allow_crimes: bool = False, force: bool = False,
+          progress: ProgressFn | None = None, metrics: list[dict] | None = None, **extra) -> dict:
+    """Run ``recipe`` into the folder ``out``; returns a report dict (inputs, method, tensors, notes, seconds)."""
+    method = get_method(recipe.method)
+    if method.whole_model:
+        module, fn = method.whole_model.split(":")
+        try:
+            target = getattr(importlib.import_module(module), fn)
+        except (ImportError, AttributeError):
+            raise WeightsmithError(f"merge method {method.name!r} is not available in this installation") from None
+        return target(recipe, out, device=device, dtype=dtype, out_shard_size=out_shard_size, seed=seed,
+                      allow_crimes=allow_crimes, force=force, progress=progress, **extra)
+    if extra:
+        raise WeightsmithError(f"method {method.name!r} does not take {', '.join(sorted(extra))}")
+    plan = plan_merge(recipe, dtype=dtype, allow_crimes=allow_crimes)
+    dev = resolve_device(device)
+    check_output(out, recipe.inputs, force)
+    start = time.perf_counter()
+    sources = ([plan.base] if plan.base else []) + plan.models
+    tokenizer_src = plan.reference.path
+    with output_folder(out, recipe.inputs, force) as tmp:
+        shard = "1000TB" if plan.adapter else out_shard_size
+        writer = ShardedWriter(tmp, [(j.name, j.dtype, j.shape) for j in plan.jobs], shard)
+        label = f"merge {plan.recipe.method if recipe.method != 'mwa' else 'mwa'}"
+        report(progress, label, 0, len(plan.jobs))
+
+        def load(job: TensorJob):
+            return [_read(c, job, dev) for c in sources]
+
+        # Reading the next tensor overlaps the current one's math and write (mmap reads release the GIL).
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(load, plan.jobs[0]) if plan.jobs else None
+            for i, job in enumerate(plan.jobs):
+                inputs = pending.result()
+                pending = pool.submit(load, plan.jobs[i + 1]) if i + 1 < len(plan.jobs) else None
+                base = inputs[0] if plan.base else None
+                tensors = inputs[1:] if plan.base else inputs
+                result = run_job(plan, job, tensors, base, seed)
+                writer.write(job.name, result.to(job.dtype).cpu())
+                del inputs, tensors, base, result
+                report(progress, label, i + 1, len(plan.jobs))
+        writer.close()
+        if plan.adapter:
+            (tmp / "model.safetensors").rename(tmp / ADAPTER_WEIGHTS)
+            import shutil
+            shutil.copy2(plan.reference.path / ADAPTER_CONFIG, tmp / ADAPTER_CONFIG)
+        else:
+            config = dict(plan.reference.config or {})
+            rows = next((j.rows for j in plan.jobs if j.rows is not None), None)
+            if rows is not None and "vocab_size" in config:
+                config["vocab_size"] = rows
+            out_dt = resolve_dtype(dtype or recipe.dtype)
+            if out_dt is not None:
+                key = "dtype" if "dtype" in config or "torch_dtype" not in config else "torch_dtype"
+                config[key] = str(out_dt).removeprefix("torch.")
+            write_config(tmp, config)
+        copy_side_files(tokenizer_src, tmp)
+        notes = "\n".join(f"- {n}" for n in plan.notes) or None
+        write_model_card(tmp, stage="merge", method=recipe.method, inputs=recipe.inputs,
+                         parameters={**plan.card_parameters, "seed": seed, "dtype": str(dtype or recipe.dtype or "as input")},
+                         recipe=recipe.text or recipe.to_yaml(), notes=notes, metrics=metrics)
+    return {"out": str(out), "method": recipe.method, "inputs": recipe.inputs, "tensors": len(plan.jobs),
+            "notes": plan.notes, "parameters": plan.card_parameters, "seconds": round(time.perf_counter() - start, 3)}

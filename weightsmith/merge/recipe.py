@@ -1,0 +1,138 @@
+"""Merge recipes: mergekit-style YAML (models, parameters, base_model, dtype, merge_method) or CLI flags.
+
+Parameter values follow mergekit's rules: a scalar; a list, interpolated across the layers as a
+gradient (first layer = first value, last layer = last value); or a list of ``{filter, value}``
+entries where the first whose filter is a substring of the tensor name (or ``*``/absent) wins.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from ..errors import WeightsmithError
+
+KNOWN_KEYS = {"merge_method", "models", "base_model", "parameters", "dtype", "tokenizer_source", "out_dtype",
+              "name", "chat_template", "tokenizer"}
+
+
+@dataclass
+class ModelEntry:
+    path: str
+    parameters: dict = field(default_factory=dict)
+
+
+@dataclass
+class Recipe:
+    method: str
+    models: list[ModelEntry]
+    base_model: str | None = None
+    parameters: dict = field(default_factory=dict)
+    dtype: str | None = None
+    text: str | None = None
+
+    @property
+    def inputs(self) -> list[str]:
+        """Every distinct folder the recipe reads, base first."""
+        paths = ([self.base_model] if self.base_model else []) + [m.path for m in self.models]
+        return list(dict.fromkeys(paths))
+
+    def to_yaml(self) -> str:
+        data: dict = {"merge_method": self.method}
+        if self.base_model:
+            data["base_model"] = self.base_model
+        data["models"] = [{"model": m.path, **({"parameters": m.parameters} if m.parameters else {})} for m in self.models]
+        if self.parameters:
+            data["parameters"] = self.parameters
+        if self.dtype:
+            data["dtype"] = self.dtype
+        return yaml.safe_dump(data, sort_keys=False)
+
+
+def _model_ref(value, where: str) -> str:
+    if isinstance(value, str) and value:
+        return value
+    if isinstance(value, dict) and isinstance(value.get("model"), str):
+        if value.get("lora"):
+            raise WeightsmithError(f"{where}: 'model+lora' references are not supported; merge the adapter first")
+        return value["model"]
+    raise WeightsmithError(f"{where}: expected a model folder path, got {value!r}")
+
+
+def parse_recipe(text: str, source: str = "recipe") -> Recipe:
+    """Parse mergekit YAML text into a Recipe (no files are opened here)."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise WeightsmithError(f"{source}: not valid YAML ({exc})") from None
+    if not isinstance(data, dict):
+        raise WeightsmithError(f"{source}: expected a mapping with merge_method and models")
+    if "slices" in data or "modules" in data:
+        raise WeightsmithError(f"{source}: 'slices'/'modules' (layer stacking) are not supported; list whole models under 'models'")
+    unknown = set(data) - KNOWN_KEYS
+    if unknown:
+        raise WeightsmithError(f"{source}: unknown key {sorted(unknown)[0]!r}; known: {', '.join(sorted(KNOWN_KEYS))}")
+    method = data.get("merge_method")
+    if not isinstance(method, str):
+        raise WeightsmithError(f"{source}: 'merge_method' is missing (e.g. merge_method: ties)")
+    raw_models = data.get("models") or []
+    if not isinstance(raw_models, list) or not raw_models:
+        raise WeightsmithError(f"{source}: 'models' must be a non-empty list of {{model: PATH, parameters: {{...}}}}")
+    models = []
+    for i, m in enumerate(raw_models):
+        where = f"{source}: models[{i}]"
+        if not isinstance(m, dict) or "model" not in m:
+            raise WeightsmithError(f"{where}: each entry needs 'model: PATH'")
+        params = m.get("parameters") or {}
+        if not isinstance(params, dict):
+            raise WeightsmithError(f"{where}: 'parameters' must be a mapping")
+        models.append(ModelEntry(_model_ref(m["model"], where), dict(params)))
+    base = data.get("base_model")
+    params = data.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise WeightsmithError(f"{source}: 'parameters' must be a mapping")
+    dtype = data.get("out_dtype") or data.get("dtype")
+    return Recipe(method, models, _model_ref(base, f"{source}: base_model") if base is not None else None,
+                  dict(params), dtype, text)
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsmithError(f"{path}: recipe file not found")
+    recipe = parse_recipe(path.read_text(), str(path))
+    root = path.resolve().parent
+    # Relative model paths are taken relative to the recipe, as a user reading it would expect.
+    def fix(p: str) -> str:
+        return p if Path(p).is_absolute() or Path(p).exists() or not (root / p).exists() else str(root / p)
+    for m in recipe.models:
+        m.path = fix(m.path)
+    if recipe.base_model:
+        recipe.base_model = fix(recipe.base_model)
+    return recipe
+
+
+def evaluate_setting(setting, tensor_name: str, t: float, where: str):
+    """Resolve one parameter setting for a tensor at relative depth ``t`` (mergekit semantics)."""
+    if isinstance(setting, dict):
+        setting = [setting]
+    if setting is None or isinstance(setting, (bool, int, float, str)):
+        return setting
+    if not isinstance(setting, list) or not setting:
+        raise WeightsmithError(f"{where}: cannot read parameter value {setting!r}")
+    if all(isinstance(e, (bool, int, float, str)) for e in setting):
+        if not all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in setting):
+            return setting[int(t * (len(setting) - 1))]
+        scaled = t * (len(setting) - 1)
+        i0 = int(scaled)
+        i1 = min(len(setting) - 1, i0 + 1)
+        frac = scaled - i0
+        return (1 - frac) * setting[i0] + frac * setting[i1]
+    for cond in setting:
+        if not isinstance(cond, dict) or "value" not in cond:
+            raise WeightsmithError(f"{where}: a filtered value needs 'value' (and optionally 'filter'), got {cond!r}")
+        flt = cond.get("filter")
+        if flt is None or flt == "*" or flt in tensor_name:
+            return evaluate_setting(cond["value"], tensor_name, t, where)
+    return None
