@@ -234,8 +234,8 @@ def plan_merge(recipe: Recipe, *, dtype: str | None = None, allow_crimes: bool =
         float_math = in_dtype.is_floating_point
         jobs.append(TensorJob(name, shape, out_dtype if (out_dtype and float_math) else in_dtype,
                               _fn_kwargs(kwargs), rows, float_math))
-    params = {p.name: recipe.parameters.get(p.name, p.default) for p in method.params}
-    card_params = {**params, **card_params}
+    if not card_params:
+        card_params = {p.name: recipe.parameters.get(p.name, p.default) for p in method.params}
     return MergePlan(method, recipe, base, models, jobs, reference, adapter, notes, card_params)
 
 
