@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from . import app
+from .common import DeviceOpt, ForceOpt, JsonOpt, OutOpt, QuietOpt, SeedOpt, ShardOpt, console, print_json, progress_bars
+
+
+@app.command("fold")
+def fold_cmd(
+    model: Annotated[Path, typer.Argument(help="Plain model folder (causal LM or encoder).")],
+    out: OutOpt,
+    data: Annotated[Path, typer.Option("--data", help="Calibration text for gates, similarity and heal.")],
+    remove: Annotated[float, typer.Option("--remove", help="Fraction of blocks to remove.")] = 0.25,
+    share: Annotated[str, typer.Option("--share", help="Group size for weight sharing among kept blocks, or a comma list of sizes (1 = no sharing).")] = "1",
+    share_init: Annotated[str, typer.Option("--share-init", help="Shared weights start from the group's average, first or middle block.")] = "average",
+    importance: Annotated[str, typer.Option("--importance", help="gates (FoldGPT learnable gates), bi (ShortGPT Block Influence) or angular (min angular-distance span).")] = "gates",
+    gate_steps: Annotated[int, typer.Option("--gate-steps", help="Training steps for the gates.")] = 200,
+    relax_rank: Annotated[int, typer.Option("--relax-rank", help="Per-block low-rank residual (SVD of original - shared) of this rank; 0 = off.")] = 0,
+    heal_steps: Annotated[int, typer.Option("--heal-steps", help="Heal fine-tune steps with tail-layer distillation; 0 = no heal.")] = 0,
+    heal_lr: Annotated[float, typer.Option("--heal-lr", help="Heal learning rate.")] = 1e-3,
+    heal_tail: Annotated[int, typer.Option("--heal-tail", help="Last hidden states matched to the original's in the heal.")] = 2,
+    seq: Annotated[int | None, typer.Option("--seq", help="Tokens per calibration window (default: min(positions, 128)).")] = None,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", help="Calibration tokens in all.")] = 16384,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Windows per step.")] = 8,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+    out_shard_size: ShardOpt = "5GB",
+    force: ForceOpt = False,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """FoldGPT: remove the least important blocks, share weights within groups of adjacent kept blocks, heal.
+
+    Gate objective: LM loss + |sum g - K|/N + ramped mean g(1-g) with g = sigmoid(a) on each block's
+    residual branches (base weights frozen). Heal: LM loss + logit KD + MSE on the last --heal-tail hidden states.
+    """
+    from ..fold.stage import fold
+
+    with progress_bars(not quiet and not json_out) as progress:
+        res = fold(model, out, data=data, remove=remove, share=share, share_init=share_init, importance=importance,
+                   relax_rank=relax_rank, heal_steps=heal_steps, heal_lr=heal_lr, heal_tail=heal_tail,
+                   gate_steps=gate_steps, seq=seq, max_tokens=max_tokens, batch_size=batch_size, seed=seed,
+                   device=device, max_shard_size=out_shard_size, force=force, progress=progress)
+    if json_out:
+        print_json(res)
+        return
+    console.print(f"{importance}: scores {res['scores']}")
+    console.print(f"removed blocks {res['removed']} of {res['blocks']}; kept {res['kept']} in groups {res['groups']}")
+    console.print(f"parameters: {res['params_unique']:,} unique (original {res['params_original']:,})")
+    if res.get("heal_steps"):
+        console.print(f"heal: loss {res['heal_loss_first']:.4f} -> {res['heal_loss_last']:.4f} in {res['heal_steps']} steps")
+    console.print(f"wrote {out}")

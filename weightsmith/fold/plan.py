@@ -1,0 +1,107 @@
+"""Fold plans (FoldGPT): which blocks go, how the kept ones group, and the folded model built from them.
+
+Kept blocks are split into groups of adjacent blocks; a group shares one set of block weights,
+initialised from the group average, its first or its middle member; every block keeps its own norms.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..errors import WeightsmithError
+from .blocks import block_list
+from .format import assemble, block_prefix, folded_config, shared_keys
+
+SHARE_INITS = ("average", "first", "middle")
+
+
+def removal_count(remove: float, n_blocks: int) -> int:
+    if not 0 <= remove < 1:
+        raise WeightsmithError(f"--remove {remove} must be a fraction in [0, 1)")
+    return int(round(remove * n_blocks))
+
+
+def parse_share(share: str | int, n_kept: int) -> list[int]:
+    """Group sizes from ``--share``: one size (repeated, the last group takes the rest) or a comma list summing to the kept count."""
+    text = str(share).strip()
+    try:
+        sizes = [int(s) for s in text.split(",")]
+    except ValueError:
+        raise WeightsmithError(f"--share {text!r} must be a group size or a comma list of sizes, e.g. 2 or 1,2,2") from None
+    if any(s < 1 for s in sizes):
+        raise WeightsmithError(f"--share {text!r}: group sizes must be >= 1")
+    if len(sizes) == 1:
+        g = sizes[0]
+        return [min(g, n_kept - i) for i in range(0, n_kept, g)]
+    if sum(sizes) != n_kept:
+        raise WeightsmithError(f"--share {text!r} sums to {sum(sizes)} but {n_kept} blocks are kept")
+    return sizes
+
+
+def groups_from_sizes(sizes: list[int]) -> list[list[int]]:
+    out, start = [], 0
+    for s in sizes:
+        out.append(list(range(start, start + s)))
+        start += s
+    return out
+
+
+def _share_source(members: list[torch.Tensor], init: str) -> torch.Tensor:
+    if init == "average":
+        return torch.stack([m.float() for m in members]).mean(0).to(members[0].dtype)
+    if init == "first":
+        return members[0].clone()
+    if init == "middle":
+        return members[(len(members) - 1) // 2].clone()
+    raise WeightsmithError(f"--share-init {init!r} is not one of {', '.join(SHARE_INITS)}")
+
+
+@torch.no_grad()
+def fold_model(model: torch.nn.Module, config: dict, removed: list[int], sizes: list[int], *,
+               share_init: str = "average", relax_rank: int = 0, extra: dict | None = None) -> torch.nn.Module:
+    """A new model holding the kept blocks of ``model``, grouped by ``sizes``, shared weights tied."""
+    blocks = block_list(model)
+    n = len(blocks)
+    kept = [i for i in range(n) if i not in set(removed)]
+    groups = groups_from_sizes(sizes)
+    if sum(sizes) != len(kept):
+        raise WeightsmithError(f"group sizes {sizes} do not cover the {len(kept)} kept blocks")
+    prefix = block_prefix(model)
+    keys = shared_keys(blocks[0])
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith(prefix)}
+    for new_i, old_i in enumerate(kept):
+        for k, v in blocks[old_i].state_dict().items():
+            if k not in keys:
+                state[f"{prefix}{new_i}.{k}"] = v.clone()
+    for group in groups:
+        for k in keys:
+            members = [blocks[kept[j]].state_dict()[k] for j in group]
+            state[f"{prefix}{group[0]}.{k}"] = _share_source(members, share_init)
+    fold_map = {"source_layers": n, "kept": kept, "removed": sorted(removed), "groups": groups,
+                "block_prefix": prefix, "share_init": share_init, "relax_rank": relax_rank, **(extra or {})}
+    cfg = folded_config(config, kept, fold_map)
+    folded = assemble(cfg, state, device=next(model.parameters()).device,
+                      dtype=next(model.parameters()).dtype, fresh_relax=bool(relax_rank))
+    if relax_rank:
+        relax_init(folded, blocks, kept, groups, relax_rank)
+    return folded
+
+
+@torch.no_grad()
+def relax_init(folded: torch.nn.Module, original_blocks, kept: list[int], groups: list[list[int]], rank: int) -> None:
+    """Relaxed Recursive Transformers: block j's B A = truncated SVD of (W_j original - W_shared)."""
+    from .format import RelaxedLinear
+
+    new_blocks = block_list(folded)
+    for group in groups:
+        if len(group) < 2:
+            continue
+        for j in group:
+            for name, mod in new_blocks[j].named_modules():
+                if isinstance(mod, RelaxedLinear):
+                    orig = original_blocks[kept[j]].get_submodule(name).weight.float()
+                    u, s, vh = torch.linalg.svd(orig - mod.weight.float(), full_matrices=False)
+                    r = min(rank, s.numel())
+                    mod.lora_B.zero_()
+                    mod.lora_A.zero_()
+                    mod.lora_B[:, :r] = (u[:, :r] * s[:r]).to(mod.lora_B.dtype)
+                    mod.lora_A[:r] = vh[:r].to(mod.lora_A.dtype)
