@@ -182,17 +182,18 @@ def _parse_stage(i: int, raw, resolver: _Resolver, last_model: str | None) -> St
     else:
         value = raw[given[0]]
         refs = value if isinstance(value, list) else [value]
+    key = given[0] if given else "inputs"
     if not refs or not all(isinstance(r, str) for r in refs):
-        raise WeightsmithError(f"{where}, key '{given[0] if given else 'inputs'}': list model folders as strings")
-    inputs = [resolver.path(r, f"{where}, key '{given[0] if given else 'inputs'}'", used) for r in refs]
+        raise WeightsmithError(f"{where}, key '{key}': list model folders as strings")
+    inputs = [resolver.path(r, f"{where}, key '{key}'", used) for r in refs]
     if len(inputs) < spec.min_inputs or (spec.max_inputs is not None and len(inputs) > spec.max_inputs):
         want = (f"{spec.min_inputs}" if spec.max_inputs == spec.min_inputs else
                 f"{spec.min_inputs} or more" if spec.max_inputs is None else f"{spec.min_inputs} to {spec.max_inputs}")
-        raise WeightsmithError(f"{where}, key 'inputs': stage {kind!r} takes {want} input(s), got {len(inputs)}")
+        raise WeightsmithError(f"{where}, key '{key}': stage {kind!r} takes {want} input(s), got {len(inputs)}")
     pipeline_outputs = set(resolver.outputs.values())
     for p in inputs:
         if Path(p) not in pipeline_outputs and not (Path(p) / "config.json").is_file():
-            raise WeightsmithError(f"{where}, key 'inputs': {p} is not a model folder (no config.json)")
+            raise WeightsmithError(f"{where}, key '{key}': {p} is not a model folder (no config.json)")
     params = _check_params(spec, raw.get("params") or {}, where, resolver, used, pipeline_outputs)
     if spec.check is not None:
         try:

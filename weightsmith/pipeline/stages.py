@@ -145,3 +145,84 @@ def push_stage(ctx: Context, *, repo_id: str, private: bool = False, revision: s
     _write_json(ctx.out, "push.json", result)
     return {k: result.get(k) for k in ("repo_id", "revision", "dry_run", "total_bytes", "commit", "commit_url")}
 
+
+
+# -- stages built on the merge, fold and compress packages -----------------------------------------
+
+def _recipe(inputs: list[Path], method: str, base_model: str | None, parameters: dict,
+            model_parameters: list[dict] | None, dtype: str | None):
+    from ..merge import parse_recipe
+    import yaml
+
+    per_model = model_parameters or [{} for _ in inputs]
+    if len(per_model) != len(inputs):
+        raise WeightsmithError(f"params.model_parameters has {len(per_model)} entries for {len(inputs)} inputs")
+    doc = {"merge_method": method, "models": [{"model": str(p), **({"parameters": m} if m else {})}
+                                              for p, m in zip(inputs, per_model)]}
+    if base_model:
+        doc["base_model"] = str(base_model)
+    if parameters:
+        doc["parameters"] = parameters
+    if dtype:
+        doc["dtype"] = dtype
+    return parse_recipe(yaml.safe_dump(doc, sort_keys=False), "params")
+
+
+def _check_merge(params: dict, inputs: list[str]) -> None:
+    from ..merge import get_method
+
+    get_method(params.get("method", ""))
+    _recipe([Path(p) for p in inputs], params["method"], params.get("base_model"), params.get("parameters") or {},
+            params.get("model_parameters"), params.get("dtype"))
+
+
+@stage("merge", max_inputs=None, paths=("base_model",), check=_check_merge)
+def merge_stage(ctx: Context, *, method: str, base_model: Path | None = None, parameters: dict | None = None,
+                model_parameters: list[dict] | None = None, dtype: str | None = None, out_shard_size: str = "5GB",
+                allow_crimes: bool = False, options: dict | None = None) -> dict:
+    """mergekit-style merge of the inputs: ``method`` and ``parameters`` as in a mergekit recipe;
+    ``options`` go to whole-model methods (e.g. data for greedy soup)."""
+    from ..merge import merge
+
+    recipe = _recipe(ctx.inputs, method, base_model, parameters or {}, model_parameters, dtype)
+    info = merge(recipe, ctx.out, device=ctx.device, dtype=dtype, out_shard_size=out_shard_size, seed=ctx.seed,
+                 allow_crimes=allow_crimes, force=ctx.force, progress=ctx.progress, **(options or {}))
+    return {"method": method, "seconds": info.get("seconds")} if isinstance(info, dict) else {"method": method}
+
+
+@stage("fold", paths=("data",))
+def fold_stage(ctx: Context, *, data: Path, remove: float = 0.25, share: str = "1", share_init: str = "average",
+               importance: str = "gates", relax_rank: int = 0, heal_steps: int = 0, heal_lr: float = 1e-3,
+               heal_tail: int = 2, gate_steps: int = 200, seq: int | None = None, max_tokens: int = 16384,
+               batch_size: int = 8, out_shard_size: str = "5GB") -> dict:
+    from ..fold.stage import fold
+
+    info = fold(ctx.inputs[0], ctx.out, data=data, remove=remove, share=str(share), share_init=share_init,
+                importance=importance, relax_rank=relax_rank, heal_steps=heal_steps, heal_lr=heal_lr,
+                heal_tail=heal_tail, gate_steps=gate_steps, seq=seq, max_tokens=max_tokens, batch_size=batch_size,
+                seed=ctx.seed, device=ctx.device, max_shard_size=out_shard_size, force=ctx.force,
+                progress=ctx.progress)
+    return {k: v for k, v in info.items() if isinstance(v, (int, float, str, list))} if isinstance(info, dict) else {}
+
+
+@stage("analyze", writes_model=False, paths=("data", "tokenizer"))
+def analyze_stage(ctx: Context, *, data: Path, remove: float = 0.25, seq: int | None = None, max_tokens: int = 4096,
+                  batch_size: int = 8, tokenizer: Path | None = None) -> dict:
+    from ..fold.analyze import analyze
+
+    info = analyze(ctx.inputs[0], data, ctx.out, remove=remove, seq=seq, max_tokens=max_tokens, batch_size=batch_size,
+                   device=ctx.device, tokenizer=tokenizer, progress=ctx.progress)
+    return {k: v for k, v in info.items() if isinstance(v, (int, float, str))} if isinstance(info, dict) else {}
+
+
+@stage("compress", paths=("data",))
+def compress_stage(ctx: Context, *, budget: float = 0.1, mapping: str = "stable", modules: str | None = None,
+                   sharing: str = "global", tile: int = 64, heal_steps: int = 0, data: Path | None = None,
+                   lr: float = 1e-3, batch: int = 16, seq: int = 64) -> dict:
+    """RPS compression (ROAST / STABLE-RPS hashed memory) of the input, optionally healed on ``data``."""
+    from ..compressor.rps import compress_rps
+
+    info = compress_rps(ctx.inputs[0], ctx.out, budget=budget, mapping=mapping, modules=modules, sharing=sharing,
+                        tile=tile, heal_steps=heal_steps, data=data, lr=lr, batch=batch, seq=seq, device=ctx.device,
+                        seed=ctx.seed, force=ctx.force, progress=ctx.progress)
+    return {k: v for k, v in info.items() if isinstance(v, (int, float, str))} if isinstance(info, dict) else {}
