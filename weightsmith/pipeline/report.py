@@ -38,7 +38,7 @@ def annotate_cards(pipeline: Pipeline, records: list[dict]) -> None:
     for model, rows in by_model.items():
         folder = Path(model)
         if folder.parent == pipeline.workdir and (folder / "README.md").is_file():
-            add_metrics(folder, [{"data": r.get("data") or r.get("labelled"), "perplexity": r.get("perplexity"),
+            add_metrics(folder, [{"model": folder.name, "data": r.get("data") or r.get("labelled"), "perplexity": r.get("perplexity"),
                                   "accuracy": r.get("accuracy"), "params": r.get("params"),
                                   "size_bytes": r.get("size_bytes")} for r in rows])
 
