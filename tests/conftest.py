@@ -6,7 +6,9 @@ import os
 import pytest
 import torch
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if "HF_HUB_OFFLINE" not in os.environ:  # as the CLI does: offline unless the user chose otherwise
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["WEIGHTSMITH_OFFLINE_BY_DEFAULT"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import transformers  # noqa: E402

@@ -32,7 +32,6 @@ def main() -> None:
     ap.add_argument("--size", default="tiny", help="zoo size (default tiny)")
     ap.add_argument("--out", default="demo-out", help="output folder (default demo-out)")
     args = ap.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)

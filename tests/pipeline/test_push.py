@@ -15,10 +15,11 @@ from weightsmith.checkpoint.hub import plan_push, push
 from weightsmith.errors import WeightsmithError
 
 
-def run_push(hub: FakeHub, tmp_path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_TOKEN": TOKEN, "HF_HOME": str(tmp_path / "hf-home"),
-           # The stand-in speaks the basic LFS transfer, which huggingface_hub uses when Xet is off.
-           "HF_HUB_DISABLE_XET": "1", "HF_HUB_OFFLINE": "1", "NO_PROXY": "127.0.0.1"}
+def run_push(hub: FakeHub, tmp_path, *args: str, **extra_env: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "WEIGHTSMITH_OFFLINE_BY_DEFAULT")}
+    # The stand-in speaks the basic LFS transfer, which huggingface_hub uses when Xet is off.
+    env.update({"HF_ENDPOINT": hub.url, "HF_TOKEN": TOKEN, "HF_HOME": str(tmp_path / "hf-home"),
+                "HF_HUB_DISABLE_XET": "1", "NO_PROXY": "127.0.0.1", **extra_env})
     return subprocess.run([sys.executable, "-m", "weightsmith", "push", *args], env=env, capture_output=True,
                           text=True, timeout=120)
 
@@ -109,3 +110,10 @@ def test_push_refuses_invalid_folders(tiny_llama, tmp_path):
         push(out, "alice/tiny", dry_run=True)
     with pytest.raises(WeightsmithError, match="OWNER/NAME"):
         push(sharded, "not a repo", dry_run=True)
+
+
+def test_push_respects_a_users_own_offline_setting(model, tmp_path):
+    with FakeHub() as hub:
+        proc = run_push(hub, tmp_path, str(model), "alice/tiny", HF_HUB_OFFLINE="1")
+        assert proc.returncode == 2 and "HF_HUB_OFFLINE is set" in proc.stderr
+        assert "alice/tiny" not in hub.repos

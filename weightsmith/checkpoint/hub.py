@@ -73,6 +73,9 @@ def _online():
     """``push`` is the one command that talks to the network; lift the offline default for its duration."""
     from huggingface_hub import constants
 
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes") and \
+            os.environ.get("WEIGHTSMITH_OFFLINE_BY_DEFAULT") != "1":
+        raise WeightsmithError("HF_HUB_OFFLINE is set in your environment; unset it to push")
     saved = constants.HF_HUB_OFFLINE
     constants.HF_HUB_OFFLINE = False
     try:
