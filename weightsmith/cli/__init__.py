@@ -8,6 +8,8 @@ import typer
 
 from ..errors import WeightsmithError
 
+OFFLINE_BY_DEFAULT = "WEIGHTSMITH_OFFLINE_BY_DEFAULT"
+
 app = typer.Typer(
     name="weightsmith",
     help="Compress and merge Hugging Face transformer checkpoints, stage by stage.",
@@ -23,7 +25,10 @@ from . import inspect_cmd, eval_cmd, export_cmd, zoo_cmd, push_cmd, analyze_cmd,
 
 def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if "HF_HUB_OFFLINE" not in os.environ:
+        # Local stages never need the network; push lifts this default, but not a user's own setting.
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        os.environ[OFFLINE_BY_DEFAULT] = "1"
     try:
         import transformers
 
