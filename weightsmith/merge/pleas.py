@@ -112,17 +112,18 @@ def pleas_least_squares(gram: torch.Tensor, cross: torch.Tensor, in_kind: torch.
     for kind in out_kind.unique().tolist():
         rows = out_kind == kind
         cols = torch.ones_like(in_kind, dtype=torch.bool) if kind == MERGED else (in_kind == MERGED) | (in_kind == kind)
-        g = gram[cols][:, cols]
+        g = gram[cols][:, cols].double()
         lam = ridge * g.diagonal().mean().clamp_min(1e-12)
-        sol = torch.linalg.solve(g + lam * torch.eye(len(g), dtype=g.dtype, device=g.device), cross[cols][:, rows])
-        w[rows.nonzero()[:, 0][:, None], cols.nonzero()[:, 0][None, :]] = sol.T
+        sol = torch.linalg.solve(g + lam * torch.eye(len(g), dtype=g.dtype, device=g.device), cross[cols][:, rows].double())
+        w[rows.nonzero()[:, 0][:, None], cols.nonzero()[:, 0][None, :]] = sol.T.to(w.dtype)
     return w
 
 
 class _Refit:
     """Normal-equation accumulators of one layer (inputs and targets in the merged model's basis)."""
 
-    def __init__(self, layer: Layer, mod: nn.Module, plans: dict[str, GroupPlan], device, dtype) -> None:
+    def __init__(self, layer: Layer, mod: nn.Module, plans: dict[str, GroupPlan], device, dtype,
+                 max_rows: int, seed: int) -> None:
         self.layer, self.mod = layer, mod
         self.conv = isinstance(mod, nn.Conv2d)
         self.bias = mod.bias is not None or layer.norm is not None
@@ -130,6 +131,8 @@ class _Refit:
         self.pout = plans.get(layer.out_group) if layer.out_group else None
         self.gram = self.cross = None
         self.device, self.dtype = device, dtype
+        self.max_rows = max_rows
+        self.gen = torch.Generator().manual_seed(seed)
 
     def add(self, a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
         lay = self.layer
@@ -141,6 +144,9 @@ class _Refit:
         else:
             x = x.reshape(-1, x.shape[-1])
         y = features(y, self.conv)
+        if len(x) > self.max_rows:  # conv layers: every position is a row; a fixed random subset is plenty
+            keep = torch.randperm(len(x), generator=self.gen)[: self.max_rows].to(x.device)
+            x, y = x[keep], y[keep]
         if self.bias:
             x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype, device=x.device)], 1)
         if self.gram is None:
@@ -271,7 +277,8 @@ def _reset_norm_stats(model: nn.Module, batches, device) -> None:
 def pleas_modules(model_a: nn.Module, model_b: nn.Module, batches, *, width: float = 1.0,
                   perms: dict[str, torch.Tensor] | None = None, similarity: dict[str, torch.Tensor] | None = None,
                   least_squares: bool = True, metric: str = "euclidean", ridge: float = 1e-4,
-                  device: str | torch.device = "cpu", spec: PermSpec | None = None,
+                  rows_per_batch: int = 8192, seed: int = 0, device: str | torch.device = "cpu",
+                  spec: PermSpec | None = None,
                   progress: ProgressFn | None = None) -> tuple[nn.Module, dict]:
     """Merge two in-memory models of one architecture into one of ``width``× (1..2) units per widening group.
 
@@ -281,7 +288,7 @@ def pleas_modules(model_a: nn.Module, model_b: nn.Module, batches, *, width: flo
         raise WeightsmithError(f"--metric must be one of {', '.join(METRICS)}, got {metric!r}")
     spec = spec or spec_for(model_a)
     counts = merge_counts(spec, width)
-    dt = torch.float64 if torch.device(device).type == "cpu" else torch.float32
+    dt = torch.float32  # accumulators; the solves run in float64
     times: dict[str, float] = {}
     t0 = time.perf_counter()
     if similarity is None and (perms is None or any(counts[g] < spec.groups[g].size for g in spec.groups)):
@@ -305,7 +312,8 @@ def pleas_modules(model_a: nn.Module, model_b: nn.Module, batches, *, width: flo
     offsets: dict[str, torch.Tensor] = {}
     if least_squares:
         mods_a, mods_b = dict(model_a.named_modules()), dict(model_b.named_modules())
-        refits = {lay.module: _Refit(lay, mods_a[lay.module], plans, device, dt) for lay in spec.layers}
+        refits = {lay.module: _Refit(lay, mods_a[lay.module], plans, device, dt, rows_per_batch, seed)
+                  for lay in spec.layers}
         t0 = time.perf_counter()
         with capture(model_a, spec, raw=True) as acts_a, capture(model_b, spec, raw=True) as acts_b:
             for batch in track(progress, "least-squares statistics", batches):
@@ -347,3 +355,48 @@ def pleas_modules(model_a: nn.Module, model_b: nn.Module, batches, *, width: flo
               "units": {g: p.width for g, p in plans.items()},
               **{k: round(v, 3) for k, v in times.items()}}
     return merged, report
+
+
+def pleas_merge(model_a: str | Path, model_b: str | Path, data: str | Path, width: float = 1.2, *,
+                out: str | Path, metric: str = "euclidean", ridge: float = 1e-4, least_squares: bool = True,
+                max_tokens: int = 8192, seq_len: int = 128, batch_size: int = 8, seed: int = 0,
+                device: str = "auto", force: bool = False, max_shard_size: str = "5GB",
+                progress: ProgressFn | None = None) -> dict:
+    """PLeaS-merge two model folders (Llama/Mistral/Qwen2 causal LMs) into ``out``; ``data`` is calibration text
+    (the fine-tuning data, or generic text for the data-free variant). The MLP intermediate widens to
+    ``width``× (config ``intermediate_size`` changes, so stock ``from_pretrained`` loads the result)."""
+    from ..checkpoint import Checkpoint, check_output, output_folder
+    from ..checkpoint.card import write_model_card
+    from ..device import resolve_device
+    from .align.folders import lm_batches, load_pair, save_like
+
+    merge_counts(PermSpec({}, {}), width)  # validates the width before any file is read
+    if metric not in METRICS:
+        raise WeightsmithError(f"--metric must be one of {', '.join(METRICS)}, got {metric!r}")
+    check_output(out, [model_a, model_b], force)
+    dev = resolve_device(device)
+    torch.manual_seed(seed)
+    a, b = load_pair(model_a, model_b, dev)
+    spec = spec_for(a)
+    batches = lm_batches(model_a, data, max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size)
+    merged, report = pleas_modules(a, b, batches, width=width, least_squares=least_squares, metric=metric,
+                                   ridge=ridge, seed=seed, device=dev, spec=spec, progress=progress)
+    config = dict(Checkpoint(model_a).config)
+    widths = {report["units"][g] for g, grp in spec.groups.items() if grp.partial}
+    if len(widths) > 1:
+        raise WeightsmithError(f"MLP widths differ between blocks ({sorted(widths)}); no single intermediate_size")
+    if widths:
+        config["intermediate_size"] = widths.pop()
+        merged.config.intermediate_size = config["intermediate_size"]
+    report.update(model_a=str(model_a), model_b=str(model_b), out=str(out), data=str(data),
+                  intermediate_size=config.get("intermediate_size"))
+    with output_folder(out, [model_a, model_b], force) as folder:
+        save_like(merged, model_a, folder, config, max_shard_size)
+        write_model_card(folder, stage="merge", method="pleas", inputs=[str(model_a), str(model_b)],
+                         parameters={"width": width, "metric": metric, "ridge": ridge, "least_squares": least_squares,
+                                     "data": str(data), "max_tokens": max_tokens, "seq_len": seq_len, "seed": seed},
+                         notes="PLeaS (Nasery et al. 2024, https://arxiv.org/abs/2407.02447): activation-matched "
+                               "permutations, partial merging of the best-matched MLP units, layer-wise least squares "
+                               f"on both models' activations. Parameters: {report['size_vs_a']}× model A.",
+                         tags=["pleas"])
+    return report
