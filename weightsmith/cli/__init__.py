@@ -20,7 +20,7 @@ app = typer.Typer(
 )
 
 # Each module registers its commands on ``app``.
-from . import inspect_cmd, eval_cmd, export_cmd, zoo_cmd, push_cmd, analyze_cmd, compress_cmd, fold_cmd, run_cmd, merge_cmd  # noqa: E402,F401
+from . import inspect_cmd, eval_cmd, export_cmd, zoo_cmd, push_cmd, analyze_cmd, compress_cmd, fold_cmd, run_cmd, merge_cmd, align_cmd  # noqa: E402,F401
 
 
 def _quiet_libraries() -> None:
