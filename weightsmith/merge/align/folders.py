@@ -28,6 +28,10 @@ def lm_batches(tokenizer_from: str | Path, data: str | Path, *, max_tokens: int,
     from ...eval import load_texts, load_tokenizer, tokenize
 
     ids = tokenize(load_tokenizer(tokenizer_from), load_texts(data), max_tokens)
+    vocab = (Checkpoint(tokenizer_from).config or {}).get("vocab_size")
+    if vocab and int(ids.max()) >= vocab:
+        raise WeightsmithError(f"{tokenizer_from}: its tokenizer yields token id {int(ids.max())} but the model has "
+                               f"vocab_size {vocab}; the tokenizer does not belong to this model")
     rows = len(ids) // seq_len
     if rows == 0:
         raise WeightsmithError(f"{data}: only {len(ids)} tokens, fewer than one window of --seq-len {seq_len}")
