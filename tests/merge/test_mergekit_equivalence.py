@@ -38,7 +38,7 @@ def recipes(z) -> dict[str, dict]:
             {"model": three[0], "parameters": {"weight": 1.0, "density": [{"filter": "self_attn", "value": 0.5},
                                                                           {"value": 0.2}]}},
             {"model": three[1], "parameters": {"weight": 0.7, "density": [0.1, 0.6]}},
-            {"model": three[2], "parameters": {"weight": 0.4, "density": 0.3}}]}, {}),
+            {"model": three[2], "parameters": {"weight": 0.4, "density": 0.3}}]}, {"compat": "mergekit"}),
         "breadcrumbs": ({"merge_method": "breadcrumbs", "base_model": base,
                          "parameters": {"density": 0.8, "gamma": 0.05, "weight": 0.6},
                          "models": [{"model": m} for m in three]}, {"compat": "mergekit"}),

@@ -34,6 +34,17 @@ ARCH_KEYS = ("model_type", "architectures", "hidden_size", "num_hidden_layers", 
 VOCAB_NAMES = re.compile(r"(embed_tokens|lm_head|wte|word_embeddings|embed_out|output)\.weight$")
 # mergekit parameters accepted for compatibility that change nothing here.
 IGNORED_PARAMS = {"int8_mask"}
+PREFETCH_BYTES = 256 * 2**20
+
+
+class _Ready:
+    """A deferred load run when its result is asked for (no overlap for very large tensors)."""
+
+    def __init__(self, fn, arg):
+        self.fn, self.arg = fn, arg
+
+    def result(self):
+        return self.fn(self.arg)
 
 
 @dataclass
@@ -230,6 +241,8 @@ def plan_merge(recipe: Recipe, *, dtype: str | None = None, allow_crimes: bool =
                 kwargs[p.name] = vals
         if "compat" in _fn_args(method):
             kwargs["compat"] = compat
+        if "inplace" in _fn_args(method):
+            kwargs["inplace"] = True
         in_dtype = reference.info(name).torch_dtype
         float_math = in_dtype.is_floating_point
         jobs.append(TensorJob(name, shape, out_dtype if (out_dtype and float_math) else in_dtype,
@@ -269,12 +282,15 @@ def run_job(plan: MergePlan, job: TensorJob, tensors: list[torch.Tensor], base: 
 
 
 def _read(ckpt: Checkpoint, job: TensorJob, device: torch.device) -> torch.Tensor:
+    """An owned copy (float32 on ``device``); the file mapping is then closed, so read pages leave RSS."""
     x = ckpt.get(job.name)
     if job.rows is not None:
         x = x[: job.rows]
-    if job.float_math:
-        return x.to(device=device, dtype=torch.float32)
-    return x.to(device)
+    owned = torch.empty(x.shape, dtype=torch.float32 if job.float_math else x.dtype, device=device)
+    owned.copy_(x)
+    del x
+    ckpt.close()
+    return owned
 
 
 def merge(recipe: Recipe, out: str | Path, *, device: str = "auto", dtype: str | None = None,
@@ -307,12 +323,19 @@ def merge(recipe: Recipe, out: str | Path, *, device: str = "auto", dtype: str |
         def load(job: TensorJob):
             return [_read(c, job, dev) for c in sources]
 
-        # Reading the next tensor overlaps the current one's math and write (mmap reads release the GIL).
+        # Reading the next tensor overlaps the current one's math and write, except for tensors so large
+        # that holding two jobs' inputs at once would raise the peak memory.
+        def prefetchable(job: TensorJob) -> bool:
+            return 4 * len(sources) * torch.Size(job.shape).numel() <= PREFETCH_BYTES
+
         with ThreadPoolExecutor(max_workers=1) as pool:
             pending = pool.submit(load, plan.jobs[0]) if plan.jobs else None
             for i, job in enumerate(plan.jobs):
                 inputs = pending.result()
-                pending = pool.submit(load, plan.jobs[i + 1]) if i + 1 < len(plan.jobs) else None
+                nxt = plan.jobs[i + 1] if i + 1 < len(plan.jobs) else None
+                pending = None
+                if nxt is not None:
+                    pending = pool.submit(load, nxt) if prefetchable(nxt) else _Ready(load, nxt)
                 base = inputs[0] if plan.base else None
                 tensors = inputs[1:] if plan.base else inputs
                 result = run_job(plan, job, tensors, base, seed)

@@ -29,48 +29,64 @@ def linear(tensors: list[torch.Tensor], weight: list[float], normalize: bool = T
 
 
 def task_vectors(tensors: list[torch.Tensor], base: torch.Tensor, weight: list[float],
-                 sparsify: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
-                 consensus: bool = False, normalize: bool = False, lambda_: float = 1.0) -> torch.Tensor:
+                 sparsify: Callable[[torch.Tensor, int, bool], torch.Tensor] | None = None,
+                 consensus: bool = False, normalize: bool = False, lambda_: float = 1.0,
+                 inplace: bool = False, chunk: int = 1 << 22) -> torch.Tensor:
     """θ_base + λ · merge(sparsify(δᵢ)) with δᵢ = θᵢ − θ_base, the family behind task arithmetic, TIES, DARE, breadcrumbs.
 
-    ``consensus`` applies TIES sign election and the disjoint mean; ``normalize`` divides by the summed
-    weights of the contributing entries (all inputs without consensus).
+    ``consensus`` applies TIES sign election (sign of Σ wᵢδᵢ, zero elects +) and the disjoint mean;
+    ``normalize`` divides by the summed weights of the contributing entries (all inputs without
+    consensus). With ``inplace`` the inputs' storage is reused for the deltas and the result (the
+    engine hands over tensors it owns), and the mixing runs in chunks, so a merge of N models holds
+    N+1 copies of a tensor instead of about 3N.
     """
-    deltas = torch.stack([sparsify(x - base, i) if sparsify else x - base for i, x in enumerate(tensors)])
-    w = torch.tensor(weight, dtype=deltas.dtype, device=deltas.device).reshape(-1, *([1] * base.dim()))
-    deltas.mul_(w)
-    if consensus:
-        agree = ties_agree(deltas)
-        mixed = (deltas * agree).sum(dim=0)
-        divisor = (w * agree).sum(dim=0)
-        divisor[divisor == 0] = 1
-    else:
-        mixed = deltas.sum(dim=0)
-        divisor = w.sum(dim=0)
-        divisor[divisor.abs() < 1e-8] = 1
-    if normalize:
-        mixed /= divisor
-    if lambda_ != 1:
-        mixed *= lambda_
-    return base + mixed
+    deltas = []
+    for i, x in enumerate(tensors):
+        d = x.sub_(base) if inplace else x - base
+        deltas.append(sparsify(d, i, True) if sparsify else d)
+    out = base if inplace else torch.empty_like(base)
+    flat_out, flat_base = out.reshape(-1), base.reshape(-1)
+    flats = [d.reshape(-1) for d in deltas]
+    total_weight = sum(weight) if abs(sum(weight)) >= 1e-8 else 1.0
+    for start in range(0, flat_base.numel(), chunk):
+        part = [w * f[start:start + chunk] for w, f in zip(weight, flats)]
+        if consensus:
+            elected_pos = sum(part) >= 0
+            mixed = torch.zeros_like(part[0])
+            divisor = torch.zeros_like(part[0])
+            for w, p in zip(weight, part):
+                agree = torch.where(elected_pos, p > 0, p < 0)
+                mixed += p * agree
+                divisor += w * agree
+            divisor[divisor == 0] = 1
+        else:
+            mixed = sum(part)
+            divisor = total_weight
+        if normalize:
+            mixed /= divisor
+        if lambda_ != 1:
+            mixed *= lambda_
+        flat_out[start:start + chunk] = flat_base[start:start + chunk] + mixed
+    return out
 
 
-def task_arithmetic(tensors, base, weight, normalize=False, lambda_=1.0):
+def task_arithmetic(tensors, base, weight, normalize=False, lambda_=1.0, inplace=False):
     """Task arithmetic (Ilharco et al. 2023): θ_base + λ Σ wᵢ δᵢ."""
-    return task_vectors(tensors, base, weight, normalize=normalize, lambda_=lambda_)
+    return task_vectors(tensors, base, weight, normalize=normalize, lambda_=lambda_, inplace=inplace)
 
 
-def ties(tensors, base, weight, density, normalize=True, lambda_=1.0, rescale=None):
+def ties(tensors, base, weight, density, normalize=True, lambda_=1.0, rescale=None, compat=None, inplace=False):
     """TIES: trim each δᵢ to its top-density |δ|, elect signs, disjoint mean."""
-    return task_vectors(tensors, base, weight, lambda d, i: ties_trim(d, density[i], rescale),
-                        consensus=True, normalize=normalize, lambda_=lambda_)
+    return task_vectors(tensors, base, weight, lambda d, i, own: ties_trim(d, density[i], rescale, inplace=own, mergekit=compat == "mergekit"),
+                        consensus=True, normalize=normalize, lambda_=lambda_, inplace=inplace)
 
 
 def _dare(consensus: bool):
-    def dare(tensors, base, weight, density, normalize=False, lambda_=1.0, rescale="paper", generators=None):
+    def dare(tensors, base, weight, density, normalize=False, lambda_=1.0, rescale="paper", generators=None,
+             inplace=False):
         gens = generators or [None] * len(tensors)
-        return task_vectors(tensors, base, weight, lambda d, i: dare_drop(d, density[i], rescale, gens[i]),
-                            consensus=consensus, normalize=normalize, lambda_=lambda_)
+        return task_vectors(tensors, base, weight, lambda d, i, own: dare_drop(d, density[i], rescale, gens[i]),
+                            consensus=consensus, normalize=normalize, lambda_=lambda_, inplace=inplace)
     dare.__doc__ = f"DARE: drop each δ entry with prob. 1−density, rescale survivors; then {'TIES' if consensus else 'task arithmetic'}."
     return dare
 
@@ -81,11 +97,12 @@ dare_ties = _dare(True)
 
 def _breadcrumbs(consensus: bool):
     def breadcrumbs(tensors, base, weight, density, gamma, normalize=False, lambda_=1.0, mask="row",
-                    rescale=None, compat=None):
-        def sparsify(d: torch.Tensor, i: int) -> torch.Tensor:
+                    rescale=None, compat=None, inplace=False):
+        def sparsify(d: torch.Tensor, i: int, own: bool) -> torch.Tensor:
             kept = d * breadcrumbs_mask(d, density[i], gamma[i], per_row=mask == "row", mergekit=compat == "mergekit")
             return l1_rescaled(d, kept) if rescale == "l1" else kept
-        return task_vectors(tensors, base, weight, sparsify, consensus=consensus, normalize=normalize, lambda_=lambda_)
+        return task_vectors(tensors, base, weight, sparsify, consensus=consensus, normalize=normalize, lambda_=lambda_,
+                            inplace=inplace)
     breadcrumbs.__doc__ = ("Model Breadcrumbs: keep the band of |δ| below the top-γ outliers holding a density "
                            f"fraction{'; then TIES sign election' if consensus else ''}.")
     return breadcrumbs
@@ -191,7 +208,8 @@ WEIGHT = Param("weight", float, 1.0, "model", help="per-model weight")
 DENSITY = Param("density", float, 1.0, "model", 0.0, 1.0, help="fraction of each task vector kept")
 LAMBDA = Param("lambda", float, 1.0, "global", help="scale of the merged task vector")
 COMPAT = Param("compat", str, "paper", choices=("paper", "mergekit"),
-               help="'mergekit' switches DARE rescale to l1 and breadcrumbs to mergekit's per-tensor counts")
+               help="'mergekit' switches DARE rescale to l1, breadcrumbs to mergekit's per-tensor counts, and "
+                    "breaks ties in |delta| at a top-k threshold as mergekit's sort does")
 
 
 def _normalize(default: bool) -> Param:
@@ -205,7 +223,8 @@ REGISTRY: dict[str, Method] = {m.name: m for m in [
            (WEIGHT, _normalize(False), LAMBDA), base="required"),
     Method("ties", ties, "TIES", "https://arxiv.org/abs/2306.01708",
            (WEIGHT, DENSITY, _normalize(True), LAMBDA,
-            Param("rescale", str, "none", choices=("none", "l1"), help="rescale trimmed deltas to their L1 norm")),
+            Param("rescale", str, "none", choices=("none", "l1"), help="rescale trimmed deltas to their L1 norm"),
+            COMPAT),
            base="required"),
     *[Method(n, f, t, "https://arxiv.org/abs/2311.03099",
              (WEIGHT, DENSITY, _normalize(False), LAMBDA,

@@ -32,21 +32,44 @@ def l1_rescaled(delta: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     return kept * (before / after)
 
 
-def ties_trim(delta: torch.Tensor, density: float, rescale: str | None = None) -> torch.Tensor:
-    """Keep the top ``density`` fraction of |δ| over the whole tensor (at least one entry)."""
+def ties_trim(delta: torch.Tensor, density: float, rescale: str | None = None, inplace: bool = False,
+              mergekit: bool = False) -> torch.Tensor:
+    """Keep exactly the top ``density`` fraction of |δ| over the whole tensor (at least one entry).
+
+    Equal magnitudes straddling the threshold are kept in index order, or as torch's sort orders
+    them when ``mergekit`` (its choice there is arbitrary; following it reproduces its output).
+    """
     if density >= 1:
         return delta
     if density <= 0 or delta.numel() == 0:
-        return torch.zeros_like(delta)
+        return delta.zero_() if inplace else torch.zeros_like(delta)
     n = delta.numel()
     k = max(1, int(density * n))
     mag = delta.abs()
-    threshold = kth_smallest(mag, n - k + 1).to(delta.device)
-    mask = mag >= threshold
-    if int(mask.sum()) != k:
+    if k == n:
+        return delta
+    below, threshold = _two_order_statistics(mag, n - k, n - k + 1)
+    if below < threshold:
+        mask = mag >= threshold.to(delta.device)
+    elif mergekit:
         mask = _sorted_band(mag, 0, k, descending=True)
-    kept = delta * mask
-    return l1_rescaled(delta, kept) if rescale == "l1" else kept
+    else:
+        mask = mag > threshold.to(delta.device)
+        tied = (mag.reshape(-1) == threshold.to(delta.device)).nonzero().squeeze(1)
+        mask.reshape(-1)[tied[: k - int(mask.sum())]] = True
+    del mag
+    if rescale == "l1":
+        return l1_rescaled(delta, delta * mask)
+    return delta.mul_(mask) if inplace else delta * mask
+
+
+def _two_order_statistics(values: torch.Tensor, i: int, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The i-th and j-th smallest entries (1-based) of the flattened tensor, from one selection."""
+    if values.device.type == "cpu":
+        part = np.partition(values.detach().reshape(-1).numpy(), [i - 1, j - 1])
+        return torch.tensor(part[i - 1]), torch.tensor(part[j - 1])
+    flat = values.reshape(-1)
+    return flat.kthvalue(i).values, flat.kthvalue(j).values
 
 
 def dare_drop(delta: torch.Tensor, density: float, rescale: str | None, generator: torch.Generator | None) -> torch.Tensor:
