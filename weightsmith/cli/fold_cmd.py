@@ -21,7 +21,7 @@ def fold_cmd(
     gate_steps: Annotated[int, typer.Option("--gate-steps", help="Training steps for the gates.")] = 200,
     relax_rank: Annotated[int, typer.Option("--relax-rank", help="Per-block low-rank residual (SVD of original - shared) of this rank; 0 = off.")] = 0,
     heal_steps: Annotated[int, typer.Option("--heal-steps", help="Heal fine-tune steps with tail-layer distillation; 0 = no heal.")] = 0,
-    heal_lr: Annotated[float, typer.Option("--heal-lr", help="Heal learning rate.")] = 1e-3,
+    heal_lr: Annotated[float, typer.Option("--heal-lr", help="Heal learning rate.")] = 3e-4,
     heal_tail: Annotated[int, typer.Option("--heal-tail", help="Last hidden states matched to the original's in the heal.")] = 2,
     seq: Annotated[int | None, typer.Option("--seq", help="Tokens per calibration window (default: min(positions, 128)).")] = None,
     max_tokens: Annotated[int, typer.Option("--max-tokens", help="Calibration tokens in all.")] = 16384,
@@ -35,7 +35,7 @@ def fold_cmd(
 ) -> None:
     """FoldGPT: remove the least important blocks, share weights within groups of adjacent kept blocks, heal.
 
-    Gate objective: LM loss + |sum g - K|/N + ramped mean g(1-g) with g = sigmoid(a) on each block's
+    Gate objective: LM loss + |sum g - K|/N + ramped mean g(1-g) with g in [0,1] on each block's
     residual branches (base weights frozen). Heal: LM loss + logit KD + MSE on the last --heal-tail hidden states.
     """
     from ..fold.stage import fold

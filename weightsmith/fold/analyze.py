@@ -48,7 +48,7 @@ def block_states(model: torch.nn.Module, windows: torch.Tensor, *, batch_size: i
     return [torch.cat(g) for g in got]
 
 
-def similarity_report(states: list[torch.Tensor], remove: int, cka_tokens: int | None = 2048) -> dict:
+def similarity_report(states: list[torch.Tensor], remove: int, cka_tokens: int | None = 1024) -> dict:
     bi = block_influence(states)
     last = angular_distance(states, last_token=True)
     mean = angular_distance(states, last_token=False)

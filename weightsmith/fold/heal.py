@@ -2,7 +2,7 @@
 
 loss = lm_weight * LM loss + kd_weight * T^2 KL(teacher || student at temperature T)
        + mse_weight * mean over the last ``tail`` hidden states of MSE(student, teacher)
-The student's i-th hidden state from the end is matched to the teacher's i-th from the end.
+Only the blocks train by default. The student's i-th hidden state from the end is matched to the teacher's i-th from the end.
 Encoders (no logits) use the hidden-state term alone. Runs through ``accelerate`` (one or many GPUs).
 """
 from __future__ import annotations
@@ -11,12 +11,12 @@ import torch
 import torch.nn.functional as F
 
 from ..progress import ProgressFn, report
-from .blocks import is_causal_lm
+from .blocks import block_list, is_causal_lm
 
 
 def heal(student: torch.nn.Module, teacher: torch.nn.Module, windows: torch.Tensor, *, steps: int = 200,
-         lr: float = 1e-3, batch_size: int = 8, tail: int = 2, lm_weight: float = 1.0, kd_weight: float = 1.0,
-         mse_weight: float = 1.0, temperature: float = 2.0, seed: int = 0, device: str | torch.device = "cpu",
+         lr: float = 3e-4, batch_size: int = 8, tail: int = 2, lm_weight: float = 1.0, kd_weight: float = 1.0,
+         mse_weight: float = 1.0, temperature: float = 2.0, blocks_only: bool = True, seed: int = 0, device: str | torch.device = "cpu",
          progress: ProgressFn | None = None) -> dict:
     """Train ``student`` in place; returns the first and last losses."""
     from accelerate import Accelerator
@@ -26,6 +26,11 @@ def heal(student: torch.nn.Module, teacher: torch.nn.Module, windows: torch.Tens
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
+    if blocks_only:  # embeddings and head stay as the original trained them: less to overfit on small calibration sets
+        for p in student.parameters():
+            p.requires_grad_(False)
+        for p in block_list(student).parameters():
+            p.requires_grad_(True)
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     student, opt = accelerator.prepare(student, opt)
@@ -55,5 +60,7 @@ def heal(student: torch.nn.Module, teacher: torch.nn.Module, windows: torch.Tens
         losses.append(loss.item())
         report(progress, "heal", step + 1, steps)
     student.eval()
+    for p in student.parameters():
+        p.requires_grad_(True)
     return {"heal_steps": steps, "heal_loss_first": losses[0] if losses else None,
             "heal_loss_last": sum(losses[-10:]) / len(losses[-10:]) if losses else None}

@@ -44,20 +44,29 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
     return float(num / den) if den > 0 else float("nan")
 
 
-def cka_matrix(states: list[torch.Tensor], max_tokens: int | None = 2048, seed: int = 0) -> torch.Tensor:
-    """Linear CKA between every pair of block inputs, on up to ``max_tokens`` tokens drawn at random."""
+def cka_matrix(states: list[torch.Tensor], max_tokens: int | None = 1024, seed: int = 0) -> torch.Tensor:
+    """Linear CKA between every pair of block inputs, on up to ``max_tokens`` tokens drawn at random.
+
+    Uses <X X', Y Y'> (token Gram matrices) or ||Y'X||^2 (feature products), whichever costs less.
+    """
     flat = [s.reshape(-1, s.shape[-1]).float() for s in states]
     if max_tokens and flat[0].shape[0] > max_tokens:
         idx = torch.randperm(flat[0].shape[0], generator=torch.Generator().manual_seed(seed))[:max_tokens]
         flat = [f[idx.to(f.device)] for f in flat]
     centred = [f - f.mean(0) for f in flat]
-    self_norm = [(c.T @ c).norm() for c in centred]
     k = len(states)
+    n, d = centred[0].shape
     m = torch.eye(k)
+    if n * k < d * k * (k - 1) / 2:
+        grams = [c @ c.T for c in centred]
+        norms = [g.norm() for g in grams]
+        pair = lambda i, j: (grams[i] * grams[j]).sum()  # noqa: E731
+    else:
+        norms = [(c.T @ c).norm() for c in centred]
+        pair = lambda i, j: (centred[j].T @ centred[i]).square().sum()  # noqa: E731
     for i in range(k):
         for j in range(i + 1, k):
-            v = (centred[j].T @ centred[i]).square().sum() / (self_norm[i] * self_norm[j])
-            m[i, j] = m[j, i] = float(v)
+            m[i, j] = m[j, i] = float(pair(i, j) / (norms[i] * norms[j]))
     return m
 
 

@@ -42,7 +42,7 @@ def choose_removed(model: torch.nn.Module, windows: torch.Tensor, k: int, import
 
 def fold(model_path: str | Path, out: str | Path, *, data: str | Path, remove: float = 0.25, share: str = "1",
          share_init: str = "average", importance: str = "gates", relax_rank: int = 0, heal_steps: int = 0,
-         heal_lr: float = 1e-3, heal_tail: int = 2, gate_steps: int = 200, seq: int | None = None,
+         heal_lr: float = 3e-4, heal_tail: int = 2, gate_steps: int = 200, seq: int | None = None,
          max_tokens: int = 16384, batch_size: int = 8, seed: int = 0, device: str = "auto",
          max_shard_size: str = "5GB", force: bool = False, model: torch.nn.Module | None = None,
          progress: ProgressFn | None = None) -> dict:

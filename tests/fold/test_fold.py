@@ -1,0 +1,136 @@
+"""Fold: exactness of the identity fold, folded vs exported plain logits and generate(), real sharing,
+parameter counts, gates finding a planted identity block, bad input."""
+import json
+
+import pytest
+import torch
+import transformers
+
+import weightsmith
+from weightsmith.checkpoint import Checkpoint, read_json
+from weightsmith.errors import WeightsmithError
+from weightsmith.eval import count_params
+from weightsmith.fold import fold
+from weightsmith.fold.format import describe, export_plain
+from weightsmith.fold.gates import gate_importance, lowest
+from weightsmith.fold.plan import fold_model, parse_share
+
+
+def logits(model, x):
+    with torch.no_grad():
+        return model(input_ids=x).logits
+
+
+def test_removing_nothing_with_group_size_one_reproduces_logits_exactly(zoo, tmp_path):
+    base = zoo.model("base")
+    fold(base, tmp_path / "f", data=zoo.data("general", "calib"), remove=0.0, share="1", device="cpu", max_tokens=512)
+    x = torch.randint(0, 1000, (2, 40))
+    assert torch.equal(logits(weightsmith.load(tmp_path / "f"), x), logits(weightsmith.load(base), x))
+
+
+@pytest.mark.parametrize("relax_rank", [0, 4])
+def test_exported_plain_checkpoint_gives_the_folded_logits_and_generate(zoo, tmp_path, relax_rank):
+    out = tmp_path / "f"
+    res = fold(zoo.model("base"), out, data=zoo.data("general", "calib"), remove=0.25, share="2",
+               importance="bi", relax_rank=relax_rank, heal_steps=3, device="cpu", max_tokens=1024)
+    folded = weightsmith.load(out)
+    blocks = folded.model.layers
+    assert len(blocks) == 3 and res["groups"] == [[0, 1], [2]]
+    assert blocks[0].mlp.down_proj.weight is blocks[1].mlp.down_proj.weight  # one Parameter object
+    assert blocks[0].input_layernorm.weight is not blocks[1].input_layernorm.weight
+    assert [b.self_attn.layer_idx for b in blocks] == [0, 1, 2]  # own KV-cache slot per depth
+    export_plain(out, tmp_path / "plain")
+    plain = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "plain").eval()
+    assert "weightsmith" not in read_json(tmp_path / "plain" / "config.json", "config")
+    assert plain.config.num_hidden_layers == 3
+    x = torch.randint(0, 1000, (2, 40))
+    if relax_rank:
+        assert torch.allclose(logits(plain, x), logits(folded, x), atol=1e-4)
+    else:
+        assert torch.equal(logits(plain, x), logits(folded, x))
+    prompt = torch.randint(0, 1000, (1, 6))
+    gen = folded.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False)
+    assert gen.shape == (1, 18)
+    assert torch.equal(gen, plain.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12,
+                                           do_sample=False))
+    ids = prompt  # greedy without the cache: the cache must not mix depths
+    for _ in range(12):
+        ids = torch.cat([ids, logits(folded, ids)[:, -1:].argmax(-1)], 1)
+    assert torch.equal(gen, ids)
+
+
+def test_shared_weights_are_counted_and_stored_once(zoo, tmp_path):
+    base = weightsmith.load(zoo.model("base"))
+    cfg = read_json(zoo.model("base") / "config.json", "config")
+    folded = fold_model(base, cfg, removed=[], sizes=[2, 2])
+    block = base.model.layers[0]
+    per_block = sum(p.numel() for p in block.parameters())
+    norms = block.input_layernorm.weight.numel() + block.post_attention_layernorm.weight.numel()
+    assert count_params(folded) == count_params(base) - 2 * (per_block - norms)
+    out = tmp_path / "f"
+    from weightsmith.fold.format import folded_config, save
+    out.mkdir()
+    save(folded, out, folded_config(cfg, [0, 1, 2, 3], folded.config.weightsmith))
+    info = describe(Checkpoint(out))
+    assert info["unique_params"] == count_params(folded)
+    assert info["total_params"] == count_params(base)
+    # average init: the shared weight is the mean of the two originals
+    mean = (base.model.layers[2].mlp.up_proj.weight + base.model.layers[3].mlp.up_proj.weight) / 2
+    assert torch.allclose(folded.model.layers[3].mlp.up_proj.weight, mean)
+
+
+def test_gates_pick_a_planted_identity_block_first(zoo):
+    """A copy of block 0 with its residual branches zeroed, inserted in front: the model computes the same
+    function, so its gate is the one the loss does not defend."""
+    import copy
+
+    model = weightsmith.load(zoo.model("base"))
+    planted = copy.deepcopy(model.model.layers[0])
+    with torch.no_grad():
+        planted.self_attn.o_proj.weight.zero_()
+        planted.mlp.down_proj.weight.zero_()
+    model.model.layers.insert(1, planted)
+    model.config.num_hidden_layers = 5
+    from weightsmith.eval import load_tokenizer
+    from weightsmith.fold.data import calibration_windows
+
+    windows = calibration_windows(load_tokenizer(zoo.model("base")), zoo.data("general", "calib"), seq=64,
+                                  max_tokens=2048, causal=True)
+    gates = gate_importance(model, windows, keep=4, steps=60, batch_size=4)
+    assert lowest(gates, 1) == [1]
+    assert gates[1] < min(gates[:1] + gates[2:]) - 0.05
+    assert all(p.requires_grad for p in model.parameters())  # base weights unfrozen again
+
+
+def test_bert_fold_exports_plain_with_identical_outputs(tmp_path, zoo):
+    from weightsmith.zoo.synthetic import random_bert
+    from weightsmith.zoo import minilm_path
+
+    src = random_bert(tmp_path / "bert", vocab_size=30522, num_hidden_layers=4)
+    for f in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (src / f).write_bytes((minilm_path() / f).read_bytes())
+    fold(src, tmp_path / "f", data=zoo.data("prose", "calib"), remove=0.25, share="3", importance="angular",
+         device="cpu", max_tokens=1024)
+    folded = weightsmith.load(tmp_path / "f")
+    export_plain(tmp_path / "f", tmp_path / "p")
+    plain = transformers.AutoModel.from_pretrained(tmp_path / "p").eval()
+    x = torch.randint(0, 30522, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(folded(input_ids=x).last_hidden_state, plain(input_ids=x).last_hidden_state)
+    assert count_params(folded) < count_params(plain)
+
+
+def test_bad_fold_options_are_refused(zoo, tmp_path):
+    assert parse_share("2", 5) == [2, 2, 1] and parse_share("1,2", 3) == [1, 2]
+    with pytest.raises(WeightsmithError, match="sums to"):
+        parse_share("2,2", 3)
+    with pytest.raises(WeightsmithError, match="--share"):
+        parse_share("two", 3)
+    base, data = zoo.model("base"), zoo.data("general", "calib")
+    with pytest.raises(WeightsmithError, match="--remove"):
+        fold(base, tmp_path / "o", data=data, remove=1.0)
+    with pytest.raises(WeightsmithError, match="--importance"):
+        fold(base, tmp_path / "o", data=data, importance="random")
+    with pytest.raises(WeightsmithError, match="inside|input"):
+        fold(base, base / "sub", data=data)
+    assert not (tmp_path / "o").exists()
