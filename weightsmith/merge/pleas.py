@@ -6,6 +6,10 @@ Width rule (``uniform``): every group that may widen keeps round(width · n) uni
 pairs merged, the other units of both models kept side by side. Groups that may not widen are merged 1:1: for the
 Llama family these are the residual stream and the attention heads (widening them would change hidden_size / head
 count and the RMSNorm statistics), so only the MLP intermediate widens there and the output stays a stock config.
+Least squares (``inputs="merged"``, default): layers are refit in order; the targets are both ORIGINAL models'
+outputs mapped into the merged basis, the inputs are the merged model's own inputs to that layer, so each refit
+also absorbs the error of the layers before it (on the digits ResNet this lifts 1.0× from 0.33 to 0.78 joint
+accuracy). ``inputs="original"`` uses the original models' merged inputs instead: every layer independent, one pass.
 Without least squares (``least_squares=False``) the same plan gives a ZipIt!-style partial zip (average of matched
 units, separate units copied) and, at width 1, the plain average of the aligned models.
 """
@@ -27,6 +31,7 @@ from .align.capture import capture, features, forward
 from .align.spec import Layer, PermSpec, spec_for
 
 MERGED, ONLY_A, ONLY_B = 0, 1, 2
+INPUTS = ("merged", "original")
 
 
 @dataclass
@@ -134,9 +139,12 @@ class _Refit:
         self.max_rows = max_rows
         self.gen = torch.Generator().manual_seed(seed)
 
-    def add(self, a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
+    def add(self, a: list[torch.Tensor], b: list[torch.Tensor], merged_input: torch.Tensor | None = None) -> None:
         lay = self.layer
-        x = merge_along(a[0].to(self.dtype), b[0].to(self.dtype), 1 if self.conv else -1, self.pin, lay.in_block)
+        if merged_input is not None:
+            x = merged_input.to(self.dtype)
+        else:
+            x = merge_along(a[0].to(self.dtype), b[0].to(self.dtype), 1 if self.conv else -1, self.pin, lay.in_block)
         y = merge_along(a[1].to(self.dtype), b[1].to(self.dtype), 1 if self.conv else -1, self.pout, lay.out_block)
         if self.conv:
             m = self.mod
@@ -196,6 +204,26 @@ def _take(t: torch.Tensor, dim: int, idx: torch.Tensor, block: int) -> torch.Ten
     shape[dim] = -1
     mask = _expand((idx >= 0).to(t.dtype), block).to(t.device).view(shape)
     return t.index_select(dim, _entries(idx, block).to(t.device)) * mask
+
+
+@torch.no_grad()
+def _install(mods: dict[str, nn.Module], lay: Layer, w: torch.Tensor, bias: torch.Tensor | None,
+             offsets: dict[str, torch.Tensor]) -> None:
+    """Put a refit layer into the merged model; a following BatchNorm becomes "+ bias" until its statistics are
+    recomputed, so later layers see exactly the fitted outputs."""
+    mod = mods[lay.module]
+    mod.weight.data = w.to(mod.weight.device, mod.weight.dtype)
+    if lay.norm is not None:
+        offsets[lay.norm] = bias.to(mod.weight.dtype)
+        if mod.bias is not None:
+            mod.bias.data.zero_()
+        bn = mods[lay.norm]
+        bn.running_mean.zero_()
+        bn.running_var.fill_(1 - bn.eps)
+        bn.weight.data.fill_(1.0)
+        bn.bias.data.copy_(bias)
+    elif bias is not None:
+        mod.bias.data = bias.to(mod.weight.device, mod.weight.dtype)
 
 
 def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
@@ -278,16 +306,19 @@ def pleas_modules(model_a: nn.Module, model_b: nn.Module, batches, *, width: flo
                   perms: dict[str, torch.Tensor] | None = None, similarity: dict[str, torch.Tensor] | None = None,
                   least_squares: bool = True, metric: str = "euclidean", ridge: float = 1e-4,
                   rows_per_batch: int = 8192, seed: int = 0, device: str | torch.device = "cpu",
-                  spec: PermSpec | None = None,
+                  inputs: str = "merged", spec: PermSpec | None = None, counts: dict[str, int] | None = None,
                   progress: ProgressFn | None = None) -> tuple[nn.Module, dict]:
     """Merge two in-memory models of one architecture into one of ``width``× (1..2) units per widening group.
 
     ``perms`` (B's unit for each of A's, per group) default to activation matching on ``batches``; pass identity
-    permutations for an unaligned merge. Returns the merged model and a report with seconds per stage."""
+    permutations for an unaligned merge. ``counts`` (pairs merged per group) overrides the width rule.
+    Returns the merged model and a report with seconds per stage."""
     if metric not in METRICS:
         raise WeightsmithError(f"--metric must be one of {', '.join(METRICS)}, got {metric!r}")
+    if inputs not in INPUTS:
+        raise WeightsmithError(f"--inputs must be one of {', '.join(INPUTS)}, got {inputs!r}")
     spec = spec or spec_for(model_a)
-    counts = merge_counts(spec, width)
+    counts = {**merge_counts(spec, width), **(counts or {})}
     dt = torch.float32  # accumulators; the solves run in float64
     times: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -309,38 +340,45 @@ def pleas_modules(model_a: nn.Module, model_b: nn.Module, batches, *, width: flo
         else:  # buffers outside the spec (step counters, rotary tables) are equal in both models
             merged_state[name] = ta.clone()
 
-    offsets: dict[str, torch.Tensor] = {}
-    if least_squares:
-        mods_a, mods_b = dict(model_a.named_modules()), dict(model_b.named_modules())
-        refits = {lay.module: _Refit(lay, mods_a[lay.module], plans, device, dt, rows_per_batch, seed)
-                  for lay in spec.layers}
-        t0 = time.perf_counter()
-        with capture(model_a, spec, raw=True) as acts_a, capture(model_b, spec, raw=True) as acts_b:
-            for batch in track(progress, "least-squares statistics", batches):
-                batch = batch.to(device)
-                forward(model_a, batch)
-                forward(model_b, batch)
-                for name, refit in refits.items():
-                    refit.add(acts_a[name], acts_b[name])
-        times["least_squares_statistics_s"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        for lay in track(progress, "least squares per layer", spec.layers):
-            w, bias = refits[lay.module].solve(ridge)
-            ref = sa[f"{lay.module}.weight"]
-            merged_state[f"{lay.module}.weight"] = w.to(ref.dtype)
-            if lay.norm is not None:
-                offsets[lay.norm] = bias.to(ref.dtype)
-                if mods_b[lay.module].bias is not None:
-                    merged_state[f"{lay.module}.bias"] = torch.zeros_like(bias, dtype=ref.dtype)
-            elif bias is not None:
-                merged_state[f"{lay.module}.bias"] = bias.to(ref.dtype)
-        times["least_squares_solve_s"] = time.perf_counter() - t0
-
     merged = copy.deepcopy(model_a)
     for name, value in merged_state.items():
         _set_tensor(merged, name, value.to(device))
     _fix_sizes(merged)
     merged.eval()
+    offsets: dict[str, torch.Tensor] = {}
+    if least_squares:
+        mods_a, mods_m = dict(model_a.named_modules()), dict(merged.named_modules())
+        refits = {lay.module: _Refit(lay, mods_a[lay.module], plans, device, dt, rows_per_batch, seed)
+                  for lay in spec.layers}
+        stats_s = solve_s = 0.0
+        if inputs == "original":
+            t0 = time.perf_counter()
+            with capture(model_a, spec.layers, raw=True) as acts_a, capture(model_b, spec.layers, raw=True) as acts_b:
+                for batch in track(progress, "least-squares statistics", batches):
+                    batch = batch.to(device)
+                    forward(model_a, batch)
+                    forward(model_b, batch)
+                    for name, refit in refits.items():
+                        refit.add(acts_a[name], acts_b[name])
+            stats_s = time.perf_counter() - t0
+        for lay in track(progress, "least squares per layer", spec.layers):
+            refit = refits[lay.module]
+            if inputs == "merged":
+                t0 = time.perf_counter()
+                with capture(model_a, [lay], raw=True) as acts_a, capture(model_b, [lay], raw=True) as acts_b, \
+                        capture(merged, [lay], raw=True) as acts_m:
+                    for batch in batches:
+                        batch = batch.to(device)
+                        for model in (model_a, model_b, merged):
+                            forward(model, batch)
+                        refit.add(acts_a[lay.module], acts_b[lay.module], merged_input=acts_m[lay.module][0])
+                stats_s += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            _install(mods_m, lay, *refit.solve(ridge), offsets)
+            solve_s += time.perf_counter() - t0
+        times["least_squares_statistics_s"] = stats_s
+        times["least_squares_solve_s"] = solve_s
+
     t0 = time.perf_counter()
     if least_squares:
         _recompute_norms(merged, spec, offsets, batches, device)
@@ -359,6 +397,7 @@ def pleas_modules(model_a: nn.Module, model_b: nn.Module, batches, *, width: flo
 
 def pleas_merge(model_a: str | Path, model_b: str | Path, data: str | Path, width: float = 1.2, *,
                 out: str | Path, metric: str = "euclidean", ridge: float = 1e-4, least_squares: bool = True,
+                inputs: str = "merged",
                 max_tokens: int = 8192, seq_len: int = 128, batch_size: int = 8, seed: int = 0,
                 device: str = "auto", force: bool = False, max_shard_size: str = "5GB",
                 progress: ProgressFn | None = None) -> dict:
@@ -373,13 +412,15 @@ def pleas_merge(model_a: str | Path, model_b: str | Path, data: str | Path, widt
     merge_counts(PermSpec({}, {}), width)  # validates the width before any file is read
     if metric not in METRICS:
         raise WeightsmithError(f"--metric must be one of {', '.join(METRICS)}, got {metric!r}")
+    if inputs not in INPUTS:
+        raise WeightsmithError(f"--inputs must be one of {', '.join(INPUTS)}, got {inputs!r}")
     check_output(out, [model_a, model_b], force)
     dev = resolve_device(device)
     torch.manual_seed(seed)
     a, b = load_pair(model_a, model_b, dev)
     spec = spec_for(a)
     batches = lm_batches(model_a, data, max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size)
-    merged, report = pleas_modules(a, b, batches, width=width, least_squares=least_squares, metric=metric,
+    merged, report = pleas_modules(a, b, batches, width=width, least_squares=least_squares, inputs=inputs, metric=metric,
                                    ridge=ridge, seed=seed, device=dev, spec=spec, progress=progress)
     config = dict(Checkpoint(model_a).config)
     widths = {report["units"][g] for g, grp in spec.groups.items() if grp.partial}
@@ -394,6 +435,7 @@ def pleas_merge(model_a: str | Path, model_b: str | Path, data: str | Path, widt
         save_like(merged, model_a, folder, config, max_shard_size)
         write_model_card(folder, stage="merge", method="pleas", inputs=[str(model_a), str(model_b)],
                          parameters={"width": width, "metric": metric, "ridge": ridge, "least_squares": least_squares,
+                                     "inputs": inputs,
                                      "data": str(data), "max_tokens": max_tokens, "seq_len": seq_len, "seed": seed},
                          notes="PLeaS (Nasery et al. 2024, https://arxiv.org/abs/2407.02447): activation-matched "
                                "permutations, partial merging of the best-matched MLP units, layer-wise least squares "

@@ -45,17 +45,17 @@ def ties_trim(delta: torch.Tensor, density: float, rescale: str | None = None, i
         return delta.zero_() if inplace else torch.zeros_like(delta)
     n = delta.numel()
     k = max(1, int(density * n))
-    mag = delta.abs()
     if k == n:
         return delta
-    below, threshold = _two_order_statistics(mag, n - k, n - k + 1)
-    if below < threshold:
-        mask = mag >= threshold.to(delta.device)
+    threshold, tie = _top_k_threshold(delta, k)
+    mag = delta.abs()
+    if not tie:
+        mask = mag >= threshold
     elif mergekit:
         mask = _sorted_band(mag, 0, k, descending=True)
     else:
-        mask = mag > threshold.to(delta.device)
-        tied = (mag.reshape(-1) == threshold.to(delta.device)).nonzero().squeeze(1)
+        mask = mag > threshold
+        tied = (mag.reshape(-1) == threshold).nonzero().squeeze(1)
         mask.reshape(-1)[tied[: k - int(mask.sum())]] = True
     del mag
     if rescale == "l1":
@@ -63,13 +63,21 @@ def ties_trim(delta: torch.Tensor, density: float, rescale: str | None = None, i
     return delta.mul_(mask) if inplace else delta * mask
 
 
-def _two_order_statistics(values: torch.Tensor, i: int, j: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The i-th and j-th smallest entries (1-based) of the flattened tensor, from one selection."""
-    if values.device.type == "cpu":
-        part = np.partition(values.detach().reshape(-1).numpy(), [i - 1, j - 1])
-        return torch.tensor(part[i - 1]), torch.tensor(part[j - 1])
-    flat = values.reshape(-1)
-    return flat.kthvalue(i).values, flat.kthvalue(j).values
+def _top_k_threshold(delta: torch.Tensor, k: int) -> tuple[torch.Tensor, bool]:
+    """The k-th largest |δ| and whether an equal magnitude also sits just below it (a tie at the cut).
+
+    On CPU one in-place np.partition of a scratch |δ| does it; the scratch is freed before returning.
+    """
+    n = delta.numel()
+    if delta.device.type == "cpu":
+        scratch = delta.detach().abs().reshape(-1).numpy()
+        scratch.partition(n - k)
+        threshold = scratch[n - k]
+        tie = n > k and scratch[: n - k].max() == threshold
+        return torch.tensor(threshold, dtype=delta.dtype), bool(tie)
+    mag = delta.abs().reshape(-1)
+    threshold = mag.kthvalue(n - k + 1).values
+    return threshold, int((mag >= threshold).sum()) != k
 
 
 def dare_drop(delta: torch.Tensor, density: float, rescale: str | None, generator: torch.Generator | None) -> torch.Tensor:

@@ -59,7 +59,7 @@ def activation_similarity(model_a: nn.Module, model_b: nn.Module, spec: PermSpec
             sites.append((layer.module, 0, layer.in_group, layer.in_block))
         if layer.out_group:
             sites.append((layer.module, 1, layer.out_group, layer.out_block))
-    with capture(model_a, spec) as acts_a, capture(model_b, spec) as acts_b:
+    with capture(model_a, spec.layers) as acts_a, capture(model_b, spec.layers) as acts_b:
         for batch in track(progress, "activation statistics", batches):
             batch = batch.to(device)
             forward(model_a, batch)

@@ -6,7 +6,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .spec import PermSpec
+from .spec import Layer
 
 
 def features(x: torch.Tensor, conv: bool) -> torch.Tensor:
@@ -15,13 +15,13 @@ def features(x: torch.Tensor, conv: bool) -> torch.Tensor:
 
 
 @contextmanager
-def capture(model: nn.Module, spec: PermSpec, raw: bool = False):
+def capture(model: nn.Module, layers: list[Layer], raw: bool = False):
     """Yield a dict filled on each forward: layer -> (input, target output) as (N, C) features,
     or as raw tensors (``raw=True``, needed to unfold conv inputs)."""
     mods = dict(model.named_modules())
     store: dict[str, list] = {}
     handles = []
-    for layer in spec.layers:
+    for layer in layers:
         mod = mods[layer.module]
         conv = isinstance(mod, nn.Conv2d)
 
