@@ -17,9 +17,10 @@ def _batches(shape, n=3, rows=200):
     return [torch.randn(rows, *shape) for _ in range(n)]
 
 
-def test_width_two_mlp_is_the_ensemble_of_both_models():
+@pytest.mark.parametrize("inputs", ["merged", "original"])
+def test_width_two_mlp_is_the_ensemble_of_both_models(inputs):
     a, b = mlp((16, 48, 32, 6), seed=0).eval(), mlp((16, 48, 32, 6), seed=1).eval()
-    merged, report = pleas_modules(a, b, _batches((16,)), width=2.0, ridge=1e-8)
+    merged, report = pleas_modules(a, b, _batches((16,)), width=2.0, ridge=1e-8, inputs=inputs)
     assert set(report["merged_units"].values()) == {0}
     x = torch.randn(50, 16)
     ensemble = (a(x) + b(x)) / 2

@@ -60,6 +60,8 @@ def pleas_cmd(
     ridge: Annotated[float, typer.Option("--ridge", help="Least-squares ridge, relative to the mean Gram diagonal.")] = 1e-4,
     least_squares: Annotated[bool, typer.Option("--least-squares/--no-least-squares", help="Refit every layer in "
                                                 "closed form (off: ZipIt!-style partial zip).")] = True,
+    inputs: Annotated[str, typer.Option("--inputs", help="Least-squares inputs: merged (the merged model's own, "
+                                                         "layer by layer) or original (both models', one pass).")] = "merged",
     max_tokens: MaxTokOpt = 8192,
     seq_len: SeqOpt = 128,
     batch_size: BatchOpt = 8,
@@ -75,7 +77,7 @@ def pleas_cmd(
 
     with progress_bars(not quiet) as progress:
         report = pleas_merge(model_a, model_b, data, width, out=out, metric=metric, ridge=ridge,
-                             least_squares=least_squares, max_tokens=max_tokens, seq_len=seq_len,
+                             least_squares=least_squares, inputs=inputs, max_tokens=max_tokens, seq_len=seq_len,
                              batch_size=batch_size, seed=seed, device=device, force=force,
                              max_shard_size=out_shard_size, progress=progress)
     if json_out:
