@@ -57,3 +57,17 @@ def test_bad_width_is_one_clear_error(tiny_llama, tmp_path):
                                    "-o", str(tmp_path / "o")])
     assert res.exit_code != 0
     assert "--width must lie between 1.0 and 2.0" in str(res.exception) + res.output
+
+
+def test_merge_method_pleas_runs_through_the_merge_command(tiny_llama, tmp_path, zoo):
+    a, b = tiny_llama("a", seed=0, vocab_size=1024), tiny_llama("b", seed=1, vocab_size=1024)
+    from transformers import AutoTokenizer
+    AutoTokenizer.from_pretrained(str(zoo.model("base"))).save_pretrained(a)
+    data = tmp_path / "d.txt"
+    data.write_text(" ".join(f"w{i % 37} x{i % 11}" for i in range(300)))
+    out = tmp_path / "m"
+    res = CliRunner().invoke(app, ["merge", "--method", "pleas", "--model", str(a), "--model", str(b), "--data",
+                                   str(data), "--param", "width=2.0", "--param", "seq_len=16", "-o", str(out), "-q"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((out / "config.json").read_text())["intermediate_size"] == 128
+    assert "merge_method: pleas" in (out / "weightsmith_recipe.yaml").read_text()

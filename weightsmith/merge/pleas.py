@@ -397,7 +397,7 @@ def pleas_modules(model_a: nn.Module, model_b: nn.Module, batches, *, width: flo
 
 def pleas_merge(model_a: str | Path, model_b: str | Path, data: str | Path, width: float = 1.2, *,
                 out: str | Path, metric: str = "euclidean", ridge: float = 1e-4, least_squares: bool = True,
-                inputs: str = "merged",
+                inputs: str = "merged", dtype: str | None = None, recipe: str | None = None,
                 max_tokens: int = 8192, seq_len: int = 128, batch_size: int = 8, seed: int = 0,
                 device: str = "auto", force: bool = False, max_shard_size: str = "5GB",
                 progress: ProgressFn | None = None) -> dict:
@@ -406,7 +406,7 @@ def pleas_merge(model_a: str | Path, model_b: str | Path, data: str | Path, widt
     ``width``× (config ``intermediate_size`` changes, so stock ``from_pretrained`` loads the result)."""
     from ..checkpoint import Checkpoint, check_output, output_folder
     from ..checkpoint.card import write_model_card
-    from ..device import resolve_device
+    from ..device import resolve_device, resolve_dtype
     from .align.folders import lm_batches, load_pair, save_like
 
     merge_counts(PermSpec({}, {}), width)  # validates the width before any file is read
@@ -430,10 +430,14 @@ def pleas_merge(model_a: str | Path, model_b: str | Path, data: str | Path, widt
         config["intermediate_size"] = widths.pop()
         merged.config.intermediate_size = config["intermediate_size"]
     report.update(model_a=str(model_a), model_b=str(model_b), out=str(out), data=str(data),
+                  tensors=len(merged.state_dict()),
                   intermediate_size=config.get("intermediate_size"))
     with output_folder(out, [model_a, model_b], force) as folder:
-        save_like(merged, model_a, folder, config, max_shard_size)
-        write_model_card(folder, stage="merge", method="pleas", inputs=[str(model_a), str(model_b)],
+        if dtype is not None:
+            merged.to(resolve_dtype(dtype))
+            config["torch_dtype"] = config["dtype"] = str(resolve_dtype(dtype)).removeprefix("torch.")
+        save_like(merged, model_a, folder, config, max_shard_size, keep_dtype=dtype is None)
+        write_model_card(folder, stage="merge", method="pleas", inputs=[str(model_a), str(model_b)], recipe=recipe,
                          parameters={"width": width, "metric": metric, "ridge": ridge, "least_squares": least_squares,
                                      "inputs": inputs,
                                      "data": str(data), "max_tokens": max_tokens, "seq_len": seq_len, "seed": seed},
@@ -442,3 +446,29 @@ def pleas_merge(model_a: str | Path, model_b: str | Path, data: str | Path, widt
                                f"on both models' activations. Parameters: {report['size_vs_a']}× model A.",
                          tags=["pleas"])
     return report
+
+
+RECIPE_PARAMS = ("data", "width", "metric", "ridge", "least_squares", "inputs", "max_tokens", "seq_len", "batch_size")
+
+
+def merge_recipe(recipe, out: str | Path, *, device: str = "auto", dtype: str | None = None,
+                 out_shard_size: str | int = "5GB", seed: int = 0, force: bool = False,
+                 progress: ProgressFn | None = None, **_) -> dict:
+    """``weightsmith merge`` entry point (method ``pleas``): two models, ``data`` and ``width`` parameters."""
+    params = {k: v for k, v in recipe.parameters.items() if v is not None}
+    unknown = set(params) - set(RECIPE_PARAMS)
+    if unknown:
+        raise WeightsmithError(f"pleas has no parameter {sorted(unknown)[0]!r}; it takes {', '.join(RECIPE_PARAMS)}")
+    if len(recipe.models) != 2:
+        raise WeightsmithError(f"pleas merges exactly two models, got {len(recipe.models)}")
+    if params.get("data") is None:
+        raise WeightsmithError("pleas needs --data: calibration text (fine-tuning data, or generic text)")
+    start = time.perf_counter()
+    a, b = (m.path for m in recipe.models)
+    rep = pleas_merge(a, b, params.pop("data"), float(params.pop("width", 1.2)), out=out, device=device,
+                      dtype=dtype or recipe.dtype, max_shard_size=str(out_shard_size), seed=seed, force=force,
+                      progress=progress, recipe=recipe.text or recipe.to_yaml(), **params)
+    return {**rep, "inputs": [a, b], "method": "pleas",
+            "notes": [f"width {rep['width']}: intermediate_size {rep['intermediate_size']}, "
+                      f"{rep['size_vs_a']}x the parameters of {Path(a).name}"],
+            "seconds": time.perf_counter() - start}

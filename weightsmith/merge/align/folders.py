@@ -56,10 +56,12 @@ def load_pair(model_a: str | Path, model_b: str | Path, device) -> tuple[torch.n
             loading.load(model_b, device=device, dtype=torch.float32))
 
 
-def save_like(model: torch.nn.Module, source: str | Path, folder: Path, config: dict, max_shard_size: str) -> None:
-    """Save ``model``'s weights in the dtypes ``source`` stores them, with ``config`` and its side files."""
+def save_like(model: torch.nn.Module, source: str | Path, folder: Path, config: dict, max_shard_size: str,
+              keep_dtype: bool = True) -> None:
+    """Save ``model``'s weights (in the dtypes ``source`` stores them unless ``keep_dtype`` is off), with
+    ``config`` and ``source``'s side files."""
     ckpt = Checkpoint(source)
-    stored = {n: ckpt.info(n).torch_dtype for n in ckpt.names()}
+    stored = {n: ckpt.info(n).torch_dtype for n in ckpt.names()} if keep_dtype else {}
     state = {k: v.detach().to("cpu", stored.get(k, v.dtype)).contiguous() for k, v in model.state_dict().items()}
     if config.get("tie_word_embeddings"):
         state.pop("lm_head.weight", None)
