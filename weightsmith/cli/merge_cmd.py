@@ -87,7 +87,7 @@ def merge_cmd(
     for row in result.get("trace", []):
         console.print(f"  {Path(row['ingredient']).name:<24} own {row['score']:.3f}  soup {row['soup_score']:.3f}  "
                       f"{'kept' if row['kept'] else 'skipped'}")
-    for note in result["notes"]:
+    for note in result.get("notes", []):
         console.print(f"  note: {note}")
-    console.print(f"merged {len(result['inputs'])} inputs with {result['method']} -> {result['out']} "
-                  f"({result['tensors']} tensors, {result['seconds']:.1f} s)")
+    console.print(f"merged {len(result.get('inputs', []))} inputs with {result.get('method')} -> {result.get('out', out)}"
+                  + (f" ({result['tensors']} tensors, {result['seconds']:.1f} s)" if "tensors" in result else ""))

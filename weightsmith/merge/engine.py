@@ -8,7 +8,9 @@ tensor functions: ``merge`` hands their recipe to the function named in ``Method
 from __future__ import annotations
 
 import importlib
+import inspect
 import re
+import shutil
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -253,7 +255,6 @@ def plan_merge(recipe: Recipe, *, dtype: str | None = None, allow_crimes: bool =
 
 
 def _fn_args(method: Method) -> set[str]:
-    import inspect
     return set(inspect.signature(method.fn).parameters)
 
 
@@ -312,12 +313,13 @@ def merge(recipe: Recipe, out: str | Path, *, device: str = "auto", dtype: str |
     dev = resolve_device(device)
     check_output(out, recipe.inputs, force)
     start = time.perf_counter()
-    sources = ([plan.base] if plan.base else []) + plan.models
+    uses_base = plan.base is not None and plan.method.base == "required"
+    sources = ([plan.base] if uses_base else []) + plan.models
     tokenizer_src = plan.reference.path
     with output_folder(out, recipe.inputs, force) as tmp:
         shard = "1000TB" if plan.adapter else out_shard_size
         writer = ShardedWriter(tmp, [(j.name, j.dtype, j.shape) for j in plan.jobs], shard)
-        label = f"merge {plan.recipe.method if recipe.method != 'mwa' else 'mwa'}"
+        label = f"merge {recipe.method}"
         report(progress, label, 0, len(plan.jobs))
 
         def load(job: TensorJob):
@@ -336,8 +338,8 @@ def merge(recipe: Recipe, out: str | Path, *, device: str = "auto", dtype: str |
                 pending = None
                 if nxt is not None:
                     pending = pool.submit(load, nxt) if prefetchable(nxt) else _Ready(load, nxt)
-                base = inputs[0] if plan.base else None
-                tensors = inputs[1:] if plan.base else inputs
+                base = inputs[0] if uses_base else None
+                tensors = inputs[1:] if uses_base else inputs
                 result = run_job(plan, job, tensors, base, seed)
                 writer.write(job.name, result.to(job.dtype).cpu())
                 del inputs, tensors, base, result
@@ -345,7 +347,6 @@ def merge(recipe: Recipe, out: str | Path, *, device: str = "auto", dtype: str |
         writer.close()
         if plan.adapter:
             (tmp / "model.safetensors").rename(tmp / ADAPTER_WEIGHTS)
-            import shutil
             shutil.copy2(plan.reference.path / ADAPTER_CONFIG, tmp / ADAPTER_CONFIG)
         else:
             config = dict(plan.reference.config or {})
