@@ -134,3 +134,25 @@ def test_bad_fold_options_are_refused(zoo, tmp_path):
     with pytest.raises(WeightsmithError, match="inside|input"):
         fold(base, base / "sub", data=data)
     assert not (tmp_path / "o").exists()
+
+
+def test_fold_cli_json_then_inspect_and_export(zoo, tmp_path):
+    from typer.testing import CliRunner
+
+    from weightsmith.cli import app
+
+    runner = CliRunner()
+    out = tmp_path / "folded"
+    res = runner.invoke(app, ["fold", str(zoo.model("base")), "-o", str(out), "--data", str(zoo.data("general", "calib")),
+                              "--remove", "0.25", "--share", "2", "--gate-steps", "5", "--max-tokens", "1024",
+                              "--device", "cpu", "--json"])
+    assert res.exit_code == 0, res.output
+    info = json.loads(res.output)
+    assert len(info["removed"]) == 1 and info["params_unique"] < info["params_original"]
+    assert (out / "README.md").exists()
+    res = runner.invoke(app, ["inspect", str(out), "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["unique_params"] == info["params_unique"]
+    res = runner.invoke(app, ["export", str(out), "--plain", "-o", str(tmp_path / "plain")])
+    assert res.exit_code == 0, res.output
+    assert Checkpoint(tmp_path / "plain").num_params == json.loads(runner.invoke(app, ["inspect", str(out), "--json"]).output)["total_params"]
