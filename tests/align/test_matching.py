@@ -40,6 +40,7 @@ CASES = {
     "resnet": (lambda: _randomise_norms(ResNet(width=4, classes=3)), lambda: torch.randn(16, 1, 8, 8)),
     "llama": (lambda: _llama(), lambda: torch.randint(0, 128, (4, 16))),
     "llama-gqa": (lambda: _llama(num_key_value_heads=2), lambda: torch.randint(0, 128, (4, 16))),
+    "llama-tied": (lambda: _llama(tie_word_embeddings=True), lambda: torch.randint(0, 128, (4, 16))),
 }
 
 

@@ -33,8 +33,10 @@ def apply_permutation(state: dict[str, torch.Tensor], spec: PermSpec, perms: dic
 @torch.no_grad()
 def permute_module(model: nn.Module, spec: PermSpec, perms: dict[str, torch.Tensor]) -> nn.Module:
     """Permute ``model`` in place (parameters and buffers); it computes the same function afterwards."""
+    seen: set[int] = set()  # tied tensors (embeddings shared with lm_head) are permuted once
     for name, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers()):
-        if name in spec.axes:
+        if name in spec.axes and id(t) not in seen:
+            seen.add(id(t))
             t.data = permute_tensor(t.data, spec.axes[name], perms).contiguous()
     return model
 

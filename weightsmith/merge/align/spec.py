@@ -116,7 +116,10 @@ def llama_spec(model: nn.Module) -> PermSpec:
         axes[f"{p}.input_layernorm.weight"] = [Axis("residual", 0)]
         axes[f"{p}.post_attention_layernorm.weight"] = [Axis("residual", 0)]
     axes["model.norm.weight"] = [Axis("residual", 0)]
-    linear("lm_head", model.lm_head, None, res_in)
+    if getattr(cfg, "tie_word_embeddings", False):  # the head is the embedding: merged with it, never refit alone
+        axes["lm_head.weight"] = [Axis("residual", 1)]
+    else:
+        linear("lm_head", model.lm_head, None, res_in)
     params = dict(model.named_parameters(remove_duplicate=False))
     extra = [n for n in params if n not in axes]
     if extra:
