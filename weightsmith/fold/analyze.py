@@ -84,13 +84,15 @@ def heatmap(report: dict, path: Path, title: str) -> None:
     ang = np.array([[np.nan if v is None else v for v in r] for r in report["angular_distance_last_token"]])
     im = axes[0].imshow(ang.T, origin="lower", cmap="viridis_r", aspect="auto",
                         extent=(-0.5, n - 0.5, 0.5, n + 0.5))
-    axes[0].set(xlabel="first block l", ylabel="span n", title="angular distance d(l, l+n), last token")
+    axes[0].set(xlabel="first block l", ylabel="span n", title="angular distance d(l, l+n), last token",
+                xticks=range(n), yticks=range(1, n + 1))
     fig.colorbar(im, ax=axes[0])
     im = axes[1].imshow(np.array(report["cka"]), origin="lower", cmap="magma", vmin=0, vmax=1)
-    axes[1].set(xlabel="block input j", ylabel="block input i", title="linear CKA")
+    axes[1].set(xlabel="block input j", ylabel="block input i", title="linear CKA", xticks=range(n + 1),
+                yticks=range(n + 1))
     fig.colorbar(im, ax=axes[1])
     axes[2].bar(range(n), report["block_influence"])
-    axes[2].set(xlabel="block", ylabel="BI", title="Block Influence (ShortGPT)")
+    axes[2].set(xlabel="block", ylabel="BI", title="Block Influence (ShortGPT)", xticks=range(n))
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
