@@ -53,15 +53,17 @@ def lm_table(size: str, heal_steps: int, remove: float) -> None:
     ref = lm_ppl(original, ids)
     rows = [("original", "-", "-", "-", ref, count_params(original))]
     with tempfile.TemporaryDirectory() as tmp:
-        for importance in ("gates", "bi", "angular"):
-            for share in ("1", "2"):
-                for steps in (0, heal_steps):
-                    out = Path(tmp) / f"{importance}-{share}-{steps}"
-                    res = fold(base, out, data=calib, remove=remove, share=share, importance=importance,
-                               heal_steps=steps, device="cpu", model=original, seed=0)
-                    m = weightsmith.load(out)
-                    rows.append((importance, str(res["removed"]), share, str(steps), lm_ppl(m, ids), count_params(m)))
-                    print(f"  done {importance} share={share} heal={steps}", flush=True)
+        runs = [(imp, share, 0) for imp in ("gates", "bi", "angular") for share in ("1", "2")]
+        runs += [("gates", "2", rank) for rank in (8, 16)]
+        for importance, share, rank in runs:
+            for steps in (0, heal_steps):
+                out = Path(tmp) / f"{importance}-{share}-{rank}-{steps}"
+                res = fold(base, out, data=calib, remove=remove, share=share, importance=importance,
+                           relax_rank=rank, heal_steps=steps, device="cpu", model=original, seed=0)
+                m = weightsmith.load(out)
+                label = share + (f" + relax r={rank}" if rank else "")
+                rows.append((importance, str(res["removed"]), label, str(steps), lm_ppl(m, ids), count_params(m)))
+                print(f"  done {importance} share={label} heal={steps}", flush=True)
     print(f"\nzoo {size} base, remove {remove:.0%}, perplexity on general.valid ({ids.numel()} tokens), heal on general.calib")
     print("| importance | removed | share | heal steps | perplexity | x original | unique params |")
     print("|---|---|---|---|---|---|---|")
