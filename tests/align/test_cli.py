@@ -67,7 +67,7 @@ def test_merge_method_pleas_runs_through_the_merge_command(tiny_llama, tmp_path,
     data.write_text(" ".join(f"w{i % 37} x{i % 11}" for i in range(300)))
     out = tmp_path / "m"
     res = CliRunner().invoke(app, ["merge", "--method", "pleas", "--model", str(a), "--model", str(b), "--data",
-                                   str(data), "--param", "width=2.0", "--param", "seq_len=16", "-o", str(out), "-q"])
+                                   str(data), "--width", "2.0", "--param", "seq_len=16", "-o", str(out), "-q"])
     assert res.exit_code == 0, res.output
     assert json.loads((out / "config.json").read_text())["intermediate_size"] == 128
     assert "merge_method: pleas" in (out / "weightsmith_recipe.yaml").read_text()

@@ -40,10 +40,11 @@ def merge_cmd(
     mask: Annotated[str | None, typer.Option("--mask", help="Breadcrumbs mask fractions per 'row' (paper) or per 'tensor' (mergekit). [default: row]")] = None,
     compat: Annotated[str | None, typer.Option("--compat", help="'mergekit' switches defaults to mergekit's choices. [default: paper]")] = None,
     filter_wise: Annotated[bool | None, typer.Option("--filter-wise/--no-filter-wise", help="Model stock: one ratio per output row. [default: no]")] = None,
-    metric: Annotated[str | None, typer.Option("--metric", help="MWA: weight by 'loss' (1/loss) or 'step', read from trainer_state.json. [default: loss]")] = None,
+    metric: Annotated[str | None, typer.Option("--metric", help="MWA: weight by 'loss' (1/loss) or 'step', read from trainer_state.json [default: loss]. PLeaS: activation similarity, euclidean or correlation [default: euclidean].")] = None,
     p: Annotated[float | None, typer.Option("--p", help="MWA penalty factor: w_i = m_i^p / sum_j m_j^p. [default: 1.0]")] = None,
     metric_value: Annotated[list[float] | None, typer.Option("--metric-value", help="MWA: loss or step per --model instead of trainer_state.json.")] = None,
-    data: Annotated[str | None, typer.Option("--data", help="Greedy soup: held-out text scored by perplexity.")] = None,
+    data: Annotated[str | None, typer.Option("--data", help="Greedy soup: held-out text scored by perplexity. PLeaS: calibration text.")] = None,
+    width: Annotated[float | None, typer.Option("--width", help="PLeaS: output size in model widths, 1.0-2.0. [default: 1.2]")] = None,
     labelled: Annotated[str | None, typer.Option("--labelled", help="Greedy soup: held-out labelled file scored by accuracy.")] = None,
     max_tokens: Annotated[int | None, typer.Option("--max-tokens", help="Greedy soup: tokens of --data used. [default: all]")] = None,
     param: Annotated[list[str] | None, typer.Option("--param", help="Any other global parameter, KEY=VALUE (YAML value).")] = None,
@@ -61,7 +62,7 @@ def merge_cmd(
     from ..merge.recipe import parse_param, recipe_from_flags
 
     flags = {"lambda": lambda_, "t": t, "normalize": normalize, "rescale": rescale, "mask": mask, "compat": compat,
-             "filter_wise": filter_wise, "metric": metric, "p": p, "data": data, "labelled": labelled,
+             "filter_wise": filter_wise, "metric": metric, "p": p, "data": data, "width": width, "labelled": labelled,
              "max_tokens": max_tokens, **dict(parse_param(x) for x in param or [])}
     per_model = {"weight": weight, "density": density, "gamma": gamma, "metric_value": metric_value}
     if recipe is not None:
