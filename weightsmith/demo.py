@@ -38,10 +38,15 @@ def main() -> None:
     print("weightsmith demo: the in-house zoo is trained on Python's own source and docs (cached after the first run).")
     sh(["zoo", "build", "--size", args.size])
     path = sh(["zoo", "path", "--size", args.size]).strip()
-    models, data = Path(path) / "models", Path(path) / "data"
+    models = Path(path) / "models"
     sh(["inspect", models / "base"])
-    sh(["eval", models / "base", models / "ft-prose", models / "ft-asyncio", models / "ft-email",
-        "--data", data / "prose.valid.txt", "--max-tokens", "4000", "--device", "cpu"])
+    pipeline = Path(__file__).resolve().parents[1] / "examples" / "demo.yaml"
+    if not pipeline.exists():
+        sys.exit(f"error: {pipeline} not found; run the demo from a clone of the repository")
+    sh(["run", pipeline, "--workdir", out / "pipeline", "--device", "cpu"])
+    report = out / "pipeline" / "report.md"
+    print(f"\nreport: {report}\nplots:  {out / 'pipeline' / 'perplexity_vs_size.png'}, "
+          f"{out / 'pipeline' / 'layers' / 'heatmap.png'}")
     print("\ndemo finished; outputs are under", out.resolve())
 
 
