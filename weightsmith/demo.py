@@ -19,7 +19,8 @@ def sh(args: list[str]) -> str:
     cmd = ["weightsmith", *map(str, args)]
     print(f"\n$ {shlex.join(cmd)}", flush=True)
     start = time.time()
-    proc = subprocess.run([sys.executable, "-m", "weightsmith", *map(str, args)], text=True, stdout=subprocess.PIPE)
+    proc = subprocess.run([sys.executable, "-m", "weightsmith", *map(str, args)], text=True, stdout=subprocess.PIPE,
+                          env={**os.environ, "COLUMNS": os.environ.get("COLUMNS", "110")})
     sys.stdout.write(proc.stdout)
     print(f"  ({time.time() - start:.1f} s)", flush=True)
     if proc.returncode != 0:

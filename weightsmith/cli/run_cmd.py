@@ -85,11 +85,26 @@ def _print_summary(summary: dict) -> None:
                       human_count(r["unique_params"]) if r.get("unique_params") else "")
     console.print(table)
     if summary["metrics"]:
-        t = Table("eval", "model", "data", "perplexity", "accuracy", "params", "size")
-        for m in summary["metrics"]:
-            t.add_row(m["stage"], m["label"], m.get("data") or m.get("labelled") or "",
-                      f"{m['perplexity']:.2f}" if m.get("perplexity") is not None else "",
-                      f"{m['accuracy']:.4f}" if m.get("accuracy") is not None else "",
-                      human_count(m["params"]), human_bytes(m["size_bytes"]))
-        console.print(t)
+        console.print(_metrics_table(summary["metrics"]))
     console.print("report: " + ", ".join(summary["files"].values()), highlight=False, soft_wrap=True)
+
+
+def _metrics_table(metrics: list[dict]) -> Table:
+    """One row per model, one column per data set (perplexity, or accuracy for labelled data)."""
+    columns: list[str] = []
+    rows: dict[str, dict] = {}
+    for m in metrics:
+        col = Path(m.get("data") or m.get("labelled") or m["stage"]).name.split(".")[0]
+        if col not in columns:
+            columns.append(col)
+        row = rows.setdefault(m["label"], {"params": m["params"], "size": m["size_bytes"]})
+        value = m.get("perplexity") if m.get("perplexity") is not None else m.get("accuracy")
+        row[col] = f"{value:.4f}" if m.get("perplexity") is None and value is not None else \
+            (f"{value:.2f}" if value is not None else "")
+    table = Table(title="perplexity (accuracy for labelled data)", title_justify="left")
+    table.add_column("model", no_wrap=True)
+    for c in (*columns, "params", "size"):
+        table.add_column(c, justify="right")
+    for label, row in rows.items():
+        table.add_row(label, *(row.get(c, "") for c in columns), human_count(row["params"]), human_bytes(row["size"]))
+    return table
