@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test test-slow demo bench clean
+.PHONY: install test test-slow demo bench bench-merge bench-fold bench-pleas bench-rps clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -24,8 +24,22 @@ test-slow: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m weightsmith.demo
 
+# Benchmarks print figures side by side with their reference; they take minutes, never run in CI.
 bench: $(STAMP)
 	$(BIN)/python bench/io_floor.py
+	$(BIN)/python bench/analyze_cost.py
+
+bench-merge: $(STAMP)
+	$(BIN)/python bench/merge_vs_mergekit.py --params 220M
+
+bench-fold: $(STAMP)
+	$(BIN)/python bench/fold_quality.py
+
+bench-pleas: $(STAMP)
+	$(BIN)/python bench/pleas_quality.py --arch mlp resnet --seeds 3 --lm
+
+bench-rps: $(STAMP)
+	$(BIN)/python bench/rps_quality.py
 
 clean:
 	rm -rf $(VENV) demo-out

@@ -128,3 +128,11 @@ def test_cli_merge_by_flags_and_one_line_error(tiny_llama, tmp_path, monkeypatch
         main()
     assert exc.value.code == 2
     assert "density" in capsys.readouterr().err
+
+
+def test_recipe_model_paths_expand_environment_variables(monkeypatch, tmp_path):
+    from weightsmith.merge import parse_recipe
+
+    monkeypatch.setenv("WS_MODELS", str(tmp_path))
+    r = parse_recipe("merge_method: linear\nmodels:\n  - model: $WS_MODELS/a\n  - model: {model: \"${WS_MODELS}/b\"}\n")
+    assert [m.path for m in r.models] == [str(tmp_path / "a"), str(tmp_path / "b")]

@@ -6,6 +6,7 @@ entries where the first whose filter is a substring of the tensor name (or ``*``
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,12 +52,13 @@ class Recipe:
 
 
 def _model_ref(value, where: str) -> str:
+    """A model path; ``$VAR`` and ``~`` expand so one recipe serves several machines."""
     if isinstance(value, str) and value:
-        return value
+        return os.path.expanduser(os.path.expandvars(value))
     if isinstance(value, dict) and isinstance(value.get("model"), str):
         if value.get("lora"):
             raise WeightsmithError(f"{where}: 'model+lora' references are not supported; merge the adapter first")
-        return value["model"]
+        return os.path.expanduser(os.path.expandvars(value["model"]))
     raise WeightsmithError(f"{where}: expected a model folder path, got {value!r}")
 
 

@@ -106,7 +106,8 @@ class _Resolver:
 
     def value(self, value, where: str, used: list[str], as_path: bool):
         if isinstance(value, str):
-            return self.path(value, where, used) if as_path or value.startswith("zoo:") else self.text(value, where, used)
+            text = self.text(value, where, used)  # a ${vars.X} may itself hold a zoo: reference
+            return self.path(text, where, used) if as_path or text.startswith("zoo:") else text
         if isinstance(value, list):
             return [self.value(v, where, used, as_path) for v in value]
         if isinstance(value, dict):
