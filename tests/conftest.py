@@ -22,7 +22,12 @@ def zoo():
     """The tiny zoo: tokenizer, two bases, domain fine-tunes, soups, MWA checkpoints (cached across runs)."""
     from weightsmith.zoo import build
 
-    return build("tiny")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)  # training the zoo is the one heavy job: give it every core
+    try:
+        return build("tiny")
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture
@@ -39,5 +44,10 @@ def tiny_llama(tmp_path):
 
 
 @pytest.fixture(autouse=True)
-def _seed():
+def _seed_and_one_thread():
+    """Seeded; one thread, which is fastest for tiny models and keeps tests off each other's cores."""
     torch.manual_seed(0)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -139,3 +139,15 @@ def test_examples_validate(zoo):
     for example in EXAMPLES:
         if _runnable(example):
             assert load_pipeline(example).stages
+
+
+def test_align_stage_output_computes_the_same_function_as_its_second_input(tmp_path, zoo):
+    doc = {"name": "align", "zoo": "tiny", "workdir": "work", "stages": [
+        {"name": "aligned", "stage": "align", "inputs": ["zoo:base", "zoo:base-b"], "params": {"method": "weight"}},
+        {"name": "scores", "stage": "eval", "inputs": ["zoo:base-b", "${stages.aligned.output}"],
+         "params": {"data": "zoo:data/prose.valid", "max_tokens": 300}}]}
+    summary = run_pipeline(load_pipeline(write(tmp_path, doc)), device="cpu")
+    ppl = [m["perplexity"] for m in summary["metrics"]]
+    assert len(ppl) == 2 and ppl[0] == pytest.approx(ppl[1], rel=1e-5)
+    moved = Checkpoint(tmp_path / "work" / "aligned").get("model.layers.0.mlp.up_proj.weight")
+    assert not torch.equal(moved, Checkpoint(zoo.model("base-b")).get("model.layers.0.mlp.up_proj.weight"))

@@ -226,3 +226,21 @@ def compress_stage(ctx: Context, *, budget: float = 0.1, mapping: str = "stable"
                         tile=tile, heal_steps=heal_steps, data=data, lr=lr, batch=batch, seq=seq, device=ctx.device,
                         seed=ctx.seed, force=ctx.force, progress=ctx.progress)
     return {k: v for k, v in info.items() if isinstance(v, (int, float, str))} if isinstance(info, dict) else {}
+
+
+def _check_align(params: dict, inputs: list[str]) -> None:
+    if params.get("method", "weight") == "activation" and not params.get("data"):
+        raise WeightsmithError("params.data: activation matching needs calibration text")
+
+
+@stage("align", min_inputs=2, max_inputs=2, paths=("data",), check=_check_align)
+def align_stage(ctx: Context, *, method: str = "weight", data: Path | None = None, metric: str = "euclidean",
+                max_tokens: int = 8192, seq_len: int = 128, batch_size: int = 8,
+                out_shard_size: str = "5GB") -> dict:
+    """Permute the second input into the first one's basis (same function as the second input)."""
+    from ..merge.align.folders import align
+
+    info = align(ctx.inputs[0], ctx.inputs[1], ctx.out, method=method, data=data, metric=metric,
+                 max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size, seed=ctx.seed, device=ctx.device,
+                 force=ctx.force, max_shard_size=out_shard_size, progress=ctx.progress)
+    return {k: v for k, v in info.items() if isinstance(v, (int, float, str))} if isinstance(info, dict) else {}
