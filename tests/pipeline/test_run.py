@@ -151,3 +151,13 @@ def test_align_stage_output_computes_the_same_function_as_its_second_input(tmp_p
     assert len(ppl) == 2 and ppl[0] == pytest.approx(ppl[1], rel=1e-5)
     moved = Checkpoint(tmp_path / "work" / "aligned").get("model.layers.0.mlp.up_proj.weight")
     assert not torch.equal(moved, Checkpoint(zoo.model("base-b")).get("model.layers.0.mlp.up_proj.weight"))
+
+
+def test_report_links_the_analyze_heatmap(tmp_path, zoo):
+    doc = {"name": "layers", "zoo": "tiny", "workdir": "work", "stages": [
+        {"name": "layers", "stage": "analyze", "input": "zoo:base",
+         "params": {"data": "zoo:data/general.calib", "max_tokens": 512}}]}
+    summary = run_pipeline(load_pipeline(write(tmp_path, doc)), device="cpu")
+    heatmap = Path(summary["files"]["heatmap layers"])
+    assert heatmap.is_file() and heatmap.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "![layer similarity of layers](layers/heatmap.png)" in (tmp_path / "work" / "report.md").read_text()

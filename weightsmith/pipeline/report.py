@@ -59,6 +59,10 @@ def write_report(pipeline: Pipeline, records: list[dict], seconds: float) -> dic
     if any(r.get("perplexity") is not None for r in rows):
         _plot(rows, plot, pipeline.name)
         files["plot"] = str(plot)
+    for r in records:  # the analyze stages' similarity heatmaps, linked from the report
+        heatmap = Path(r.get("output") or "") / "heatmap.png"
+        if r["stage"] == "analyze" and r["status"] in ("ran", "skipped") and heatmap.is_file():
+            files[f"heatmap {r['name']}"] = str(heatmap)
     summary = {"pipeline": pipeline.name, "source": str(pipeline.source), "workdir": str(pipeline.workdir),
                "seconds": round(seconds, 3), "status": "failed" if records[-1]["status"] == "failed" else "done",
                "stages": records, "metrics": rows, "files": files}
@@ -95,6 +99,10 @@ def _markdown(summary: dict) -> str:
             lines += [f"  - error: {r['error']}"]
     if "plot" in summary["files"]:
         lines += ["", "![perplexity vs size](perplexity_vs_size.png)"]
+    for key, path in summary["files"].items():
+        if key.startswith("heatmap "):
+            rel = Path(path).relative_to(summary["workdir"]) if path.startswith(summary["workdir"]) else path
+            lines += ["", f"![layer similarity of {key[8:]}]({rel})"]
     return "\n".join(lines) + "\n"
 
 
