@@ -53,5 +53,14 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: str | torc
     config = read_json(path / "config.json", "config.json")
     cls = model_class(config)
     kwargs = {"dtype": dt} if dt is not None else {}
-    model = cls.from_pretrained(path, use_safetensors=not allow_pickle or None, **kwargs)
+    # stages report progress through callbacks; transformers' own loading bar would print
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model = cls.from_pretrained(path, use_safetensors=not allow_pickle or None, **kwargs)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     return model.to(dev).eval()

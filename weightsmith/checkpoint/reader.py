@@ -7,6 +7,7 @@ from memory-mapped files, so a stage holds only what it asks for.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -168,6 +169,26 @@ class Checkpoint:
             handle = self._handles[info.file] = safe_open(str(info.file), framework="pt", device="cpu")
         t = handle.get_tensor(name)
         return t if str(device) == "cpu" else t.to(device)
+
+    def read(self, name: str, rows: int | None = None, dtype: torch.dtype | None = None,
+             device: str | torch.device = "cpu") -> torch.Tensor:
+        """A tensor the caller owns, read with one pread into fresh memory (no file mapping stays
+        resident), optionally only its first ``rows`` rows and converted to ``dtype`` on ``device``."""
+        info = self.info(name)
+        shape = info.shape if rows is None else (min(rows, info.shape[0]), *info.shape[1:])
+        if self._pickled is not None:
+            t = self._pickled[name][: shape[0]] if rows is not None else self._pickled[name]
+            return t.to(device=device, dtype=dtype or t.dtype, copy=True)
+        raw = torch.empty(shape, dtype=info.torch_dtype)
+        buf = memoryview(raw.reshape(-1).view(torch.uint8).numpy())
+        pos = info.data_start + info.begin
+        with open(info.file, "rb", buffering=0) as f:
+            while buf.nbytes:
+                got = os.preadv(f.fileno(), [buf], pos)
+                if got <= 0:
+                    raise WeightsmithError(f"{info.file}: tensor {name!r}: file ended early (truncated?)")
+                buf, pos = buf[got:], pos + got
+        return raw.to(device=device, dtype=dtype or raw.dtype)
 
     def items(self, names: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         for n in names or self.names():

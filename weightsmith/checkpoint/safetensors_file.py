@@ -35,6 +35,7 @@ class TensorInfo:
     file: Path
     begin: int  # offset of the data from the end of the header
     end: int
+    data_start: int = 0  # file offset where the data section (after the header) begins
 
     @property
     def nbytes(self) -> int:
@@ -83,7 +84,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
             raise WeightsmithError(f"{path}: tensor {name!r} has a malformed header entry: {entry!r}") from exc
         if dtype not in ST_DTYPES:
             raise WeightsmithError(f"{path}: tensor {name!r} has unknown dtype {dtype!r}")
-        info = TensorInfo(name, dtype, shape, path, int(begin), int(end))
+        info = TensorInfo(name, dtype, shape, path, int(begin), int(end), 8 + n)
         if not 0 <= info.begin <= info.end:
             raise WeightsmithError(f"{path}: tensor {name!r} has invalid offsets {begin}..{end}")
         if info.end > data_len:

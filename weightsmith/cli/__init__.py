@@ -25,17 +25,12 @@ from . import inspect_cmd, eval_cmd, export_cmd, zoo_cmd, push_cmd, analyze_cmd,
 
 def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # read by transformers when (and only if) a stage imports it: importing it here would cost a second
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     if "HF_HUB_OFFLINE" not in os.environ:
         # Local stages never need the network; push lifts this default, but not a user's own setting.
         os.environ["HF_HUB_OFFLINE"] = "1"
         os.environ[OFFLINE_BY_DEFAULT] = "1"
-    try:
-        import transformers
-
-        transformers.utils.logging.set_verbosity_error()
-        transformers.utils.logging.disable_progress_bar()
-    except ImportError:
-        pass
 
 
 def main() -> None:

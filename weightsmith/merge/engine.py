@@ -283,15 +283,8 @@ def run_job(plan: MergePlan, job: TensorJob, tensors: list[torch.Tensor], base: 
 
 
 def _read(ckpt: Checkpoint, job: TensorJob, device: torch.device) -> torch.Tensor:
-    """An owned copy (float32 on ``device``); the file mapping is then closed, so read pages leave RSS."""
-    x = ckpt.get(job.name)
-    if job.rows is not None:
-        x = x[: job.rows]
-    owned = torch.empty(x.shape, dtype=torch.float32 if job.float_math else x.dtype, device=device)
-    owned.copy_(x)
-    del x
-    ckpt.close()
-    return owned
+    """An owned copy (float32 for float math) on ``device``, cropped to the job's rows."""
+    return ckpt.read(job.name, job.rows, torch.float32 if job.float_math else None, device)
 
 
 def merge(recipe: Recipe, out: str | Path, *, device: str = "auto", dtype: str | None = None,
@@ -325,25 +318,31 @@ def merge(recipe: Recipe, out: str | Path, *, device: str = "auto", dtype: str |
         def load(job: TensorJob):
             return [_read(c, job, dev) for c in sources]
 
-        # Reading the next tensor overlaps the current one's math and write, except for tensors so large
-        # that holding two jobs' inputs at once would raise the peak memory.
         def prefetchable(job: TensorJob) -> bool:
             return 4 * len(sources) * torch.Size(job.shape).numel() <= PREFETCH_BYTES
 
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            pending = pool.submit(load, plan.jobs[0]) if plan.jobs else None
+        # Reading the next tensor and writing the last result overlap the current one's math, except
+        # for tensors so large that holding two jobs' inputs at once would raise the peak memory.
+        with ThreadPoolExecutor(max_workers=1) as reader, ThreadPoolExecutor(max_workers=1) as writing:
+            pending = reader.submit(load, plan.jobs[0]) if plan.jobs else None
+            written = None
             for i, job in enumerate(plan.jobs):
                 inputs = pending.result()
                 nxt = plan.jobs[i + 1] if i + 1 < len(plan.jobs) else None
                 pending = None
                 if nxt is not None:
-                    pending = pool.submit(load, nxt) if prefetchable(nxt) else _Ready(load, nxt)
+                    pending = reader.submit(load, nxt) if prefetchable(nxt) else _Ready(load, nxt)
                 base = inputs[0] if uses_base else None
                 tensors = inputs[1:] if uses_base else inputs
-                result = run_job(plan, job, tensors, base, seed)
-                writer.write(job.name, result.to(job.dtype).cpu())
-                del inputs, tensors, base, result
+                result = run_job(plan, job, tensors, base, seed).to(job.dtype).cpu()
+                del inputs, tensors, base
+                if written is not None:
+                    written.result()
+                written = writing.submit(writer.write, job.name, result)
+                del result
                 report(progress, label, i + 1, len(plan.jobs))
+            if written is not None:
+                written.result()
         writer.close()
         if plan.adapter:
             (tmp / "model.safetensors").rename(tmp / ADAPTER_WEIGHTS)

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import WeightsmithError
-from .sparsify import breadcrumbs_mask, dare_drop, l1_rescaled, ties_agree, ties_trim
+from .mixing import Cutoff, Source, mix
+from .sparsify import breadcrumbs_mask, dare_drop, l1_rescaled, ties_cutoff, ties_trim
 
 
 def linear(tensors: list[torch.Tensor], weight: list[float], normalize: bool = True) -> torch.Tensor:
@@ -31,42 +32,27 @@ def linear(tensors: list[torch.Tensor], weight: list[float], normalize: bool = T
 def task_vectors(tensors: list[torch.Tensor], base: torch.Tensor, weight: list[float],
                  sparsify: Callable[[torch.Tensor, int, bool], torch.Tensor] | None = None,
                  consensus: bool = False, normalize: bool = False, lambda_: float = 1.0,
-                 inplace: bool = False, chunk: int = 1 << 22) -> torch.Tensor:
+                 inplace: bool = False, cutoff: Callable[[torch.Tensor, int], Cutoff | None] | None = None) -> torch.Tensor:
     """θ_base + λ · merge(sparsify(δᵢ)) with δᵢ = θᵢ − θ_base, the family behind task arithmetic, TIES, DARE, breadcrumbs.
 
+    ``sparsify(δᵢ, i, own)`` returns the sparsified delta; ``cutoff(θᵢ, i)`` instead returns a magnitude
+    cutoff applied while mixing (or None to fall back to ``sparsify``), so no trimmed copy is made.
     ``consensus`` applies TIES sign election (sign of Σ wᵢδᵢ, zero elects +) and the disjoint mean;
     ``normalize`` divides by the summed weights of the contributing entries (all inputs without
     consensus). With ``inplace`` the inputs' storage is reused for the deltas and the result (the
-    engine hands over tensors it owns), and the mixing runs in chunks, so a merge of N models holds
-    N+1 copies of a tensor instead of about 3N.
+    engine hands over tensors it owns), so a merge of N models holds N+1 copies of a tensor.
     """
-    deltas = []
-    for i, x in enumerate(tensors):
+    def source(i: int) -> Source:
+        x = tensors[i]
+        cut = cutoff(x, i) if cutoff else None
+        if cut is not None:
+            return Source(x.reshape(-1), False, cut)
         d = x.sub_(base) if inplace else x - base
-        deltas.append(sparsify(d, i, True) if sparsify else d)
+        return Source((sparsify(d, i, True) if sparsify else d).reshape(-1), True)
+
+    sources = [source(i) for i in range(len(tensors))]
     out = base if inplace else torch.empty_like(base)
-    flat_out, flat_base = out.reshape(-1), base.reshape(-1)
-    flats = [d.reshape(-1) for d in deltas]
-    total_weight = sum(weight) if abs(sum(weight)) >= 1e-8 else 1.0
-    for start in range(0, flat_base.numel(), chunk):
-        part = [w * f[start:start + chunk] for w, f in zip(weight, flats)]
-        if consensus:
-            elected_pos = sum(part) >= 0
-            mixed = torch.zeros_like(part[0])
-            divisor = torch.zeros_like(part[0])
-            for w, p in zip(weight, part):
-                agree = torch.where(elected_pos, p > 0, p < 0)
-                mixed += p * agree
-                divisor += w * agree
-            divisor[divisor == 0] = 1
-        else:
-            mixed = sum(part)
-            divisor = total_weight
-        if normalize:
-            mixed /= divisor
-        if lambda_ != 1:
-            mixed *= lambda_
-        flat_out[start:start + chunk] = flat_base[start:start + chunk] + mixed
+    mix(sources, base.reshape(-1), out.reshape(-1), weight, consensus, normalize, lambda_)
     return out
 
 
@@ -77,8 +63,14 @@ def task_arithmetic(tensors, base, weight, normalize=False, lambda_=1.0, inplace
 
 def ties(tensors, base, weight, density, normalize=True, lambda_=1.0, rescale=None, compat=None, inplace=False):
     """TIES: trim each δᵢ to its top-density |δ|, elect signs, disjoint mean."""
-    return task_vectors(tensors, base, weight, lambda d, i, own: ties_trim(d, density[i], rescale, inplace=own, mergekit=compat == "mergekit"),
-                        consensus=True, normalize=normalize, lambda_=lambda_, inplace=inplace)
+    mergekit = compat == "mergekit"
+
+    def cutoff(x: torch.Tensor, i: int) -> Cutoff | None:
+        # an L1 rescale needs the whole trimmed delta, so it goes through ties_trim
+        return None if rescale == "l1" else ties_cutoff(x, base, density[i], mergekit)
+
+    return task_vectors(tensors, base, weight, lambda d, i, own: ties_trim(d, density[i], rescale, inplace=own, mergekit=mergekit),
+                        consensus=True, normalize=normalize, lambda_=lambda_, inplace=inplace, cutoff=cutoff)
 
 
 def _dare(consensus: bool):

@@ -6,10 +6,15 @@ Thresholds are exact order statistics found by selection (np.partition / torch.k
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
+from .mixing import Cutoff
+
 L1_EPS = 1e-7
+SAMPLE = 1 << 16  # magnitudes sampled to bracket a top-k threshold
 
 
 def kth_smallest(values: torch.Tensor, k: int, dim: int | None = None) -> torch.Tensor:
@@ -32,52 +37,127 @@ def l1_rescaled(delta: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     return kept * (before / after)
 
 
-def ties_trim(delta: torch.Tensor, density: float, rescale: str | None = None, inplace: bool = False,
-              mergekit: bool = False) -> torch.Tensor:
-    """Keep exactly the top ``density`` fraction of |δ| over the whole tensor (at least one entry).
+def ties_cutoff(x: torch.Tensor, base: torch.Tensor | None, density: float, mergekit: bool = False) -> Cutoff | None:
+    """TIES trim of δ = x − base (or δ = x without a base) as a magnitude cutoff keeping exactly the top
+    ``density`` fraction of |δ| over the whole tensor (at least one entry).
 
-    Equal magnitudes straddling the threshold are kept in index order, or as torch's sort orders
-    them when ``mergekit`` (its choice there is arbitrary; following it reproduces its output).
+    Equal magnitudes straddling the threshold are kept in index order: ``tie_end`` marks where the
+    last kept one sits. With ``mergekit`` such a tie returns None, since mergekit keeps the ones its
+    sort happens to put first and only a sort reproduces that (``ties_trim`` does).
     """
+    n = x.numel()
     if density >= 1:
-        return delta
-    if density <= 0 or delta.numel() == 0:
-        return delta.zero_() if inplace else torch.zeros_like(delta)
-    n = delta.numel()
+        return Cutoff(-1.0)
+    if density <= 0 or n == 0:
+        return Cutoff(math.inf)
     k = max(1, int(density * n))
     if k == n:
-        return delta
-    threshold, tie = _top_k_threshold(delta, k)
-    mag = delta.abs()
+        return Cutoff(-1.0)
+    threshold, above, equal = magnitude_rank(x, base, k)
+    kept_ties = k - above
+    tie = equal > kept_ties
     if not tie:
-        mask = mag >= threshold
-    elif mergekit:
-        mask = _sorted_band(mag, 0, k, descending=True)
+        return Cutoff(threshold)
+    if mergekit:
+        return None
+    return Cutoff(threshold, _index_after(x, base, threshold, kept_ties))
+
+
+def magnitude_rank(x: torch.Tensor, base: torch.Tensor | None, k: int) -> tuple[float, int, int]:
+    """The k-th largest |x − base| (|x| without a base), and how many entries are above it and equal to it.
+
+    Large CPU tensors: a strided sample brackets the k-th value, one chunked pass counts the entries
+    above the bracket and keeps the few inside it, and a selection over those finishes: no full-size
+    scratch copy, and numpy's kernels (which release the GIL) do the passes. Otherwise, or when the
+    sample's bracket misses, one selection (np.partition, or kthvalue on a GPU) over all magnitudes.
+    """
+    n = x.numel()
+    if x.device.type == "cpu" and n >= 64 * SAMPLE:
+        found = _bracketed_rank(x, base, k)
+        if found is not None:
+            return found
+    mag = (x - base) if base is not None else x.detach().clone()
+    mag = mag.abs_().reshape(-1)
+    if mag.device.type != "cpu":
+        threshold = mag.kthvalue(n - k + 1).values
+        return float(threshold), int((mag > threshold).sum()), int((mag == threshold).sum())
+    a = mag.numpy()
+    a.partition(n - k)
+    threshold = a[n - k]
+    return float(threshold), int(np.count_nonzero(a[n - k:] > threshold)), int(np.count_nonzero(a == threshold))
+
+
+def _bracketed_rank(x: torch.Tensor, base: torch.Tensor | None, k: int, chunk: int = 1 << 20):
+    xf = x.detach().reshape(-1).numpy()
+    bf = base.detach().reshape(-1).numpy() if base is not None else None
+    n = xf.size
+    stride = n // SAMPLE
+    sample = np.abs(xf[::stride] - bf[::stride] if bf is not None else xf[::stride])
+    sample.sort()
+    m = sample.size
+    # the k-th largest sits near rank m - k·m/n of the sorted sample; bracket it by 8 binomial sigmas
+    centre = m - k * m / n
+    margin = 8 * math.sqrt(m * (k / n) * (1 - k / n)) + 16
+    lo_at, hi_at = int(centre - margin), int(math.ceil(centre + margin))
+    lo = sample[lo_at] if lo_at >= 0 else -np.inf
+    hi = sample[hi_at] if hi_at < m else np.inf
+    if hi_at - lo_at > m // 8:
+        return None  # too wide to be worth it
+    above, kept = 0, []
+    buf = np.empty(min(chunk, n), dtype=xf.dtype)
+    for s in range(0, n, chunk):
+        part = buf[: min(chunk, n - s)]
+        if bf is not None:
+            np.subtract(xf[s:s + part.size], bf[s:s + part.size], out=part)
+        else:
+            part[:] = xf[s:s + part.size]
+        np.abs(part, out=part)
+        above += int(np.count_nonzero(part > hi))
+        kept.append(part[(part >= lo) & (part <= hi)])
+    inside = np.concatenate(kept)
+    j = k - above  # the threshold is the j-th largest inside the bracket
+    if not 1 <= j <= inside.size:
+        return None
+    inside.partition(inside.size - j)
+    threshold = inside[inside.size - j]
+    return (float(threshold), above + int(np.count_nonzero(inside > threshold)),
+            int(np.count_nonzero(inside == threshold)))
+
+
+def _index_after(x: torch.Tensor, base: torch.Tensor | None, value: float, count: int, chunk: int = 1 << 20) -> int:
+    """The flat index just past the ``count``-th entry (in index order) whose |x − base| equals ``value``."""
+    flat_x = x.reshape(-1)
+    flat_b = base.reshape(-1) if base is not None else None
+    seen = 0
+    for s in range(0, flat_x.numel(), chunk):
+        part = flat_x[s:s + chunk] if flat_b is None else flat_x[s:s + chunk] - flat_b[s:s + chunk]
+        hits = (part.abs() == value).nonzero().squeeze(1)
+        if seen + hits.numel() >= count:
+            return s + int(hits[count - seen - 1]) + 1
+        seen += hits.numel()
+    return flat_x.numel()
+
+
+def cutoff_mask(delta: torch.Tensor, cutoff: Cutoff) -> torch.Tensor:
+    """The entries of ``delta`` that ``cutoff`` keeps, as a bool mask of its shape."""
+    mag = delta.abs().reshape(-1)
+    mask = mag >= cutoff.threshold
+    if cutoff.tie_end is not None:
+        torch.gt(mag[cutoff.tie_end:], cutoff.threshold, out=mask[cutoff.tie_end:])
+    return mask.reshape(delta.shape)
+
+
+def ties_trim(delta: torch.Tensor, density: float, rescale: str | None = None, inplace: bool = False,
+              mergekit: bool = False) -> torch.Tensor:
+    """``delta`` masked to the top ``density`` fraction of its magnitudes (see ``ties_cutoff``)."""
+    cutoff = ties_cutoff(delta, None, density, mergekit)
+    if cutoff is None:
+        mask = _sorted_band(delta.abs(), 0, max(1, int(density * delta.numel())), descending=True)
     else:
-        mask = mag > threshold
-        tied = (mag.reshape(-1) == threshold).nonzero().squeeze(1)
-        mask.reshape(-1)[tied[: k - int(mask.sum())]] = True
-    del mag
+        mask = cutoff_mask(delta, cutoff)
     if rescale == "l1":
         return l1_rescaled(delta, delta * mask)
     return delta.mul_(mask) if inplace else delta * mask
-
-
-def _top_k_threshold(delta: torch.Tensor, k: int) -> tuple[torch.Tensor, bool]:
-    """The k-th largest |δ| and whether an equal magnitude also sits just below it (a tie at the cut).
-
-    On CPU one in-place np.partition of a scratch |δ| does it; the scratch is freed before returning.
-    """
-    n = delta.numel()
-    if delta.device.type == "cpu":
-        scratch = delta.detach().abs().reshape(-1).numpy()
-        scratch.partition(n - k)
-        threshold = scratch[n - k]
-        tie = n > k and scratch[: n - k].max() == threshold
-        return torch.tensor(threshold, dtype=delta.dtype), bool(tie)
-    mag = delta.abs().reshape(-1)
-    threshold = mag.kthvalue(n - k + 1).values
-    return threshold, int((mag >= threshold).sum()) != k
 
 
 def dare_drop(delta: torch.Tensor, density: float, rescale: str | None, generator: torch.Generator | None) -> torch.Tensor:
@@ -142,13 +222,3 @@ def _sorted_band(mag: torch.Tensor, start: int, count: int, descending: bool) ->
     mask = torch.zeros(flat.numel(), dtype=torch.bool, device=mag.device)
     mask[order] = True
     return mask.reshape(mag.shape)
-
-
-def ties_elect_sign(weighted: torch.Tensor) -> torch.Tensor:
-    """Elected sign per entry: sign of the summed (weighted, trimmed) deltas; a zero sum elects +."""
-    return torch.where(weighted.sum(dim=0) >= 0, 1.0, -1.0).to(weighted.dtype)
-
-
-def ties_agree(weighted: torch.Tensor) -> torch.Tensor:
-    """Mask of the entries whose sign equals the elected sign (zeros never agree)."""
-    return weighted.sign() == ties_elect_sign(weighted)

@@ -1,0 +1,128 @@
+"""Task-vector mixing, chunk by chunk: θ_base + λ · Σ wᵢ δᵢ, or TIES' elected-sign disjoint mean.
+
+Each input enters as either a finished (sparsified) delta or a raw tensor with a magnitude cutoff,
+so TIES' trim is applied inside the same cache-sized chunk that computes δ = θ − θ_base, elects the
+sign and sums: every input is read once more after its threshold is found, and no full-size mask,
+delta or weighted copy is ever allocated. Chunks are split between threads (torch and numpy kernels
+release the GIL), so a CPU merge uses every core.
+"""
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+CHUNK = 1 << 16  # elements per input per chunk on CPU: a chunk's working set stays in the L2 cache
+DEVICE_CHUNK = 1 << 24  # on an accelerator a chunk only bounds the scratch memory
+
+
+@dataclass(frozen=True)
+class Cutoff:
+    """Keep |θ − θ_base| >= ``threshold``; values equal to it only before flat index ``tie_end`` (exact top-k)."""
+    threshold: float
+    tie_end: int | None = None
+
+
+@dataclass(frozen=True)
+class Source:
+    """One input: ``delta`` already holds δ (sparsified), or ``tensor`` is θ and ``cutoff`` trims its δ."""
+    flat: torch.Tensor
+    is_delta: bool
+    cutoff: Cutoff | None = None
+
+
+def worker_count(numel: int) -> int:
+    """Threads worth starting for ``numel`` elements: one per core, none spare for tiny tensors."""
+    return max(1, min(torch.get_num_threads(), os.cpu_count() or 1, numel // CHUNK))
+
+
+def parallel_ranges(numel: int, fn: Callable[[int, int], None], workers: int | None = None) -> None:
+    """Run ``fn(lo, hi)`` over contiguous, chunk-aligned parts of ``range(numel)``, one per worker."""
+    workers = workers or worker_count(numel)
+    if workers <= 1:
+        fn(0, numel)
+        return
+    per = -(-numel // workers)
+    per = -(-per // CHUNK) * CHUNK
+    bounds = [(lo, min(numel, lo + per)) for lo in range(0, numel, per)]
+    with ThreadPoolExecutor(len(bounds)) as pool:
+        for f in [pool.submit(fn, lo, hi) for lo, hi in bounds]:
+            f.result()
+
+
+def _below(x: float, dtype: torch.dtype) -> float:
+    """The largest ``dtype`` value below ``x``: |δ| > _below(t) keeps exactly |δ| >= t."""
+    return torch.nextafter(torch.tensor(x, dtype=dtype), torch.tensor(-math.inf, dtype=dtype)).item()
+
+
+def mix(sources: list[Source], base: torch.Tensor, out: torch.Tensor, weight: list[float], consensus: bool,
+        normalize: bool, lambda_: float) -> torch.Tensor:
+    """Write θ_base + λ · merge(δ) into ``out`` (which may be ``base`` itself); all tensors flat, same device.
+
+    ``consensus``: elected sign = sign(Σ wᵢδᵢ) (a zero sum elects +); each position sums the weighted
+    deltas that agree with it, and ``normalize`` divides by the weights of those (1 where none agrees).
+    Otherwise the weighted sum, divided by Σ wᵢ when ``normalize``. The chunk kernel uses float
+    arithmetic only: torch's bool kernels (compare, where, masked ops) are several times slower on CPU.
+    """
+    n, k = base.numel(), len(sources)
+    total_weight = sum(weight) if abs(sum(weight)) >= 1e-8 else 1.0
+    unit = all(w == 1.0 for w in weight)
+    wcol = torch.tensor(weight, dtype=base.dtype, device=base.device)
+    cuts = [s.cutoff for s in sources]
+
+    def trim(d: torch.Tensor, cut: Cutoff, s: int, e: int) -> None:
+        """Zero, in place, the deltas of the chunk [s, e) that ``cut`` drops (hardshrink keeps |δ| > λ)."""
+        if cut.threshold == math.inf:
+            d.zero_()
+        elif cut.threshold >= 0:
+            split = e if cut.tie_end is None else min(e, max(s, cut.tie_end))
+            for part, lam in ((d[: split - s], _below(cut.threshold, d.dtype)), (d[split - s:], cut.threshold)):
+                if part.numel():
+                    torch.ops.aten.hardshrink.out(part, lam, out=part)
+
+    cpu = base.device.type == "cpu"
+    chunk = CHUNK if cpu else DEVICE_CHUNK
+
+    def run(lo: int, hi: int) -> None:
+        # every buffer is allocated once per thread: a fresh chunk-sized tensor per op would go through
+        # mmap/munmap and page faults, which serialise the threads in the kernel
+        width = min(chunk, hi - lo)
+        d_buf = torch.empty((k, width), dtype=base.dtype, device=base.device)
+        v_buf = torch.empty((3, width), dtype=base.dtype, device=base.device)
+        for s in range(lo, hi, chunk):
+            e = min(hi, s + chunk)
+            dd = d_buf[:, : e - s]
+            total, elected, divisor = v_buf[:, : e - s]
+            b = base[s:e]
+            for i, src in enumerate(sources):
+                if src.is_delta:
+                    dd[i].copy_(src.flat[s:e])
+                else:
+                    torch.sub(src.flat[s:e], b, out=dd[i])
+                if cuts[i] is not None:
+                    trim(dd[i], cuts[i], s, e)
+            if not unit:
+                dd.mul_(wcol.unsqueeze(1))
+            torch.sum(dd, 0, out=total)
+            if consensus:
+                # elected sign ±1 (a zero sum elects +); agreeing deltas are those with δ·sign > 0
+                torch.sign(total, out=elected).add_(0.5).sign_()
+                agreeing = dd.mul_(elected).relu_()
+                mixed = torch.sum(agreeing, 0, out=total).mul_(elected)  # exact: multiplying by ±1
+                if normalize:
+                    torch.mv(agreeing.sign_().t(), wcol, out=divisor)
+                    divisor += torch.sign(divisor, out=elected).abs_().neg_().add_(1)  # none agrees: divide by 1
+                    mixed /= divisor
+            else:
+                mixed = total.div_(total_weight) if normalize else total
+            if lambda_ != 1:
+                mixed *= lambda_
+            torch.add(b, mixed, out=out[s:e])
+
+    parallel_ranges(n, run, None if cpu else 1)
+    return out
