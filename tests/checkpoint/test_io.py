@@ -160,3 +160,17 @@ def test_parse_size(text, expected):
 def test_parse_size_rejects(bad):
     with pytest.raises(WeightsmithError):
         parse_size(bad)
+
+
+def test_read_gives_owned_tensors_equal_to_the_mapped_ones_cropped_and_converted(tmp_path):
+    state = {"emb": torch.randn(7, 5), "half": torch.randn(3, 4).to(torch.bfloat16), "ids": torch.arange(6)}
+    save_state_dict(state, tmp_path, max_shard_size="100B")
+    ckpt = Checkpoint(tmp_path)
+    for name, t in state.items():
+        assert torch.equal(ckpt.read(name), ckpt.get(name)) and torch.equal(ckpt.read(name), t)
+    assert torch.equal(ckpt.read("emb", rows=4), state["emb"][:4])
+    as_float = ckpt.read("half", dtype=torch.float32)
+    assert as_float.dtype == torch.float32 and torch.equal(as_float, state["half"].float())
+    owned = ckpt.read("emb")
+    owned.zero_()  # writing to it must not touch the file
+    assert torch.equal(Checkpoint(tmp_path).get("emb"), state["emb"])
