@@ -79,6 +79,47 @@ def test_shared_weights_are_counted_and_stored_once(zoo, tmp_path):
     assert torch.allclose(folded.model.layers[3].mlp.up_proj.weight, mean)
 
 
+@pytest.mark.parametrize("relax_rank", [0, 2])
+def test_lora_adapters_are_shared_with_the_weight_and_merge_back_exactly(zoo, relax_rank):
+    from weightsmith.fold.heal import add_lora, merge_lora
+
+    base = weightsmith.load(zoo.model("base"))
+    cfg = read_json(zoo.model("base") / "config.json", "config")
+    folded = fold_model(base, cfg, removed=[1], sizes=[2, 1], relax_rank=relax_rank)
+    before = count_params(folded)
+    params = add_lora(folded, rank=4)
+    blocks = folded.model.layers
+    a, b = blocks[0].mlp.up_proj, blocks[1].mlp.up_proj
+    assert a.lora_A["default"].weight is b.lora_A["default"].weight  # one adapter for the shared weight
+    assert a.lora_A["default"].weight is not blocks[2].mlp.up_proj.lora_A["default"].weight
+    linears = sum(1 for name, m in base.model.layers[0].named_modules() if isinstance(m, torch.nn.Linear))
+    assert len(params) == 2 * 2 * linears  # A and B for each linear of the two weight groups
+    torch.manual_seed(0)
+    for p in params:
+        torch.nn.init.normal_(p, std=0.05)
+    x = torch.randint(0, 1000, (2, 24))
+    with_adapters = logits(folded, x)
+    assert not torch.allclose(with_adapters, logits(base, x), atol=1e-3)
+    assert merge_lora(folded) == 2 * linears
+    assert torch.allclose(logits(folded, x), with_adapters, atol=1e-5)
+    assert blocks[0].mlp.up_proj.weight is blocks[1].mlp.up_proj.weight and count_params(folded) == before
+    assert not any("lora_A.default" in n for n, _ in folded.named_parameters())
+
+
+def test_fold_heals_with_lora_and_keeps_the_sharing(zoo, tmp_path):
+    res = fold(zoo.model("base"), tmp_path / "f", data=zoo.data("general", "calib"), remove=0.25, share="2",
+               importance="bi", heal_steps=3, heal_lora=4, device="cpu", max_tokens=1024)
+    unhealed = fold(zoo.model("base"), tmp_path / "g", data=zoo.data("general", "calib"), remove=0.25, share="2",
+                    importance="bi", device="cpu", max_tokens=1024)
+    assert res["heal_lora_rank"] == 4 and res["params_unique"] == unhealed["params_unique"]
+    healed, plain = weightsmith.load(tmp_path / "f"), weightsmith.load(tmp_path / "g")
+    assert healed.model.layers[0].mlp.up_proj.weight is healed.model.layers[1].mlp.up_proj.weight
+    x = torch.randint(0, 1000, (2, 24))
+    assert not torch.equal(logits(healed, x), logits(plain, x))
+    with pytest.raises(WeightsmithError, match="heal-lora"):
+        fold(zoo.model("base"), tmp_path / "h", data=zoo.data("general", "calib"), heal_lora=-1, device="cpu")
+
+
 def test_gates_pick_a_planted_identity_block_first(zoo):
     """A copy of block 0 with its residual branches zeroed, inserted in front: the model computes the same
     function, so its gate is the one the loss does not defend."""

@@ -23,6 +23,7 @@ def fold_cmd(
     heal_steps: Annotated[int, typer.Option("--heal-steps", help="Heal fine-tune steps with tail-layer distillation; 0 = no heal.")] = 0,
     heal_lr: Annotated[float, typer.Option("--heal-lr", help="Heal learning rate.")] = 3e-4,
     heal_tail: Annotated[int, typer.Option("--heal-tail", help="Last hidden states matched to the original's in the heal.")] = 2,
+    heal_lora: Annotated[int, typer.Option("--heal-lora", help="Heal with peft LoRA adapters of this rank on the blocks' linear layers (merged back after; layers sharing a weight share an adapter); 0 = fine-tune the blocks' weights.")] = 0,
     seq: Annotated[int | None, typer.Option("--seq", help="Tokens per calibration window (default: min(positions, 128)).")] = None,
     max_tokens: Annotated[int, typer.Option("--max-tokens", help="Calibration tokens in all.")] = 16384,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Windows per step.")] = 8,
@@ -36,13 +37,14 @@ def fold_cmd(
     """FoldGPT: remove the least important blocks, share weights within groups of adjacent kept blocks, heal.
 
     Gate objective: LM loss + |sum g - K|/N + ramped mean g(1-g) with g in [0,1] on each block's
-    residual branches (base weights frozen). Heal: LM loss + logit KD + MSE on the last --heal-tail hidden states.
+    residual branches (base weights frozen). Heal: LM loss + logit KD + MSE on the last --heal-tail hidden states,
+    training the blocks' weights or, with --heal-lora, LoRA adapters merged back into them.
     """
     from ..fold.stage import fold
 
     with progress_bars(not quiet and not json_out) as progress:
         res = fold(model, out, data=data, remove=remove, share=share, share_init=share_init, importance=importance,
-                   relax_rank=relax_rank, heal_steps=heal_steps, heal_lr=heal_lr, heal_tail=heal_tail,
+                   relax_rank=relax_rank, heal_steps=heal_steps, heal_lr=heal_lr, heal_tail=heal_tail, heal_lora=heal_lora,
                    gate_steps=gate_steps, seq=seq, max_tokens=max_tokens, batch_size=batch_size, seed=seed,
                    device=device, max_shard_size=out_shard_size, force=force, progress=progress)
     if json_out:

@@ -42,7 +42,7 @@ def choose_removed(model: torch.nn.Module, windows: torch.Tensor, k: int, import
 
 def fold(model_path: str | Path, out: str | Path, *, data: str | Path, remove: float = 0.25, share: str = "1",
          share_init: str = "average", importance: str = "gates", relax_rank: int = 0, heal_steps: int = 0,
-         heal_lr: float = 3e-4, heal_tail: int = 2, gate_steps: int = 200, seq: int | None = None,
+         heal_lr: float = 3e-4, heal_tail: int = 2, heal_lora: int = 0, gate_steps: int = 200, seq: int | None = None,
          max_tokens: int = 16384, batch_size: int = 8, seed: int = 0, device: str = "auto",
          max_shard_size: str = "5GB", force: bool = False, model: torch.nn.Module | None = None,
          progress: ProgressFn | None = None) -> dict:
@@ -55,8 +55,8 @@ def fold(model_path: str | Path, out: str | Path, *, data: str | Path, remove: f
         raise WeightsmithError(f"--importance {importance!r} is not one of {', '.join(IMPORTANCE)}")
     if share_init not in SHARE_INITS:
         raise WeightsmithError(f"--share-init {share_init!r} is not one of {', '.join(SHARE_INITS)}")
-    if relax_rank < 0 or heal_steps < 0 or gate_steps < 1:
-        raise WeightsmithError("--relax-rank and --heal-steps must be >= 0 and --gate-steps >= 1")
+    if relax_rank < 0 or heal_steps < 0 or heal_lora < 0 or gate_steps < 1:
+        raise WeightsmithError("--relax-rank, --heal-steps and --heal-lora must be >= 0 and --gate-steps >= 1")
     if not Path(data).exists():
         raise WeightsmithError(f"{data}: data file not found")
     if folder_format(model_path) != "plain":
@@ -82,7 +82,7 @@ def fold(model_path: str | Path, out: str | Path, *, data: str | Path, remove: f
     if heal_steps:
         from .heal import heal
         healed = heal(folded, teacher, windows, steps=heal_steps, lr=heal_lr, tail=heal_tail, batch_size=batch_size,
-                      seed=seed, device=dev, progress=progress)
+                      lora_rank=heal_lora, seed=seed, device=dev, progress=progress)
     fold_map = copy.deepcopy(folded.config.weightsmith)
     fold_map.update(heal_steps=heal_steps)
     from .format import folded_config, save
@@ -95,6 +95,7 @@ def fold(model_path: str | Path, out: str | Path, *, data: str | Path, remove: f
         copy_side_files(model_path, tmp)
         params = {"remove": remove, "share": share, "share_init": share_init, "importance": importance,
                   "relax_rank": relax_rank, "heal_steps": heal_steps, "heal_lr": heal_lr, "heal_tail": heal_tail,
+                  "heal_lora": heal_lora,
                   "gate_steps": gate_steps, "seed": seed, "data": str(data)}
         write_model_card(tmp, stage="fold", method=f"FoldGPT ({importance} importance)", inputs=[str(model_path)],
                          parameters=params, metrics=[{"model": Path(out).name, "blocks": len(fold_map["kept"]),
