@@ -39,7 +39,7 @@ bench-pleas: $(STAMP)
 	$(BIN)/python bench/pleas_quality.py --arch mlp resnet --seeds 3 --lm
 
 bench-rps: $(STAMP)
-	$(BIN)/python bench/rps_quality.py
+	$(BIN)/python bench/rps_quality.py --scratch-steps 500
 
 clean:
 	rm -rf $(VENV) demo-out
