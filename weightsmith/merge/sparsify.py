@@ -72,7 +72,7 @@ def magnitude_rank(x: torch.Tensor, base: torch.Tensor | None, k: int) -> tuple[
     sample's bracket misses, one selection (np.partition, or kthvalue on a GPU) over all magnitudes.
     """
     n = x.numel()
-    if x.device.type == "cpu" and n >= 64 * SAMPLE:
+    if x.device.type == "cpu" and n >= 16 * SAMPLE:
         found = _bracketed_rank(x, base, k)
         if found is not None:
             return found
@@ -87,11 +87,11 @@ def magnitude_rank(x: torch.Tensor, base: torch.Tensor | None, k: int) -> tuple[
     return float(threshold), int(np.count_nonzero(a[n - k:] > threshold)), int(np.count_nonzero(a == threshold))
 
 
-def _bracketed_rank(x: torch.Tensor, base: torch.Tensor | None, k: int, chunk: int = 1 << 20):
+def _bracketed_rank(x: torch.Tensor, base: torch.Tensor | None, k: int, chunk: int = 1 << 17):
     xf = x.detach().reshape(-1).numpy()
     bf = base.detach().reshape(-1).numpy() if base is not None else None
     n = xf.size
-    stride = n // SAMPLE
+    stride = max(64, n // SAMPLE)  # at most SAMPLE values, and at least 64 elements per sampled one
     sample = np.abs(xf[::stride] - bf[::stride] if bf is not None else xf[::stride])
     sample.sort()
     m = sample.size
