@@ -4,7 +4,7 @@ LM: perplexity on held-out text after removing --remove of the blocks chosen by 
 BI or angular distance, before and after the same heal budget, with and without sharing; unique params.
 MiniLM: analyze, then folds scored by the cosine of mean-pooled embeddings to the original's.
 
-    .venv/bin/python bench/fold_quality.py [--heal-steps 200] [--size tiny] [--skip-minilm]
+    .venv/bin/python bench/fold_quality.py [--heal-steps 200] [--size tiny] [--skip-minilm] [--lora-only]
 """
 from __future__ import annotations
 
@@ -43,7 +43,8 @@ def lm_ppl(model, ids, context=128):
     return perplexity(model, ids, context=context, stride=context)["perplexity"]
 
 
-def lm_table(size: str, heal_steps: int, remove: float) -> None:
+def lm_table(size: str, heal_steps: int, remove: float, lora_rank: int = 8, lora_lr: float = 1e-3,
+             lora_only: bool = False) -> None:
     zoo = build(size)
     base = zoo.model("base")
     calib, valid = zoo.data("general", "calib"), zoo.data("general", "valid")
@@ -53,17 +54,20 @@ def lm_table(size: str, heal_steps: int, remove: float) -> None:
     ref = lm_ppl(original, ids)
     rows = [("original", "-", "-", "-", ref, count_params(original))]
     with tempfile.TemporaryDirectory() as tmp:
-        runs = [(imp, share, 0) for imp in ("gates", "bi", "angular") for share in ("1", "2")]
-        runs += [("gates", "2", rank) for rank in (8, 16)]
-        for importance, share, rank in runs:
-            for steps in (0, heal_steps):
-                out = Path(tmp) / f"{importance}-{share}-{rank}-{steps}"
+        runs = [] if lora_only else [(imp, share, 0, 0) for imp in ("gates", "bi", "angular") for share in ("1", "2")]
+        runs += [] if lora_only else [("gates", "2", rank, 0) for rank in (8, 16)]
+        runs += [("gates", share, 0, lora_rank) for share in ("1", "2")] if lora_rank else []
+        for importance, share, rank, lora in runs:
+            for steps in ((heal_steps,) if lora else (0, heal_steps)):
+                out = Path(tmp) / f"{importance}-{share}-{rank}-{lora}-{steps}"
                 res = fold(base, out, data=calib, remove=remove, share=share, importance=importance,
-                           relax_rank=rank, heal_steps=steps, device="cpu", model=original, seed=0)
+                           relax_rank=rank, heal_steps=steps, heal_lora=lora, heal_lr=lora_lr if lora else 3e-4,
+                           device="cpu", model=original, seed=0)
                 m = weightsmith.load(out)
                 label = share + (f" + relax r={rank}" if rank else "")
-                rows.append((importance, str(res["removed"]), label, str(steps), lm_ppl(m, ids), count_params(m)))
-                print(f"  done {importance} share={label} heal={steps}", flush=True)
+                heal = str(steps) + (f" LoRA r={lora}, lr {lora_lr:g}" if lora else "")
+                rows.append((importance, str(res["removed"]), label, heal, lm_ppl(m, ids), count_params(m)))
+                print(f"  done {importance} share={label} heal={heal}", flush=True)
     print(f"\nzoo {size} base, remove {remove:.0%}, perplexity on general.valid ({ids.numel()} tokens), heal on general.calib")
     print("| importance | removed | share | heal steps | perplexity | x original | unique params |")
     print("|---|---|---|---|---|---|---|")
@@ -109,10 +113,13 @@ def main() -> None:
     ap.add_argument("--remove", type=float, default=0.25)
     ap.add_argument("--skip-minilm", action="store_true")
     ap.add_argument("--skip-lm", action="store_true")
+    ap.add_argument("--lora-rank", type=int, default=8, help="also heal with LoRA adapters of this rank (0: skip)")
+    ap.add_argument("--lora-lr", type=float, default=1e-3, help="learning rate of the LoRA heals")
+    ap.add_argument("--lora-only", action="store_true", help="only the LoRA-healed rows (and the original)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     if not args.skip_lm:
-        lm_table(args.size, args.heal_steps, args.remove)
+        lm_table(args.size, args.heal_steps, args.remove, args.lora_rank, args.lora_lr, args.lora_only)
     if not args.skip_minilm:
         minilm_table(min(args.heal_steps, 50), build(args.size).data("prose", "calib"))
 
