@@ -30,7 +30,8 @@ class Cutoff:
 
 @dataclass(frozen=True)
 class Source:
-    """One input: ``delta`` already holds δ (sparsified), or ``tensor`` is θ and ``cutoff`` trims its δ."""
+    """One input, flattened: δ itself (already sparsified) when ``is_delta``, else θ, whose δ = θ − θ_base is
+    formed chunk by chunk and trimmed by ``cutoff``."""
     flat: torch.Tensor
     is_delta: bool
     cutoff: Cutoff | None = None
@@ -74,14 +75,16 @@ def mix(sources: list[Source], base: torch.Tensor, out: torch.Tensor, weight: li
     unit = all(w == 1.0 for w in weight)
     wcol = torch.tensor(weight, dtype=base.dtype, device=base.device)
     cuts = [s.cutoff for s in sources]
+    inclusive = [_below(c.threshold, base.dtype) if c is not None and c.threshold >= 0 else None for c in cuts]
 
-    def trim(d: torch.Tensor, cut: Cutoff, s: int, e: int) -> None:
-        """Zero, in place, the deltas of the chunk [s, e) that ``cut`` drops (hardshrink keeps |δ| > λ)."""
+    def trim(d: torch.Tensor, i: int, s: int, e: int) -> None:
+        """Zero, in place, the deltas of the chunk [s, e) that input i's cutoff drops (hardshrink keeps |δ| > λ)."""
+        cut = cuts[i]
         if cut.threshold == math.inf:
             d.zero_()
         elif cut.threshold >= 0:
             split = e if cut.tie_end is None else min(e, max(s, cut.tie_end))
-            for part, lam in ((d[: split - s], _below(cut.threshold, d.dtype)), (d[split - s:], cut.threshold)):
+            for part, lam in ((d[: split - s], inclusive[i]), (d[split - s:], cut.threshold)):
                 if part.numel():
                     torch.ops.aten.hardshrink.out(part, lam, out=part)
 
@@ -105,7 +108,7 @@ def mix(sources: list[Source], base: torch.Tensor, out: torch.Tensor, weight: li
                 else:
                     torch.sub(src.flat[s:e], b, out=dd[i])
                 if cuts[i] is not None:
-                    trim(dd[i], cuts[i], s, e)
+                    trim(dd[i], i, s, e)
             if not unit:
                 dd.mul_(wcol.unsqueeze(1))
             torch.sum(dd, 0, out=total)
