@@ -96,3 +96,37 @@ def test_data_errors(tmp_path):
         load_texts(tmp_path / "e.txt")
     with pytest.raises(WeightsmithError, match="nothing to measure"):
         evaluate([tmp_path])
+
+
+def test_image_accuracy_matches_argmax_through_the_folders_image_processor(tmp_path):
+    from PIL import Image
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    torch.manual_seed(0)
+    cfg = ViTConfig(image_size=8, patch_size=4, num_channels=1, hidden_size=16, num_hidden_layers=1,
+                    num_attention_heads=2, intermediate_size=32, num_labels=3, initializer_range=1.0,
+                    id2label={0: "zero", 1: "one", 2: "two"}, label2id={"zero": 0, "one": 1, "two": 2})
+    model_dir = tmp_path / "vit"
+    ViTForImageClassification(cfg).eval().save_pretrained(model_dir)
+    processor = ViTImageProcessor(size={"height": 8, "width": 8}, image_mean=[0.5], image_std=[0.5])
+    processor.save_pretrained(model_dir)
+    data = tmp_path / "digits"
+    data.mkdir()
+    pixels = (torch.rand(12, 8, 8) * 255).to(torch.uint8)
+    labels = [i % 3 for i in range(12)]
+    for i, p in enumerate(pixels):
+        Image.fromarray(p.numpy(), mode="L").save(data / f"{i}.png")
+    (data / "test.jsonl").write_text("\n".join(json.dumps({"image": f"{i}.png", "label": ["zero", "one", "two"][y]})
+                                               for i, y in enumerate(labels)))
+    (data / "test.csv").write_text("image,label\n" + "\n".join(f"{i}.png,{y}" for i, y in enumerate(labels)))
+    model = load(model_dir)
+    with torch.no_grad():
+        pred = model(pixel_values=(pixels.float() / 255 - 0.5).div(0.5).unsqueeze(1)).logits.argmax(-1)
+    assert len(set(pred.tolist())) > 1  # the preprocessing matters: not one class for every image
+    want = (pred == torch.tensor(labels)).float().mean().item()
+    for f in ("test.jsonl", "test.csv"):
+        row = evaluate([model_dir], labelled=data / f, batch_size=5, device="cpu")[0]
+        assert row.accuracy == pytest.approx(want) and row.perplexity is None
+    (data / "bad.jsonl").write_text(json.dumps({"image": "nope.png", "label": 0}))
+    with pytest.raises(WeightsmithError, match="nope.png not found"):
+        evaluate([model_dir], labelled=data / "bad.jsonl", device="cpu")

@@ -15,7 +15,7 @@ from .common import (DeviceOpt, JsonOpt, PickleOpt, QuietOpt, console, human_byt
 def eval_cmd(
     models: Annotated[list[Path], typer.Argument(help="One or more model folders, compared side by side.")],
     data: Annotated[Path | None, typer.Option("--data", help="Text file, folder of .txt files, or .jsonl with a 'text' field (perplexity).")] = None,
-    labelled: Annotated[Path | None, typer.Option("--labelled", help="jsonl/CSV with 'text' and 'label' (accuracy of *ForSequenceClassification models).")] = None,
+    labelled: Annotated[Path | None, typer.Option("--labelled", help="jsonl/CSV with 'label' and 'text' (accuracy of *ForSequenceClassification models) or 'image', a file path relative to the data file (*ForImageClassification models, prepared by the folder's image processor).")] = None,
     tokenizer: Annotated[Path | None, typer.Option("--tokenizer", help="Tokenizer folder (default: each model's own).")] = None,
     context: Annotated[int | None, typer.Option("--context", help="Window length in tokens (default: the model's max positions).")] = None,
     stride: Annotated[int | None, typer.Option("--stride", help="Sliding-window stride (default: context/2).")] = None,

@@ -28,7 +28,7 @@ def load_texts(path: str | Path, field: str = "text") -> list[str]:
 
 
 def load_labelled(path: str | Path, text_field: str = "text", label_field: str = "label") -> tuple[list[str], list]:
-    """(texts, labels) from a jsonl or CSV with text and label columns."""
+    """(inputs, labels) from a jsonl or CSV with an input column (``text_field``) and a label column."""
     path = Path(path)
     if path.suffix == ".jsonl":
         rows = _jsonl(path, (text_field, label_field))
@@ -37,6 +37,17 @@ def load_labelled(path: str | Path, text_field: str = "text", label_field: str =
     else:
         raise WeightsmithError(f"{path}: labelled data must be .jsonl or .csv with '{text_field}' and '{label_field}'")
     return [str(r[text_field]) for r in rows], [r[label_field] for r in rows]
+
+
+def load_labelled_images(path: str | Path) -> tuple[list[Path], list]:
+    """(image files, labels) from a jsonl or CSV with 'image' (a path, relative to the data file) and 'label'."""
+    path = Path(path)
+    files, labels = load_labelled(path, text_field="image")
+    images = [(path.parent / f) for f in files]
+    missing = next((f for f in images if not f.is_file()), None)
+    if missing is not None:
+        raise WeightsmithError(f"{path}: image {missing} not found")
+    return images, labels
 
 
 def _jsonl(path: Path, need: tuple[str, ...]) -> list[dict]:

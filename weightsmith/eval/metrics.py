@@ -73,12 +73,8 @@ def perplexity(model: torch.nn.Module, ids: torch.Tensor, *, context: int, strid
             "seconds": seconds, "tokens_per_s": processed / seconds if seconds > 0 else float("inf")}
 
 
-@torch.no_grad()
-def accuracy(model: torch.nn.Module, tokenizer, texts: list[str], labels: list, *, batch_size: int = 32,
-             max_length: int = 256, device: str | torch.device = "cpu",
-             progress: ProgressFn | None = None) -> dict:
-    """Share of ``texts`` whose argmax class equals the label (label ids, or names via config.label2id)."""
-    dev = resolve_device(device)
+def class_ids(model: torch.nn.Module, labels: list) -> torch.Tensor:
+    """Labels as class ids: ids as given, or names looked up in config.label2id."""
     label2id = getattr(model.config, "label2id", None) or {}
     targets = []
     for lab in labels:
@@ -88,16 +84,45 @@ def accuracy(model: torch.nn.Module, tokenizer, texts: list[str], labels: list, 
             targets.append(int(label2id[lab]))
         else:
             raise WeightsmithError(f"label {lab!r} is neither a class id nor one of {sorted(label2id)}")
+    return torch.tensor(targets)
+
+
+@torch.no_grad()
+def _accuracy(model: torch.nn.Module, encode, items: list, labels: list, batch_size: int, device,
+              progress: ProgressFn | None) -> dict:
+    """Share of ``items`` whose argmax class equals the label; ``encode`` turns a batch into model inputs."""
+    dev = resolve_device(device)
+    targets = class_ids(model, labels)
     correct = 0
     start = time.perf_counter()
-    idx = list(range(0, len(texts), batch_size))
-    for i in track(progress, "accuracy", idx):
-        enc = tokenizer(texts[i:i + batch_size], padding=True, truncation=True, max_length=max_length,
-                        return_tensors="pt").to(dev)
-        pred = model(**enc).logits.argmax(-1).cpu()
-        correct += int((pred == torch.tensor(targets[i:i + batch_size])).sum())
-    seconds = time.perf_counter() - start
-    return {"accuracy": correct / len(texts), "examples": len(texts), "seconds": seconds}
+    for i in track(progress, "accuracy", list(range(0, len(items), batch_size))):
+        pred = model(**encode(items[i:i + batch_size]).to(dev)).logits.argmax(-1).cpu()
+        correct += int((pred == targets[i:i + batch_size]).sum())
+    return {"accuracy": correct / len(items), "examples": len(items), "seconds": time.perf_counter() - start}
+
+
+def accuracy(model: torch.nn.Module, tokenizer, texts: list[str], labels: list, *, batch_size: int = 32,
+             max_length: int = 256, device: str | torch.device = "cpu", progress: ProgressFn | None = None) -> dict:
+    """Accuracy of a sequence classifier on ``texts``."""
+    return _accuracy(model, lambda batch: tokenizer(batch, padding=True, truncation=True, max_length=max_length,
+                                                    return_tensors="pt"), texts, labels, batch_size, device, progress)
+
+
+def image_accuracy(model: torch.nn.Module, processor, images: list[Path], labels: list, *, batch_size: int = 32,
+                   device: str | torch.device = "cpu", progress: ProgressFn | None = None) -> dict:
+    """Accuracy of an image classifier on image files, prepared by the model's own image processor."""
+    from PIL import Image
+
+    mode = "L" if getattr(model.config, "num_channels", 3) == 1 else "RGB"
+
+    def encode(batch):
+        pictures = []
+        for f in batch:
+            with Image.open(f) as im:
+                pictures.append(im.convert(mode))
+        return processor(images=pictures, return_tensors="pt")
+
+    return _accuracy(model, encode, images, labels, batch_size, device, progress)
 
 
 def count_params(model: torch.nn.Module) -> int:

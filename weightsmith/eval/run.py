@@ -8,8 +8,8 @@ import torch
 from ..device import resolve_device
 from ..errors import WeightsmithError
 from ..progress import ProgressFn
-from .data import load_labelled, load_texts
-from .metrics import EvalRow, accuracy, count_params, folder_size, perplexity, tokenize
+from .data import load_labelled, load_labelled_images, load_texts
+from .metrics import EvalRow, accuracy, count_params, folder_size, image_accuracy, perplexity, tokenize
 
 
 def load_tokenizer(path: str | Path):
@@ -19,6 +19,16 @@ def load_tokenizer(path: str | Path):
         return AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as exc:
         raise WeightsmithError(f"{path}: no tokenizer found there ({exc.__class__.__name__}); pass --tokenizer") from None
+
+
+def load_image_processor(path: str | Path):
+    from transformers import AutoImageProcessor
+
+    try:
+        return AutoImageProcessor.from_pretrained(str(path))
+    except (OSError, ValueError) as exc:
+        raise WeightsmithError(f"{path}: no image processor (preprocessor_config.json) found there "
+                               f"({exc.__class__.__name__})") from None
 
 
 def model_context(model: torch.nn.Module, requested: int | None) -> int:
@@ -38,7 +48,8 @@ def evaluate_model(path: str | Path, *, data: str | Path | None = None, labelled
     dev = resolve_device(device)
     path = Path(path)
     model = model if model is not None else load(path, device=dev, dtype=dtype, allow_pickle=allow_pickle)
-    tok = load_tokenizer(tokenizer or path)
+    images = getattr(model, "main_input_name", "input_ids") == "pixel_values"
+    tok = None if images and data is None else load_tokenizer(tokenizer or path)
     row = EvalRow(model=str(path), params=count_params(model), size_bytes=folder_size(path))
     if data is not None:
         ids = tokenize(tok, load_texts(data), max_tokens)
@@ -46,7 +57,12 @@ def evaluate_model(path: str | Path, *, data: str | Path | None = None, labelled
         res = perplexity(model, ids, context=ctx, stride=stride or ctx // 2, batch_size=batch_size, device=dev,
                          progress=progress, label=f"perplexity {path.name}")
         row.perplexity, row.nll, row.tokens, row.tokens_per_s = res["perplexity"], res["nll"], res["tokens"], res["tokens_per_s"]
-    if labelled is not None:
+    if labelled is not None and images:
+        files, labels = load_labelled_images(labelled)
+        res = image_accuracy(model, load_image_processor(path), files, labels, batch_size=batch_size, device=dev,
+                             progress=progress)
+        row.accuracy = res["accuracy"]
+    elif labelled is not None:
         texts, labels = load_labelled(labelled)
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
