@@ -365,8 +365,10 @@ def pleas_modules(model_a: nn.Module, model_b: nn.Module, batches, *, width: flo
             refit = refits[lay.module]
             if inputs == "merged":
                 t0 = time.perf_counter()
-                with capture(model_a, [lay], raw=True) as acts_a, capture(model_b, [lay], raw=True) as acts_b, \
-                        capture(merged, [lay], raw=True) as acts_m:
+                # each pass stops at this layer: refitting layer l costs a forward through l, not the whole model
+                with capture(model_a, [lay], raw=True, stop=True) as acts_a, \
+                        capture(model_b, [lay], raw=True, stop=True) as acts_b, \
+                        capture(merged, [lay], raw=True, stop=True) as acts_m:
                     for batch in batches:
                         batch = batch.to(device)
                         for model in (model_a, model_b, merged):
