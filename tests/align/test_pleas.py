@@ -73,3 +73,26 @@ def test_width_rule_and_range():
     assert merge_counts(spec, 2.0) == {"0": 0, "2": 0}
     with pytest.raises(WeightsmithError, match="--width"):
         merge_counts(spec, 2.5)
+
+
+@pytest.mark.parametrize("kind", ["resnet", "mlp"])
+def test_a_stopping_capture_records_the_same_activations_and_ends_the_pass(kind):
+    from weightsmith.merge.align.capture import capture, forward
+
+    if kind == "resnet":  # layers whose target is their BatchNorm's output
+        model, x = ResNet(width=8, seed=0).eval(), torch.randn(4, 1, 8, 8)
+        last = model.fc
+    else:
+        model, x = mlp((16, 48, 32, 6), seed=0).eval(), torch.randn(4, 16)
+        last = model[-1]
+    spec = spec_for(model)
+    for layer in (spec.layers[0], spec.layers[len(spec.layers) // 2]):
+        with capture(model, [layer], raw=True) as full:
+            assert forward(model, x) is not None
+        calls = []
+        handle = last.register_forward_hook(lambda *_: calls.append(1))  # the head runs last
+        with capture(model, [layer], raw=True, stop=True) as early:
+            assert forward(model, x) is None
+        handle.remove()
+        assert not calls
+        assert all(torch.equal(a, b) for a, b in zip(full[layer.module], early[layer.module]))
