@@ -50,7 +50,7 @@ def view(arch: str, x: torch.Tensor) -> torch.Tensor:
 
 def train(arch: str, x, y, seed: int, epochs: int) -> nn.Module:
     model = make(arch, seed)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3 if arch == "mlp" else 3e-3)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)  # 3e-3 left a third of the ResNets at ~0.77 on their own half
     gen = torch.Generator().manual_seed(seed)
     model.train()
     for _ in range(epochs):
