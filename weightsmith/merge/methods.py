@@ -64,13 +64,22 @@ def task_arithmetic(tensors, base, weight, normalize=False, lambda_=1.0, inplace
 def ties(tensors, base, weight, density, normalize=True, lambda_=1.0, rescale=None, compat=None, inplace=False):
     """TIES: trim each δᵢ to its top-density |δ|, elect signs, disjoint mean."""
     mergekit = compat == "mergekit"
+    tied: set[int] = set()  # inputs whose cut falls inside a run of equal |δ| (mergekit order needs a sort)
 
     def cutoff(x: torch.Tensor, i: int) -> Cutoff | None:
         # an L1 rescale needs the whole trimmed delta, so it goes through ties_trim
-        return None if rescale == "l1" else ties_cutoff(x, base, density[i], mergekit)
+        if rescale == "l1":
+            return None
+        cut = ties_cutoff(x, base, density[i], mergekit)
+        if cut is None:
+            tied.add(i)
+        return cut
 
-    return task_vectors(tensors, base, weight, lambda d, i, own: ties_trim(d, density[i], rescale, inplace=own, mergekit=mergekit),
-                        consensus=True, normalize=normalize, lambda_=lambda_, inplace=inplace, cutoff=cutoff)
+    def sparsify(d: torch.Tensor, i: int, own: bool) -> torch.Tensor:
+        return ties_trim(d, density[i], rescale, inplace=own, mergekit=mergekit, tie_at_cut=i in tied)
+
+    return task_vectors(tensors, base, weight, sparsify, consensus=True, normalize=normalize, lambda_=lambda_,
+                        inplace=inplace, cutoff=cutoff)
 
 
 def _dare(consensus: bool):

@@ -3,7 +3,7 @@
 Each input enters as either a finished (sparsified) delta or a raw tensor with a magnitude cutoff,
 so TIES' trim is applied inside the same cache-sized chunk that computes δ = θ − θ_base, elects the
 sign and sums: every input is read once more after its threshold is found, and no full-size mask,
-delta or weighted copy is ever allocated. Chunks are split between threads (torch and numpy kernels
+delta or weighted copy is ever allocated. Chunks are split between threads (torch kernels
 release the GIL), so a CPU merge uses every core.
 """
 from __future__ import annotations

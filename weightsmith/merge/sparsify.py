@@ -50,7 +50,7 @@ def ties_cutoff(x: torch.Tensor, base: torch.Tensor | None, density: float, merg
         return Cutoff(-1.0)
     if density <= 0 or n == 0:
         return Cutoff(math.inf)
-    k = max(1, int(density * n))
+    k = top_count(density, n)
     if k == n:
         return Cutoff(-1.0)
     threshold, above, equal = magnitude_rank(x, base, k)
@@ -61,6 +61,11 @@ def ties_cutoff(x: torch.Tensor, base: torch.Tensor | None, density: float, merg
     if mergekit:
         return None
     return Cutoff(threshold, _index_after(x, base, threshold, kept_ties))
+
+
+def top_count(density: float, n: int) -> int:
+    """How many of ``n`` entries a TIES trim at ``density`` keeps: at least one."""
+    return max(1, int(density * n))
 
 
 def magnitude_rank(x: torch.Tensor, base: torch.Tensor | None, k: int) -> tuple[float, int, int]:
@@ -148,11 +153,14 @@ def cutoff_mask(delta: torch.Tensor, cutoff: Cutoff) -> torch.Tensor:
 
 
 def ties_trim(delta: torch.Tensor, density: float, rescale: str | None = None, inplace: bool = False,
-              mergekit: bool = False) -> torch.Tensor:
-    """``delta`` masked to the top ``density`` fraction of its magnitudes (see ``ties_cutoff``)."""
-    cutoff = ties_cutoff(delta, None, density, mergekit)
+              mergekit: bool = False, tie_at_cut: bool = False) -> torch.Tensor:
+    """``delta`` masked to the top ``density`` fraction of its magnitudes (see ``ties_cutoff``).
+
+    ``tie_at_cut`` says ``ties_cutoff`` already found mergekit's case (equal magnitudes straddling the
+    cut), so the threshold is not searched for again before the sort."""
+    cutoff = None if tie_at_cut and mergekit else ties_cutoff(delta, None, density, mergekit)
     if cutoff is None:
-        mask = _sorted_band(delta.abs(), 0, max(1, int(density * delta.numel())), descending=True)
+        mask = _sorted_band(delta.abs(), 0, top_count(density, delta.numel()), descending=True)
     else:
         mask = cutoff_mask(delta, cutoff)
     if rescale == "l1":
