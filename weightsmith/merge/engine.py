@@ -283,7 +283,11 @@ def run_job(plan: MergePlan, job: TensorJob, tensors: list[torch.Tensor], base: 
 
 
 def _read(ckpt: Checkpoint, job: TensorJob, device: torch.device) -> torch.Tensor:
-    """An owned copy (float32 for float math) on ``device``, cropped to the job's rows."""
+    """The tensor (float32 for float math) on ``device``, cropped to the job's rows, which the method may
+    overwrite: on CPU a float32 (or non-float) tensor is a private copy-on-write mapping of the file,
+    so reading it copies nothing and the file never changes; otherwise an owned copy."""
+    if device.type == "cpu" and (not job.float_math or ckpt.info(job.name).torch_dtype == torch.float32):
+        return ckpt.map(job.name, job.rows)
     return ckpt.read(job.name, job.rows, torch.float32 if job.float_math else None, device)
 
 

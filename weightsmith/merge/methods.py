@@ -15,7 +15,7 @@ import torch
 
 from ..errors import WeightsmithError
 from .mixing import Cutoff, Source, mix
-from .sparsify import breadcrumbs_mask, dare_drop, l1_rescaled, ties_cutoff, ties_trim
+from .sparsify import breadcrumbs_mask, dare_drop, l1_rescaled, ties_cutoff, ties_fused, ties_trim
 
 
 def linear(tensors: list[torch.Tensor], weight: list[float], normalize: bool = True) -> torch.Tensor:
@@ -64,6 +64,10 @@ def task_arithmetic(tensors, base, weight, normalize=False, lambda_=1.0, inplace
 def ties(tensors, base, weight, density, normalize=True, lambda_=1.0, rescale=None, compat=None, inplace=False):
     """TIES: trim each δᵢ to its top-density |δ|, elect signs, disjoint mean."""
     mergekit = compat == "mergekit"
+    if rescale != "l1":
+        fused = ties_fused(tensors, base, weight, density, normalize, lambda_, mergekit)
+        if fused is not None:
+            return fused
     tied: set[int] = set()  # inputs whose cut falls inside a run of equal |δ| (mergekit order needs a sort)
 
     def cutoff(x: torch.Tensor, i: int) -> Cutoff | None:

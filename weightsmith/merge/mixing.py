@@ -3,8 +3,10 @@
 Each input enters as either a finished (sparsified) delta or a raw tensor with a magnitude cutoff,
 so TIES' trim is applied inside the same cache-sized chunk that computes δ = θ − θ_base, elects the
 sign and sums: every input is read once more after its threshold is found, and no full-size mask,
-delta or weighted copy is ever allocated. Chunks are split between threads (torch kernels
-release the GIL), so a CPU merge uses every core.
+delta or weighted copy is ever allocated. Chunks are split between threads (the kernels release the
+GIL), so a CPU merge uses every core. On CPU in float32 the compiled kernel of ``kernels`` does the
+whole chunk in one fused pass; the torch kernel below is its fallback (numba missing, ``WEIGHTSMITH_JIT=0``)
+and the accelerator path, and both compute the same float32 operations in the same order.
 """
 from __future__ import annotations
 
@@ -13,7 +15,10 @@ import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import cache
+from types import ModuleType
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -37,6 +42,20 @@ class Source:
     cutoff: Cutoff | None = None
 
 
+def jit_kernels() -> ModuleType | None:
+    """The compiled CPU kernels, or None when numba is missing or ``WEIGHTSMITH_JIT=0`` turns them off."""
+    return None if os.environ.get("WEIGHTSMITH_JIT", "1") == "0" else _import_kernels()
+
+
+@cache
+def _import_kernels() -> ModuleType | None:
+    try:
+        from . import kernels
+    except ImportError:
+        return None
+    return kernels
+
+
 def worker_count(numel: int) -> int:
     """Threads worth starting for ``numel`` elements: one per core, none spare for tiny tensors."""
     return max(1, min(torch.get_num_threads(), os.cpu_count() or 1, numel // CHUNK))
@@ -56,6 +75,17 @@ def parallel_ranges(numel: int, fn: Callable[[int, int], None], workers: int | N
             f.result()
 
 
+def run_parallel(calls: list[Callable[[], None]]) -> None:
+    """Run the calls on a thread each (all at once: callers pass one per core)."""
+    if len(calls) <= 1:
+        for call in calls:
+            call()
+        return
+    with ThreadPoolExecutor(len(calls)) as pool:
+        for f in [pool.submit(call) for call in calls]:
+            f.result()
+
+
 def _below(x: float, dtype: torch.dtype) -> float:
     """The largest ``dtype`` value below ``x``: |δ| > _below(t) keeps exactly |δ| >= t."""
     return torch.nextafter(torch.tensor(x, dtype=dtype), torch.tensor(-math.inf, dtype=dtype)).item()
@@ -71,6 +101,10 @@ def mix(sources: list[Source], base: torch.Tensor, out: torch.Tensor, weight: li
     arithmetic only: torch's bool kernels (compare, where, masked ops) are several times slower on CPU.
     """
     n, k = base.numel(), len(sources)
+    if base.device.type == "cpu" and base.dtype == torch.float32 and all(s.flat.dtype == torch.float32 for s in sources):
+        kernels = jit_kernels()
+        if kernels is not None:
+            return _mix_compiled(kernels, sources, base, out, weight, consensus, normalize, lambda_)
     total_weight = sum(weight) if abs(sum(weight)) >= 1e-8 else 1.0
     unit = all(w == 1.0 for w in weight)
     wcol = torch.tensor(weight, dtype=base.dtype, device=base.device)
@@ -128,4 +162,28 @@ def mix(sources: list[Source], base: torch.Tensor, out: torch.Tensor, weight: li
             torch.add(b, mixed, out=out[s:e])
 
     parallel_ranges(n, run, None if cpu else 1)
+    return out
+
+
+def _mix_compiled(kernels: ModuleType, sources: list[Source], base: torch.Tensor, out: torch.Tensor,
+                  weight: list[float], consensus: bool, normalize: bool, lambda_: float) -> torch.Tensor:
+    """``mix`` by the compiled kernel: float32 CPU tensors, same arithmetic as the torch kernel."""
+    n = base.numel()
+
+    def array(t: torch.Tensor) -> np.ndarray:
+        return np.ascontiguousarray(t.detach().numpy())
+
+    xs = tuple(array(s.flat) for s in sources)
+    cuts = [s.cutoff for s in sources]
+    threshold = np.array([c.threshold if c is not None else -1.0 for c in cuts], dtype=np.float32)
+    tie_end = np.array([n if c is None or c.tie_end is None else c.tie_end for c in cuts], dtype=np.int64)
+    is_delta = np.array([s.is_delta for s in sources], dtype=np.bool_)
+    total = sum(weight)
+    total_weight = np.float32(total if abs(total) >= 1e-8 else 1.0)
+    b, o = array(base), out.detach().numpy()
+    if not o.flags.c_contiguous:
+        raise ValueError("mix: out must be contiguous")
+    args = (is_delta, threshold, tie_end, np.array(weight, dtype=np.float32), b, o)
+    flags = (consensus, normalize, total_weight, np.float32(lambda_), all(w == 1.0 for w in weight))
+    parallel_ranges(n, lambda lo, hi: kernels.mix_range(xs, *args, lo, hi, *flags))
     return out

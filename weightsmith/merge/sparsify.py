@@ -11,10 +11,12 @@ import math
 import numpy as np
 import torch
 
+from . import mixing
 from .mixing import Cutoff
 
 L1_EPS = 1e-7
-SAMPLE = 1 << 16  # magnitudes sampled to bracket a top-k threshold
+SAMPLE = 1 << 18  # at most this many magnitudes sampled to bracket a top-k threshold
+BRACKETED = 1 << 20  # tensors with at least this many entries find their threshold from a sampled bracket
 
 
 def kth_smallest(values: torch.Tensor, k: int, dim: int | None = None) -> torch.Tensor:
@@ -77,7 +79,7 @@ def magnitude_rank(x: torch.Tensor, base: torch.Tensor | None, k: int) -> tuple[
     sample's bracket misses, one selection (np.partition, or kthvalue on a GPU) over all magnitudes.
     """
     n = x.numel()
-    if x.device.type == "cpu" and n >= 16 * SAMPLE:
+    if x.device.type == "cpu" and n >= BRACKETED:
         found = _bracketed_rank(x, base, k)
         if found is not None:
             return found
@@ -92,22 +94,156 @@ def magnitude_rank(x: torch.Tensor, base: torch.Tensor | None, k: int) -> tuple[
     return float(threshold), int(np.count_nonzero(a[n - k:] > threshold)), int(np.count_nonzero(a == threshold))
 
 
+def _sample_bracket(xf: np.ndarray, bf: np.ndarray | None, k: int) -> tuple[float, float, float] | None:
+    """Values [lo, hi] from a strided sample that should hold the k-th largest |x − base| (6 binomial sigmas
+    either side; callers check, since a sample of structured data can mislead), and the expected fraction
+    of all entries inside. None when the bracket would be too wide to help.
+
+    The stride is odd, so on a matrix whose row length is a power of two the sample visits every column.
+    """
+    n = xf.size
+    stride = max(16, n // SAMPLE) | 1  # at most ~SAMPLE values, at least 16 elements per sampled one
+    sample = np.abs(xf[::stride] - bf[::stride] if bf is not None else xf[::stride])
+    m = sample.size
+    # the k-th largest sits near rank m - k·m/n of the sorted sample; bracket it by 6 binomial sigmas
+    centre = m - k * m / n
+    margin = 6 * math.sqrt(m * (k / n) * (1 - k / n)) + 16
+    lo_at, hi_at = int(centre - margin), int(math.ceil(centre + margin))
+    if hi_at - lo_at > m // 8:
+        return None
+    ranks = [r for r in (lo_at, hi_at) if 0 <= r < m]
+    if ranks:
+        sample.partition(ranks)
+    lo = sample[lo_at] if lo_at >= 0 else -np.inf
+    hi = sample[hi_at] if hi_at < m else np.inf
+    # counted, not (hi_at - lo_at) / m: runs of equal magnitudes (bfloat16 weights) widen the bracket
+    return float(lo), float(hi), np.count_nonzero((sample >= lo) & (sample <= hi)) / m
+
+
 def _bracketed_rank(x: torch.Tensor, base: torch.Tensor | None, k: int, chunk: int = 1 << 17):
     xf = x.detach().reshape(-1).numpy()
     bf = base.detach().reshape(-1).numpy() if base is not None else None
     n = xf.size
-    stride = max(64, n // SAMPLE)  # at most SAMPLE values, and at least 64 elements per sampled one
-    sample = np.abs(xf[::stride] - bf[::stride] if bf is not None else xf[::stride])
-    sample.sort()
-    m = sample.size
-    # the k-th largest sits near rank m - k·m/n of the sorted sample; bracket it by 8 binomial sigmas
-    centre = m - k * m / n
-    margin = 8 * math.sqrt(m * (k / n) * (1 - k / n)) + 16
-    lo_at, hi_at = int(centre - margin), int(math.ceil(centre + margin))
-    lo = sample[lo_at] if lo_at >= 0 else -np.inf
-    hi = sample[hi_at] if hi_at < m else np.inf
-    if hi_at - lo_at > m // 8:
+    bracket = _sample_bracket(xf, bf, k)
+    if bracket is None:
         return None  # too wide to be worth it
+    lo, hi, fraction = bracket
+    expected = n * fraction
+    counted = _count_bracket(xf, bf, lo, hi, expected) if xf.dtype == np.float32 else None
+    if counted is None:
+        counted = _count_bracket_numpy(xf, bf, lo, hi, chunk)
+    above, kept = counted
+    inside = np.concatenate(kept) if kept else np.empty(0, dtype=xf.dtype)
+    j = k - above  # the threshold is the j-th largest inside the bracket
+    if not 1 <= j <= inside.size:
+        return None
+    inside.partition(inside.size - j)
+    threshold = inside[inside.size - j]
+    return (float(threshold), above + int(np.count_nonzero(inside > threshold)),
+            int(np.count_nonzero(inside == threshold)))
+
+
+def ties_fused(tensors: list[torch.Tensor], base: torch.Tensor, weight: list[float], density: list[float],
+               normalize: bool, lambda_: float, mergekit: bool) -> torch.Tensor | None:
+    """A whole TIES merge of one tensor by the compiled kernels, in one pass over the inputs plus a pass
+    over the few positions it could not decide; None (nothing done) where it does not apply, after which
+    ``ties_cutoff`` + ``mixing.mix`` do the same merge.
+
+    Each input's threshold is bracketed from a sample. The pass counts the magnitudes above each bracket,
+    keeps the ones inside it (with their indices), and merges every position where no input falls inside
+    its bracket; the exact thresholds (ties kept in index order, as ``ties_cutoff``) then settle the rest.
+    Falls back when a bracket misses, or when ``mergekit`` meets equal magnitudes straddling a cut.
+    """
+    kernels = mixing.jit_kernels()
+    n = base.numel()
+    if (kernels is None or base.device.type != "cpu" or n < BRACKETED
+            or any(t.dtype != torch.float32 for t in (base, *tensors))):
+        return None
+    bf = np.ascontiguousarray(base.detach().reshape(-1).numpy())
+    xs = tuple(np.ascontiguousarray(t.detach().reshape(-1).numpy()) for t in tensors)
+    count = len(xs)
+    low, high = np.full(count, np.inf, dtype=np.float32), np.full(count, np.inf, dtype=np.float32)
+    threshold, tie_end = np.full(count, np.inf, dtype=np.float32), np.zeros(count, dtype=np.int64)
+    keep = [0] * count
+    fraction = 0.0
+    for i, x in enumerate(xs):
+        keep[i] = 0 if density[i] <= 0 else n if density[i] >= 1 else top_count(density[i], n)
+        if keep[i] == n:  # keep all: every magnitude is above the bracket
+            high[i], threshold[i], tie_end[i] = -1.0, -1.0, n
+        elif keep[i] > 0:
+            bracket = _sample_bracket(x, bf, keep[i])
+            if bracket is None:
+                return None
+            low[i], high[i], f = bracket
+            fraction = max(fraction, f)
+    w = np.array(weight, dtype=np.float32)
+    flags = (normalize, np.float32(lambda_), all(v == 1.0 for v in weight))
+    out = torch.empty(n, dtype=torch.float32)
+    o = out.numpy()
+    parts: dict[int, tuple] = {}
+
+    def scan(lo: int, hi: int) -> None:
+        expected = fraction * (hi - lo)
+        cap = int(1.25 * expected + 6 * math.sqrt(expected)) + 4096
+        values = np.empty((count, cap), dtype=np.float32)
+        indices = np.empty((count, cap), dtype=np.int64)
+        counts = np.zeros((count, 2), dtype=np.int64)
+        pending = np.empty(count * cap, dtype=np.int64)
+        waiting, overflow = kernels.ties_scan(xs, bf, o, low, high, w, *flags, lo, hi, values, indices, counts, pending)
+        parts[lo] = (values, indices, counts, pending[:waiting], overflow)
+
+    mixing.parallel_ranges(n, scan)
+    ordered = [parts[lo] for lo in sorted(parts)]
+    if any(p[4] for p in ordered):
+        return None
+    for i in range(count):
+        if not 0 < keep[i] < n:
+            continue
+        above = sum(int(p[2][i, 0]) for p in ordered)
+        inside = np.concatenate([p[0][i, : p[2][i, 1]] for p in ordered])
+        rank = keep[i] - above  # the threshold is the rank-th largest inside the bracket
+        if not 1 <= rank <= inside.size:
+            return None
+        t = np.partition(inside, inside.size - rank)[inside.size - rank]
+        kept_ties = rank - int(np.count_nonzero(inside > t))
+        threshold[i], tie_end[i] = t, n
+        if int(np.count_nonzero(inside == t)) > kept_ties:
+            if mergekit:
+                return None
+            where = np.concatenate([p[1][i, : p[2][i, 1]] for p in ordered])[inside == t]  # ascending
+            tie_end[i] = where[kept_ties - 1] + 1
+    waiting = [p[3] for p in ordered if p[3].size]
+    mixing.run_parallel([lambda pending=pending: kernels.ties_fixup(xs, bf, o, threshold, tie_end, w, *flags, pending)
+                         for pending in waiting])
+    return out.reshape(base.shape)
+
+
+def _count_bracket(xf: np.ndarray, bf: np.ndarray | None, lo: float, hi: float, expected: float):
+    """The compiled counting pass, one range per core: (entries above ``hi``, arrays of those in [lo, hi]),
+    or None without the kernels or when more landed inside than the buffers hold."""
+    kernels = mixing.jit_kernels()
+    if kernels is None:
+        return None
+    n = xf.size
+    workers = mixing.worker_count(n)
+    cap = int(1.5 * expected / workers) + 4096
+    base = bf if bf is not None else xf
+    results: list = []
+
+    def count(lo_at: int, hi_at: int) -> None:
+        kept = np.empty(cap, dtype=xf.dtype)
+        above, copied, spilled = kernels.bracket_range(xf, base, bf is not None, np.float32(lo), np.float32(hi),
+                                                       lo_at, hi_at, kept)
+        results.append((above, kept[:copied], spilled))
+
+    mixing.parallel_ranges(n, count, workers)
+    if any(spilled for _, _, spilled in results):
+        return None
+    return sum(a for a, _, _ in results), [kept for _, kept, _ in results]
+
+
+def _count_bracket_numpy(xf: np.ndarray, bf: np.ndarray | None, lo: float, hi: float, chunk: int):
+    n = xf.size
     above, kept = 0, []
     buf = np.empty(min(chunk, n), dtype=xf.dtype)
     for s in range(0, n, chunk):
@@ -119,20 +255,18 @@ def _bracketed_rank(x: torch.Tensor, base: torch.Tensor | None, k: int, chunk: i
         np.abs(part, out=part)
         above += int(np.count_nonzero(part > hi))
         kept.append(part[(part >= lo) & (part <= hi)])
-    inside = np.concatenate(kept)
-    j = k - above  # the threshold is the j-th largest inside the bracket
-    if not 1 <= j <= inside.size:
-        return None
-    inside.partition(inside.size - j)
-    threshold = inside[inside.size - j]
-    return (float(threshold), above + int(np.count_nonzero(inside > threshold)),
-            int(np.count_nonzero(inside == threshold)))
+    return above, kept
 
 
 def _index_after(x: torch.Tensor, base: torch.Tensor | None, value: float, count: int, chunk: int = 1 << 20) -> int:
     """The flat index just past the ``count``-th entry (in index order) whose |x − base| equals ``value``."""
     flat_x = x.reshape(-1)
     flat_b = base.reshape(-1) if base is not None else None
+    kernels = mixing.jit_kernels() if x.device.type == "cpu" and x.dtype == torch.float32 else None
+    if kernels is not None:
+        xf = np.ascontiguousarray(flat_x.detach().numpy())
+        bf = np.ascontiguousarray(flat_b.detach().numpy()) if flat_b is not None else xf
+        return int(kernels.nth_equal(xf, bf, flat_b is not None, np.float32(value), count))
     seen = 0
     for s in range(0, flat_x.numel(), chunk):
         part = flat_x[s:s + chunk] if flat_b is None else flat_x[s:s + chunk] - flat_b[s:s + chunk]
