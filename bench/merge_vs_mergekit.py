@@ -2,7 +2,9 @@
 
 Measures wall time and peak RSS of both as child processes the same way (/usr/bin/time -v when present,
 else resource.getrusage of children), plus the I/O floor: read all four inputs and write one output
-with plain safetensors. Checkpoints are built once and cached under the weightsmith cache directory, and
+with plain safetensors, and weightsmith again with its compiled kernels off (WEIGHTSMITH_JIT=0). The
+floor and weightsmith runs are interleaved --repeat times and the best wall of each is reported (this
+machine is noisy). Checkpoints are built once and cached under the weightsmith cache directory, and
 read once before the timed runs so that every run finds them in the page cache.
 
     python bench/merge_vs_mergekit.py                 # ~220M params, 300 MB shards
@@ -138,6 +140,8 @@ def main() -> None:
     ap.add_argument("--shard", default="300MB", help="input and output shard size (default: 300MB)")
     ap.add_argument("--density", type=float, default=0.3)
     ap.add_argument("--skip-mergekit", action="store_true", help="time weightsmith and the I/O floor only")
+    ap.add_argument("--repeat", type=int, default=3,
+                    help="runs of the floor and of weightsmith, interleaved; the best wall is reported (default: 3)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     params = int(float(args.params.rstrip("MmBb")) * (1e9 if args.params[-1] in "Bb" else 1e6))
@@ -160,12 +164,29 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="merge-bench-", dir=cache_root()) as tmp:
         tmp = Path(tmp)
         (tmp / "ties.yaml").write_text(json.dumps(recipe))
-        rows["I/O floor (safetensors)"] = measure(
-            [sys.executable, "-c", IO_FLOOR, *(str(p) for p in paths.values()), str(tmp / "floor"),
-             str(parse_size(args.shard))], env)
-        rows["weightsmith merge"] = measure(
-            [str(bindir / "weightsmith"), "merge", str(tmp / "ties.yaml"), "-o", str(tmp / "ws"), "--device", "cpu",
-             "--out-shard-size", args.shard, "--quiet"], env)
+        runs = {
+            "I/O floor (safetensors)": lambda out: (
+                [sys.executable, "-c", IO_FLOOR, *(str(p) for p in paths.values()), str(out),
+                 str(parse_size(args.shard))], env),
+            "weightsmith merge": lambda out: (
+                [str(bindir / "weightsmith"), "merge", str(tmp / "ties.yaml"), "-o", str(out), "--device", "cpu",
+                 "--out-shard-size", args.shard, "--quiet"], env),
+            "  torch kernels (JIT off)": lambda out: (
+                [str(bindir / "weightsmith"), "merge", str(tmp / "ties.yaml"), "-o", str(out), "--device", "cpu",
+                 "--out-shard-size", args.shard, "--quiet"], {**env, "WEIGHTSMITH_JIT": "0"}),
+        }
+        # interleaved, best wall of --repeat runs each (peak RSS: the largest seen)
+        for r in range(args.repeat):
+            for name, command in runs.items():
+                out = tmp / f"run-{r}-{len(rows.get(name, []))}-{name.split()[0]}"
+                got = measure(*command(out))
+                rows.setdefault(name, []).append(got)
+                if not (r == args.repeat - 1 and name == "weightsmith merge"):
+                    shutil.rmtree(out, ignore_errors=True)
+                else:
+                    shutil.move(str(out), tmp / "ws")
+        rows = {name: {"wall_s": min(g["wall_s"] for g in got), "rss_mb": max(g["rss_mb"] for g in got),
+                       "runs": len(got)} for name, got in rows.items()}
         if not args.skip_mergekit:
             # mergekit counts shard size in parameters, not bytes (float32: 4 bytes each).
             rows["mergekit-yaml"] = measure(
@@ -186,7 +207,8 @@ def main() -> None:
     if args.json:
         print(json.dumps(summary, indent=2))
         return
-    print(f"TIES density {args.density}, base + 3 fine-tunes, {n_params / 1e6:.1f}M params each, {args.shard} shards")
+    print(f"TIES density {args.density}, base + 3 fine-tunes, {n_params / 1e6:.1f}M params each, {args.shard} shards; "
+          f"best of {args.repeat} runs (mergekit: 1)")
     print(f"{'run':<26}{'wall s':>10}{'peak RSS MB':>14}")
     for name, r in rows.items():
         print(f"{name:<26}{r['wall_s']:>10.1f}{r['rss_mb']:>14.0f}")

@@ -322,11 +322,17 @@ def merge(recipe: Recipe, out: str | Path, *, device: str = "auto", dtype: str |
         def load(job: TensorJob):
             return [_read(c, job, dev) for c in sources]
 
-        def prefetchable(job: TensorJob) -> bool:
-            return 4 * len(sources) * torch.Size(job.shape).numel() <= PREFETCH_BYTES
+        def footprint(job: TensorJob) -> int:
+            return 4 * len(sources) * torch.Size(job.shape).numel()
 
-        # Reading the next tensor and writing the last result overlap the current one's math, except
-        # for tensors so large that holding two jobs' inputs at once would raise the peak memory.
+        largest = max((footprint(j) for j in plan.jobs), default=0)
+
+        def prefetchable(current: TensorJob, nxt: TensorJob) -> bool:
+            return footprint(current) + footprint(nxt) <= largest + PREFETCH_BYTES
+
+        # Reading the next tensor and writing the last result overlap the current one's math, unless
+        # holding both jobs' inputs at once would raise the peak memory above the largest job's by more
+        # than PREFETCH_BYTES.
         with ThreadPoolExecutor(max_workers=1) as reader, ThreadPoolExecutor(max_workers=1) as writing:
             pending = reader.submit(load, plan.jobs[0]) if plan.jobs else None
             written = None
@@ -335,7 +341,7 @@ def merge(recipe: Recipe, out: str | Path, *, device: str = "auto", dtype: str |
                 nxt = plan.jobs[i + 1] if i + 1 < len(plan.jobs) else None
                 pending = None
                 if nxt is not None:
-                    pending = reader.submit(load, nxt) if prefetchable(nxt) else _Ready(load, nxt)
+                    pending = reader.submit(load, nxt) if prefetchable(job, nxt) else _Ready(load, nxt)
                 base = inputs[0] if uses_base else None
                 tensors = inputs[1:] if uses_base else inputs
                 result = run_job(plan, job, tensors, base, seed).to(job.dtype).cpu()
