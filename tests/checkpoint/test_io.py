@@ -174,3 +174,17 @@ def test_read_gives_owned_tensors_equal_to_the_mapped_ones_cropped_and_converted
     owned = ckpt.read("emb")
     owned.zero_()  # writing to it must not touch the file
     assert torch.equal(Checkpoint(tmp_path).get("emb"), state["emb"])
+
+
+def test_map_reads_like_read_and_writes_never_reach_the_file(tiny_llama, tmp_path):
+    src = tiny_llama("m", vocab_size=96)
+    files = {p: p.read_bytes() for p in src.glob("*.safetensors")}
+    ckpt = Checkpoint(src)
+    for name in ckpt.names():
+        mapped = ckpt.map(name)
+        assert mapped.dtype == ckpt.info(name).torch_dtype and torch.equal(mapped, ckpt.read(name))
+        mapped.add_(1.0)  # copy-on-write: this process's pages only
+        assert not torch.equal(mapped, ckpt.read(name))
+    emb = "model.embed_tokens.weight"
+    assert torch.equal(ckpt.map(emb, rows=10), ckpt.read(emb)[:10])
+    assert {p: p.read_bytes() for p in files} == files

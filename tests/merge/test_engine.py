@@ -1,6 +1,7 @@
 """The streaming engine: validation before any tensor is read, vocab cropping, dtype, seeds, adapters, CLI."""
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 
@@ -16,9 +17,10 @@ from weightsmith.merge.recipe import recipe_from_flags
 
 @pytest.fixture
 def no_reads(monkeypatch):
-    def refuse(self, name, device="cpu"):
+    def refuse(self, name, *args, **kwargs):
         raise AssertionError(f"tensor {name} read before validation finished")
-    monkeypatch.setattr(Checkpoint, "get", refuse)
+    for how in ("get", "read", "map"):
+        monkeypatch.setattr(Checkpoint, how, refuse)
 
 
 @pytest.mark.parametrize("case, message", [
@@ -136,3 +138,29 @@ def test_recipe_model_paths_expand_environment_variables(monkeypatch, tmp_path):
     monkeypatch.setenv("WS_MODELS", str(tmp_path))
     r = parse_recipe("merge_method: linear\nmodels:\n  - model: $WS_MODELS/a\n  - model: {model: \"${WS_MODELS}/b\"}\n")
     assert [m.path for m in r.models] == [str(tmp_path / "a"), str(tmp_path / "b")]
+
+
+def _digests(folder):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+@pytest.mark.parametrize("method, params", [
+    ("ties", {"density": 0.3}), ("task_arithmetic", {}), ("dare_ties", {"density": 0.5}),
+    ("breadcrumbs_ties", {"density": 0.5, "gamma": 0.01})])
+def test_methods_writing_into_their_inputs_leave_the_input_files_alone(method, params, tiny_llama, tmp_path,
+                                                                       monkeypatch):
+    """On CPU the engine hands the methods copy-on-write mappings of the input files, which they overwrite;
+    the embedding here (1M entries) also takes TIES' fused compiled path."""
+    base = tiny_llama("base", vocab_size=8192, hidden_size=128, intermediate_size=128)
+    fts = [tiny_llama(f"ft{i}", seed=i + 1, vocab_size=8192, hidden_size=128, intermediate_size=128) for i in range(2)]
+    before = {f: _digests(f) for f in (base, *fts)}
+    recipe = recipe_from_flags(method, [str(f) for f in fts], str(base), {k: [v] for k, v in params.items()}, {})
+    merge(recipe, tmp_path / "mapped", seed=3)
+    assert {f: _digests(f) for f in before} == before
+    # the same merge on tensors read into memory the plain way
+    monkeypatch.setattr(Checkpoint, "map", lambda self, name, rows=None: self.read(name, rows))
+    merge(recipe, tmp_path / "read", seed=3)
+    a, b = Checkpoint(tmp_path / "mapped"), Checkpoint(tmp_path / "read")
+    for name in a.names():
+        assert torch.equal(a.get(name), b.get(name)), name
+    assert not torch.equal(a.get("model.embed_tokens.weight"), Checkpoint(base).get("model.embed_tokens.weight"))
