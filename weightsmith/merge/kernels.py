@@ -1,13 +1,18 @@
-"""Compiled CPU kernels for the task-vector merges (numba), with the torch/numpy code as the fallback.
+"""Compiled CPU kernels for the task-vector merges (numba); the torch/numpy code stays as the fallback.
 
-``mix_range`` fuses TIES' trim, sign election and disjoint mean into one pass over a range of flat
-indices: it reads each input once, works in cache-sized blocks whose inner loops are branch-free
-(LLVM vectorises them) and does exactly the float32 arithmetic of ``mixing.mix``'s torch kernel, in
-the same order, so both give bitwise-equal results. ``bracket_range`` is the counting pass of a
-top-k threshold search and ``nth_equal`` finds where a run of tied magnitudes is cut.
+- ``mix_range``: θ_base + λ·merge(δ) over a range of flat indices, TIES' trim, sign election and
+  disjoint mean fused into one pass that reads each input once. It does exactly the float32
+  arithmetic of ``mixing.mix``'s torch kernel in the same order, so both give bitwise-equal results.
+- ``ties_scan`` + ``ties_fixup``: a whole TIES merge before its thresholds are known (see
+  ``sparsify.ties_fused``), with the same arithmetic as ``mix_range``.
+- ``bracket_range``: the counting pass of a top-k threshold search; ``nth_equal``: where a run of
+  tied magnitudes is cut.
 
-The kernels release the GIL, so ``mixing.parallel_ranges`` runs them on every core. Compiled code is
-cached on disk by numba (``NUMBA_CACHE_DIR`` to move it). ``WEIGHTSMITH_JIT=0`` turns them off.
+Loops work on per-block slices indexed from 0 (numba indexes ``a[s + j]`` with a wraparound check
+that stops LLVM from vectorising) and are branch-free where they can be; data-dependent branches are
+left only where they are rarely taken. The kernels release the GIL, so ``mixing.parallel_ranges`` runs
+them on every core. Compiled code is cached on disk by numba (``NUMBA_CACHE_DIR`` moves it);
+``WEIGHTSMITH_JIT=0`` turns the kernels off.
 """
 from __future__ import annotations
 
@@ -17,6 +22,29 @@ import numpy as np
 BLOCK = 2048  # elements per input held in the scratch block: K + 3 rows of it stay in the L1/L2 cache
 
 jit = numba.njit(nogil=True, cache=True, error_model="numpy")
+
+
+@numba.njit(nogil=True, error_model="numpy", inline="always")
+def _elect_block(d, k, n, total, agree, divisor, weight, normalize, lambda_, b, o):
+    """TIES' elected sign and disjoint mean over one block: o[j] = b[j] + λ·Σ agreeing d[i, j] (÷ their
+    weights when ``normalize``), given total[j] = Σ d[i, j]. Branch-free loops, so LLVM vectorises them."""
+    one, zero = np.float32(1.0), np.float32(0.0)
+    agree[:n] = zero
+    divisor[:n] = zero
+    for i in range(k):
+        di, w = d[i], weight[i]
+        for j in range(n):
+            a = di[j] * (one if total[j] >= zero else -one)
+            positive = a > zero
+            agree[j] += a if positive else zero
+            divisor[j] += w if positive else zero
+    for j in range(n):
+        mixed = agree[j] * (one if total[j] >= zero else -one)
+        if normalize:
+            mixed = mixed / (divisor[j] if divisor[j] != zero else one)
+        if lambda_ != one:
+            mixed = mixed * lambda_
+        o[j] = b[j] + mixed
 
 
 @jit
@@ -65,22 +93,7 @@ def mix_range(xs, is_delta, threshold, tie_end, weight, base, out, lo, hi, conse
                     di[j] = v
                     total[j] += v
         if consensus:
-            agree[:n] = zero
-            divisor[:n] = zero
-            for i in range(k):
-                di, w = d[i], weight[i]
-                for j in range(n):
-                    a = di[j] * (one if total[j] >= zero else -one)
-                    positive = a > zero
-                    agree[j] += a if positive else zero
-                    divisor[j] += w if positive else zero
-            for j in range(n):
-                mixed = agree[j] * (one if total[j] >= zero else -one)
-                if normalize:
-                    mixed = mixed / (divisor[j] if divisor[j] != zero else one)
-                if lambda_ != one:
-                    mixed = mixed * lambda_
-                o[j] = b[j] + mixed
+            _elect_block(d, k, n, total, agree, divisor, weight, normalize, lambda_, b, o)
         else:
             for j in range(n):
                 mixed = total[j] / total_weight if normalize else total[j]
@@ -216,22 +229,7 @@ def ties_scan(xs, base, out, low, high, weight, normalize, lambda_, unit, lo, hi
                         c += 1
                         undecided[j] = True
                 counts[i, 1] = c
-        agree[:n] = zero
-        divisor[:n] = zero
-        for i in range(k):
-            di, w = d[i], weight[i]
-            for j in range(n):
-                a = di[j] * (one if total[j] >= zero else -one)
-                positive = a > zero
-                agree[j] += a if positive else zero
-                divisor[j] += w if positive else zero
-        for j in range(n):
-            mixed = agree[j] * (one if total[j] >= zero else -one)
-            if normalize:
-                mixed = mixed / (divisor[j] if divisor[j] != zero else one)
-            if lambda_ != one:
-                mixed = mixed * lambda_
-            o[j] = b[j] + mixed
+        _elect_block(d, k, n, total, agree, divisor, weight, normalize, lambda_, b, o)
         if any_inside:
             for j in range(n):
                 if undecided[j]:
