@@ -15,7 +15,7 @@ from . import mixing
 from .mixing import Cutoff
 
 L1_EPS = 1e-7
-SAMPLE = 1 << 18  # at most this many magnitudes sampled to bracket a top-k threshold
+SAMPLE = 1 << 16  # at most this many magnitudes sampled to bracket a top-k threshold
 BRACKETED = 1 << 20  # tensors with at least this many entries find their threshold from a sampled bracket
 
 
@@ -102,7 +102,7 @@ def _sample_bracket(xf: np.ndarray, bf: np.ndarray | None, k: int) -> tuple[floa
     The stride is odd, so on a matrix whose row length is a power of two the sample visits every column.
     """
     n = xf.size
-    stride = max(16, n // SAMPLE) | 1  # at most ~SAMPLE values, at least 16 elements per sampled one
+    stride = max(64, n // SAMPLE) | 1  # at most ~SAMPLE values, at least 64 entries per sampled one
     sample = np.abs(xf[::stride] - bf[::stride] if bf is not None else xf[::stride])
     m = sample.size
     # the k-th largest sits near rank m - k·m/n of the sorted sample; bracket it by 6 binomial sigmas
