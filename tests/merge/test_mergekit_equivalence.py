@@ -97,3 +97,48 @@ def test_every_tensor_matches_mergekit(name, sharded_zoo, mergekit_outputs, tmp_
     base = Checkpoint(sharded_zoo["base"])
     moved = max((ours.get(n) - base.get(n)).abs().max().item() for n in ours.names())
     assert moved > 1e-4, "the merge must differ from the base for the comparison to mean anything"
+
+
+@pytest.fixture(scope="module")
+def wide_models(tmp_path_factory):
+    """A base with 1M-entry embeddings (large enough for the fused TIES kernel) and three float32 fine-tunes."""
+    from weightsmith.checkpoint import save_state_dict
+    from weightsmith.zoo.synthetic import random_llama
+
+    root = tmp_path_factory.mktemp("wide")
+    base = random_llama(root / "base", vocab_size=8192, hidden_size=128, intermediate_size=256)
+    state = Checkpoint(base).state_dict()
+    folders = {"base": base}
+    for i in range(3):
+        g = torch.Generator().manual_seed(i)
+        folder = root / f"ft{i}"
+        folder.mkdir()
+        save_state_dict({k: v + torch.randn(v.shape, generator=g) * 0.002 * (i + 1) for k, v in state.items()},
+                        folder, "2MB")
+        (folder / "config.json").write_text((base / "config.json").read_text())
+        folders[f"ft{i}"] = folder
+    return folders
+
+
+@pytest.mark.parametrize("compat", [None, "mergekit"])
+def test_fused_ties_matches_mergekit_on_large_tensors(compat, wide_models, tmp_path, monkeypatch):
+    from weightsmith.merge import methods
+
+    cfg = {"merge_method": "ties", "base_model": str(wide_models["base"]), "dtype": "float32",
+           "parameters": {"density": 0.3, "normalize": True},
+           "models": [{"model": str(wide_models[f"ft{i}"]), "parameters": {"weight": w}}
+                      for i, w in enumerate((1.0, 0.6, 0.9))]}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HTTPS_PROXY": "http://127.0.0.1:9"}
+    jobs = {"ties": (cfg, str(tmp_path / "mk"))}
+    proc = subprocess.run([sys.executable, "-c", RUNNER, json.dumps(jobs)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    fused = []
+    original = methods.ties_fused
+    monkeypatch.setattr(methods, "ties_fused", lambda *a, **k: fused.append(original(*a, **k)) or fused[-1])
+    ours = {**cfg, "parameters": {**cfg["parameters"], **({"compat": compat} if compat else {})}}
+    merge(parse_recipe(yaml.safe_dump(ours)), tmp_path / "ws", device="cpu")
+    assert any(f is not None for f in fused), "no tensor took the fused path"
+    a, b = Checkpoint(tmp_path / "ws"), Checkpoint(tmp_path / "mk")
+    worst = max((a.get(n) - b.get(n)).abs().max().item() for n in a.names())
+    assert worst <= 1e-6, f"max |difference| {worst}"
