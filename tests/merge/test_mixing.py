@@ -54,13 +54,14 @@ def threads(request, monkeypatch):
 
 @pytest.fixture(params=["compiled", "torch"])
 def backend(request, monkeypatch):
+    monkeypatch.setattr(mixing, "JIT_MIN_NUMEL", 0)  # every tensor size, so small tests reach the kernels
     if request.param == "compiled":
         pytest.importorskip("numba")
         monkeypatch.setenv("WEIGHTSMITH_JIT", "1")
-        assert mixing.jit_kernels() is not None
+        assert mixing.jit_kernels(1) is not None
     else:
         monkeypatch.setenv("WEIGHTSMITH_JIT", "0")
-        assert mixing.jit_kernels() is None
+        assert mixing.jit_kernels(1) is None
     return request.param
 
 
@@ -92,6 +93,7 @@ def test_magnitude_rank_matches_a_sort(backend, n):
 
 
 def _mix_both_ways(monkeypatch, sources, base, **kw):
+    monkeypatch.setattr(mixing, "JIT_MIN_NUMEL", 0)
     outs = []
     for flag in ("1", "0"):
         monkeypatch.setenv("WEIGHTSMITH_JIT", flag)
@@ -126,6 +128,7 @@ def test_compiled_mix_is_bitwise_equal_to_the_torch_kernel(monkeypatch, threads,
 def test_compiled_mix_writes_in_place_over_the_base(monkeypatch):
     pytest.importorskip("numba")
     monkeypatch.setenv("WEIGHTSMITH_JIT", "1")
+    monkeypatch.setattr(mixing, "JIT_MIN_NUMEL", 0)
     base, models = planted_inputs(2 * mixing.CHUNK + 3, models=2, seed=4)
     want = ties(models, base, [1.0, 1.0], [0.4, 0.4])
     got = ties([m.clone() for m in models], base.clone(), [1.0, 1.0], [0.4, 0.4], inplace=True)
@@ -171,3 +174,11 @@ def test_fused_ties_on_bfloat16_weights(density):
     got = sparsify.ties_fused(models, base, [1.0] * 3, [density] * 3, True, 1.0, mergekit=False)
     assert got is not None
     assert torch.allclose(got, dense_ties(models, base, [1.0] * 3, [density] * 3), rtol=0, atol=1e-7)
+
+
+def test_small_tensors_stay_on_the_torch_kernels(monkeypatch):
+    """A merge of small models should not pay ~1 s for loading numba."""
+    monkeypatch.setenv("WEIGHTSMITH_JIT", "1")
+    assert mixing.jit_kernels(mixing.JIT_MIN_NUMEL - 1) is None
+    if mixing._import_kernels() is not None:
+        assert mixing.jit_kernels(mixing.JIT_MIN_NUMEL) is not None

@@ -42,9 +42,15 @@ class Source:
     cutoff: Cutoff | None = None
 
 
-def jit_kernels() -> ModuleType | None:
-    """The compiled CPU kernels, or None when numba is missing or ``WEIGHTSMITH_JIT=0`` turns them off."""
-    return None if os.environ.get("WEIGHTSMITH_JIT", "1") == "0" else _import_kernels()
+JIT_MIN_NUMEL = 1 << 20  # smaller tensors stay on the torch kernels: loading numba costs ~1 s per process
+
+
+def jit_kernels(numel: int) -> ModuleType | None:
+    """The compiled CPU kernels for a tensor of ``numel`` entries, or None: tensors below JIT_MIN_NUMEL (so a
+    merge of small models never pays for loading numba), numba missing, or ``WEIGHTSMITH_JIT=0``."""
+    if numel < JIT_MIN_NUMEL or os.environ.get("WEIGHTSMITH_JIT", "1") == "0":
+        return None
+    return _import_kernels()
 
 
 @cache
@@ -102,7 +108,7 @@ def mix(sources: list[Source], base: torch.Tensor, out: torch.Tensor, weight: li
     """
     n, k = base.numel(), len(sources)
     if base.device.type == "cpu" and base.dtype == torch.float32 and all(s.flat.dtype == torch.float32 for s in sources):
-        kernels = jit_kernels()
+        kernels = jit_kernels(n)
         if kernels is not None:
             return _mix_compiled(kernels, sources, base, out, weight, consensus, normalize, lambda_)
     total_weight = sum(weight) if abs(sum(weight)) >= 1e-8 else 1.0

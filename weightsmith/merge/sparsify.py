@@ -154,10 +154,11 @@ def ties_fused(tensors: list[torch.Tensor], base: torch.Tensor, weight: list[flo
     its bracket; the exact thresholds (ties kept in index order, as ``ties_cutoff``) then settle the rest.
     Falls back when a bracket misses, or when ``mergekit`` meets equal magnitudes straddling a cut.
     """
-    kernels = mixing.jit_kernels()
     n = base.numel()
-    if (kernels is None or base.device.type != "cpu" or n < BRACKETED
-            or any(t.dtype != torch.float32 for t in (base, *tensors))):
+    if base.device.type != "cpu" or n < BRACKETED or any(t.dtype != torch.float32 for t in (base, *tensors)):
+        return None
+    kernels = mixing.jit_kernels(n)
+    if kernels is None:
         return None
     bf = np.ascontiguousarray(base.detach().reshape(-1).numpy())
     xs = tuple(np.ascontiguousarray(t.detach().reshape(-1).numpy()) for t in tensors)
@@ -221,10 +222,10 @@ def ties_fused(tensors: list[torch.Tensor], base: torch.Tensor, weight: list[flo
 def _count_bracket(xf: np.ndarray, bf: np.ndarray | None, lo: float, hi: float, expected: float):
     """The compiled counting pass, one range per core: (entries above ``hi``, arrays of those in [lo, hi]),
     or None without the kernels or when more landed inside than the buffers hold."""
-    kernels = mixing.jit_kernels()
+    n = xf.size
+    kernels = mixing.jit_kernels(n)
     if kernels is None:
         return None
-    n = xf.size
     workers = mixing.worker_count(n)
     cap = int(1.5 * expected / workers) + 4096
     base = bf if bf is not None else xf
@@ -262,7 +263,7 @@ def _index_after(x: torch.Tensor, base: torch.Tensor | None, value: float, count
     """The flat index just past the ``count``-th entry (in index order) whose |x − base| equals ``value``."""
     flat_x = x.reshape(-1)
     flat_b = base.reshape(-1) if base is not None else None
-    kernels = mixing.jit_kernels() if x.device.type == "cpu" and x.dtype == torch.float32 else None
+    kernels = mixing.jit_kernels(x.numel()) if x.device.type == "cpu" and x.dtype == torch.float32 else None
     if kernels is not None:
         xf = np.ascontiguousarray(flat_x.detach().numpy())
         bf = np.ascontiguousarray(flat_b.detach().numpy()) if flat_b is not None else xf
