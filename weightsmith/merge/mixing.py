@@ -158,7 +158,11 @@ def mix(sources: list[Source], base: torch.Tensor, out: torch.Tensor, weight: li
                 agreeing = dd.mul_(elected).relu_()
                 mixed = torch.sum(agreeing, 0, out=total).mul_(elected)  # exact: multiplying by ±1
                 if normalize:
-                    torch.mv(agreeing.sign_().t(), wcol, out=divisor)
+                    # Σ of the agreeing inputs' weights, added in input order as the compiled kernel does
+                    signs = agreeing.sign_()
+                    divisor.zero_()
+                    for i in range(k):
+                        divisor.add_(signs[i], alpha=weight[i])
                     divisor += torch.sign(divisor, out=elected).abs_().neg_().add_(1)  # none agrees: divide by 1
                     mixed /= divisor
             else:
