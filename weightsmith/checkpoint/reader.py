@@ -194,12 +194,12 @@ class Checkpoint:
                 buf, pos = buf[got:], pos + got
         return raw.to(device=device, dtype=dtype or raw.dtype)
 
-    def map(self, name: str, rows: int | None = None, populate: bool = True) -> torch.Tensor:
+    def map(self, name: str, rows: int | None = None) -> torch.Tensor:
         """A CPU tensor in the stored dtype backed by a private, copy-on-write mapping of just its bytes:
         reading it costs no copy (the pages come from the page cache), writing to it copies only the pages
         written and never reaches the file, and unmapping when the tensor is freed returns the memory.
-        ``populate`` faults every page in now (in the calling thread) instead of on first touch. Falls back
-        to ``read`` for pickled checkpoints and data not aligned for its dtype."""
+        Every page is faulted in now, in the calling thread, rather than on first touch. Falls back to
+        ``read`` for pickled checkpoints and data not aligned for its dtype."""
         info = self.info(name)
         shape = info.shape if rows is None else (min(rows, info.shape[0]), *info.shape[1:])
         start = info.data_start + info.begin
@@ -216,7 +216,7 @@ class Checkpoint:
                                    prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=page)
             except (OSError, ValueError) as exc:
                 raise WeightsmithError(f"{info.file}: tensor {name!r}: cannot map its data ({exc})") from None
-        if populate and MADV_POPULATE_READ is not None:
+        if MADV_POPULATE_READ is not None:
             try:
                 mapped.madvise(MADV_POPULATE_READ)
             except OSError:  # an older kernel: pages fault in on first touch instead

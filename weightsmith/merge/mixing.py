@@ -20,7 +20,6 @@ from types import ModuleType
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 CHUNK = 1 << 16  # elements per input per chunk on CPU: a chunk's working set stays in the L2 cache
 DEVICE_CHUNK = 1 << 24  # on an accelerator a chunk only bounds the scratch memory

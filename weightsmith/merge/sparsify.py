@@ -48,13 +48,11 @@ def ties_cutoff(x: torch.Tensor, base: torch.Tensor | None, density: float, merg
     sort happens to put first and only a sort reproduces that (``ties_trim`` does).
     """
     n = x.numel()
-    if density >= 1:
-        return Cutoff(-1.0)
-    if density <= 0 or n == 0:
-        return Cutoff(math.inf)
-    k = top_count(density, n)
+    k = kept_count(density, n)
     if k == n:
         return Cutoff(-1.0)
+    if k == 0:
+        return Cutoff(math.inf)
     threshold, above, equal = magnitude_rank(x, base, k)
     kept_ties = k - above
     tie = equal > kept_ties
@@ -68,6 +66,13 @@ def ties_cutoff(x: torch.Tensor, base: torch.Tensor | None, density: float, merg
 def top_count(density: float, n: int) -> int:
     """How many of ``n`` entries a TIES trim at ``density`` keeps: at least one."""
     return max(1, int(density * n))
+
+
+def kept_count(density: float, n: int) -> int:
+    """``top_count``, except that density >= 1 keeps all ``n`` and density <= 0 (or no entries) keeps none."""
+    if density >= 1:
+        return n
+    return 0 if density <= 0 or n == 0 else min(n, top_count(density, n))
 
 
 def magnitude_rank(x: torch.Tensor, base: torch.Tensor | None, k: int) -> tuple[float, int, int]:
@@ -134,13 +139,21 @@ def _bracketed_rank(x: torch.Tensor, base: torch.Tensor | None, k: int, chunk: i
         counted = _count_bracket_numpy(xf, bf, lo, hi, chunk)
     above, kept = counted
     inside = np.concatenate(kept) if kept else np.empty(0, dtype=xf.dtype)
-    j = k - above  # the threshold is the j-th largest inside the bracket
-    if not 1 <= j <= inside.size:
+    found = _select_inside(inside, k - above)
+    if found is None:
         return None
-    inside.partition(inside.size - j)
-    threshold = inside[inside.size - j]
-    return (float(threshold), above + int(np.count_nonzero(inside > threshold)),
-            int(np.count_nonzero(inside == threshold)))
+    threshold, greater, equal = found
+    return float(threshold), above + greater, equal
+
+
+def _select_inside(inside: np.ndarray, rank: int) -> tuple[np.float32, int, int] | None:
+    """The rank-th largest of the magnitudes inside a bracket, and how many inside are above it and equal
+    to it; None when the rank falls outside the bracket (the sample misled). Partitions ``inside``."""
+    if not 1 <= rank <= inside.size:
+        return None
+    inside.partition(inside.size - rank)
+    t = inside[inside.size - rank]
+    return t, int(np.count_nonzero(inside > t)), int(np.count_nonzero(inside == t))
 
 
 def ties_fused(tensors: list[torch.Tensor], base: torch.Tensor, weight: list[float], density: list[float],
@@ -165,10 +178,9 @@ def ties_fused(tensors: list[torch.Tensor], base: torch.Tensor, weight: list[flo
     count = len(xs)
     low, high = np.full(count, np.inf, dtype=np.float32), np.full(count, np.inf, dtype=np.float32)
     threshold, tie_end = np.full(count, np.inf, dtype=np.float32), np.zeros(count, dtype=np.int64)
-    keep = [0] * count
+    keep = [kept_count(d, n) for d in density]
     fraction = 0.0
     for i, x in enumerate(xs):
-        keep[i] = 0 if density[i] <= 0 else n if density[i] >= 1 else top_count(density[i], n)
         if keep[i] == n:  # keep all: every magnitude is above the bracket
             high[i], threshold[i], tie_end[i] = -1.0, -1.0, n
         elif keep[i] > 0:
@@ -203,12 +215,13 @@ def ties_fused(tensors: list[torch.Tensor], base: torch.Tensor, weight: list[flo
         above = sum(int(p[2][i, 0]) for p in ordered)
         inside = np.concatenate([p[0][i, : p[2][i, 1]] for p in ordered])
         rank = keep[i] - above  # the threshold is the rank-th largest inside the bracket
-        if not 1 <= rank <= inside.size:
+        found = _select_inside(inside.copy(), rank)  # the copy keeps ``inside`` in index order for ties
+        if found is None:
             return None
-        t = np.partition(inside, inside.size - rank)[inside.size - rank]
-        kept_ties = rank - int(np.count_nonzero(inside > t))
+        t, greater, equal = found
+        kept_ties = rank - greater
         threshold[i], tie_end[i] = t, n
-        if int(np.count_nonzero(inside == t)) > kept_ties:
+        if equal > kept_ties:
             if mergekit:
                 return None
             where = np.concatenate([p[1][i, : p[2][i, 1]] for p in ordered])[inside == t]  # ascending
