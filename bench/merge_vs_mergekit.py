@@ -2,7 +2,7 @@
 
 Measures wall time and peak RSS of both as child processes the same way (/usr/bin/time -v when present,
 else resource.getrusage of children), plus the I/O floor: read all four inputs and write one output
-with plain safetensors, and weightsmith again with its compiled kernels off (WEIGHTSMITH_JIT=0). The
+with plain safetensors, and weightsmith again with its native kernels off (WEIGHTSMITH_NATIVE=0). The
 floor and weightsmith runs are interleaved --repeat times and the best wall of each is reported (this
 machine is noisy). Checkpoints are built once and cached under the weightsmith cache directory, and
 read once before the timed runs so that every run finds them in the page cache.
@@ -127,13 +127,6 @@ if batch:
 """
 
 
-def warm_kernels(models: int) -> None:
-    from weightsmith.merge.methods import ties
-    n = 1 << 22
-    base = torch.zeros(n)
-    ties([torch.randn(n) for _ in range(models)], base, [1.0] * models, [0.3] * models)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", default="220M", help="model size, e.g. 220M or 30M (default: 220M)")
@@ -153,9 +146,7 @@ def main() -> None:
               "models": [{"model": str(paths[n])} for n in FINETUNES]}
     bindir = Path(sys.executable).parent
     rows = {}
-    # Every run reads the inputs warm from the page cache: the first one timed must not pay for the disk,
-    # and finds weightsmith's compiled kernels in numba's on-disk cache (compiling them once takes a few seconds).
-    warm_kernels(len(FINETUNES))
+    # Every run reads the inputs warm from the page cache: the first one timed must not pay for the disk.
     for folder in paths.values():
         for f in Path(folder).glob("*.safetensors"):
             with open(f, "rb") as fh:
@@ -171,9 +162,9 @@ def main() -> None:
             "weightsmith merge": lambda out: (
                 [str(bindir / "weightsmith"), "merge", str(tmp / "ties.yaml"), "-o", str(out), "--device", "cpu",
                  "--out-shard-size", args.shard, "--quiet"], env),
-            "  torch kernels (JIT off)": lambda out: (
+            "  native kernels off": lambda out: (
                 [str(bindir / "weightsmith"), "merge", str(tmp / "ties.yaml"), "-o", str(out), "--device", "cpu",
-                 "--out-shard-size", args.shard, "--quiet"], {**env, "WEIGHTSMITH_JIT": "0"}),
+                 "--out-shard-size", args.shard, "--quiet"], {**env, "WEIGHTSMITH_NATIVE": "0"}),
         }
         # interleaved, best wall of --repeat runs each (peak RSS: the largest seen)
         for r in range(args.repeat):

@@ -1,10 +1,11 @@
-"""The chunked task-vector kernels (compiled and torch) against a dense, plainly written TIES / task
+"""The chunked task-vector kernels (native and torch) against a dense, plainly written TIES / task
 arithmetic, on tensors large enough for the sampled top-k bracket, several chunks, both threads and
-ties at the cut; and the compiled kernel against the torch one, bit for bit."""
+ties at the cut; and the native kernel against the torch one, bit for bit."""
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -52,16 +53,22 @@ def threads(request, monkeypatch):
     return request.param
 
 
-@pytest.fixture(params=["compiled", "torch"])
+@pytest.fixture
+def native(monkeypatch):
+    """The native kernels, switched on. The dev install builds them, so their absence is a failure."""
+    monkeypatch.setenv("WEIGHTSMITH_NATIVE", "1")
+    kernels = mixing.native_kernels()
+    assert kernels is not None, "weightsmith.merge._kernels was not built (is a C compiler installed?)"
+    return kernels
+
+
+@pytest.fixture(params=["native", "torch"])
 def backend(request, monkeypatch):
-    monkeypatch.setattr(mixing, "JIT_MIN_NUMEL", 0)  # every tensor size, so small tests reach the kernels
-    if request.param == "compiled":
-        pytest.importorskip("numba")
-        monkeypatch.setenv("WEIGHTSMITH_JIT", "1")
-        assert mixing.jit_kernels(1) is not None
+    if request.param == "native":
+        request.getfixturevalue("native")
     else:
-        monkeypatch.setenv("WEIGHTSMITH_JIT", "0")
-        assert mixing.jit_kernels(1) is None
+        monkeypatch.setenv("WEIGHTSMITH_NATIVE", "0")
+        assert mixing.native_kernels() is None
     return request.param
 
 
@@ -93,18 +100,16 @@ def test_magnitude_rank_matches_a_sort(backend, n):
 
 
 def _mix_both_ways(monkeypatch, sources, base, **kw):
-    monkeypatch.setattr(mixing, "JIT_MIN_NUMEL", 0)
     outs = []
     for flag in ("1", "0"):
-        monkeypatch.setenv("WEIGHTSMITH_JIT", flag)
+        monkeypatch.setenv("WEIGHTSMITH_NATIVE", flag)
         outs.append(mixing.mix(sources, base, torch.empty_like(base), **kw))
     return outs
 
 
 @pytest.mark.parametrize("consensus", [True, False])
 @pytest.mark.parametrize("normalize", [True, False])
-def test_compiled_mix_is_bitwise_equal_to_the_torch_kernel(monkeypatch, threads, consensus, normalize):
-    pytest.importorskip("numba")
+def test_native_mix_is_bitwise_equal_to_the_torch_kernel(monkeypatch, native, threads, consensus, normalize):
     n = 3 * mixing.CHUNK + 777
     base, (a, b, c) = planted_inputs(n, models=3, seed=3)
     thresholds = [(a - base).abs().median().item(), (b - base).abs().quantile(0.9).item()]
@@ -116,43 +121,38 @@ def test_compiled_mix_is_bitwise_equal_to_the_torch_kernel(monkeypatch, threads,
                mixing.Source(a, False, mixing.Cutoff(-1.0)),  # keeps all
                mixing.Source(b, False, mixing.Cutoff(float("inf")))]  # keeps none
     for weight, lambda_ in (([1.0] * 5, 1.0), ([1.0] * 5, 0.6), ([0.5, 1.0, -0.25, 2.0, 0.3], 1.3)):
-        compiled, plain = _mix_both_ways(monkeypatch, sources, base, weight=weight, consensus=consensus,
-                                         normalize=normalize, lambda_=lambda_)
-        assert torch.equal(compiled, plain)
-        assert not torch.equal(compiled, base)
+        fast, plain = _mix_both_ways(monkeypatch, sources, base, weight=weight, consensus=consensus,
+                                     normalize=normalize, lambda_=lambda_)
+        assert torch.equal(fast, plain)
+        assert not torch.equal(fast, base)
 
 
-def test_compiled_mix_writes_in_place_over_the_base(monkeypatch):
-    pytest.importorskip("numba")
-    monkeypatch.setenv("WEIGHTSMITH_JIT", "1")
-    monkeypatch.setattr(mixing, "JIT_MIN_NUMEL", 0)
+def test_native_mix_writes_in_place_over_the_base(native):
     base, models = planted_inputs(2 * mixing.CHUNK + 3, models=2, seed=4)
     want = ties(models, base, [1.0, 1.0], [0.4, 0.4])
     got = ties([m.clone() for m in models], base.clone(), [1.0, 1.0], [0.4, 0.4], inplace=True)
     assert torch.equal(got, want)
 
 
-def test_fused_ties_matches_dense_ties(threads, monkeypatch):
-    pytest.importorskip("numba")
+def test_fused_ties_matches_dense_ties(native, threads, monkeypatch):
     n = 2 * BRACKETED + 11
     base, models = planted_inputs(n, models=4, seed=5, pairs=True)
     for weight, density, normalize, lambda_ in (([1.0] * 4, [0.3, 0.2, 0.5, 0.05], True, 1.0),
                                                 ([0.5, 1.0, -0.25, 0.8], [0.3, 1.0, 0.1, 0.6], True, 0.7),
                                                 ([0.5, 1.0, -0.25, 0.8], [0.3, 1.0, 0.1, 0.6], False, 0.7)):
-        monkeypatch.setenv("WEIGHTSMITH_JIT", "1")
+        monkeypatch.setenv("WEIGHTSMITH_NATIVE", "1")
         got = sparsify.ties_fused(models, base, weight, density, normalize, lambda_, mergekit=False)
         assert got is not None
         assert torch.allclose(got, dense_ties(models, base, weight, density, normalize, lambda_), rtol=0, atol=1e-7)
-        monkeypatch.setenv("WEIGHTSMITH_JIT", "0")  # the two-pass torch path: the very same bits
+        monkeypatch.setenv("WEIGHTSMITH_NATIVE", "0")  # the two-pass torch path: the very same bits
         assert torch.equal(got, ties(models, base, weight, density, normalize=normalize, lambda_=lambda_))
     # density 0 keeps nothing: the same as leaving that model out
-    monkeypatch.setenv("WEIGHTSMITH_JIT", "1")
+    monkeypatch.setenv("WEIGHTSMITH_NATIVE", "1")
     without = sparsify.ties_fused(models[:3], base, [1.0] * 3, [0.3, 0.2, 0.5], True, 1.0, mergekit=False)
     assert torch.equal(sparsify.ties_fused(models, base, [1.0] * 4, [0.3, 0.2, 0.5, 0.0], True, 1.0, False), without)
 
 
-def test_fused_ties_steps_aside_where_it_cannot_be_exact(monkeypatch):
-    pytest.importorskip("numba")
+def test_fused_ties_steps_aside_where_it_cannot_be_exact(native, monkeypatch):
     n = 2 * BRACKETED + 11
     base, models = planted_inputs(n, models=2, seed=6)
     args = ([1.0, 1.0], [0.3, 0.4], True, 1.0)
@@ -166,9 +166,8 @@ def test_fused_ties_steps_aside_where_it_cannot_be_exact(monkeypatch):
 
 
 @pytest.mark.parametrize("density", [0.1, 0.3, 0.7])
-def test_fused_ties_on_bfloat16_weights(density):
+def test_fused_ties_on_bfloat16_weights(native, density):
     """bfloat16 checkpoints give a few thousand distinct |δ| over millions of entries: long runs of ties."""
-    pytest.importorskip("numba")
     n = 2 * BRACKETED + 11
     g = torch.Generator().manual_seed(7)
     base = (torch.randn(n, generator=g) * 0.02).bfloat16().float()
@@ -178,9 +177,19 @@ def test_fused_ties_on_bfloat16_weights(density):
     assert torch.allclose(got, dense_ties(models, base, [1.0] * 3, [density] * 3), rtol=0, atol=1e-7)
 
 
-def test_small_tensors_stay_on_the_torch_kernels(monkeypatch):
-    """A merge of small models should not pay ~1 s for loading numba."""
-    monkeypatch.setenv("WEIGHTSMITH_JIT", "1")
-    assert mixing.jit_kernels(mixing.JIT_MIN_NUMEL - 1) is None
-    if mixing._import_kernels() is not None:
-        assert mixing.jit_kernels(mixing.JIT_MIN_NUMEL) is not None
+def test_native_wrappers_refuse_arrays_they_would_overrun(native):
+    """A wrong dtype, a strided view, a short array or a bad range raises instead of reading stray memory."""
+    x, base, out = np.ones(100, np.float32), np.zeros(100, np.float32), np.empty(100, np.float32)
+    flags = (np.zeros(1, np.bool_), np.full(1, -1.0, np.float32), np.full(1, 100, np.int64), np.ones(1, np.float32))
+    native.mix_range((x,), *flags, base, out, 0, 100, True, False, np.float32(1), np.float32(1), True)
+    assert np.array_equal(out, x)
+    for xs, o, lo, hi in (((x.astype(np.float64),), out, 0, 100), ((np.ones(200, np.float32)[::2],), out, 0, 100),
+                          ((x[:50],), out, 0, 100), ((x,), out[:99], 0, 100), ((x,), out, 10, 5)):
+        with pytest.raises((TypeError, ValueError)):
+            native.mix_range(xs, *flags, base, o, lo, hi, True, False, np.float32(1), np.float32(1), True)
+    with pytest.raises(ValueError):
+        native.ties_fixup((x,), base, out, flags[1], flags[2], flags[3], True, 1.0, True, np.array([100], np.int64))
+    frozen = out.copy()
+    frozen.flags.writeable = False
+    with pytest.raises(ValueError):
+        native.mix_range((x,), *flags, base, frozen, 0, 100, True, False, np.float32(1), np.float32(1), True)

@@ -1,4 +1,5 @@
-"""Compiled CPU kernels for the task-vector merges (numba); the torch/numpy code stays as the fallback.
+"""Native CPU kernels for the task-vector merges (``_kernels.c``, built with the package); the torch/numpy
+code stays as the fallback.
 
 - ``mix_range``: θ_base + λ·merge(δ) over a range of flat indices, TIES' trim, sign election and
   disjoint mean fused into one pass that reads each input once. It does exactly the float32
@@ -8,168 +9,93 @@
 - ``bracket_range``: the counting pass of a top-k threshold search; ``nth_equal``: where a run of
   tied magnitudes is cut.
 
-Loops work on per-block slices indexed from 0 (numba indexes ``a[s + j]`` with a wraparound check
-that stops LLVM from vectorising) and are branch-free where they can be; data-dependent branches are
-left only where they are rarely taken. The kernels release the GIL, so ``mixing.parallel_ranges`` runs
-them on every core. Compiled code is cached on disk by numba (``NUMBA_CACHE_DIR`` moves it);
-``WEIGHTSMITH_JIT=0`` turns the kernels off.
+The C functions are called through ctypes, which releases the GIL for the call, so
+``mixing.parallel_ranges`` runs them on every core. Loading them costs a few milliseconds. Importing this
+module raises ImportError when the extension was not built (no C compiler at install time);
+``WEIGHTSMITH_NATIVE=0`` turns the kernels off. The wrappers check dtypes, contiguity and bounds, so a
+wrong call raises instead of reading stray memory.
 """
 from __future__ import annotations
 
-import numba
+import ctypes
+
 import numpy as np
 
-BLOCK = 2048  # elements per input held in the scratch block: K + 3 rows of it stay in the L1/L2 cache
+from . import _kernels
 
-jit = numba.njit(nogil=True, cache=True, error_model="numpy")
-
-
-@numba.njit(nogil=True, error_model="numpy", inline="always")
-def _elect_block(d, k, n, total, agree, divisor, weight, normalize, lambda_, b, o):
-    """TIES' elected sign and disjoint mean over one block: o[j] = b[j] + λ·Σ agreeing d[i, j] (÷ their
-    weights when ``normalize``), given total[j] = Σ d[i, j]. Branch-free loops, so LLVM vectorises them."""
-    one, zero = np.float32(1.0), np.float32(0.0)
-    agree[:n] = zero
-    divisor[:n] = zero
-    for i in range(k):
-        di, w = d[i], weight[i]
-        for j in range(n):
-            a = di[j] * (one if total[j] >= zero else -one)
-            positive = a > zero
-            agree[j] += a if positive else zero
-            divisor[j] += w if positive else zero
-    for j in range(n):
-        mixed = agree[j] * (one if total[j] >= zero else -one)
-        if normalize:
-            mixed = mixed / (divisor[j] if divisor[j] != zero else one)
-        if lambda_ != one:
-            mixed = mixed * lambda_
-        o[j] = b[j] + mixed
+_lib = ctypes.CDLL(_kernels.__file__)
+_P, _I64, _INT, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 
 
-@jit
+def _bind(name: str, restype, *argtypes):
+    fn = getattr(_lib, name)
+    fn.restype, fn.argtypes = restype, list(argtypes)
+    return fn
+
+
+_mix_range = _bind("ws_mix_range", _INT, _I64, _P, _P, _P, _P, _P, _P, _P, _I64, _I64, _INT, _INT, _F32, _F32, _INT)
+_bracket_range = _bind("ws_bracket_range", None, _P, _P, _INT, _F32, _F32, _I64, _I64, _P, _I64, _P)
+_nth_equal = _bind("ws_nth_equal", _I64, _P, _P, _INT, _F32, _I64, _I64)
+_ties_scan = _bind("ws_ties_scan", _I64, _I64, _P, _P, _P, _P, _P, _P, _INT, _F32, _INT, _I64, _I64, _P, _P, _I64,
+                   _P, _P, _I64)
+_ties_fixup = _bind("ws_ties_fixup", _INT, _I64, _P, _P, _P, _P, _P, _P, _INT, _F32, _INT, _P, _I64)
+
+
+def _ptr(a: np.ndarray, dtype, size: int | None = None, writable: bool = False) -> int:
+    """The address of a C-contiguous ``dtype`` array holding at least ``size`` elements."""
+    if a.dtype != dtype or not a.flags.c_contiguous:
+        raise TypeError(f"kernels: expected a contiguous {np.dtype(dtype).name} array, got {a.dtype}")
+    if size is not None and a.size < size:
+        raise ValueError(f"kernels: array of {a.size} elements, {size} needed")
+    if writable and not a.flags.writeable:
+        raise ValueError("kernels: output array is read-only")
+    return a.ctypes.data
+
+
+def _inputs(xs, hi: int):
+    return (ctypes.c_void_p * len(xs))(*(_ptr(x, np.float32, hi) for x in xs))
+
+
+def _range(lo: int, hi: int) -> None:
+    if not 0 <= lo <= hi:
+        raise ValueError(f"kernels: bad range [{lo}, {hi})")
+
+
 def mix_range(xs, is_delta, threshold, tie_end, weight, base, out, lo, hi, consensus, normalize,
-              total_weight, lambda_, unit):
+              total_weight, lambda_, unit) -> None:
     """out[j] = base[j] + λ·merge(δ)[j] for j in [lo, hi): see ``mixing.mix`` for the arithmetic.
 
     Input i is a delta when ``is_delta[i]``, else θ with δ = θ − base trimmed to |δ| > threshold[i],
     or |δ| == threshold[i] before flat index tie_end[i] (threshold −1 keeps all, +inf none).
     """
+    _range(lo, hi)
     k = len(xs)
-    d = np.empty((k, BLOCK), dtype=np.float32)
-    total = np.empty(BLOCK, dtype=np.float32)
-    agree = np.empty(BLOCK, dtype=np.float32)
-    divisor = np.empty(BLOCK, dtype=np.float32)
-    one, zero = np.float32(1.0), np.float32(0.0)
-    for s in range(lo, hi, BLOCK):
-        n = min(hi, s + BLOCK) - s
-        total[:n] = zero
-        b, o = base[s:s + n], out[s:s + n]
-        for i in range(k):
-            x, di, w = xs[i][s:s + n], d[i], weight[i]
-            if is_delta[i]:
-                for j in range(n):
-                    v = x[j]
-                    if not unit:
-                        v = v * w
-                    di[j] = v
-                    total[j] += v
-            else:
-                # ties at the threshold are kept before tie_end: |δ| >= t there, |δ| > t after (two
-                # loops, so that neither compares indices)
-                t, split = threshold[i], min(n, max(0, tie_end[i] - s))
-                for j in range(split):
-                    v = x[j] - b[j]
-                    v = v if abs(v) >= t else zero
-                    if not unit:
-                        v = v * w
-                    di[j] = v
-                    total[j] += v
-                for j in range(split, n):
-                    v = x[j] - b[j]
-                    v = v if abs(v) > t else zero
-                    if not unit:
-                        v = v * w
-                    di[j] = v
-                    total[j] += v
-        if consensus:
-            _elect_block(d, k, n, total, agree, divisor, weight, normalize, lambda_, b, o)
-        else:
-            for j in range(n):
-                mixed = total[j] / total_weight if normalize else total[j]
-                if lambda_ != one:
-                    mixed = mixed * lambda_
-                o[j] = b[j] + mixed
+    code = _mix_range(k, _inputs(xs, hi), _ptr(is_delta, np.bool_, k), _ptr(threshold, np.float32, k),
+                      _ptr(tie_end, np.int64, k), _ptr(weight, np.float32, k), _ptr(base, np.float32, hi),
+                      _ptr(out, np.float32, hi, True), lo, hi, bool(consensus), bool(normalize), float(total_weight),
+                      float(lambda_), bool(unit))
+    if code:
+        raise MemoryError("kernels: out of memory")
 
 
-@jit
-def bracket_range(x, base, has_base, low, high, lo, hi, kept):
+def bracket_range(x, base, has_base, low, high, lo, hi, kept) -> tuple[int, int, int]:
     """Over [lo, hi): how many |x − base| exceed ``high``, and those in [low, high] copied into ``kept``
     (returns above, copied, and how many more did not fit)."""
-    above, copied, spilled = 0, 0, 0
-    cap = kept.shape[0]
-    flags = np.empty(BLOCK, dtype=np.float32)
-    one, zero = np.float32(1.0), np.float32(0.0)
-    for s in range(lo, hi, BLOCK):
-        n = min(hi, s + BLOCK) - s
-        xb, bb = x[s:s + n], base[s:s + n]
-        count, hits = np.int32(0), np.int32(0)
-        for j in range(n):
-            m = abs(xb[j] - bb[j]) if has_base else abs(xb[j])
-            # fl(a − b) has the sign of a − b and is zero only when a == b: one compare tests low <= m <= high
-            flag = min(m - low, high - m) >= zero
-            count += np.int32(1) if m > high else np.int32(0)
-            hits += np.int32(1) if flag else np.int32(0)
-            flags[j] = one if flag else zero
-        above += count
-        if hits:
-            for j in range(n):
-                if flags[j] != zero:
-                    if copied < cap:
-                        kept[copied] = abs(xb[j] - bb[j]) if has_base else abs(xb[j])
-                        copied += 1
-                    else:
-                        spilled += 1
-    return above, copied, spilled
+    _range(lo, hi)
+    result = np.zeros(3, dtype=np.int64)
+    _bracket_range(_ptr(x, np.float32, hi), _ptr(base, np.float32, hi), bool(has_base), float(low), float(high),
+                   lo, hi, _ptr(kept, np.float32, writable=True), kept.size, result.ctypes.data)
+    return int(result[0]), int(result[1]), int(result[2])
 
 
-@jit
-def nth_equal(x, base, has_base, value, count):
+def nth_equal(x, base, has_base, value, count) -> int:
     """The flat index just past the ``count``-th entry whose |x − base| equals ``value`` (len(x) if fewer)."""
-    seen = 0
-    for j in range(x.shape[0]):
-        m = abs(x[j] - base[j]) if has_base else abs(x[j])
-        if m == value:
-            seen += 1
-            if seen == count:
-                return j + 1
-    return x.shape[0]
+    return int(_nth_equal(_ptr(x, np.float32), _ptr(base, np.float32, x.size), bool(has_base), float(value),
+                          count, x.size))
 
 
-@numba.njit(nogil=True, error_model="numpy", inline="always")
-def _elect(d, k, weight, normalize, lambda_):
-    """TIES' elected-sign disjoint mean of the weighted, trimmed deltas ``d[:k]``, exactly as ``mix_range``."""
-    one, zero = np.float32(1.0), np.float32(0.0)
-    total = zero
-    for i in range(k):
-        total += d[i]
-    sign = one if total >= zero else -one
-    agree, divisor = zero, zero
-    for i in range(k):
-        a = d[i] * sign
-        if a > zero:
-            agree += a
-            divisor += weight[i]
-    mixed = agree * sign
-    if normalize:
-        mixed = mixed / (divisor if divisor != zero else one)
-    if lambda_ != one:
-        mixed = mixed * lambda_
-    return mixed
-
-
-@jit
-def ties_scan(xs, base, out, low, high, weight, normalize, lambda_, unit, lo, hi, values, indices, counts, pending):
+def ties_scan(xs, base, out, low, high, weight, normalize, lambda_, unit, lo, hi, values, indices, counts,
+              pending) -> tuple[int, bool]:
     """One pass of a TIES merge before its thresholds are known, over [lo, hi).
 
     Input i's threshold lies in [low[i], high[i]] (a bracket from a sample): |δ| above it is kept for
@@ -178,81 +104,27 @@ def ties_scan(xs, base, out, low, high, weight, normalize, lambda_, unit, lo, hi
     input's in-bracket magnitudes are copied into ``values[i]`` with their flat ``indices[i]``
     (ascending). ``counts[i]`` = (above, in bracket). Returns (pending count, overflowed): on overflow
     the buffers were too small and nothing is usable.
-
-    Blocks as in ``mix_range``: the per-input loop is branch-free (vectorised) and flags the in-bracket
-    entries; a scalar loop copies them out only in blocks that have any.
     """
+    _range(lo, hi)
     k = len(xs)
-    cap, pcap = values.shape[1], pending.shape[0]
-    d = np.empty((k, BLOCK), dtype=np.float32)
-    inside = np.empty((k, BLOCK), dtype=np.float32)
-    total = np.empty(BLOCK, dtype=np.float32)
-    agree = np.empty(BLOCK, dtype=np.float32)
-    divisor = np.empty(BLOCK, dtype=np.float32)
-    undecided = np.empty(BLOCK, dtype=np.bool_)
-    one, zero = np.float32(1.0), np.float32(0.0)
-    waiting = 0
-    for s in range(lo, hi, BLOCK):
-        n = min(hi, s + BLOCK) - s
-        total[:n] = zero
-        any_inside = False
-        b, o = base[s:s + n], out[s:s + n]
-        for i in range(k):
-            x, di, fi, w, bottom, top = xs[i][s:s + n], d[i], inside[i], weight[i], low[i], high[i]
-            above, hits = np.int32(0), np.int32(0)
-            for j in range(n):
-                v = x[j] - b[j]
-                m = abs(v)
-                keep = m > top
-                # one compare for bottom <= m <= top (see bracket_range)
-                flag = min(m - bottom, top - m) >= zero
-                above += np.int32(1) if keep else np.int32(0)
-                hits += np.int32(1) if flag else np.int32(0)
-                fi[j] = one if flag else zero
-                v = v if keep else zero
-                if not unit:
-                    v = v * w
-                di[j] = v
-                total[j] += v
-            counts[i, 0] += above
-            if hits:
-                c = counts[i, 1]
-                if c + hits > cap:
-                    return waiting, True
-                if not any_inside:
-                    undecided[:n] = False
-                    any_inside = True
-                for j in range(n):
-                    if fi[j] != zero:
-                        values[i, c] = abs(x[j] - b[j])
-                        indices[i, c] = s + j
-                        c += 1
-                        undecided[j] = True
-                counts[i, 1] = c
-        _elect_block(d, k, n, total, agree, divisor, weight, normalize, lambda_, b, o)
-        if any_inside:
-            for j in range(n):
-                if undecided[j]:
-                    if waiting >= pcap:
-                        return waiting, True
-                    pending[waiting] = s + j
-                    waiting += 1
-    return waiting, False
+    cap = values.shape[1]
+    if values.shape != (k, cap) or indices.shape != (k, cap) or counts.shape != (k, 2):
+        raise ValueError("kernels: ties_scan buffers do not match the inputs")
+    waiting = _ties_scan(k, _inputs(xs, hi), _ptr(base, np.float32, hi), _ptr(out, np.float32, hi, True),
+                         _ptr(low, np.float32, k), _ptr(high, np.float32, k), _ptr(weight, np.float32, k),
+                         bool(normalize), float(lambda_), bool(unit), lo, hi, _ptr(values, np.float32, writable=True),
+                         _ptr(indices, np.int64, writable=True), cap, _ptr(counts, np.int64, writable=True),
+                         _ptr(pending, np.int64, writable=True), pending.size)
+    return (0, True) if waiting < 0 else (int(waiting), False)
 
 
-@jit
-def ties_fixup(xs, base, out, threshold, tie_end, weight, normalize, lambda_, unit, pending):
+def ties_fixup(xs, base, out, threshold, tie_end, weight, normalize, lambda_, unit, pending) -> None:
     """The outputs ``ties_scan`` left pending, now that every input's threshold is known."""
-    k = len(xs)
-    d = np.empty(k, dtype=np.float32)
-    zero = np.float32(0.0)
-    for p in range(pending.shape[0]):
-        j = pending[p]
-        b = base[j]
-        for i in range(k):
-            v = xs[i][j] - b
-            m = abs(v)
-            t = threshold[i]
-            v = v if (m > t) | ((m == t) & (j < tie_end[i])) else zero
-            d[i] = v if unit else v * weight[i]
-        out[j] = b + _elect(d, k, weight, normalize, lambda_)
+    k, n = len(xs), base.size
+    if pending.size and not 0 <= int(pending.min()) <= int(pending.max()) < n:
+        raise ValueError("kernels: pending index out of range")
+    code = _ties_fixup(k, _inputs(xs, n), _ptr(base, np.float32), _ptr(out, np.float32, n, True),
+                       _ptr(threshold, np.float32, k), _ptr(tie_end, np.int64, k), _ptr(weight, np.float32, k),
+                       bool(normalize), float(lambda_), bool(unit), _ptr(pending, np.int64), pending.size)
+    if code:
+        raise MemoryError("kernels: out of memory")

@@ -4,9 +4,10 @@ Each input enters as either a finished (sparsified) delta or a raw tensor with a
 so TIES' trim is applied inside the same cache-sized chunk that computes δ = θ − θ_base, elects the
 sign and sums: every input is read once more after its threshold is found, and no full-size mask,
 delta or weighted copy is ever allocated. Chunks are split between threads (the kernels release the
-GIL), so a CPU merge uses every core. On CPU in float32 the compiled kernel of ``kernels`` does the
-whole chunk in one fused pass; the torch kernel below is its fallback (numba missing, ``WEIGHTSMITH_JIT=0``)
-and the accelerator path, and both compute the same float32 operations in the same order.
+GIL), so a CPU merge uses every core. On CPU in float32 the native kernel of ``kernels`` does the
+whole chunk in one fused pass; the torch kernel below is its fallback (extension not built,
+``WEIGHTSMITH_NATIVE=0``) and the accelerator path, and both compute the same float32 operations in the
+same order.
 """
 from __future__ import annotations
 
@@ -41,13 +42,9 @@ class Source:
     cutoff: Cutoff | None = None
 
 
-JIT_MIN_NUMEL = 1 << 20  # smaller tensors stay on the torch kernels: loading numba costs ~1 s per process
-
-
-def jit_kernels(numel: int) -> ModuleType | None:
-    """The compiled CPU kernels for a tensor of ``numel`` entries, or None: tensors below JIT_MIN_NUMEL (so a
-    merge of small models never pays for loading numba), numba missing, or ``WEIGHTSMITH_JIT=0``."""
-    if numel < JIT_MIN_NUMEL or os.environ.get("WEIGHTSMITH_JIT", "1") == "0":
+def native_kernels() -> ModuleType | None:
+    """The native CPU kernels, or None: extension not built (no C compiler at install) or ``WEIGHTSMITH_NATIVE=0``."""
+    if os.environ.get("WEIGHTSMITH_NATIVE", "1") == "0":
         return None
     return _import_kernels()
 
@@ -107,9 +104,9 @@ def mix(sources: list[Source], base: torch.Tensor, out: torch.Tensor, weight: li
     """
     n, k = base.numel(), len(sources)
     if base.device.type == "cpu" and base.dtype == torch.float32 and all(s.flat.dtype == torch.float32 for s in sources):
-        kernels = jit_kernels(n)
+        kernels = native_kernels()
         if kernels is not None:
-            return _mix_compiled(kernels, sources, base, out, weight, consensus, normalize, lambda_)
+            return _mix_native(kernels, sources, base, out, weight, consensus, normalize, lambda_)
     total_weight = sum(weight) if abs(sum(weight)) >= 1e-8 else 1.0
     unit = all(w == 1.0 for w in weight)
     wcol = torch.tensor(weight, dtype=base.dtype, device=base.device)
@@ -157,7 +154,7 @@ def mix(sources: list[Source], base: torch.Tensor, out: torch.Tensor, weight: li
                 agreeing = dd.mul_(elected).relu_()
                 mixed = torch.sum(agreeing, 0, out=total).mul_(elected)  # exact: multiplying by ±1
                 if normalize:
-                    # Σ of the agreeing inputs' weights, added in input order as the compiled kernel does
+                    # Σ of the agreeing inputs' weights, added in input order as the native kernel does
                     signs = agreeing.sign_()
                     divisor.zero_()
                     for i in range(k):
@@ -174,9 +171,9 @@ def mix(sources: list[Source], base: torch.Tensor, out: torch.Tensor, weight: li
     return out
 
 
-def _mix_compiled(kernels: ModuleType, sources: list[Source], base: torch.Tensor, out: torch.Tensor,
+def _mix_native(kernels: ModuleType, sources: list[Source], base: torch.Tensor, out: torch.Tensor,
                   weight: list[float], consensus: bool, normalize: bool, lambda_: float) -> torch.Tensor:
-    """``mix`` by the compiled kernel: float32 CPU tensors, same arithmetic as the torch kernel."""
+    """``mix`` by the native kernel: float32 CPU tensors, same arithmetic as the torch kernel."""
     n = base.numel()
 
     def array(t: torch.Tensor) -> np.ndarray:

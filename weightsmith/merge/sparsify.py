@@ -158,7 +158,7 @@ def _select_inside(inside: np.ndarray, rank: int) -> tuple[np.float32, int, int]
 
 def ties_fused(tensors: list[torch.Tensor], base: torch.Tensor, weight: list[float], density: list[float],
                normalize: bool, lambda_: float, mergekit: bool) -> torch.Tensor | None:
-    """A whole TIES merge of one tensor by the compiled kernels, in one pass over the inputs plus a pass
+    """A whole TIES merge of one tensor by the native kernels, in one pass over the inputs plus a pass
     over the few positions it could not decide; None (nothing done) where it does not apply, after which
     ``ties_cutoff`` + ``mixing.mix`` do the same merge.
 
@@ -170,7 +170,7 @@ def ties_fused(tensors: list[torch.Tensor], base: torch.Tensor, weight: list[flo
     n = base.numel()
     if base.device.type != "cpu" or n < BRACKETED or any(t.dtype != torch.float32 for t in (base, *tensors)):
         return None
-    kernels = mixing.jit_kernels(n)
+    kernels = mixing.native_kernels()
     if kernels is None:
         return None
     bf = np.ascontiguousarray(base.detach().reshape(-1).numpy())
@@ -233,10 +233,10 @@ def ties_fused(tensors: list[torch.Tensor], base: torch.Tensor, weight: list[flo
 
 
 def _count_bracket(xf: np.ndarray, bf: np.ndarray | None, lo: float, hi: float, expected: float):
-    """The compiled counting pass, one range per core: (entries above ``hi``, arrays of those in [lo, hi]),
+    """The native counting pass, one range per core: (entries above ``hi``, arrays of those in [lo, hi]),
     or None without the kernels or when more landed inside than the buffers hold."""
     n = xf.size
-    kernels = mixing.jit_kernels(n)
+    kernels = mixing.native_kernels()
     if kernels is None:
         return None
     workers = mixing.worker_count(n)
@@ -276,7 +276,7 @@ def _index_after(x: torch.Tensor, base: torch.Tensor | None, value: float, count
     """The flat index just past the ``count``-th entry (in index order) whose |x − base| equals ``value``."""
     flat_x = x.reshape(-1)
     flat_b = base.reshape(-1) if base is not None else None
-    kernels = mixing.jit_kernels(x.numel()) if x.device.type == "cpu" and x.dtype == torch.float32 else None
+    kernels = mixing.native_kernels() if x.device.type == "cpu" and x.dtype == torch.float32 else None
     if kernels is not None:
         xf = np.ascontiguousarray(flat_x.detach().numpy())
         bf = np.ascontiguousarray(flat_b.detach().numpy()) if flat_b is not None else xf

@@ -1,0 +1,337 @@
+/* Native CPU kernels for the task-vector merges, called through ctypes by kernels.py.
+ *
+ * - ws_mix_range: θ_base + λ·merge(δ) over a range of flat indices; TIES' trim, sign election and disjoint
+ *   mean fused into one pass that reads each input once. The float32 arithmetic is that of mixing.mix's
+ *   torch kernel, in the same order, so both give bitwise-equal results (no FMA contraction: the build
+ *   passes -ffp-contract=off).
+ * - ws_ties_scan + ws_ties_fixup: a whole TIES merge before its thresholds are known (sparsify.ties_fused),
+ *   with the same arithmetic as ws_mix_range.
+ * - ws_bracket_range: the counting pass of a top-k threshold search; ws_nth_equal: where a run of tied
+ *   magnitudes is cut.
+ *
+ * Work goes in blocks of BLOCK elements per input, so the K + 3 scratch rows stay in cache. The per-input
+ * loops are branch-free so the compiler vectorises them; data-dependent branches are left only where they
+ * are rarely taken. The module has no Python-level functions: importing it only makes the shared object
+ * findable, and ctypes (which releases the GIL during a call) does the rest.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define BLOCK 2048
+
+/* AVX2 and baseline versions of the hot loops, picked at load time (GCC, or clang 14+, on x86-64 Linux). */
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && (!defined(__clang__) || __clang_major__ >= 14)
+#define HOT __attribute__((target_clones("avx2", "default")))
+#else
+#define HOT
+#endif
+
+#if defined(_WIN32)
+#define EXPORT __declspec(dllexport)
+#else
+#define EXPORT __attribute__((visibility("default")))
+#endif
+
+static inline float sign_of(float total) { return total >= 0.0f ? 1.0f : -1.0f; }
+
+/* o[j] = b[j] + λ·Σ agreeing d[i][j] (÷ their weights when normalize), given total[j] = Σ d[i][j]. */
+static inline void elect_block(const float *d, int64_t k, int64_t n, const float *total, float *restrict agree,
+                               float *restrict divisor, const float *weight, int normalize, float lambda,
+                               const float *b, float *o)
+{
+    memset(agree, 0, (size_t)n * sizeof(float));
+    memset(divisor, 0, (size_t)n * sizeof(float));
+    for (int64_t i = 0; i < k; i++) {
+        const float *di = d + i * BLOCK;
+        const float w = weight[i];
+        for (int64_t j = 0; j < n; j++) {
+            const float a = di[j] * sign_of(total[j]);
+            const int positive = a > 0.0f;
+            agree[j] += positive ? a : 0.0f;
+            divisor[j] += positive ? w : 0.0f;
+        }
+    }
+    for (int64_t j = 0; j < n; j++) {
+        float mixed = agree[j] * sign_of(total[j]);
+        if (normalize)
+            mixed = mixed / (divisor[j] != 0.0f ? divisor[j] : 1.0f);
+        if (lambda != 1.0f)
+            mixed = mixed * lambda;
+        o[j] = b[j] + mixed;
+    }
+}
+
+/* The elected-sign disjoint mean of one position's weighted, trimmed deltas d[0..k), as elect_block. */
+static inline float elect(const float *d, int64_t k, const float *weight, int normalize, float lambda)
+{
+    float total = 0.0f, agree = 0.0f, divisor = 0.0f;
+    for (int64_t i = 0; i < k; i++)
+        total += d[i];
+    const float sign = sign_of(total);
+    for (int64_t i = 0; i < k; i++) {
+        const float a = d[i] * sign;
+        if (a > 0.0f) {
+            agree += a;
+            divisor += weight[i];
+        }
+    }
+    float mixed = agree * sign;
+    if (normalize)
+        mixed = mixed / (divisor != 0.0f ? divisor : 1.0f);
+    if (lambda != 1.0f)
+        mixed = mixed * lambda;
+    return mixed;
+}
+
+/* out[j] = base[j] + λ·merge(δ)[j] for j in [lo, hi). Input i is a delta when is_delta[i], else θ with
+ * δ = θ − base trimmed to |δ| > threshold[i], or |δ| == threshold[i] before flat index tie_end[i]
+ * (threshold −1 keeps all, +inf none). Returns 0, or −1 when out of memory. */
+EXPORT HOT int ws_mix_range(int64_t k, const float *const *xs, const uint8_t *is_delta, const float *threshold,
+                            const int64_t *tie_end, const float *weight, const float *base, float *out,
+                            int64_t lo, int64_t hi, int consensus, int normalize, float total_weight,
+                            float lambda, int unit)
+{
+    float *d = malloc((size_t)(k > 0 ? k : 1) * BLOCK * sizeof(float));
+    float *scratch = malloc(3 * BLOCK * sizeof(float));
+    if (d == NULL || scratch == NULL) {
+        free(d);
+        free(scratch);
+        return -1;
+    }
+    float *total = scratch, *agree = scratch + BLOCK, *divisor = scratch + 2 * BLOCK;
+    for (int64_t s = lo; s < hi; s += BLOCK) {
+        const int64_t n = (hi < s + BLOCK ? hi : s + BLOCK) - s;
+        const float *b = base + s;
+        float *o = out + s;
+        memset(total, 0, (size_t)n * sizeof(float));
+        for (int64_t i = 0; i < k; i++) {
+            const float *x = xs[i] + s;
+            float *restrict di = d + i * BLOCK;
+            const float w = weight[i];
+            if (is_delta[i]) {
+                for (int64_t j = 0; j < n; j++) {
+                    float v = x[j];
+                    if (!unit)
+                        v = v * w;
+                    di[j] = v;
+                    total[j] += v;
+                }
+            } else {
+                /* ties at the threshold are kept before tie_end: |δ| >= t there, |δ| > t after (two loops,
+                 * so that neither compares indices) */
+                const float t = threshold[i];
+                int64_t split = tie_end[i] - s;
+                split = split < 0 ? 0 : (split > n ? n : split);
+                for (int64_t j = 0; j < split; j++) {
+                    float v = x[j] - b[j];
+                    v = fabsf(v) >= t ? v : 0.0f;
+                    if (!unit)
+                        v = v * w;
+                    di[j] = v;
+                    total[j] += v;
+                }
+                for (int64_t j = split; j < n; j++) {
+                    float v = x[j] - b[j];
+                    v = fabsf(v) > t ? v : 0.0f;
+                    if (!unit)
+                        v = v * w;
+                    di[j] = v;
+                    total[j] += v;
+                }
+            }
+        }
+        if (consensus) {
+            elect_block(d, k, n, total, agree, divisor, weight, normalize, lambda, b, o);
+        } else {
+            for (int64_t j = 0; j < n; j++) {
+                float mixed = normalize ? total[j] / total_weight : total[j];
+                if (lambda != 1.0f)
+                    mixed = mixed * lambda;
+                o[j] = b[j] + mixed;
+            }
+        }
+    }
+    free(d);
+    free(scratch);
+    return 0;
+}
+
+/* Over [lo, hi): result[0] = how many |x − base| exceed high; those in [low, high] are copied into
+ * kept[0..cap) (result[1] of them) and result[2] = how many more did not fit. */
+EXPORT HOT void ws_bracket_range(const float *x, const float *base, int has_base, float low, float high,
+                                 int64_t lo, int64_t hi, float *kept, int64_t cap, int64_t *result)
+{
+    int64_t above = 0, copied = 0, spilled = 0;
+    float flags[BLOCK];
+    for (int64_t s = lo; s < hi; s += BLOCK) {
+        const int64_t n = (hi < s + BLOCK ? hi : s + BLOCK) - s;
+        const float *xb = x + s, *bb = base + s;
+        int32_t count = 0, hits = 0;
+        for (int64_t j = 0; j < n; j++) {
+            const float m = has_base ? fabsf(xb[j] - bb[j]) : fabsf(xb[j]);
+            /* fl(a − b) has the sign of a − b and is zero only when a == b: one compare tests low <= m <= high */
+            const float under = m - low, over = high - m;
+            const int flag = (under < over ? under : over) >= 0.0f;
+            count += m > high;
+            hits += flag;
+            flags[j] = flag ? 1.0f : 0.0f;
+        }
+        above += count;
+        if (hits) {
+            for (int64_t j = 0; j < n; j++) {
+                if (flags[j] != 0.0f) {
+                    if (copied < cap)
+                        kept[copied++] = has_base ? fabsf(xb[j] - bb[j]) : fabsf(xb[j]);
+                    else
+                        spilled++;
+                }
+            }
+        }
+    }
+    result[0] = above;
+    result[1] = copied;
+    result[2] = spilled;
+}
+
+/* The flat index just past the count-th entry whose |x − base| equals value (n if fewer). */
+EXPORT int64_t ws_nth_equal(const float *x, const float *base, int has_base, float value, int64_t count, int64_t n)
+{
+    int64_t seen = 0;
+    for (int64_t j = 0; j < n; j++) {
+        const float m = has_base ? fabsf(x[j] - base[j]) : fabsf(x[j]);
+        if (m == value && ++seen == count)
+            return j + 1;
+    }
+    return n;
+}
+
+/* One pass of a TIES merge before its thresholds are known, over [lo, hi).
+ *
+ * Input i's threshold lies in [low[i], high[i]] (a bracket from a sample): |δ| above it is kept for sure,
+ * below it dropped. Every position gets the output those decisions give; positions where some input falls
+ * inside its bracket are also listed in pending[0..pcap) for ws_ties_fixup to redo, and each input's
+ * in-bracket magnitudes are copied into values[i][0..cap) with their flat indices[i] (ascending).
+ * counts[i] = (above, in bracket). Returns the pending count, or −1 on overflow (the buffers were too small
+ * and nothing is usable) or when out of memory.
+ *
+ * Blocks as in ws_mix_range: the per-input loop is branch-free (vectorised) and flags the in-bracket
+ * entries; a scalar loop copies them out only in blocks that have any. */
+EXPORT HOT int64_t ws_ties_scan(int64_t k, const float *const *xs, const float *base, float *out, const float *low,
+                                const float *high, const float *weight, int normalize, float lambda, int unit,
+                                int64_t lo, int64_t hi, float *values, int64_t *indices, int64_t cap,
+                                int64_t *counts, int64_t *pending, int64_t pcap)
+{
+    float *d = malloc((size_t)(k > 0 ? k : 1) * BLOCK * sizeof(float));
+    float *inside = malloc((size_t)(k > 0 ? k : 1) * BLOCK * sizeof(float));
+    float *scratch = malloc(3 * BLOCK * sizeof(float));
+    uint8_t undecided[BLOCK];
+    int64_t waiting = 0;
+    if (d == NULL || inside == NULL || scratch == NULL) {
+        waiting = -1;
+        goto done;
+    }
+    float *total = scratch, *agree = scratch + BLOCK, *divisor = scratch + 2 * BLOCK;
+    for (int64_t s = lo; s < hi; s += BLOCK) {
+        const int64_t n = (hi < s + BLOCK ? hi : s + BLOCK) - s;
+        const float *b = base + s;
+        float *o = out + s;
+        int any_inside = 0;
+        memset(total, 0, (size_t)n * sizeof(float));
+        for (int64_t i = 0; i < k; i++) {
+            const float *x = xs[i] + s;
+            float *restrict di = d + i * BLOCK;
+            float *restrict fi = inside + i * BLOCK;
+            const float w = weight[i], bottom = low[i], top = high[i];
+            int32_t above = 0, hits = 0;
+            for (int64_t j = 0; j < n; j++) {
+                float v = x[j] - b[j];
+                const float m = fabsf(v);
+                const int keep = m > top;
+                /* one compare for bottom <= m <= top (see ws_bracket_range) */
+                const float under = m - bottom, over = top - m;
+                const int flag = (under < over ? under : over) >= 0.0f;
+                above += keep;
+                hits += flag;
+                fi[j] = flag ? 1.0f : 0.0f;
+                v = keep ? v : 0.0f;
+                if (!unit)
+                    v = v * w;
+                di[j] = v;
+                total[j] += v;
+            }
+            counts[2 * i] += above;
+            if (hits) {
+                int64_t c = counts[2 * i + 1];
+                if (c + hits > cap) {
+                    waiting = -1;
+                    goto done;
+                }
+                if (!any_inside) {
+                    memset(undecided, 0, (size_t)n);
+                    any_inside = 1;
+                }
+                for (int64_t j = 0; j < n; j++) {
+                    if (fi[j] != 0.0f) {
+                        values[i * cap + c] = fabsf(x[j] - b[j]);
+                        indices[i * cap + c] = s + j;
+                        c++;
+                        undecided[j] = 1;
+                    }
+                }
+                counts[2 * i + 1] = c;
+            }
+        }
+        elect_block(d, k, n, total, agree, divisor, weight, normalize, lambda, b, o);
+        if (any_inside) {
+            for (int64_t j = 0; j < n; j++) {
+                if (undecided[j]) {
+                    if (waiting >= pcap) {
+                        waiting = -1;
+                        goto done;
+                    }
+                    pending[waiting++] = s + j;
+                }
+            }
+        }
+    }
+done:
+    free(d);
+    free(inside);
+    free(scratch);
+    return waiting;
+}
+
+/* The outputs ws_ties_scan left pending, now that every input's threshold is known. Returns 0, or −1 when
+ * out of memory. */
+EXPORT int ws_ties_fixup(int64_t k, const float *const *xs, const float *base, float *out, const float *threshold,
+                         const int64_t *tie_end, const float *weight, int normalize, float lambda, int unit,
+                         const int64_t *pending, int64_t npending)
+{
+    float *d = malloc((size_t)(k > 0 ? k : 1) * sizeof(float));
+    if (d == NULL)
+        return -1;
+    for (int64_t p = 0; p < npending; p++) {
+        const int64_t j = pending[p];
+        const float b = base[j];
+        for (int64_t i = 0; i < k; i++) {
+            float v = xs[i][j] - b;
+            const float m = fabsf(v), t = threshold[i];
+            v = (m > t) || (m == t && j < tie_end[i]) ? v : 0.0f;
+            d[i] = unit ? v : v * weight[i];
+        }
+        out[j] = b + elect(d, k, weight, normalize, lambda);
+    }
+    free(d);
+    return 0;
+}
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_kernels",
+    "weightsmith's native merge kernels; weightsmith.merge.kernels calls them through ctypes.", -1, NULL,
+};
+
+PyMODINIT_FUNC PyInit__kernels(void) { return PyModule_Create(&module); }
