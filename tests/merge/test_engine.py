@@ -32,6 +32,7 @@ def no_reads(monkeypatch):
     ("arch", "num_hidden_layers"),
     ("shape", "has shape"),
     ("gradient_out_of_range", "outside"),
+    ("whole_model_trim_by_layer", "takes one density per model"),
 ])
 def test_bad_recipes_refused_before_any_tensor_is_read(case, message, tiny_llama, tmp_path, no_reads):
     a, b = tiny_llama("a", seed=0), tiny_llama("b", seed=1)
@@ -44,6 +45,7 @@ def test_bad_recipes_refused_before_any_tensor_is_read(case, message, tiny_llama
         "arch": recipe_from_flags("linear", [str(a), str(tiny_llama("c", num_hidden_layers=3))]),
         "shape": recipe_from_flags("linear", [str(a), str(tiny_llama("d", intermediate_size=40))], parameters={}),
         "gradient_out_of_range": recipe_from_flags("ties", [str(b)], str(a), {"density": [[0.5, 1.4]]}),
+        "whole_model_trim_by_layer": recipe_from_flags("ties", [str(b)], str(a), {"density": [[0.2, 0.6]]}),
     }[case]
     with pytest.raises(WeightsmithError, match=message):
         merge(r, tmp_path / "out", allow_crimes=case == "shape")

@@ -136,7 +136,8 @@ def test_fused_ties_matches_mergekit_on_large_tensors(compat, wide_models, tmp_p
     fused = []
     original = methods.ties_fused
     monkeypatch.setattr(methods, "ties_fused", lambda *a, **k: fused.append(original(*a, **k)) or fused[-1])
-    ours = {**cfg, "parameters": {**cfg["parameters"], **({"compat": compat} if compat else {})}}
+    # per-tensor trim, as mergekit's; without compat: mergekit, ties at a cut keep weightsmith's index order
+    ours = {**cfg, "parameters": {**cfg["parameters"], **({"compat": compat} if compat else {"trim": "tensor"})}}
     merge(parse_recipe(yaml.safe_dump(ours)), tmp_path / "ws", device="cpu")
     assert any(f is not None for f in fused), "no tensor took the fused path"
     a, b = Checkpoint(tmp_path / "ws"), Checkpoint(tmp_path / "mk")

@@ -7,7 +7,7 @@
  * - ws_ties_scan + ws_ties_fixup: a whole TIES merge before its thresholds are known (sparsify.ties_fused),
  *   with the same arithmetic as ws_mix_range.
  * - ws_bracket_range: the counting pass of a top-k threshold search; ws_nth_equal: where a run of tied
- *   magnitudes is cut.
+ *   magnitudes is cut; ws_magnitude_histogram: the counting passes of a whole-model top-k threshold.
  *
  * Work goes in blocks of BLOCK elements per input, so the K + 3 scratch rows stay in cache. The per-input
  * loops are branch-free so the compiler vectorises them; data-dependent branches are left only where they
@@ -207,6 +207,50 @@ EXPORT int64_t ws_nth_equal(const float *x, const float *base, int has_base, flo
             return j + 1;
     }
     return n;
+}
+
+/* Histogram of the float32 bits of |x − base| over [lo, hi), added into counts: by their top 16 bits when
+ * high < 0 (32768 bins: a magnitude's sign bit is 0), else by their low 16 bits among the entries whose top
+ * 16 bits equal high (65536 bins). Non-negative floats order as their bit patterns, so the two histograms
+ * find an exact order statistic. Returns 0, or −1 when out of memory. */
+EXPORT int ws_magnitude_histogram(const float *x, const float *base, int64_t lo, int64_t hi, int32_t high,
+                                  int64_t *counts)
+{
+    /* four interleaved histograms, so runs of one bin do not wait on each other's increments */
+    const int64_t bins = high < 0 ? (1 << 15) : (1 << 16), flush = (int64_t)1 << 30;
+    uint32_t *part = calloc(4 * (size_t)bins, sizeof(uint32_t));
+    if (part == NULL)
+        return -1;
+    for (int64_t s = lo; s < hi; s += flush) {
+        const int64_t e = hi - s < flush ? hi : s + flush;
+        int64_t j = s;
+        for (; j + 4 <= e; j += 4) {
+            for (int r = 0; r < 4; r++) {
+                const float m = fabsf(x[j + r] - base[j + r]);
+                uint32_t bits;
+                memcpy(&bits, &m, sizeof bits);
+                if (high < 0)
+                    part[r * bins + (bits >> 16)]++;
+                else if ((int32_t)(bits >> 16) == high)
+                    part[r * bins + (bits & 0xFFFFu)]++;
+            }
+        }
+        for (; j < e; j++) {
+            const float m = fabsf(x[j] - base[j]);
+            uint32_t bits;
+            memcpy(&bits, &m, sizeof bits);
+            if (high < 0)
+                part[bits >> 16]++;
+            else if ((int32_t)(bits >> 16) == high)
+                part[bits & 0xFFFFu]++;
+        }
+        for (int64_t b = 0; b < bins; b++) {
+            counts[b] += (int64_t)part[b] + part[bins + b] + part[2 * bins + b] + part[3 * bins + b];
+            part[b] = part[bins + b] = part[2 * bins + b] = part[3 * bins + b] = 0;
+        }
+    }
+    free(part);
+    return 0;
 }
 
 /* One pass of a TIES merge before its thresholds are known, over [lo, hi).

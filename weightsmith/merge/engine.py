@@ -27,6 +27,7 @@ from ..progress import ProgressFn, report
 from .methods import Method, Param, get_method
 from .mwa import checkpoint_metric, mwa_weights
 from .recipe import ModelEntry, Recipe, evaluate_setting
+from .sparsify import whole_model_thresholds
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -57,6 +58,7 @@ class TensorJob:
     kwargs: dict
     rows: int | None = None  # crop the vocabulary axis to this many rows
     float_math: bool = True
+    whole_trim: bool = False  # TIES' trim over the whole task vector: the threshold comes from a pre-pass
 
 
 @dataclass
@@ -245,10 +247,19 @@ def plan_merge(recipe: Recipe, *, dtype: str | None = None, allow_crimes: bool =
             kwargs["compat"] = compat
         if "inplace" in _fn_args(method):
             kwargs["inplace"] = True
+        trim = kwargs.pop("trim", None)
         in_dtype = reference.info(name).torch_dtype
         float_math = in_dtype.is_floating_point
         jobs.append(TensorJob(name, shape, out_dtype if (out_dtype and float_math) else in_dtype,
-                              _fn_kwargs(kwargs), rows, float_math))
+                              _fn_kwargs(kwargs), rows, float_math, trim == "model" and float_math))
+    whole = [j for j in jobs if j.whole_trim]
+    for i, m in enumerate(entries if whole else []):
+        densities = sorted({j.kwargs["density"][i] for j in whole})
+        if len(densities) > 1:
+            raise WeightsmithError(
+                f"{where}: model {m.path}: trim: model (TIES' whole-model trim) takes one density per model, got "
+                f"{len(densities)} across tensors ({densities[0]:g}..{densities[-1]:g}); use trim: tensor for "
+                "densities that vary by layer")
     if not card_params:
         card_params = {p.name: recipe.parameters.get(p.name, p.default) for p in method.params}
     return MergePlan(method, recipe, base, models, jobs, reference, adapter, notes, card_params)
@@ -282,6 +293,26 @@ def run_job(plan: MergePlan, job: TensorJob, tensors: list[torch.Tensor], base: 
     return plan.method.fn(tensors, **kwargs)
 
 
+def _whole_model_trim(jobs: list[TensorJob], sources: list[Checkpoint], device: torch.device,
+                      progress: ProgressFn | None) -> None:
+    """Each input's TIES threshold over its whole task vector (the jobs with ``whole_trim``), found in two
+    reading passes before the merge; the jobs then cut at it."""
+    label = "trim thresholds"
+    done = [0]
+
+    def tensors():
+        for job in jobs:
+            inputs = [_read(c, job, device) for c in sources]
+            yield inputs[0], inputs[1:]
+            done[0] += 1
+            report(progress, label, done[0], 2 * len(jobs))
+
+    total = sum(torch.Size(j.shape).numel() for j in jobs)
+    thresholds = whole_model_thresholds(tensors, jobs[0].kwargs["density"], total)
+    for job in jobs:
+        job.kwargs["threshold"] = thresholds
+
+
 def _read(ckpt: Checkpoint, job: TensorJob, device: torch.device) -> torch.Tensor:
     """The tensor (float32 for float math) on ``device``, cropped to the job's rows, which the method may
     overwrite: on CPU a float32 (or non-float) tensor is a private copy-on-write mapping of the file,
@@ -313,6 +344,9 @@ def merge(recipe: Recipe, out: str | Path, *, device: str = "auto", dtype: str |
     uses_base = plan.base is not None and plan.method.base == "required"
     sources = ([plan.base] if uses_base else []) + plan.models
     tokenizer_src = plan.reference.path
+    whole = [j for j in plan.jobs if j.whole_trim]
+    if whole:
+        _whole_model_trim(whole, sources, dev, progress)
     with output_folder(out, recipe.inputs, force) as tmp:
         shard = "1000TB" if plan.adapter else out_shard_size
         writer = ShardedWriter(tmp, [(j.name, j.dtype, j.shape) for j in plan.jobs], shard)

@@ -7,7 +7,7 @@ code stays as the fallback.
 - ``ties_scan`` + ``ties_fixup``: a whole TIES merge before its thresholds are known (see
   ``sparsify.ties_fused``), with the same arithmetic as ``mix_range``.
 - ``bracket_range``: the counting pass of a top-k threshold search; ``nth_equal``: where a run of
-  tied magnitudes is cut.
+  tied magnitudes is cut; ``magnitude_histogram``: the counting passes of a whole-model top-k threshold.
 
 The C functions are called through ctypes, which releases the GIL for the call, so
 ``mixing.parallel_ranges`` runs them on every core. Loading them costs a few milliseconds. Importing this
@@ -36,6 +36,7 @@ def _bind(name: str, restype, *argtypes):
 _mix_range = _bind("ws_mix_range", _INT, _I64, _P, _P, _P, _P, _P, _P, _P, _I64, _I64, _INT, _INT, _F32, _F32, _INT)
 _bracket_range = _bind("ws_bracket_range", None, _P, _P, _INT, _F32, _F32, _I64, _I64, _P, _I64, _P)
 _nth_equal = _bind("ws_nth_equal", _I64, _P, _P, _INT, _F32, _I64, _I64)
+_magnitude_histogram = _bind("ws_magnitude_histogram", _INT, _P, _P, _I64, _I64, ctypes.c_int32, _P)
 _ties_scan = _bind("ws_ties_scan", _I64, _I64, _P, _P, _P, _P, _P, _P, _INT, _F32, _INT, _I64, _I64, _P, _P, _I64,
                    _P, _P, _I64)
 _ties_fixup = _bind("ws_ties_fixup", _INT, _I64, _P, _P, _P, _P, _P, _P, _INT, _F32, _INT, _P, _I64)
@@ -92,6 +93,15 @@ def nth_equal(x, base, has_base, value, count) -> int:
     """The flat index just past the ``count``-th entry whose |x − base| equals ``value`` (len(x) if fewer)."""
     return int(_nth_equal(_ptr(x, np.float32), _ptr(base, np.float32, x.size), bool(has_base), float(value),
                           count, x.size))
+
+
+def magnitude_histogram(x, base, lo, hi, high, counts) -> None:
+    """Add into ``counts`` the histogram of |x − base|'s float32 bits over [lo, hi): by the top 16 bits when
+    ``high`` < 0 (32768 bins), else by the low 16 bits of the entries whose top 16 bits equal ``high``."""
+    _range(lo, hi)
+    if _magnitude_histogram(_ptr(x, np.float32, hi), _ptr(base, np.float32, hi), lo, hi, int(high),
+                            _ptr(counts, np.int64, 1 << 15 if high < 0 else 1 << 16, True)):
+        raise MemoryError("kernels: out of memory")
 
 
 def ties_scan(xs, base, out, low, high, weight, normalize, lambda_, unit, lo, hi, values, indices, counts,

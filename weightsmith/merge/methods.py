@@ -61,8 +61,21 @@ def task_arithmetic(tensors, base, weight, normalize=False, lambda_=1.0, inplace
     return task_vectors(tensors, base, weight, normalize=normalize, lambda_=lambda_, inplace=inplace)
 
 
-def ties(tensors, base, weight, density, normalize=True, lambda_=1.0, rescale=None, compat=None, inplace=False):
-    """TIES: trim each δᵢ to its top-density |δ|, elect signs, disjoint mean."""
+def ties(tensors, base, weight, density, normalize=True, lambda_=1.0, rescale=None, compat=None, inplace=False,
+         threshold=None):
+    """TIES: trim each δᵢ to its top-density |δ|, elect signs, disjoint mean.
+
+    The trim is per tensor, unless ``threshold`` gives each input's cut over its whole task vector (the
+    paper's trim; the engine finds it with ``sparsify.whole_model_thresholds`` when ``trim: model``).
+    """
+    if threshold is not None:
+        if rescale == "l1":
+            def whole(d: torch.Tensor, i: int, own: bool) -> torch.Tensor:
+                return l1_rescaled(d, torch.where(d.abs() >= threshold[i], d, torch.zeros_like(d)))
+            return task_vectors(tensors, base, weight, whole, consensus=True, normalize=normalize, lambda_=lambda_,
+                                inplace=inplace)
+        return task_vectors(tensors, base, weight, consensus=True, normalize=normalize, lambda_=lambda_, inplace=inplace,
+                            cutoff=lambda x, i: Cutoff(threshold[i]))
     mergekit = compat == "mergekit"
     if rescale != "l1":
         fused = ties_fused(tensors, base, weight, density, normalize, lambda_, mergekit)
@@ -213,8 +226,8 @@ WEIGHT = Param("weight", float, 1.0, "model", help="per-model weight")
 DENSITY = Param("density", float, 1.0, "model", 0.0, 1.0, help="fraction of each task vector kept")
 LAMBDA = Param("lambda", float, 1.0, "global", help="scale of the merged task vector")
 COMPAT = Param("compat", str, "paper", choices=("paper", "mergekit"),
-               help="'mergekit' switches DARE rescale to l1, breadcrumbs to mergekit's per-tensor counts, and "
-                    "breaks ties in |delta| at a top-k threshold as mergekit's sort does")
+               help="'mergekit' switches TIES' trim to per tensor, DARE rescale to l1, breadcrumbs to mergekit's "
+                    "per-tensor counts, and breaks ties in |delta| at a top-k threshold as mergekit's sort does")
 
 
 def _normalize(default: bool) -> Param:
@@ -229,6 +242,8 @@ REGISTRY: dict[str, Method] = {m.name: m for m in [
     Method("ties", ties, "TIES", "https://arxiv.org/abs/2306.01708",
            (WEIGHT, DENSITY, _normalize(True), LAMBDA,
             Param("rescale", str, "none", choices=("none", "l1"), help="rescale trimmed deltas to their L1 norm"),
+            Param("trim", str, "model", choices=("model", "tensor"), mergekit="tensor",
+                  help="top-density |delta| over each whole task vector (paper) or per tensor (mergekit)"),
             COMPAT),
            base="required"),
     *[Method(n, f, t, "https://arxiv.org/abs/2311.03099",

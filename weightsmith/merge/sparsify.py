@@ -2,11 +2,13 @@
 
 TIES trimming (Yadav et al. 2023, arXiv 2306.01708), DARE drop-and-rescale (Yu et al. 2023,
 arXiv 2311.03099) and the Model Breadcrumbs band mask (Davari & Belilovsky 2023, arXiv 2312.06795).
-Thresholds are exact order statistics found by selection (np.partition / torch.kthvalue), never a sort.
+Thresholds are exact order statistics found by selection (np.partition / torch.kthvalue) or, over a
+whole model, by two histograms of the magnitudes' float32 bits; never by a sort.
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
@@ -61,6 +63,71 @@ def ties_cutoff(x: torch.Tensor, base: torch.Tensor | None, density: float, merg
     if mergekit:
         return None
     return Cutoff(threshold, _index_after(x, base, threshold, kept_ties))
+
+
+HIGH_BINS, LOW_BINS = 1 << 15, 1 << 16  # a magnitude's float32 bits: top 16 (sign bit 0), low 16
+
+
+def magnitude_histogram(x: torch.Tensor, base: torch.Tensor, high: int, counts: np.ndarray) -> None:
+    """Add into ``counts`` the histogram of |x − base|'s float32 bits: by their top 16 bits when ``high`` < 0,
+    else by their low 16 bits among the entries whose top 16 bits equal ``high``. Non-negative floats order
+    as their bit patterns, so the two histograms pin an order statistic down exactly."""
+    xf, bf = x.reshape(-1), base.reshape(-1)
+    native = xf.device.type == "cpu" and xf.dtype == bf.dtype == torch.float32
+    kernels = mixing.native_kernels() if native else None
+    if kernels is not None:
+        xa, ba = np.ascontiguousarray(xf.detach().numpy()), np.ascontiguousarray(bf.detach().numpy())
+        parts: list[np.ndarray] = []
+
+        def count(lo: int, hi: int) -> None:
+            part = np.zeros_like(counts)
+            kernels.magnitude_histogram(xa, ba, lo, hi, high, part)
+            parts.append(part)
+
+        mixing.parallel_ranges(xa.size, count)
+        for part in parts:
+            counts += part
+        return
+    step = 1 << 22
+    for s in range(0, xf.numel(), step):
+        bits = (xf[s:s + step].float() - bf[s:s + step].float()).abs_().view(torch.int32)
+        index = bits >> 16 if high < 0 else bits[(bits >> 16) == high] & 0xFFFF
+        counts += torch.bincount(index, minlength=counts.size).cpu().numpy()
+
+
+def _bin_of_rank(counts: np.ndarray, k: int) -> tuple[int, int]:
+    """The bin holding the k-th largest entry, and how many entries lie in the bins above it."""
+    from_top = np.cumsum(counts[::-1])
+    i = int(np.searchsorted(from_top, k))
+    return counts.size - 1 - i, int(from_top[i - 1]) if i else 0
+
+
+def whole_model_thresholds(tensors: Callable[[], Iterable[tuple[torch.Tensor, list[torch.Tensor]]]],
+                           density: list[float], total: int) -> list[float]:
+    """TIES' trim as the paper does it: for each input, the k-th largest |δ| over its whole task vector
+    (k = ``kept_count(density, total)``), exactly. ``tensors()`` yields (θ_base, [θᵢ]) for every tensor of
+    the model and is called once per pass, at most twice. Cut at the result keeping every |δ| >= it (ties
+    at the threshold all kept, as the paper's code does); −1 keeps all, +inf none."""
+    count = len(density)
+    keep = [kept_count(d, total) for d in density]
+    thresholds = [-1.0 if k == total else math.inf for k in keep]
+    todo = [i for i in range(count) if 0 < keep[i] < total]
+    if not todo:
+        return thresholds
+    high = {i: np.zeros(HIGH_BINS, dtype=np.int64) for i in todo}
+    for base, xs in tensors():
+        for i in todo:
+            magnitude_histogram(xs[i], base, -1, high[i])
+    bins = {i: _bin_of_rank(high[i], keep[i]) for i in todo}
+    low = {i: np.zeros(LOW_BINS, dtype=np.int64) for i in todo}
+    for base, xs in tensors():
+        for i in todo:
+            magnitude_histogram(xs[i], base, bins[i][0], low[i])
+    for i in todo:
+        top, above = bins[i]
+        bottom, _ = _bin_of_rank(low[i], keep[i] - above)
+        thresholds[i] = float(np.array([(top << 16) | bottom], dtype=np.uint32).view(np.float32)[0])
+    return thresholds
 
 
 def top_count(density: float, n: int) -> int:
