@@ -2,8 +2,9 @@
 
 Measures wall time and peak RSS of both as child processes the same way (/usr/bin/time -v when present,
 else resource.getrusage of children), plus the I/O floor: read all four inputs and write one output
-with plain safetensors, and weightsmith again with its native kernels off (WEIGHTSMITH_NATIVE=0). The
-floor and weightsmith runs are interleaved --repeat times and the best wall of each is reported (this
+with plain safetensors. weightsmith trims per tensor, as mergekit does (trim: tensor); it runs again
+with the paper's whole-model trim (its default, one more reading pass) and with its native kernels off
+(WEIGHTSMITH_NATIVE=0). The floor and weightsmith runs are interleaved --repeat times and the best wall of each is reported (this
 machine is noisy). Checkpoints are built once and cached under the weightsmith cache directory, and
 read once before the timed runs so that every run finds them in the page cache.
 
@@ -141,9 +142,12 @@ def main() -> None:
     paths = build_models(params, args.shard)
     n_params = Checkpoint(paths["base"]).num_params
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    # mergekit trims each tensor on its own: so does weightsmith here (trim: tensor); the paper's whole-model
+    # trim (weightsmith's default) is timed as its own row
     recipe = {"merge_method": "ties", "base_model": str(paths["base"]), "dtype": "float32",
-              "parameters": {"density": args.density, "weight": 1.0},
+              "parameters": {"density": args.density, "weight": 1.0, "trim": "tensor"},
               "models": [{"model": str(paths[n])} for n in FINETUNES]}
+    paper = {**recipe, "parameters": {**recipe["parameters"], "trim": "model"}}
     bindir = Path(sys.executable).parent
     rows = {}
     # Every run reads the inputs warm from the page cache: the first one timed must not pay for the disk.
@@ -155,12 +159,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="merge-bench-", dir=cache_root()) as tmp:
         tmp = Path(tmp)
         (tmp / "ties.yaml").write_text(json.dumps(recipe))
+        (tmp / "ties-paper.yaml").write_text(json.dumps(paper))
         runs = {
             "I/O floor (safetensors)": lambda out: (
                 [sys.executable, "-c", IO_FLOOR, *(str(p) for p in paths.values()), str(out),
                  str(parse_size(args.shard))], env),
             "weightsmith merge": lambda out: (
                 [str(bindir / "weightsmith"), "merge", str(tmp / "ties.yaml"), "-o", str(out), "--device", "cpu",
+                 "--out-shard-size", args.shard, "--quiet"], env),
+            "  trim: model (paper)": lambda out: (
+                [str(bindir / "weightsmith"), "merge", str(tmp / "ties-paper.yaml"), "-o", str(out), "--device", "cpu",
                  "--out-shard-size", args.shard, "--quiet"], env),
             "  native kernels off": lambda out: (
                 [str(bindir / "weightsmith"), "merge", str(tmp / "ties.yaml"), "-o", str(out), "--device", "cpu",

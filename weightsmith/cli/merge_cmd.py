@@ -17,7 +17,8 @@ parameters, dtype); parameter values may be layer gradients ([0.2, 0.8]) or filt
 
 Methods: linear, task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs, breadcrumbs_ties,
 slerp, model_stock, mwa, greedy_soup. Where the paper and mergekit differ, the paper is the
-default and --compat mergekit gives mergekit's choice (DARE rescale l1; breadcrumbs masks per tensor).
+default and --compat mergekit gives mergekit's choice (TIES trims per tensor; DARE rescale l1;
+breadcrumbs masks per tensor).
 Embedding / lm_head tensors whose vocabulary rows differ are cropped to the common first rows,
 as mergekit's truncation does; any other shape mismatch is an error.
 """
@@ -37,6 +38,7 @@ def merge_cmd(
     t: Annotated[float | None, typer.Option("--t", help="SLERP position: 0 = base, 1 = the other model. [default: 0.5]")] = None,
     normalize: Annotated[bool | None, typer.Option("--normalize/--no-normalize", help="Divide by summed weights (default: per method, as mergekit).")] = None,
     rescale: Annotated[str | None, typer.Option("--rescale", help="DARE survivors: paper (1/density), l1 (mergekit) or none. [default: paper]")] = None,
+    trim: Annotated[str | None, typer.Option("--trim", help="TIES: top --density of each whole task vector 'model' (paper) or of each 'tensor' (mergekit). [default: model]")] = None,
     mask: Annotated[str | None, typer.Option("--mask", help="Breadcrumbs mask fractions per 'row' (paper) or per 'tensor' (mergekit). [default: row]")] = None,
     compat: Annotated[str | None, typer.Option("--compat", help="'mergekit' switches defaults to mergekit's choices. [default: paper]")] = None,
     filter_wise: Annotated[bool | None, typer.Option("--filter-wise/--no-filter-wise", help="Model stock: one ratio per output row. [default: no]")] = None,
@@ -61,7 +63,7 @@ def merge_cmd(
     from ..merge import load_recipe, merge
     from ..merge.recipe import parse_param, recipe_from_flags
 
-    flags = {"lambda": lambda_, "t": t, "normalize": normalize, "rescale": rescale, "mask": mask, "compat": compat,
+    flags = {"lambda": lambda_, "t": t, "normalize": normalize, "rescale": rescale, "trim": trim, "mask": mask, "compat": compat,
              "filter_wise": filter_wise, "metric": metric, "p": p, "data": data, "width": width, "labelled": labelled,
              "max_tokens": max_tokens, **dict(parse_param(x) for x in param or [])}
     per_model = {"weight": weight, "density": density, "gamma": gamma, "metric_value": metric_value}

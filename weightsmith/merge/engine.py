@@ -304,6 +304,7 @@ def _whole_model_trim(jobs: list[TensorJob], sources: list[Checkpoint], device: 
         for job in jobs:
             inputs = [_read(c, job, device) for c in sources]
             yield inputs[0], inputs[1:]
+            del inputs  # unmapped before the next tensor is read
             done[0] += 1
             report(progress, label, done[0], 2 * len(jobs))
 

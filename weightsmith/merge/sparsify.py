@@ -118,11 +118,13 @@ def whole_model_thresholds(tensors: Callable[[], Iterable[tuple[torch.Tensor, li
     for base, xs in tensors():
         for i in todo:
             magnitude_histogram(xs[i], base, -1, high[i])
+        del base, xs  # before the next tensor is read
     bins = {i: _bin_of_rank(high[i], keep[i]) for i in todo}
     low = {i: np.zeros(LOW_BINS, dtype=np.int64) for i in todo}
     for base, xs in tensors():
         for i in todo:
             magnitude_histogram(xs[i], base, bins[i][0], low[i])
+        del base, xs
     for i in todo:
         top, above = bins[i]
         bottom, _ = _bin_of_rank(low[i], keep[i] - above)
