@@ -152,7 +152,7 @@ def _digests(folder):
 def test_methods_writing_into_their_inputs_leave_the_input_files_alone(method, params, tiny_llama, tmp_path,
                                                                        monkeypatch):
     """On CPU the engine hands the methods copy-on-write mappings of the input files, which they overwrite;
-    the embedding here (1M entries) also takes TIES' fused compiled path."""
+    the embedding here (1M entries) also takes TIES' fused native path."""
     base = tiny_llama("base", vocab_size=8192, hidden_size=128, intermediate_size=128)
     fts = [tiny_llama(f"ft{i}", seed=i + 1, vocab_size=8192, hidden_size=128, intermediate_size=128) for i in range(2)]
     before = {f: _digests(f) for f in (base, *fts)}

@@ -172,7 +172,7 @@ def mix(sources: list[Source], base: torch.Tensor, out: torch.Tensor, weight: li
 
 
 def _mix_native(kernels: ModuleType, sources: list[Source], base: torch.Tensor, out: torch.Tensor,
-                  weight: list[float], consensus: bool, normalize: bool, lambda_: float) -> torch.Tensor:
+                weight: list[float], consensus: bool, normalize: bool, lambda_: float) -> torch.Tensor:
     """``mix`` by the native kernel: float32 CPU tensors, same arithmetic as the torch kernel."""
     n = base.numel()
 
