@@ -146,17 +146,18 @@ def _digests(folder):
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
 
 
-@pytest.mark.parametrize("method, params", [
-    ("ties", {"density": 0.3}), ("task_arithmetic", {}), ("dare_ties", {"density": 0.5}),
-    ("breadcrumbs_ties", {"density": 0.5, "gamma": 0.01})])
-def test_methods_writing_into_their_inputs_leave_the_input_files_alone(method, params, tiny_llama, tmp_path,
-                                                                       monkeypatch):
+@pytest.mark.parametrize("method, params, global_params", [
+    ("ties", {"density": 0.3}, {}), ("ties", {"density": 0.3}, {"trim": "tensor"}), ("task_arithmetic", {}, {}),
+    ("dare_ties", {"density": 0.5}, {}), ("breadcrumbs_ties", {"density": 0.5, "gamma": 0.01}, {})])
+def test_methods_writing_into_their_inputs_leave_the_input_files_alone(method, params, global_params, tiny_llama,
+                                                                       tmp_path, monkeypatch):
     """On CPU the engine hands the methods copy-on-write mappings of the input files, which they overwrite;
-    the embedding here (1M entries) also takes TIES' fused native path."""
+    the embedding here (1M entries) also takes TIES' fused native path under trim: tensor."""
     base = tiny_llama("base", vocab_size=8192, hidden_size=128, intermediate_size=128)
     fts = [tiny_llama(f"ft{i}", seed=i + 1, vocab_size=8192, hidden_size=128, intermediate_size=128) for i in range(2)]
     before = {f: _digests(f) for f in (base, *fts)}
-    recipe = recipe_from_flags(method, [str(f) for f in fts], str(base), {k: [v] for k, v in params.items()}, {})
+    recipe = recipe_from_flags(method, [str(f) for f in fts], str(base), {k: [v] for k, v in params.items()},
+                               global_params)
     merge(recipe, tmp_path / "mapped", seed=3)
     assert {f: _digests(f) for f in before} == before
     # the same merge on tensors read into memory the plain way
