@@ -31,6 +31,7 @@ bench: $(STAMP)
 
 bench-merge: $(STAMP)
 	$(BIN)/python bench/merge_vs_mergekit.py --params 220M
+	$(BIN)/python bench/merge_quality.py
 
 bench-fold: $(STAMP)
 	$(BIN)/python bench/fold_quality.py

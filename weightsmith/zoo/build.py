@@ -30,11 +30,11 @@ B_DOMAIN = "email"
 SIZES: dict[str, dict] = {
     # tests: builds in about a minute on 2 CPU cores
     "tiny": dict(vocab=1024, hidden=64, layers=4, heads=4, intermediate=176, seq=64, batch=32,
-                 base_steps=500, ft_steps=120, lr=4e-3, ft_lr=1.5e-3, tokenizer_chars=1_500_000,
+                 base_steps=500, ft_steps=120, lr=4e-3, ft_lr=1.5e-3, ft_sgd_lr=0.3, tokenizer_chars=1_500_000,
                  train_chars=2_000_000, valid_chars=24_000, calib_chars=48_000),
     # benchmarks: about 10-15 minutes
     "small": dict(vocab=2048, hidden=128, layers=6, heads=4, intermediate=352, seq=128, batch=16,
-                  base_steps=800, ft_steps=200, lr=3e-3, ft_lr=1e-3, tokenizer_chars=3_000_000,
+                  base_steps=800, ft_steps=200, lr=3e-3, ft_lr=1e-3, ft_sgd_lr=0.3, tokenizer_chars=3_000_000,
                   train_chars=6_000_000, valid_chars=60_000, calib_chars=120_000),
 }
 SOUP_RECIPES = ((0.5, 11), (1.0, 12), (2.0, 13), (1.0, 14))  # (lr multiplier, seed)
@@ -149,7 +149,7 @@ def _build_into(root: Path, size: str, progress: ProgressFn | None) -> None:
     )
     timings = {}
     done = [0]
-    total = 2 * r["base_steps"] + (len(FT_DOMAINS) + len(SOUP_RECIPES) + 2) * r["ft_steps"]
+    total = 2 * r["base_steps"] + (2 * len(FT_DOMAINS) + len(SOUP_RECIPES) + 2) * r["ft_steps"]
 
     def tick(step: int, loss: float) -> None:
         done[0] += 1
@@ -174,11 +174,12 @@ def _build_into(root: Path, size: str, progress: ProgressFn | None) -> None:
         save(model, name)
         bases[name] = model.state_dict()
 
-    def finetune(base: str, domain: str, seed: int, lr_mult: float = 1.0, on_step=tick):
+    def finetune(base: str, domain: str, seed: int, lr_mult: float = 1.0, on_step=tick, optimizer: str = "adamw"):
         model = LlamaForCausalLM(config)
         model.load_state_dict(bases[base])
-        train_lm(model, streams[domain], steps=r["ft_steps"], lr=r["ft_lr"] * lr_mult, batch=r["batch"],
-                 seq=r["seq"], seed=seed, on_step=on_step)
+        lr = r["ft_sgd_lr"] if optimizer == "sgd" else r["ft_lr"]
+        train_lm(model, streams[domain], steps=r["ft_steps"], lr=lr * lr_mult, batch=r["batch"],
+                 seq=r["seq"], seed=seed, on_step=on_step, optimizer=optimizer)
         return model
 
     for i, d in enumerate(FT_DOMAINS):
@@ -205,6 +206,11 @@ def _build_into(root: Path, size: str, progress: ProgressFn | None) -> None:
     mwa_model.load_state_dict(bases["base"])
     train_lm(mwa_model, streams[MWA_DOMAIN], steps=r["ft_steps"], lr=r["ft_lr"] * 3, batch=r["batch"],
              seq=r["seq"], seed=300, on_step=mwa_step)
+
+    # The same domain fine-tunes by SGD with momentum (the second multi-task merging set): their task
+    # vectors scale with the gradients, where AdamW normalises every weight's step.
+    for i, d in enumerate(FT_DOMAINS):
+        save(finetune("base", d, 100 + i, optimizer="sgd"), f"sgd-ft-{d}")
 
     manifest = {"size": size, "recipe": r, "key": recipe_key(size), "build_seconds": round(time.time() - t0, 1),
                 "train_seconds": timings, "domains": list(FT_DOMAINS), "soup_domain": SOUP_DOMAIN,

@@ -24,10 +24,14 @@ def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
 def train_lm(model: torch.nn.Module, tokens: torch.Tensor, *, steps: int, lr: float, batch: int, seq: int,
              seed: int, warmup: int | None = None, weight_decay: float = 0.01,
              on_step: Callable[[int, float], None] | None = None,
-             progress: ProgressFn | None = None, label: str = "training") -> list[float]:
-    """Train in place; returns the per-step losses. ``on_step(step, loss)`` runs after each step."""
+             progress: ProgressFn | None = None, label: str = "training", optimizer: str = "adamw") -> list[float]:
+    """Train in place; returns the per-step losses. ``on_step(step, loss)`` runs after each step.
+    ``optimizer``: 'adamw', or 'sgd' (momentum 0.9, no weight decay)."""
     gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
+    if optimizer == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
     warmup = warmup if warmup is not None else max(1, steps // 20)
     model.train()
     losses = []
