@@ -4,9 +4,9 @@ Measures wall time and peak RSS of both as child processes the same way (/usr/bi
 else resource.getrusage of children), plus the I/O floor: read all four inputs and write one output
 with plain safetensors. weightsmith trims per tensor, as mergekit does (trim: tensor); it runs again
 with the paper's whole-model trim (its default, one more reading pass) and with its native kernels off
-(WEIGHTSMITH_NATIVE=0). The floor and weightsmith runs are interleaved --repeat times and the best wall of each is reported (this
-machine is noisy). Checkpoints are built once and cached under the weightsmith cache directory, and
-read once before the timed runs so that every run finds them in the page cache.
+(WEIGHTSMITH_NATIVE=0). The floor and weightsmith runs are interleaved --repeat times and the best wall
+of each is reported (this machine is noisy). Checkpoints are built once and cached under the weightsmith
+cache directory, and read once before the timed runs so that every run finds them in the page cache.
 
     python bench/merge_vs_mergekit.py                 # ~220M params, 300 MB shards
     python bench/merge_vs_mergekit.py --params 30M    # quick run
