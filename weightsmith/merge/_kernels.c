@@ -213,6 +213,14 @@ EXPORT int64_t ws_nth_equal(const float *x, const float *base, int has_base, flo
  * high < 0 (32768 bins: a magnitude's sign bit is 0), else by their low 16 bits among the entries whose top
  * 16 bits equal high (65536 bins). Non-negative floats order as their bit patterns, so the two histograms
  * find an exact order statistic. Returns 0, or −1 when out of memory. */
+static inline uint32_t magnitude_bits(float x, float base)
+{
+    const float m = fabsf(x - base);
+    uint32_t bits;
+    memcpy(&bits, &m, sizeof bits);
+    return bits;
+}
+
 EXPORT int ws_magnitude_histogram(const float *x, const float *base, int64_t lo, int64_t hi, int32_t high,
                                   int64_t *counts)
 {
@@ -226,9 +234,7 @@ EXPORT int ws_magnitude_histogram(const float *x, const float *base, int64_t lo,
         int64_t j = s;
         for (; j + 4 <= e; j += 4) {
             for (int r = 0; r < 4; r++) {
-                const float m = fabsf(x[j + r] - base[j + r]);
-                uint32_t bits;
-                memcpy(&bits, &m, sizeof bits);
+                const uint32_t bits = magnitude_bits(x[j + r], base[j + r]);
                 if (high < 0)
                     part[r * bins + (bits >> 16)]++;
                 else if ((int32_t)(bits >> 16) == high)
@@ -236,9 +242,7 @@ EXPORT int ws_magnitude_histogram(const float *x, const float *base, int64_t lo,
             }
         }
         for (; j < e; j++) {
-            const float m = fabsf(x[j] - base[j]);
-            uint32_t bits;
-            memcpy(&bits, &m, sizeof bits);
+            const uint32_t bits = magnitude_bits(x[j], base[j]);
             if (high < 0)
                 part[bits >> 16]++;
             else if ((int32_t)(bits >> 16) == high)

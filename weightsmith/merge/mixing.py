@@ -171,22 +171,24 @@ def mix(sources: list[Source], base: torch.Tensor, out: torch.Tensor, weight: li
     return out
 
 
+def flat_array(t: torch.Tensor) -> np.ndarray:
+    """A CPU tensor as the flat, C-contiguous numpy array the native kernels take (a view when it can be)."""
+    return np.ascontiguousarray(t.detach().reshape(-1).numpy())
+
+
 def _mix_native(kernels: ModuleType, sources: list[Source], base: torch.Tensor, out: torch.Tensor,
                 weight: list[float], consensus: bool, normalize: bool, lambda_: float) -> torch.Tensor:
     """``mix`` by the native kernel: float32 CPU tensors, same arithmetic as the torch kernel."""
     n = base.numel()
 
-    def array(t: torch.Tensor) -> np.ndarray:
-        return np.ascontiguousarray(t.detach().numpy())
-
-    xs = tuple(array(s.flat) for s in sources)
+    xs = tuple(flat_array(s.flat) for s in sources)
     cuts = [s.cutoff for s in sources]
     threshold = np.array([c.threshold if c is not None else -1.0 for c in cuts], dtype=np.float32)
     tie_end = np.array([n if c is None or c.tie_end is None else c.tie_end for c in cuts], dtype=np.int64)
     is_delta = np.array([s.is_delta for s in sources], dtype=np.bool_)
     total = sum(weight)
     total_weight = np.float32(total if abs(total) >= 1e-8 else 1.0)
-    b, o = array(base), out.detach().numpy()
+    b, o = flat_array(base), out.detach().numpy()
     if not o.flags.c_contiguous:
         raise ValueError("mix: out must be contiguous")
     args = (is_delta, threshold, tie_end, np.array(weight, dtype=np.float32), b, o)

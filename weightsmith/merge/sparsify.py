@@ -76,7 +76,7 @@ def magnitude_histogram(x: torch.Tensor, base: torch.Tensor, high: int, counts: 
     native = xf.device.type == "cpu" and xf.dtype == bf.dtype == torch.float32
     kernels = mixing.native_kernels() if native else None
     if kernels is not None:
-        xa, ba = np.ascontiguousarray(xf.detach().numpy()), np.ascontiguousarray(bf.detach().numpy())
+        xa, ba = mixing.flat_array(xf), mixing.flat_array(bf)
         parts: list[np.ndarray] = []
 
         def count(lo: int, hi: int) -> None:
@@ -242,8 +242,8 @@ def ties_fused(tensors: list[torch.Tensor], base: torch.Tensor, weight: list[flo
     kernels = mixing.native_kernels()
     if kernels is None:
         return None
-    bf = np.ascontiguousarray(base.detach().reshape(-1).numpy())
-    xs = tuple(np.ascontiguousarray(t.detach().reshape(-1).numpy()) for t in tensors)
+    bf = mixing.flat_array(base)
+    xs = tuple(mixing.flat_array(t) for t in tensors)
     count = len(xs)
     low, high = np.full(count, np.inf, dtype=np.float32), np.full(count, np.inf, dtype=np.float32)
     threshold, tie_end = np.full(count, np.inf, dtype=np.float32), np.zeros(count, dtype=np.int64)
@@ -347,8 +347,8 @@ def _index_after(x: torch.Tensor, base: torch.Tensor | None, value: float, count
     flat_b = base.reshape(-1) if base is not None else None
     kernels = mixing.native_kernels() if x.device.type == "cpu" and x.dtype == torch.float32 else None
     if kernels is not None:
-        xf = np.ascontiguousarray(flat_x.detach().numpy())
-        bf = np.ascontiguousarray(flat_b.detach().numpy()) if flat_b is not None else xf
+        xf = mixing.flat_array(flat_x)
+        bf = mixing.flat_array(flat_b) if flat_b is not None else xf
         return int(kernels.nth_equal(xf, bf, flat_b is not None, np.float32(value), count))
     seen = 0
     for s in range(0, flat_x.numel(), chunk):
