@@ -1,15 +1,24 @@
-"""Atomic, streaming output folders.
+"""Atomic, locked, streaming output folders: the one writer every stage uses.
 
-``output_folder`` hands out a temporary directory beside the target and renames it into place
-only when the stage succeeds, so an interrupted run never leaves a folder that looks finished.
+``check_output`` refuses an output inside an input, an existing one without --force, a link or a file, and
+locks it (a second run to the same folder fails at once); ``output_folder`` hands out a temporary directory
+beside the target and swaps it into place only when the stage succeeds, so an interrupted run never leaves
+a folder that looks finished, nor leaves the user without OUT.
 ``ShardedWriter`` lays out shards from a plan (names, dtypes, shapes) and writes each tensor
 straight to its place on disk: no shard is ever buffered in memory.
 """
 from __future__ import annotations
 
+import atexit
+import ctypes
+import errno
+import fcntl
+import glob
 import json
+import os
 import re
 import shutil
+import sys
 import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -46,7 +55,12 @@ def _inside(a: Path, b: Path) -> bool:
 
 
 def check_output(target: str | Path, inputs: Iterable[str | Path] = (), force: bool = False) -> Path:
-    """Refuse an output that would overwrite or sit inside an input, or exist without --force."""
+    """Refuse an output inside an input, existing without --force, a link or a file; then lock it for this process.
+
+    Call it before any computation: it also finds an unwritable parent (read-only disk, no permission) and
+    another run writing the same folder (the lock), finishes a replace a killed run left half done and
+    removes the temp folders of dead runs. The lock is held until ``output_folder`` commits, or the process ends.
+    """
     target = Path(target)
     for inp in inputs:
         inp = Path(inp)
@@ -54,32 +68,234 @@ def check_output(target: str | Path, inputs: Iterable[str | Path] = (), force: b
             raise WeightsmithError(f"output {target} is inside input {inp}; choose a folder outside every input")
         if force and _inside(inp, target):
             raise WeightsmithError(f"--force would delete {target}, which holds input {inp}")
-    if target.exists() and not force:
-        raise WeightsmithError(f"{target} already exists; pass --force to replace it")
+    if target.is_symlink():
+        raise WeightsmithError(f"{target} is a symbolic link (to {os.readlink(target)}); give a real folder path")
     if target.exists() and not target.is_dir():
         raise WeightsmithError(f"{target} exists and is not a folder")
+    if target.exists() and not force and not _journal(target).exists():
+        raise WeightsmithError(f"{target} already exists; pass --force to replace it")
+    _lock(target)
+    try:
+        _recover(target)
+        _clean_stale(target)
+        if target.exists() and not force:
+            raise WeightsmithError(f"{target} already exists; pass --force to replace it")
+    except BaseException:
+        _unlock(target)
+        raise
     return target
 
 
 @contextmanager
 def output_folder(target: str | Path, inputs: Iterable[str | Path] = (), force: bool = False) -> Iterator[Path]:
-    """Yield a temp folder ``TARGET.tmp-*``; on success it replaces ``target`` atomically."""
+    """Yield a temp folder ``TARGET.tmp-PID-*``; on success it replaces ``target`` atomically.
+
+    A replace exchanges the two folders in one system call (Linux ``renameat2``); elsewhere it is journalled
+    so the next run finishes it. Write errors (full or read-only disk) become one-line ``WeightsmithError``s.
+    """
     target = check_output(target, list(inputs), force)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f"{target.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
     try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if target.exists():
-        old = target.parent / f"{target.name}.old-{uuid.uuid4().hex[:8]}"
-        target.rename(old)
-    tmp.rename(target)
-    if old is not None:
+        tmp = target.parent / f"{target.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            tmp.mkdir()
+        except OSError as exc:
+            raise _write_error(target, exc) from None
+        try:
+            yield tmp
+            _commit(tmp, target, force)
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if _is_write_error(exc, tmp):
+                raise _write_error(target, exc) from None
+            raise
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    finally:
+        _unlock(target)
+
+
+TMP_MARK = ".tmp-"
+OLD_MARK = ".old-"
+_TMP_NAME = re.compile(r"\.(?:tmp|old)-(\d+)-[0-9a-f]{8}")
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.ENOTDIR}
+_LOCKS: dict[Path, int] = {}  # resolved target -> fd of its held lock file
+
+
+def _lock_path(target: Path) -> Path:
+    return target.parent / f".{target.name}.weightsmith-lock"
+
+
+def _journal(target: Path) -> Path:
+    return target.parent / f".{target.name}.weightsmith-replace"
+
+
+def _write_error(target: Path, exc: OSError) -> WeightsmithError:
+    where = exc.filename or target
+    return WeightsmithError(f"cannot write {target}: {exc.strerror or exc} ({where}); free space or choose "
+                            "a writable folder with -o")
+
+
+def _is_write_error(exc: OSError, tmp: Path) -> bool:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG):
+        return True
+    return exc.errno in _WRITE_ERRNOS and exc.filename is not None and \
+        (Path(exc.filename) == tmp or tmp in Path(exc.filename).parents)
+
+
+def _lock(target: Path) -> None:
+    """Take ``.OUT.weightsmith-lock`` beside OUT (flock, not waiting); a second run to OUT fails at once."""
+    key = target.resolve()
+    if key in _LOCKS:
+        return
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _write_error(target, exc) from None
+    path = _lock_path(target)
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise _write_error(target, exc) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise WeightsmithError(f"{target} is being written by another weightsmith run (pid {holder}); "
+                                   "wait for it to finish or choose another output folder") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:  # not unlinked by the previous holder between our open and our flock
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except OSError as exc:
+        os.close(fd)
+        raise _write_error(target, exc) from None
+    _LOCKS[key] = fd
+
+
+def _unlock(target: Path) -> None:
+    fd = _LOCKS.pop(target.resolve(), None)
+    if fd is None:
+        return
+    try:
+        _lock_path(target).unlink()
+    except OSError:
+        pass
+    os.close(fd)
+
+
+@atexit.register
+def _unlock_all() -> None:
+    for key in list(_LOCKS):
+        _unlock(key)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _clean_stale(target: Path) -> None:
+    """Remove ``OUT.tmp-PID-*`` / ``OUT.old-PID-*`` folders of runs that died (their pid is gone); lock held."""
+    for p in target.parent.glob(f"{glob.escape(target.name)}.*-*"):
+        m = _TMP_NAME.fullmatch(p.name[len(target.name):])
+        if m and not _pid_alive(int(m.group(1))) and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _recover(target: Path) -> None:
+    """Finish a journalled replace that a killed run left half done (lock held)."""
+    journal = _journal(target)
+    try:
+        names = json.loads(journal.read_text())
+        new, old = target.parent / names["new"], target.parent / names["old"]
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError, KeyError, TypeError):
+        journal.unlink(missing_ok=True)
+        return
+    if new.is_dir():
+        if target.exists() and not old.exists():
+            target.rename(old)
+        if not target.exists():
+            new.rename(target)
+    if old.exists():
         shutil.rmtree(old, ignore_errors=True)
+    journal.unlink(missing_ok=True)
+
+
+def _renameat2(src: Path, dst: Path, flags: int) -> bool:
+    """Linux renameat2; False where the C library or the file system lacks it."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if fn(-100, os.fsencode(src), -100, os.fsencode(dst), flags) == 0:  # -100: AT_FDCWD
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(dst))
+
+
+_RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
+
+
+def _commit(tmp: Path, target: Path, force: bool) -> None:
+    if target.exists() or target.is_symlink():
+        if not force:  # appeared while this run computed (not through weightsmith, which holds the lock)
+            kept = target.parent / f"{target.name}.result-{uuid.uuid4().hex[:8]}"
+            tmp.rename(kept)
+            raise WeightsmithError(f"{target} appeared while this run was writing it; nothing was replaced, the "
+                                   f"result is in {kept} (pass --force to replace)")
+        if target.is_symlink() or not target.is_dir():
+            raise WeightsmithError(f"{target} was replaced by a file or link while this run was writing it")
+        if _renameat2(tmp, target, _RENAME_EXCHANGE):
+            shutil.rmtree(tmp, ignore_errors=True)  # now the old folder; a kill here leaves a stale, cleaned tmp
+            return
+        old = target.parent / f"{target.name}{OLD_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        journal = _journal(target)
+        with open(journal, "w") as f:
+            json.dump({"new": tmp.name, "old": old.name}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        target.rename(old)
+        tmp.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+        journal.unlink(missing_ok=True)
+        return
+    if not _renameat2(tmp, target, _RENAME_NOREPLACE):
+        tmp.rename(target)
+
+
+def check_free_space(folder: Path, needed: int, what: str = "the output") -> None:
+    """Refuse before writing when the file system holding ``folder`` has less than ``needed`` bytes free."""
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return
+    if free < needed:
+        raise WeightsmithError(f"{what} needs {needed / 1e6:.1f} MB but only {free / 1e6:.1f} MB are free on the "
+                               f"disk holding {folder}; free space or choose another folder with -o")
 
 
 def shard_plan(entries: list[tuple[str, torch.dtype, tuple[int, ...]]], max_shard_size: int) -> list[list[tuple]]:
@@ -112,6 +328,8 @@ class ShardedWriter:
         self.shards: list[ShardFile] = []
         self.where: dict[str, ShardFile] = {}
         self.total_size = 0
+        check_free_space(self.folder, sum(torch.Size(e[2]).numel() * torch.empty((), dtype=e[1]).element_size()
+                                          for e in plan))
         for fname, group in zip(self.file_names, groups):
             shard = ShardFile(self.folder / fname, group, metadata)
             self.shards.append(shard)

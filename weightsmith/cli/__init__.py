@@ -38,20 +38,31 @@ def main() -> None:
     try:
         app(standalone_mode=False)
     except WeightsmithError as exc:
-        from .common import err_console
-
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-        sys.exit(2)
+        _fail(str(exc))
     except KeyboardInterrupt:
         sys.exit(130)
     except SystemExit:
         raise
-    except Exception as exc:  # click usage errors come through here in non-standalone mode
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
+    except Exception as exc:  # command-line usage errors come through here in non-standalone mode
+        kinds = {k.__name__ for k in type(exc).__mro__}
+        if "NoArgsIsHelpError" in kinds:  # a bare group or command: its help, as asked
             exc.show()
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
+            sys.exit(2)
+        if "ClickException" in kinds:  # click's, or the copy of click that typer >= 0.16 vendors
+            ctx = getattr(exc, "ctx", None)
+            where = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+            _fail(f"{exc.format_message()}{where}")
+        if "Exit" in kinds:
+            sys.exit(getattr(exc, "exit_code", 0))
+        if "Abort" in kinds:
             sys.exit(1)
         raise
+
+
+def _fail(message: str) -> None:
+    """The one way a refusal leaves the CLI: ``error: MESSAGE`` on one stderr line, exit status 2."""
+    from .common import err_console
+
+    message = " ".join(message.split())  # one line, whatever the message held
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True, markup=True)
+    sys.exit(2)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint.writer import check_output, output_folder
 from ..device import resolve_device
 from ..errors import WeightsmithError
 from ..progress import ProgressFn, track
@@ -101,8 +102,9 @@ def heatmap(report: dict, path: Path, title: str) -> None:
 
 def analyze(model_path: str | Path, data: str | Path, out: str | Path | None = None, *, remove: float = 0.25,
             seq: int | None = None, max_tokens: int = 4096, batch_size: int = 8, device: str = "auto",
-            tokenizer: str | Path | None = None, progress: ProgressFn | None = None) -> dict:
-    """Similarity report for every block of the model at ``model_path``; writes analysis.json and heatmap.png to ``out``."""
+            tokenizer: str | Path | None = None, force: bool = False, progress: ProgressFn | None = None) -> dict:
+    """Similarity report for every block of the model at ``model_path``; writes analysis.json and heatmap.png to
+    the folder ``out`` (atomically, refused inside an input or when it exists without ``force``)."""
     from ..eval import load_tokenizer
     from ..loading import load
 
@@ -110,8 +112,9 @@ def analyze(model_path: str | Path, data: str | Path, out: str | Path | None = N
         raise WeightsmithError(f"{data}: data file not found")
     if not 0 <= remove < 1:
         raise WeightsmithError(f"--remove {remove} must be a fraction in [0, 1)")
-    if out is not None and Path(out).exists() and not Path(out).is_dir():
-        raise WeightsmithError(f"{out}: exists and is not a folder")
+    inputs = [Path(model_path), Path(data)] + ([Path(tokenizer)] if tokenizer else [])
+    if out is not None:
+        check_output(out, inputs, force)
     dev = resolve_device(device)
     model = load(model_path, device=dev)
     tok = load_tokenizer(tokenizer or model_path)
@@ -122,9 +125,17 @@ def analyze(model_path: str | Path, data: str | Path, out: str | Path | None = N
     report = {"model": str(model_path), "data": str(data), "tokens": int(windows.numel()), **similarity_report(
         states, remove=int(round(remove * n)))}
     if out is not None:
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "analysis.json").write_text(json.dumps(report, indent=2) + "\n")
-        heatmap(report, out / "heatmap.png", f"{Path(model_path).name}: {n} blocks, {report['tokens']} tokens")
-        report["files"] = [str(out / "analysis.json"), str(out / "heatmap.png")]
+        with output_folder(out, inputs, force) as tmp:
+            write_analysis(report, tmp)
+        report["files"] = [str(Path(out) / name) for name in ANALYSIS_FILES]
     return report
+
+
+ANALYSIS_FILES = ("analysis.json", "heatmap.png")
+
+
+def write_analysis(report: dict, folder: Path) -> None:
+    """analysis.json and heatmap.png of ``report`` into an existing (temporary) ``folder``."""
+    (folder / "analysis.json").write_text(json.dumps(report, indent=2) + "\n")
+    heatmap(report, folder / "heatmap.png", f"{Path(report['model']).name}: {report['num_blocks']} blocks, "
+                                           f"{report['tokens']} tokens")

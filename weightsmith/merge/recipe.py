@@ -95,6 +95,8 @@ def parse_recipe(text: str, source: str = "recipe") -> Recipe:
     if not isinstance(params, dict):
         raise WeightsmithError(f"{source}: 'parameters' must be a mapping")
     dtype = data.get("out_dtype") or data.get("dtype")
+    if dtype is not None and not isinstance(dtype, str):
+        raise WeightsmithError(f"{source}: 'dtype' must be a name such as float32, bfloat16 or float16, not {dtype!r}")
     return Recipe(method, models, _model_ref(base, f"{source}: base_model") if base is not None else None,
                   dict(params), dtype, text)
 
@@ -103,7 +105,13 @@ def load_recipe(path: str | Path) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise WeightsmithError(f"{path}: recipe file not found")
-    recipe = parse_recipe(path.read_text(), str(path))
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise WeightsmithError(f"{path}: not UTF-8 text (byte {exc.start}); save the recipe as UTF-8") from None
+    except OSError as exc:
+        raise WeightsmithError(f"{path}: cannot read the recipe ({exc.strerror})") from None
+    recipe = parse_recipe(text, str(path))
     root = path.resolve().parent
     # Relative model paths are taken relative to the recipe, as a user reading it would expect.
     def fix(p: str) -> str:

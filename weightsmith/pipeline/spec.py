@@ -119,7 +119,9 @@ def load_pipeline(path: str | Path, workdir: str | Path | None = None) -> Pipeli
     """Parse and validate a pipeline file completely: stage names, parameters, inputs and data files."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise WeightsmithError(f"{path}: not UTF-8 text (byte {exc.start}); save the pipeline as UTF-8") from None
     except OSError as exc:
         raise WeightsmithError(f"{path}: cannot read the pipeline file ({exc.strerror})") from None
     try:

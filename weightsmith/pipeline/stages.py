@@ -208,10 +208,11 @@ def fold_stage(ctx: Context, *, data: Path, remove: float = 0.25, share: str = "
 @stage("analyze", writes_model=False, paths=("data", "tokenizer"))
 def analyze_stage(ctx: Context, *, data: Path, remove: float = 0.25, seq: int | None = None, max_tokens: int = 4096,
                   batch_size: int = 8, tokenizer: Path | None = None) -> dict:
-    from ..fold.analyze import analyze
+    from ..fold.analyze import analyze, write_analysis
 
-    info = analyze(ctx.inputs[0], data, ctx.out, remove=remove, seq=seq, max_tokens=max_tokens, batch_size=batch_size,
+    info = analyze(ctx.inputs[0], data, remove=remove, seq=seq, max_tokens=max_tokens, batch_size=batch_size,
                    device=ctx.device, tokenizer=tokenizer, progress=ctx.progress)
+    write_analysis(info, ctx.out)  # ctx.out is the runner's temporary folder
     return {k: v for k, v in info.items() if isinstance(v, (int, float, str))} if isinstance(info, dict) else {}
 
 
