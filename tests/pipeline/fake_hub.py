@@ -157,3 +157,43 @@ class FakeHub:
                 return 400, {"error": f"unsupported operation {line['key']}"}
         oid = hashlib.sha1(body).hexdigest()
         return 200, {"commitUrl": f"{self.url}/{repo}/commit/{oid}", "commitOid": oid, "success": True}
+
+
+class SilentServer:
+    """A server on 127.0.0.1 that accepts connections, reads what arrives and never answers: what a hung or
+    black-holed endpoint looks like to a client. It closes every connection after ``lifetime`` seconds."""
+
+    def __init__(self, lifetime: float = 30.0):
+        import socket
+
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.accepted = 0
+        self.conns: list = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.timer = threading.Timer(lifetime, self.close)
+        self.closed = threading.Event()
+
+    def _serve(self) -> None:
+        while not self.closed.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            self.conns.append(conn)  # kept open, never written to
+
+    def __enter__(self) -> SilentServer:
+        self.thread.start()
+        self.timer.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.closed.set()
+        self.timer.cancel()
+        self.sock.close()
+        for c in self.conns:
+            c.close()

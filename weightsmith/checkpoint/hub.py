@@ -62,15 +62,25 @@ def _default_card_text(folder: Path, ckpt: Checkpoint) -> str:
         return path.read_text()
 
 
+def check_timeout(timeout) -> float:
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 3600:
+        raise WeightsmithError(f"--timeout {timeout!r} must be a number of seconds in (0, 3600]")
+    return float(timeout)
+
+
 def check_repo_id(repo_id: str) -> str:
     if not REPO_ID.match(repo_id) or ".." in repo_id or repo_id.endswith((".git", ".")):
         raise WeightsmithError(f"repo id {repo_id!r} is not of the form OWNER/NAME (letters, digits, '-', '_', '.')")
     return repo_id
 
 
+DEFAULT_TIMEOUT = 60.0  # seconds: connecting, and waiting for each answer (or for the server to take data)
+
+
 @contextmanager
-def _online():
-    """``push`` is the one command that talks to the network; lift the offline default for its duration."""
+def _online(timeout: float = DEFAULT_TIMEOUT):
+    """``push`` is the one command that talks to the network; lift the offline default for its duration, and
+    give every request of huggingface_hub's shared HTTP client a connect and read timeout (it has none)."""
     from huggingface_hub import constants
 
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes") and \
@@ -78,10 +88,35 @@ def _online():
         raise WeightsmithError("HF_HUB_OFFLINE is set in your environment; unset it to push")
     saved = constants.HF_HUB_OFFLINE
     constants.HF_HUB_OFFLINE = False
+    restore = _set_timeouts(timeout)
     try:
         yield
     finally:
         constants.HF_HUB_OFFLINE = saved
+        restore()
+
+
+def _set_timeouts(timeout: float):
+    """Make huggingface_hub's shared client (httpx, huggingface_hub >= 1.0) time out; returns the undo."""
+    try:
+        from huggingface_hub.utils import _http
+        factory = _http._GLOBAL_CLIENT_FACTORY
+        set_factory = _http.set_client_factory
+    except (ImportError, AttributeError):  # huggingface_hub < 1.0 (requests): its calls carry their own timeouts
+        return lambda: None
+
+    def with_timeouts():
+        client = factory()
+        client.timeout = type(client.timeout)(timeout, connect=min(timeout, 10.0))
+        return client
+
+    set_factory(with_timeouts)
+    return lambda: set_factory(factory)
+
+
+def _is_timeout(exc: BaseException) -> bool:
+    return isinstance(exc, TimeoutError) or any(k.__name__ in ("TimeoutException", "Timeout", "ReadTimeout")
+                                                for k in type(exc).__mro__)
 
 
 def _stage(folder: Path, plan: dict, into: Path) -> None:
@@ -111,10 +146,13 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
 
 def push(folder: str | Path, repo_id: str, *, private: bool = False, revision: str | None = None,
          dry_run: bool = False, token: str | None = None, commit_message: str | None = None,
-         progress: ProgressFn | None = None) -> dict:
-    """Upload ``folder`` to the Hub model repo ``repo_id`` (created if missing). Returns what was (or would be) sent."""
+         timeout: float = DEFAULT_TIMEOUT, progress: ProgressFn | None = None) -> dict:
+    """Upload ``folder`` to the Hub model repo ``repo_id`` (created if missing). Returns what was (or would be) sent.
+
+    Every request waits at most ``timeout`` seconds for the server (connect: at most 10 s)."""
     folder = Path(folder)
     check_repo_id(repo_id)
+    check_timeout(timeout)
     plan = plan_push(folder)
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
     result = {"repo_id": repo_id, "endpoint": endpoint, "revision": revision or "main", "private": private,
@@ -130,7 +168,7 @@ def push(folder: str | Path, repo_id: str, *, private: bool = False, revision: s
     message = commit_message or f"Upload {folder.resolve().name} with weightsmith"
     steps = 3 if revision and revision != "main" else 2
     try:
-        with _online(), tempfile.TemporaryDirectory(prefix="weightsmith-push-") as tmp:
+        with _online(timeout), tempfile.TemporaryDirectory(prefix="weightsmith-push-") as tmp:
             report(progress, f"push {repo_id}", 0, steps)
             url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
             report(progress, f"push {repo_id}", 1, steps)
@@ -147,6 +185,9 @@ def push(folder: str | Path, repo_id: str, *, private: bool = False, revision: s
             status, "check the repo id and your access")
         raise WeightsmithError(f"push to {endpoint}/{repo_id} failed (HTTP {status}): {hint}") from exc
     except _transport_errors() as exc:
-        raise WeightsmithError(f"push to {endpoint}/{repo_id} failed: cannot reach the Hub ({exc})") from exc
+        if _is_timeout(exc):
+            raise WeightsmithError(f"push to {endpoint}/{repo_id} failed: the server did not answer within "
+                                   f"{timeout:g} s; check HF_ENDPOINT and your network, or raise --timeout") from None
+        raise WeightsmithError(f"push to {endpoint}/{repo_id} failed: cannot reach the Hub ({exc})") from None
     result.update(url=str(url), commit_url=getattr(info, "commit_url", None), commit=getattr(info, "oid", None))
     return result

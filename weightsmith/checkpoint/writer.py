@@ -74,6 +74,8 @@ def check_output(target: str | Path, inputs: Iterable[str | Path] = (), force: b
         raise WeightsmithError(f"{target} exists and is not a folder")
     if target.exists() and not force and not _journal(target).exists():
         raise WeightsmithError(f"{target} already exists; pass --force to replace it")
+    if _VALIDATE_ONLY:
+        raise ChecksPassed(target)
     _lock(target)
     try:
         _recover(target)
@@ -84,6 +86,25 @@ def check_output(target: str | Path, inputs: Iterable[str | Path] = (), force: b
         _unlock(target)
         raise
     return target
+
+
+class ChecksPassed(BaseException):
+    """Raised by ``check_output`` under ``validate_only()``: every check a stage makes before its output is
+    locked passed. (A BaseException, so no stage's ``except Exception`` mistakes it for a failure.)"""
+
+
+_VALIDATE_ONLY = False
+
+
+@contextmanager
+def validate_only() -> Iterator[None]:
+    """Run a stage only up to its ``check_output`` call, which raises ``ChecksPassed`` (``run --dry-run``)."""
+    global _VALIDATE_ONLY
+    saved, _VALIDATE_ONLY = _VALIDATE_ONLY, True
+    try:
+        yield
+    finally:
+        _VALIDATE_ONLY = saved
 
 
 @contextmanager
@@ -131,9 +152,9 @@ def _journal(target: Path) -> Path:
 
 
 def _write_error(target: Path, exc: OSError) -> WeightsmithError:
-    where = exc.filename or target
-    return WeightsmithError(f"cannot write {target}: {exc.strerror or exc} ({where}); free space or choose "
-                            "a writable folder with -o")
+    hint = ("free space on that disk or choose another folder with -o" if exc.errno in (errno.ENOSPC, errno.EDQUOT)
+            else "choose a writable folder with -o")
+    return WeightsmithError(f"cannot write {target}: {exc.strerror or exc}; {hint}")
 
 
 def _is_write_error(exc: OSError, tmp: Path) -> bool:
@@ -148,6 +169,9 @@ def _lock(target: Path) -> None:
     key = target.resolve()
     if key in _LOCKS:
         return
+    above = next(p for p in (target.parent, *target.parent.parents) if p.exists() or p.is_symlink())
+    if not above.is_dir():
+        raise WeightsmithError(f"cannot write {target}: {above} is not a folder")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -287,15 +311,23 @@ def _commit(tmp: Path, target: Path, force: bool) -> None:
         tmp.rename(target)
 
 
-def check_free_space(folder: Path, needed: int, what: str = "the output") -> None:
+def check_free_space(folder: Path, needed: int) -> None:
     """Refuse before writing when the file system holding ``folder`` has less than ``needed`` bytes free."""
     try:
         free = shutil.disk_usage(folder).free
     except OSError:
         return
     if free < needed:
-        raise WeightsmithError(f"{what} needs {needed / 1e6:.1f} MB but only {free / 1e6:.1f} MB are free on the "
-                               f"disk holding {folder}; free space or choose another folder with -o")
+        shown = folder.parent / folder.name.split(TMP_MARK)[0]
+        raise WeightsmithError(f"cannot write {shown}: it needs {_size(needed)} but the disk has {_size(free)} free; "
+                               "free space or choose another folder with -o")
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
 
 
 def shard_plan(entries: list[tuple[str, torch.dtype, tuple[int, ...]]], max_shard_size: int) -> list[list[tuple]]:

@@ -18,6 +18,7 @@ def push_cmd(
     revision: Annotated[str | None, typer.Option("--revision", help="Branch to commit to, created if missing (default: main).")] = None,
     message: Annotated[str | None, typer.Option("--message", "-m", help="Commit message (default: 'Upload NAME with weightsmith').")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List the files that would be uploaded, with sizes; send nothing.")] = False,
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for the Hub to connect (at most 10) and to answer each request.")] = 60.0,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -29,7 +30,7 @@ def push_cmd(
 
     with progress_bars(not quiet and not json_out) as progress:
         result = push(folder, repo_id, private=private, revision=revision, dry_run=dry_run, commit_message=message,
-                      progress=progress)
+                      timeout=timeout, progress=progress)
     if json_out:
         print_json(result)
         return

@@ -35,9 +35,11 @@ def run_cmd(
     if json_out:
         return
     if dry_run:
-        table = Table("stage", "kind", "inputs", "status", title=f"pipeline {spec.name} (dry run)", title_justify="left")
+        table = Table("stage", "kind", "inputs", "status", "checked", title=f"pipeline {spec.name} (dry run)",
+                      title_justify="left")
         for r in summary["stages"]:
-            table.add_row(r["name"], r["stage"], "\n".join(r["inputs"]), r["status"])
+            table.add_row(r["name"], r["stage"], "\n".join(r["inputs"]), r["status"],
+                          "yes" if r.get("checked") else "when its inputs exist")
         console.print(table)
         return
     _print_summary(summary)

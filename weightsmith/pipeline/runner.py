@@ -65,6 +65,7 @@ def run_pipeline(pipeline: Pipeline, *, device: str = "auto", seed: int = 0, for
           "stages": [s.name for s in pipeline.stages], "dry_run": dry_run})
     start = time.perf_counter()
     failed: WeightsmithError | None = None
+    pending: set[Path] = set()  # outputs a dry run would (re)write: the stages reading them cannot be checked yet
     for i, entry in enumerate(pipeline.stages):
         report(progress, f"pipeline {pipeline.name}", i, len(pipeline.stages))
         keys[entry.name] = stage_key(entry, keys, outputs, seed)
@@ -75,6 +76,9 @@ def run_pipeline(pipeline: Pipeline, *, device: str = "auto", seed: int = 0, for
                   "params": entry.params, "key": keys[entry.name]}
         if dry_run:
             record["status"] = "up to date" if fresh and not force else "would run"
+            if record["status"] == "would run":
+                pending.add(out)
+            record["checked"] = _dry_check(pipeline, entry, out, pending, device, seed)
             emit({"event": "stage_plan", **record})
             records.append(record)
             continue
@@ -111,6 +115,42 @@ def run_pipeline(pipeline: Pipeline, *, device: str = "auto", seed: int = 0, for
         raise WeightsmithError(f"stage {records[-1]['name']!r} failed: {failed} (earlier outputs kept in "
                                f"{pipeline.workdir}; rerun to resume)")
     return summary
+
+
+def _dry_check(pipeline: Pipeline, entry: StageEntry, out: Path, pending: set[Path], device: str,
+               seed: int) -> bool:
+    """The checks a real run makes before its stage computes: every input folder validated as ``inspect`` does,
+    then the stage itself run up to its output check. False when an input is yet to be written by an earlier
+    stage (a real run checks it then)."""
+    from ..checkpoint import Checkpoint
+    from ..checkpoint.writer import ChecksPassed, validate_only
+
+    spec = STAGES[entry.stage]
+    named = [Path(p) for p in entry.inputs] + [Path(v) for k in spec.paths for v in _as_list(entry.params.get(k))]
+    if any(p in pending and p != out for p in named):
+        return False
+    for p in entry.inputs:
+        if Path(p) not in pending:
+            try:
+                Checkpoint(Path(p))
+            except WeightsmithError as exc:
+                raise WeightsmithError(f"{entry.where('inputs')}: {exc}") from None
+    if not spec.validates_dry:
+        return True
+    ctx = Context(inputs=[Path(p) for p in entry.inputs], out=out, device=device, seed=seed, force=out.exists(),
+                  dry_run=True)
+    try:
+        with validate_only():
+            spec.fn(ctx, **entry.params)
+    except ChecksPassed:
+        return True
+    except WeightsmithError as exc:
+        raise WeightsmithError(f"{entry.where()}: {exc}") from None
+    raise WeightsmithError(f"{entry.where()}: stage {entry.stage!r} cannot be checked without running it")
+
+
+def _as_list(value) -> list:
+    return [] if value is None else value if isinstance(value, list) else [value]
 
 
 def _run_stage(pipeline: Pipeline, entry: StageEntry, out: Path, key: str, device: str, seed: int,

@@ -149,8 +149,24 @@ def load_pipeline(path: str | Path, workdir: str | Path | None = None) -> Pipeli
             last_model = entry.name
         resolver.outputs[entry.name] = resolver.workdir / entry.name
         stages.append(entry)
+    _check_workdir(resolver.workdir, stages)
     return Pipeline(name=str(doc.get("name") or path.stem), source=path, workdir=resolver.workdir, stages=stages,
                     text=text)
+
+
+def _check_workdir(workdir: Path, stages: list[StageEntry]) -> None:
+    """The workdir (stage outputs, report files) may not be, or lie inside, anything a stage reads."""
+    outputs = {workdir / s.name for s in stages}
+    for s in stages:
+        named = [("inputs", p) for p in s.inputs]
+        named += [(f"params.{k}", v) for k in STAGES[s.stage].paths
+                  for v in (s.params.get(k) if isinstance(s.params.get(k), list) else [s.params.get(k)])
+                  if isinstance(v, str)]
+        for key, value in named:
+            p = Path(value).resolve()
+            if p not in outputs and (p == workdir or p in workdir.parents):
+                raise WeightsmithError(f"{s.where(key)}: the workdir {workdir} lies inside {value}, which the "
+                                       "stage reads; choose a workdir outside every input (--workdir)")
 
 
 def _parse_stage(i: int, raw, resolver: _Resolver, last_model: str | None) -> StageEntry:

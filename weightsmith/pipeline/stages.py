@@ -25,6 +25,7 @@ class Context:
     force: bool = False
     progress: ProgressFn | None = None
     recipe: str | None = None
+    dry_run: bool = False  # validate only: the stage stops at its output check (run --dry-run)
 
 
 @dataclass(frozen=True)
@@ -34,8 +35,13 @@ class StageDef:
     min_inputs: int = 1
     max_inputs: int | None = 1
     writes_model: bool = True
+    dry: bool | None = None  # its function stops at check_output before any heavy work (default: writes_model)
     paths: tuple[str, ...] = ()  # parameters naming files or folders that must exist
     check: Callable[[dict, list[str]], None] | None = None  # deeper validation before any stage runs
+
+    @property
+    def validates_dry(self) -> bool:
+        return self.writes_model if self.dry is None else self.dry
 
     def parameters(self) -> dict[str, inspect.Parameter]:
         return {n: p for n, p in inspect.signature(self.fn).parameters.items() if p.kind is p.KEYWORD_ONLY}
@@ -130,18 +136,19 @@ def export_stage(ctx: Context, *, out_shard_size: str = "5GB") -> dict:
 
 
 def _check_push(params: dict, inputs: list[str]) -> None:
-    from ..checkpoint.hub import check_repo_id
+    from ..checkpoint.hub import check_repo_id, check_timeout
 
     check_repo_id(str(params.get("repo_id", "")))
+    check_timeout(params.get("timeout", 60.0))
 
 
 @stage("push", writes_model=False, check=_check_push)
 def push_stage(ctx: Context, *, repo_id: str, private: bool = False, revision: str | None = None,
-               dry_run: bool = False, message: str | None = None) -> dict:
+               dry_run: bool = False, message: str | None = None, timeout: float = 60.0) -> dict:
     from ..checkpoint.hub import push
 
     result = push(ctx.inputs[0], repo_id, private=private, revision=revision, dry_run=dry_run,
-                  commit_message=message, progress=ctx.progress)
+                  commit_message=message, timeout=timeout, progress=ctx.progress)
     _write_json(ctx.out, "push.json", result)
     return {k: result.get(k) for k in ("repo_id", "revision", "dry_run", "total_bytes", "commit", "commit_url")}
 
@@ -205,13 +212,14 @@ def fold_stage(ctx: Context, *, data: Path, remove: float = 0.25, share: str = "
     return {k: v for k, v in info.items() if isinstance(v, (int, float, str, list))} if isinstance(info, dict) else {}
 
 
-@stage("analyze", writes_model=False, paths=("data", "tokenizer"))
+@stage("analyze", writes_model=False, dry=True, paths=("data", "tokenizer"))
 def analyze_stage(ctx: Context, *, data: Path, remove: float = 0.25, seq: int | None = None, max_tokens: int = 4096,
                   batch_size: int = 8, tokenizer: Path | None = None) -> dict:
     from ..fold.analyze import analyze, write_analysis
 
-    info = analyze(ctx.inputs[0], data, remove=remove, seq=seq, max_tokens=max_tokens, batch_size=batch_size,
-                   device=ctx.device, tokenizer=tokenizer, progress=ctx.progress)
+    info = analyze(ctx.inputs[0], data, ctx.out if ctx.dry_run else None, remove=remove, seq=seq,
+                   max_tokens=max_tokens, batch_size=batch_size, device=ctx.device, tokenizer=tokenizer,
+                   force=True, progress=ctx.progress)
     write_analysis(info, ctx.out)  # ctx.out is the runner's temporary folder
     return {k: v for k, v in info.items() if isinstance(v, (int, float, str))} if isinstance(info, dict) else {}
 
