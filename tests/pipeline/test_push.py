@@ -117,3 +117,24 @@ def test_push_respects_a_users_own_offline_setting(model, tmp_path):
         proc = run_push(hub, tmp_path, str(model), "alice/tiny", HF_HUB_OFFLINE="1")
         assert proc.returncode == 2 and "HF_HUB_OFFLINE is set" in proc.stderr
         assert "alice/tiny" not in hub.repos
+
+
+def test_an_endpoint_that_never_answers_is_one_line_after_the_timeout(model, tmp_path):
+    from fake_hub import SilentServer
+
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in model.iterdir())
+    with SilentServer(lifetime=60) as silent:
+        proc = run_push(silent, tmp_path, str(model), "alice/tiny", "--timeout", "1", "-q")
+        assert silent.accepted >= 1  # it connected, then waited for an answer that never came
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "did not answer within 1 s" in lines[0] and silent.url in lines[0]
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in model.iterdir()) == before
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "1e9"])
+def test_push_refuses_a_timeout_out_of_range(model, tmp_path, value):
+    with FakeHub() as hub:
+        proc = run_push(hub, tmp_path, str(model), "alice/tiny", "--timeout", value)
+        assert hub.requests == []
+    assert proc.returncode == 2 and "--timeout" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

@@ -65,24 +65,30 @@ def run_pipeline(pipeline: Pipeline, *, device: str = "auto", seed: int = 0, for
           "stages": [s.name for s in pipeline.stages], "dry_run": dry_run})
     start = time.perf_counter()
     failed: WeightsmithError | None = None
-    pending: set[Path] = set()  # outputs a dry run would (re)write: the stages reading them cannot be checked yet
-    for i, entry in enumerate(pipeline.stages):
-        report(progress, f"pipeline {pipeline.name}", i, len(pipeline.stages))
+    # First the checks, for a dry run and a real one alike: a stage whose inputs exist is run up to its output
+    # check, so a bad parameter or input folder is refused before any stage computes.
+    plans: list[tuple[StageEntry, Path, dict | None, dict]] = []
+    pending: set[Path] = set()  # outputs to be (re)written: the stages reading them are checked when they run
+    for entry in pipeline.stages:
         keys[entry.name] = stage_key(entry, keys, outputs, seed)
         out = pipeline.output(entry.name)
         stamp = read_stamp(out) if out.is_dir() else None
         fresh = stamp is not None and stamp.get("key") == keys[entry.name] and stamp.get("status") == "done"
         record = {"name": entry.name, "stage": entry.stage, "inputs": entry.inputs, "output": str(out),
                   "params": entry.params, "key": keys[entry.name]}
+        if not fresh or force:
+            pending.add(out)
+        record["checked"] = _dry_check(pipeline, entry, out, pending, device, seed)
+        plans.append((entry, out, stamp if fresh and not force else None, record))
+    for i, (entry, out, stamp, record) in enumerate(plans):
+        report(progress, f"pipeline {pipeline.name}", i, len(pipeline.stages))
         if dry_run:
-            record["status"] = "up to date" if fresh and not force else "would run"
-            if record["status"] == "would run":
-                pending.add(out)
-            record["checked"] = _dry_check(pipeline, entry, out, pending, device, seed)
+            record["status"] = "up to date" if stamp is not None else "would run"
             emit({"event": "stage_plan", **record})
             records.append(record)
             continue
-        if fresh and not force:
+        del record["checked"]
+        if stamp is not None:
             record.update(status="skipped", seconds=stamp.get("seconds"), result=stamp.get("result", {}))
             emit({"event": "stage_skipped", "name": entry.name, "stage": entry.stage, "output": str(out)})
         else:

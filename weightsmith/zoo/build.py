@@ -5,6 +5,7 @@ by a hash of the recipe, the corpus and the torch version, so a change rebuilds 
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -108,15 +109,20 @@ def build(size: str = "tiny", progress: ProgressFn | None = None, force: bool = 
     if (root / "zoo.json").exists() and not force:
         return Zoo(root, size)
     root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = root.parent / f"{root.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        _build_into(tmp, size, progress)
-        if root.exists():
-            shutil.rmtree(root) if force else None
-        if not root.exists():
-            tmp.rename(root)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    # One build per key at a time: a second process (another test run) waits for the first and reuses its zoo.
+    with open(root.parent / f".{root.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (root / "zoo.json").exists() and not force:
+            return Zoo(root, size)
+        tmp = root.parent / f"{root.name}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            _build_into(tmp, size, progress)
+            if root.exists():
+                shutil.rmtree(root) if force else None
+            if not root.exists():
+                tmp.rename(root)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return Zoo(root, size)
 
 

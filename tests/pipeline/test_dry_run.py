@@ -1,0 +1,90 @@
+"""run --dry-run makes the checks a real run makes before computing; a workdir inside an input is refused.
+
+Through the command line: exit 2, one line, no traceback, nothing written (not even the workdir).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+
+def cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "weightsmith", *map(str, args)], capture_output=True, text=True,
+                          timeout=300)
+
+
+def refused(proc: subprocess.CompletedProcess, *words: str) -> None:
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
+    assert "Traceback" not in proc.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(folder.rglob("*"))}
+
+
+@pytest.fixture
+def models(tiny_llama, tmp_path):
+    base, ft = tiny_llama("base", seed=0), tiny_llama("ft", seed=1)
+    corrupt = tiny_llama("corrupt", seed=2)
+    blob = (corrupt / "model.safetensors").read_bytes()
+    (corrupt / "model.safetensors").write_bytes(blob[: len(blob) // 2])
+    return tmp_path
+
+
+def pipeline(tmp_path: Path, *stages: dict) -> Path:
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({"workdir": "work", "stages": list(stages)}, sort_keys=False))
+    return path
+
+
+MERGE = {"name": "merged", "stage": "merge", "inputs": ["base", "ft"], "params": {"method": "linear"}}
+
+
+@pytest.mark.parametrize("stage, words", [
+    ({"name": "ties", "stage": "merge", "inputs": ["base", "ft"],
+      "params": {"method": "ties", "base_model": "base", "parameters": {"density": 2.0}}},
+     ("stage 'ties'", "density", "2.0")),
+    ({"name": "rps", "stage": "compress", "input": "base", "params": {"budget": -0.5}}, ("stage 'rps'", "budget")),
+    ({"name": "look", "stage": "inspect", "input": "corrupt"}, ("stage 'look'", "corrupt")),
+    ({"name": "m2", "stage": "merge", "inputs": ["base", "corrupt"], "params": {"method": "linear"}},
+     ("stage 'm2'", "corrupt")),
+    ({"name": "sim", "stage": "analyze", "input": "base", "params": {"data": "p.yaml", "remove": 1.5}},
+     ("stage 'sim'", "--remove 1.5")),
+])
+def test_dry_run_refuses_what_the_run_refuses(models, stage, words):
+    path = pipeline(models, MERGE, stage)
+    before = snapshot(models)
+    refused(cli("run", path, "--dry-run"), *words)
+    refused(cli("run", path), *words)  # the real run refuses the same pipeline before computing anything
+    assert snapshot(models) == before
+
+
+def test_a_valid_dry_run_checks_what_exists_and_writes_nothing(models):
+    path = pipeline(models, MERGE, {"name": "look", "stage": "inspect"},
+                    {"name": "sim", "stage": "analyze", "input": "base", "params": {"data": "p.yaml"}})
+    before = snapshot(models)
+    proc = cli("run", path, "--dry-run", "--json")
+    assert proc.returncode == 0, proc.stderr
+    plans = {e["name"]: e for e in map(json.loads, proc.stdout.splitlines()) if e["event"] == "stage_plan"}
+    assert plans["merged"]["checked"] and plans["sim"]["checked"]
+    assert not plans["look"]["checked"]  # reads the merge's output, which a real run writes first
+    assert snapshot(models) == before
+
+
+@pytest.mark.parametrize("workdir", ["base", "base/work"])
+def test_a_workdir_inside_an_input_is_refused(models, workdir):
+    path = pipeline(models, MERGE)
+    before = snapshot(models)
+    for extra in (["--dry-run"], []):
+        refused(cli("run", path, "--workdir", models / workdir, *extra), "workdir", "lies inside", "base")
+    assert snapshot(models) == before
