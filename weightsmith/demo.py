@@ -34,6 +34,8 @@ def main() -> None:
     ap.add_argument("--out", default="demo-out", help="output folder (default demo-out)")
     args = ap.parse_args()
     out = Path(args.out)
+    if out.is_symlink() or out.exists() and (not out.is_dir() or {p.name for p in out.iterdir()} - {"pipeline"}):
+        sys.exit(f"error: {out} exists and is not an earlier demo's output; remove it or choose another --out")
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     print("weightsmith demo: the in-house zoo is trained on Python's own source and docs (cached after the first run).")
