@@ -1,25 +1,10 @@
 """Usage errors and bad recipe files: one line on stderr, exit 2, no traceback, on every command."""
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 
+from cli_check import cli as run, refused as one_line
 from weightsmith.cli import app
-
-
-def run(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "weightsmith", *map(str, args)], capture_output=True, text=True,
-                          timeout=300)
-
-
-def one_line(proc: subprocess.CompletedProcess, *words: str) -> str:
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    for w in words:
-        assert w in lines[0], lines[0]
-    return lines[0]
 
 
 def commands() -> list[str]:

@@ -6,7 +6,6 @@ inputs byte-identical, nothing written outside the output.
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import shutil
 import signal
@@ -17,31 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from cli_check import cli, refused, snapshot
 from weightsmith.checkpoint import writer
 from weightsmith.checkpoint.writer import ShardedWriter, check_output, output_folder
 from weightsmith.errors import WeightsmithError
-
-
-def cli(*args, cwd=None, env=None, prefix=()) -> subprocess.CompletedProcess:
-    return subprocess.run([*prefix, sys.executable, "-m", "weightsmith", *map(str, args)], capture_output=True,
-                          text=True, timeout=300, cwd=cwd, env=env)
-
-
-def refused(proc: subprocess.CompletedProcess, *words: str) -> str:
-    """Exit 2 and one stderr line starting 'error:' that holds every word; no traceback."""
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert proc.returncode == 2, proc.stderr
-    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
-    assert "Traceback" not in proc.stderr
-    for w in words:
-        assert w in lines[0], lines[0]
-    return lines[0]
-
-
-def snapshot(folder: Path) -> dict[str, str]:
-    """Every path under ``folder`` (hidden ones too) with its content hash."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-            for p in sorted(folder.rglob("*"))}
 
 
 @pytest.fixture

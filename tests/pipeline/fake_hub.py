@@ -17,7 +17,26 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 TOKEN = "hf_test_token"
 
 
-class FakeHub:
+class _Bounded:
+    """A loopback server thread that stops after ``lifetime`` seconds, whatever the client does."""
+
+    def _start(self, serve, lifetime: float) -> None:
+        self.thread = threading.Thread(target=serve, daemon=True)
+        self.timer = threading.Timer(lifetime, self.close)
+
+    def __enter__(self):
+        self.thread.start()
+        self.timer.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class FakeHub(_Bounded):
     def __init__(self, lifetime: float = 60.0):
         self.repos: dict[str, dict] = {}  # repo_id -> {"private": bool, "branches": {rev: {path: bytes}}}
         self.lfs: dict[str, bytes] = {}
@@ -37,16 +56,7 @@ class FakeHub:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.timer = threading.Timer(lifetime, self.close)
-
-    def __enter__(self) -> FakeHub:
-        self.thread.start()
-        self.timer.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+        self._start(self.server.serve_forever, lifetime)
 
     def close(self) -> None:
         self.timer.cancel()
@@ -159,7 +169,7 @@ class FakeHub:
         return 200, {"commitUrl": f"{self.url}/{repo}/commit/{oid}", "commitOid": oid, "success": True}
 
 
-class SilentServer:
+class SilentServer(_Bounded):
     """A server on 127.0.0.1 that accepts connections, reads what arrives and never answers: what a hung or
     black-holed endpoint looks like to a client. It closes every connection after ``lifetime`` seconds."""
 
@@ -170,9 +180,8 @@ class SilentServer:
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
         self.accepted = 0
         self.conns: list = []
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.timer = threading.Timer(lifetime, self.close)
         self.closed = threading.Event()
+        self._start(self._serve, lifetime)
 
     def _serve(self) -> None:
         while not self.closed.is_set():
@@ -182,14 +191,6 @@ class SilentServer:
                 return
             self.accepted += 1
             self.conns.append(conn)  # kept open, never written to
-
-    def __enter__(self) -> SilentServer:
-        self.thread.start()
-        self.timer.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def close(self) -> None:
         self.closed.set()

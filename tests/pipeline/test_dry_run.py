@@ -4,32 +4,13 @@ Through the command line: exit 2, one line, no traceback, nothing written (not e
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-
-def cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "weightsmith", *map(str, args)], capture_output=True, text=True,
-                          timeout=300)
-
-
-def refused(proc: subprocess.CompletedProcess, *words: str) -> None:
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
-    assert "Traceback" not in proc.stderr
-    for w in words:
-        assert w in lines[0], lines[0]
-
-
-def snapshot(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-            for p in sorted(folder.rglob("*"))}
+from cli_check import cli, refused, snapshot
 
 
 @pytest.fixture

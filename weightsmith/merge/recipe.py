@@ -105,13 +105,9 @@ def load_recipe(path: str | Path) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise WeightsmithError(f"{path}: recipe file not found")
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise WeightsmithError(f"{path}: not UTF-8 text (byte {exc.start}); save the recipe as UTF-8") from None
-    except OSError as exc:
-        raise WeightsmithError(f"{path}: cannot read the recipe ({exc.strerror})") from None
-    recipe = parse_recipe(text, str(path))
+    from ..checkpoint.textfile import read_text_file
+
+    recipe = parse_recipe(read_text_file(path, "recipe"), str(path))
     root = path.resolve().parent
     # Relative model paths are taken relative to the recipe, as a user reading it would expect.
     def fix(p: str) -> str:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import yaml
 
+from ..checkpoint.textfile import read_text_file
 from ..errors import WeightsmithError
 from .stages import STAGES, accepts
 
@@ -118,12 +119,7 @@ class _Resolver:
 def load_pipeline(path: str | Path, workdir: str | Path | None = None) -> Pipeline:
     """Parse and validate a pipeline file completely: stage names, parameters, inputs and data files."""
     path = Path(path)
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise WeightsmithError(f"{path}: not UTF-8 text (byte {exc.start}); save the pipeline as UTF-8") from None
-    except OSError as exc:
-        raise WeightsmithError(f"{path}: cannot read the pipeline file ({exc.strerror})") from None
+    text = read_text_file(path, "pipeline file")
     try:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as exc:
