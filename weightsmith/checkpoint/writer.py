@@ -76,6 +76,7 @@ def check_output(target: str | Path, inputs: Iterable[str | Path] = (), force: b
         raise WeightsmithError(f"{target} already exists; pass --force to replace it")
     if _VALIDATE_ONLY:
         raise ChecksPassed(target)
+    _probe_writable(target)
     _lock(target)
     try:
         _recover(target)
@@ -118,6 +119,7 @@ def output_folder(target: str | Path, inputs: Iterable[str | Path] = (), force: 
     try:
         tmp = target.parent / f"{target.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
+            target.parent.mkdir(parents=True, exist_ok=True)
             tmp.mkdir()
         except OSError as exc:
             raise _write_error(target, exc) from None
@@ -144,7 +146,14 @@ _LOCKS: dict[Path, int] = {}  # resolved target -> fd of its held lock file
 
 
 def _lock_path(target: Path) -> Path:
-    return target.parent / f".{target.name}.weightsmith-lock"
+    """The lock file of an output: in a per-user folder under the system temp dir, named by a hash of the
+    output's resolved path, so that nothing but the output is ever written beside it."""
+    import hashlib
+    import tempfile
+
+    uid = os.getuid() if hasattr(os, "getuid") else 0
+    name = hashlib.sha256(str(target.resolve()).encode()).hexdigest()[:24]
+    return Path(tempfile.gettempdir()) / f"weightsmith-locks-{uid}" / f"{name}.lock"
 
 
 def _journal(target: Path) -> Path:
@@ -165,23 +174,17 @@ def _is_write_error(exc: OSError, tmp: Path) -> bool:
 
 
 def _lock(target: Path) -> None:
-    """Take ``.OUT.weightsmith-lock`` beside OUT (flock, not waiting); a second run to OUT fails at once."""
+    """Take OUT's lock file (flock, not waiting): a second run to OUT fails at once, naming the holder's pid."""
     key = target.resolve()
     if key in _LOCKS:
         return
-    above = next(p for p in (target.parent, *target.parent.parents) if p.exists() or p.is_symlink())
-    if not above.is_dir():
-        raise WeightsmithError(f"cannot write {target}: {above} is not a folder")
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise _write_error(target, exc) from None
     path = _lock_path(target)
     while True:
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            path.parent.mkdir(mode=0o700, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as exc:
-            raise _write_error(target, exc) from None
+            raise WeightsmithError(f"cannot lock {target}: {exc.strerror} ({path})") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -201,8 +204,21 @@ def _lock(target: Path) -> None:
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     except OSError as exc:
         os.close(fd)
-        raise _write_error(target, exc) from None
+        raise WeightsmithError(f"cannot lock {target}: {exc.strerror} ({path})") from None
     _LOCKS[key] = fd
+
+
+def _probe_writable(target: Path) -> None:
+    """Create and remove a folder where OUT's temp folder will go (or in the nearest existing folder above)."""
+    above = next(p for p in (target.parent, *target.parent.parents) if p.exists() or p.is_symlink())
+    if not above.is_dir():
+        raise WeightsmithError(f"cannot write {target}: {above} is not a folder")
+    probe = above / f"{target.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        probe.mkdir()
+        probe.rmdir()
+    except OSError as exc:
+        raise _write_error(target, exc) from None
 
 
 def _unlock(target: Path) -> None:
