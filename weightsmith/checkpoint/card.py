@@ -7,6 +7,8 @@ from pathlib import Path
 
 import yaml
 
+from .writer import write_file_atomic
+
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -78,7 +80,7 @@ def add_metrics(folder: str | Path, metrics: list[dict]) -> Path:
         anchor = min((i for i in (text.find("\n## Recipe\n"), text.find("\n## Loading\n")) if i >= 0),
                      default=len(text))
         text = text[:anchor + 1] + section + text[anchor + 1:] if anchor < len(text) else text + "\n" + section
-    path.write_text(text)
+    write_file_atomic(path, text)  # the card of a finished output: never left half written
     return path
 
 

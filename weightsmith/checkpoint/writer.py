@@ -327,6 +327,18 @@ def _commit(tmp: Path, target: Path, force: bool) -> None:
         tmp.rename(target)
 
 
+def write_file_atomic(path: str | Path, text: str) -> None:
+    """Replace the file ``path`` with ``text`` in one rename (a reader sees the old or the new file, never half)."""
+    path = Path(path)
+    tmp = path.parent / f".{path.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise _write_error(path, exc) from None
+
+
 def check_free_space(folder: Path, needed: int) -> None:
     """Refuse before writing when the file system holding ``folder`` has less than ``needed`` bytes free."""
     try:

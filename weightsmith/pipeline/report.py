@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from ..checkpoint.card import add_metrics
+from ..checkpoint.writer import write_file_atomic
 from .spec import Pipeline
 
 
@@ -67,8 +68,8 @@ def write_report(pipeline: Pipeline, records: list[dict], seconds: float) -> dic
                "seconds": round(seconds, 3), "status": "failed" if records[-1]["status"] == "failed" else "done",
                "stages": records, "metrics": rows, "files": files}
     pipeline.workdir.mkdir(parents=True, exist_ok=True)
-    Path(files["json"]).write_text(json.dumps(summary, indent=2, default=str))
-    Path(files["markdown"]).write_text(_markdown(summary))
+    write_file_atomic(files["json"], json.dumps(summary, indent=2, default=str))
+    write_file_atomic(files["markdown"], _markdown(summary))
     return summary
 
 
