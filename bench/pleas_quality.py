@@ -125,7 +125,7 @@ def lm_run(max_tokens: int, widths=(1.0, 1.2, 1.5)) -> dict:
             models[label] = out
         for w in widths:
             out = tmp / f"pleas{w}"
-            rep = pleas_merge(a, b, calib, w, out=out, max_tokens=max_tokens, device="cpu")
+            rep = pleas_merge(a, b, data=calib, width=w, out=out, max_tokens=max_tokens, device="cpu")
             models[f"PLeaS {w}x"] = out
             rows.setdefault("_seconds", {})[f"{w}x"] = {k: v for k, v in rep.items() if k.endswith("_s")}
         for label, path in models.items():

@@ -1,9 +1,9 @@
-"""``--device auto|cpu|cuda[:N]`` resolution shared by every stage."""
+"""Device (``auto|cpu|cuda[:N]``) and dtype resolution shared by every stage."""
 from __future__ import annotations
 
 import torch
 
-from .errors import WeightsmithError
+from .errors import OptionError, WeightsmithError
 
 
 def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
@@ -14,9 +14,9 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
     try:
         dev = torch.device(name)
     except (RuntimeError, TypeError) as exc:
-        raise WeightsmithError(f"--device {name!r} is not a device: use auto, cpu, cuda or cuda:N") from exc
+        raise OptionError("device", f"{name!r} is not a device: use auto, cpu, cuda or cuda:N") from exc
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise WeightsmithError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+        raise OptionError("device", f"{name}: CUDA is not available on this machine; use cpu")
     return dev
 
 

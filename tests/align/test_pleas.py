@@ -71,7 +71,7 @@ def test_width_rule_and_range():
     assert merge_counts(spec, 1.0) == {"0": 40, "2": 30}
     assert merge_counts(spec, 1.2) == {"0": 32, "2": 24}
     assert merge_counts(spec, 2.0) == {"0": 0, "2": 0}
-    with pytest.raises(WeightsmithError, match="--width"):
+    with pytest.raises(WeightsmithError, match=r"^width: 2.5 is out of range; it must be in \[1, 2\]$"):
         merge_counts(spec, 2.5)
 
 

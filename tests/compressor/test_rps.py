@@ -12,7 +12,7 @@ from weightsmith.compressor.memory import HashedMemory, RPSLinear, plan_specs, r
 from weightsmith.compressor.project import compress_model, init_model, project, select_modules
 from weightsmith.compressor.rps import compress_rps
 from weightsmith.checkpoint import Checkpoint
-from weightsmith.errors import WeightsmithError
+from weightsmith.errors import InvalidChoice, MissingOption, OutOfRange, UnknownOption, WeightsmithError
 
 X = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))
 
@@ -206,12 +206,14 @@ def test_from_scratch_init_trains(tiny_llama):
 
 def test_bad_inputs_are_refused_with_one_clear_error(tiny_llama, tmp_path):
     folder = tiny_llama()
-    with pytest.raises(WeightsmithError, match="--budget"):
+    with pytest.raises(OutOfRange, match=r"^budget: 0 is out of range; it must be in \(0, 4\]$"):
         compress_rps(folder, tmp_path / "a", budget=0)
-    with pytest.raises(WeightsmithError, match="--mapping"):
+    with pytest.raises(InvalidChoice, match="^mapping: 'lsh' is not one of stable, roast$"):
         compress_rps(folder, tmp_path / "a", mapping="lsh")
-    with pytest.raises(WeightsmithError, match="--data"):
+    with pytest.raises(MissingOption, match=r"^data: healing \(heal_steps > 0\) needs text"):
         compress_rps(folder, tmp_path / "a", heal_steps=5)
+    with pytest.raises(UnknownOption, match="^seq: no such option"):
+        compress_rps(folder, tmp_path / "a", seq=5)
     with pytest.raises(WeightsmithError, match="matches no"):
         compress_rps(folder, tmp_path / "a", modules="nothing_here")
     with pytest.raises(WeightsmithError, match="inside input"):

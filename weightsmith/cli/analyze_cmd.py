@@ -6,19 +6,19 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from ..stage_options import AnalyzeOptions
 from . import app
 from .common import DeviceOpt, ForceOpt, JsonOpt, QuietOpt, console, print_json, progress_bars
+from .options import with_options
 
 
 @app.command("analyze")
+@with_options(AnalyzeOptions)
 def analyze_cmd(
     model: Annotated[Path, typer.Argument(help="Model folder (causal LM or encoder).")],
-    data: Annotated[Path, typer.Option("--data", help="Calibration text (.txt/.md/.jsonl file or folder).")],
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="New folder for analysis.json and heatmap.png (written atomically).")] = None,
-    remove: Annotated[float, typer.Option("--remove", help="Fraction of blocks the drop suggestions remove.")] = 0.25,
-    seq: Annotated[int | None, typer.Option("--seq", help="Tokens per window (default: min(positions, 128)).")] = None,
-    max_tokens: Annotated[int, typer.Option("--max-tokens", help="Calibration tokens in all.")] = 4096,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Windows per forward batch.")] = 8,
+    opts: AnalyzeOptions,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="New folder for analysis.json and heatmap.png "
+                                                                "(written atomically).")] = None,
     device: DeviceOpt = "auto",
     force: ForceOpt = False,
     json_out: JsonOpt = False,
@@ -32,8 +32,9 @@ def analyze_cmd(
     from ..fold.analyze import analyze
 
     with progress_bars(not quiet and not json_out) as progress:
-        rep = analyze(model, data, out, remove=remove, seq=seq, max_tokens=max_tokens, batch_size=batch_size,
-                      device=device, force=force, progress=progress)
+        rep = analyze(model, opts.data, out, remove=opts.remove, seq=opts.seq_len, max_tokens=opts.max_tokens,
+                      batch_size=opts.batch_size, device=device, tokenizer=opts.tokenizer, force=force,
+                      progress=progress)
     if json_out:
         print_json(rep)
         return

@@ -5,16 +5,18 @@ from typing import Annotated
 
 import typer
 
+from ..stage_options import ExportOptions
 from . import app
-from .common import ForceOpt, JsonOpt, OutOpt, QuietOpt, ShardOpt, console, print_json, progress_bars
+from .common import ForceOpt, JsonOpt, OutOpt, QuietOpt, console, print_json, progress_bars
+from .options import with_options
 
 
 @app.command("export")
+@with_options(ExportOptions)
 def export_cmd(
     model: Annotated[Path, typer.Argument(help="A folder written by fold or compress.")],
     out: OutOpt,
-    plain: Annotated[bool, typer.Option("--plain/--no-plain", help="Write an ordinary checkpoint (shared or hashed weights materialised).")] = True,
-    out_shard_size: ShardOpt = "5GB",
+    opts: ExportOptions,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -26,10 +28,11 @@ def export_cmd(
     fmt = folder_format(model)
     if fmt == "plain":
         raise WeightsmithError(f"{model} is already a plain checkpoint; nothing to export")
-    if not plain:
+    if not opts.plain:
         raise WeightsmithError("only --plain export is available")
     with progress_bars(not quiet) as progress:
-        info = format_module(fmt).export_plain(model, out, max_shard_size=out_shard_size, force=force, progress=progress)
+        info = format_module(fmt).export_plain(model, out, max_shard_size=opts.out_shard_size, force=force,
+                                               progress=progress)
     if json_out:
         print_json(info)
     else:

@@ -11,8 +11,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ..stage_options import RPS_MAPPINGS
+
 P = 2038074743  # the prime of the universal hash family
-MAPPINGS = ("stable", "roast")
+MAPPINGS = RPS_MAPPINGS
 
 
 @dataclass(frozen=True)

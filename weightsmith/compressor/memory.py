@@ -13,10 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import WeightsmithError
+from ..errors import InvalidChoice, OutOfRange
+from ..stage_options import RPS_SHARING
 from .hashing import MAPPINGS, random_fold_slots, roast_slots, roast_tile_count, roast_tile_shape, sign_hash
 
-SHARING = ("global", "module")
+SHARING = RPS_SHARING
 
 
 @dataclass
@@ -50,11 +51,11 @@ def plan_specs(modules: list[tuple[str, str, tuple[int, int], bool]], budget: fl
                tile: int) -> list[ModuleSpec]:
     """Lay the modules (name, kind, shape, has_bias) out in index space and memory for ``budget``."""
     if sharing not in SHARING:
-        raise WeightsmithError(f"sharing {sharing!r} is not one of {', '.join(SHARING)}")
+        raise InvalidChoice("sharing", sharing, SHARING)
     if mapping not in MAPPINGS:
-        raise WeightsmithError(f"--mapping {mapping!r} is not one of {', '.join(MAPPINGS)}")
+        raise InvalidChoice("mapping", mapping, MAPPINGS)
     if not budget > 0:
-        raise WeightsmithError(f"--budget {budget} must be positive (stored / original parameters, e.g. 0.1)")
+        raise OutOfRange("budget", budget, 0, None, lo_open=True)
     total = sum(s[0] * s[1] for _, _, s, _ in modules)
     m_global = max(2, round(budget * total))
     specs, offset, base, tiles = [], 0, 0, 0

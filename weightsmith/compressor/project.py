@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import detect_layout
-from ..errors import WeightsmithError
+from ..errors import OptionError
 from ..progress import ProgressFn, track
 from .memory import HashedMemory, ModuleSpec, RPSEmbedding, RPSLinear, plan_specs
 
@@ -33,17 +33,17 @@ def select_modules(model: nn.Module, pattern: str | None) -> list[tuple[str, nn.
     try:
         rx = re.compile(pat)
     except re.error as exc:
-        raise WeightsmithError(f"--modules {pat!r} is not a valid regular expression: {exc}") from None
+        raise OptionError("modules", f"{pat!r} is not a valid regular expression: {exc}") from None
     chosen = [(n, m) for n, m in model.named_modules() if isinstance(m, kinds) and rx.search(n)]
     if not chosen:
         examples = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))][:4]
-        raise WeightsmithError(f"--modules {pat!r} matches no nn.Linear/nn.Embedding; module names look like "
-                               f"{', '.join(examples)}")
+        raise OptionError("modules", f"{pat!r} matches no nn.Linear/nn.Embedding; module names look like "
+                                     f"{', '.join(examples)}")
     tied = {id(p) for n, m in chosen for p in m.parameters(recurse=False)}
     for n, m in model.named_modules():
         if (n, m) not in chosen and any(id(p) in tied for p in m.parameters(recurse=False)):
-            raise WeightsmithError(f"module {n} shares its weight with a module chosen by --modules; choose both "
-                                   f"or neither (untie the embeddings first)")
+            raise OptionError(None, f"module {n} shares its weight with a module chosen by {{0}}; choose both "
+                                    f"or neither (untie the embeddings first)", ("modules",))
     return chosen
 
 

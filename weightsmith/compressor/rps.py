@@ -13,30 +13,21 @@ import torch
 from ..checkpoint import check_output, copy_side_files, output_folder, read_json
 from ..checkpoint.card import write_model_card
 from ..device import resolve_device
-from ..errors import WeightsmithError
+from ..errors import MissingOption, WeightsmithError
 from ..progress import ProgressFn
+from ..stage_options import RpsOptions
 from . import format as rps_format
-from .hashing import MAPPINGS
-from .memory import SHARING, resident_bytes
+from .memory import resident_bytes
 from .project import compress_model, init_model
 from .train import fit
 
 PAPER = "https://arxiv.org/abs/2310.11611"
+HEAL_LR, TRAIN_LR = 1e-3, 4e-3  # peak learning rates when the options leave lr unset
 
 
-def _check(budget: float, mapping: str, sharing: str, steps: int, data: str | Path | None, what: str) -> None:
-    if not 0 < budget <= 4:
-        raise WeightsmithError(f"--budget {budget} must be in (0, 4]: stored / original parameters, e.g. 0.1")
-    if mapping not in MAPPINGS:
-        raise WeightsmithError(f"--mapping {mapping!r} is not one of {', '.join(MAPPINGS)}")
-    if sharing not in SHARING:
-        raise WeightsmithError(f"--sharing {sharing!r} is not one of {', '.join(SHARING)}")
-    if steps < 0:
-        raise WeightsmithError(f"{what} {steps} must be >= 0")
-    if steps and data is None:
-        raise WeightsmithError(f"{what} {steps} needs --data TEXT to train on")
+def _check_data(data: Path | None) -> None:
     if data is not None and not Path(data).is_file():
-        raise WeightsmithError(f"--data {data}: file not found")
+        raise WeightsmithError(f"{data}: data file not found")
 
 
 def _tokens(tokenizer_dir: Path, data: Path) -> torch.Tensor:
@@ -66,70 +57,71 @@ def _finish(model, folder: Path, *, budget: float, inputs: list[str], method: st
     return report
 
 
-def compress_rps(model_path: str | Path, out: str | Path, *, budget: float = 0.1, mapping: str = "stable",
-                 modules: str | None = None, sharing: str = "global", tile: int = 64, heal_steps: int = 0,
-                 data: str | Path | None = None, lr: float = 1e-3, batch: int = 16, seq: int = 64,
-                 device: str = "auto", seed: int = 0, force: bool = False,
-                 progress: ProgressFn | None = None) -> dict:
-    """Project a trained checkpoint's chosen modules into hashed memory; heal for ``heal_steps`` on ``data``."""
+def compress_rps(model_path: str | Path, out: str | Path, opts: RpsOptions | None = None, *, device: str = "auto",
+                 seed: int = 0, force: bool = False, progress: ProgressFn | None = None, **values) -> dict:
+    """Project a trained checkpoint's chosen modules into hashed memory; heal for ``heal_steps`` on ``data``.
+    ``values`` override fields of ``opts`` (an :class:`RpsOptions`)."""
     from ..loading import load
 
+    o = RpsOptions.build(opts, **values)
     model_path, out = Path(model_path), Path(out)
-    _check(budget, mapping, sharing, heal_steps, data, "--heal-steps")
+    _check_data(o.data)
     check_output(out, [model_path], force)
     dev = resolve_device(device)
     model = load(model_path, device=dev)
     if getattr(model, "rps", None) is not None:
-        raise WeightsmithError(f"{model_path} is already an RPS folder; export it --plain first")
+        raise WeightsmithError(f"{model_path} is already an RPS folder; export it to a plain folder first")
     dense_bytes = resident_bytes(model)["total"]
-    _, stats = compress_model(model, budget=budget, mapping=mapping, pattern=modules, sharing=sharing, tile=tile,
-                              seed=seed, progress=progress)
+    _, stats = compress_model(model, budget=o.budget, mapping=o.mapping, pattern=o.modules, sharing=o.sharing,
+                              tile=o.tile, seed=seed, progress=progress)
     metrics = {"relative_error": stats["relative_error"], "dense_resident_bytes": dense_bytes}
-    if heal_steps:
+    lr = o.lr or HEAL_LR
+    if o.heal_steps:
         torch.manual_seed(seed)
-        losses = fit(model, _tokens(model_path, Path(data)), steps=heal_steps, lr=lr, batch=batch, seq=seq,
-                     seed=seed, device=dev, progress=progress)
+        losses = fit(model, _tokens(model_path, Path(o.data)), steps=o.heal_steps, lr=lr, batch=o.batch_size,
+                     seq=o.seq_len, seed=seed, device=dev, progress=progress)
         metrics.update(heal_loss_first=losses[0], heal_loss_last=sum(losses[-10:]) / len(losses[-10:]))
-    params = {"budget": budget, "mapping": mapping, "modules": modules or "default", "sharing": sharing,
-              "tile": tile, "heal_steps": heal_steps, "lr": lr, "seed": seed}
+    params = {"budget": o.budget, "mapping": o.mapping, "modules": o.modules or "default", "sharing": o.sharing,
+              "tile": o.tile, "heal_steps": o.heal_steps, "lr": lr, "seed": seed}
     with output_folder(out, inputs=[model_path], force=force) as tmp:
-        report = _finish(model, tmp, budget=budget, inputs=[str(model_path)], method=mapping, params=params,
+        report = _finish(model, tmp, budget=o.budget, inputs=[str(model_path)], method=o.mapping, params=params,
                          metrics=metrics, side_from=model_path)
     return {"output": str(out), **report}
 
 
-def train_rps(from_config: str | Path, out: str | Path, *, budget: float = 0.1, mapping: str = "stable",
-              modules: str | None = None, sharing: str = "global", tile: int = 64, data: str | Path | None = None,
-              train_steps: int = 500, lr: float = 4e-3, batch: int = 32, seq: int = 64,
-              tokenizer: str | Path | None = None, device: str = "auto", seed: int = 0, force: bool = False,
-              progress: ProgressFn | None = None) -> dict:
-    """Build an RPS model from a config.json (or a model folder's config) and train it from scratch."""
+def train_rps(from_config: str | Path, out: str | Path, opts: RpsOptions | None = None, *, device: str = "auto",
+              seed: int = 0, force: bool = False, progress: ProgressFn | None = None, **values) -> dict:
+    """Build an RPS model from a config.json (or a model folder's config) and train it from scratch for
+    ``train_steps`` on ``data``; ``values`` override fields of ``opts``."""
     from ..loading import model_class
 
+    o = RpsOptions.build(opts, **values)
     src = Path(from_config)
     cfg_file = src / "config.json" if src.is_dir() else src
     if not cfg_file.is_file():
-        raise WeightsmithError(f"--from-config {src}: no config.json there")
+        raise WeightsmithError(f"{src}: no config.json there to build a model from")
     out = Path(out)
-    _check(budget, mapping, sharing, train_steps, data, "--train-steps")
-    if data is None:
-        raise WeightsmithError("--train needs --data TEXT")
+    if o.data is None:
+        raise MissingOption("data", "training a model from a config needs text to train on")
+    _check_data(o.data)
     check_output(out, [cfg_file.parent], force)
     config = read_json(cfg_file, str(cfg_file))
     config.pop("weightsmith", None)
-    tok_dir = Path(tokenizer) if tokenizer else cfg_file.parent
-    tokens = _tokens(tok_dir, Path(data))
+    tok_dir = Path(o.tokenizer) if o.tokenizer else cfg_file.parent
+    tokens = _tokens(tok_dir, Path(o.data))
     cls = model_class(config)
     torch.manual_seed(seed)
     model = cls(cls.config_class.from_dict(config))
-    init_model(model, budget=budget, mapping=mapping, pattern=modules, sharing=sharing, tile=tile, seed=seed)
-    losses = fit(model, tokens, steps=train_steps, lr=lr, batch=batch, seq=seq, seed=seed, device=device,
-                 progress=progress, label="training")
-    params = {"budget": budget, "mapping": mapping, "modules": modules or "default", "sharing": sharing,
-              "tile": tile, "train_steps": train_steps, "lr": lr, "batch": batch, "seq": seq, "seed": seed}
+    init_model(model, budget=o.budget, mapping=o.mapping, pattern=o.modules, sharing=o.sharing, tile=o.tile, seed=seed)
+    lr = o.lr or TRAIN_LR
+    losses = fit(model, tokens, steps=o.train_steps, lr=lr, batch=o.batch_size, seq=o.seq_len, seed=seed,
+                 device=device, progress=progress, label="training")
+    params = {"budget": o.budget, "mapping": o.mapping, "modules": o.modules or "default", "sharing": o.sharing,
+              "tile": o.tile, "train_steps": o.train_steps, "lr": lr, "batch_size": o.batch_size,
+              "seq_len": o.seq_len, "seed": seed}
     metrics = {"train_loss_first": losses[0] if losses else None,
                "train_loss_last": sum(losses[-10:]) / len(losses[-10:]) if losses else None}
     with output_folder(out, inputs=[cfg_file.parent], force=force) as tmp:
-        report = _finish(model, tmp, budget=budget, inputs=[str(src)], method=mapping, params=params,
+        report = _finish(model, tmp, budget=o.budget, inputs=[str(src)], method=o.mapping, params=params,
                          metrics=metrics, side_from=tok_dir)
     return {"output": str(out), **report}

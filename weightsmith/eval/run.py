@@ -6,8 +6,9 @@ from pathlib import Path
 import torch
 
 from ..device import resolve_device
-from ..errors import WeightsmithError
+from ..errors import OptionError, OutOfRange, WeightsmithError
 from ..progress import ProgressFn
+from ..stage_options import EvalOptions
 from .data import load_labelled, load_labelled_images, load_texts
 from .metrics import EvalRow, accuracy, count_params, folder_size, image_accuracy, perplexity, tokenize
 
@@ -18,7 +19,8 @@ def load_tokenizer(path: str | Path):
     try:
         return AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as exc:
-        raise WeightsmithError(f"{path}: no tokenizer found there ({exc.__class__.__name__}); pass --tokenizer") from None
+        raise OptionError(None, f"{path}: no tokenizer found there ({exc.__class__.__name__}); give a tokenizer "
+                                "folder by {0}", ("tokenizer",)) from None
 
 
 def load_image_processor(path: str | Path):
@@ -34,50 +36,52 @@ def load_image_processor(path: str | Path):
 def model_context(model: torch.nn.Module, requested: int | None) -> int:
     limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
     if requested and limit and requested > limit:
-        raise WeightsmithError(f"--context {requested} exceeds the model's {limit} positions")
+        raise OutOfRange("context", requested, 2, limit)
     return requested or limit or 1024
 
 
-def evaluate_model(path: str | Path, *, data: str | Path | None = None, labelled: str | Path | None = None,
-                   tokenizer: str | Path | None = None, context: int | None = None, stride: int | None = None,
-                   max_tokens: int | None = None, batch_size: int = 8, device: str = "auto",
-                   dtype: str | None = None, allow_pickle: bool = False, model: torch.nn.Module | None = None,
-                   progress: ProgressFn | None = None) -> EvalRow:
+def evaluate_model(path: str | Path, opts: EvalOptions | None = None, *, device: str = "auto",
+                   allow_pickle: bool = False, model: torch.nn.Module | None = None,
+                   progress: ProgressFn | None = None, **values) -> EvalRow:
+    """One row for the model folder at ``path`` (or the already loaded ``model`` read from it); ``values``
+    override fields of ``opts`` (an :class:`EvalOptions`)."""
     from ..loading import load
 
+    o = EvalOptions.build(opts, **values)
     dev = resolve_device(device)
     path = Path(path)
-    model = model if model is not None else load(path, device=dev, dtype=dtype, allow_pickle=allow_pickle)
+    model = model if model is not None else load(path, device=dev, dtype=o.dtype, allow_pickle=allow_pickle)
     images = getattr(model, "main_input_name", "input_ids") == "pixel_values"
-    tok = None if images and data is None else load_tokenizer(tokenizer or path)
+    tok = None if images and o.data is None else load_tokenizer(o.tokenizer or path)
     row = EvalRow(model=str(path), params=count_params(model), size_bytes=folder_size(path))
-    if data is not None:
-        ids = tokenize(tok, load_texts(data), max_tokens)
-        ctx = model_context(model, context)
-        res = perplexity(model, ids, context=ctx, stride=stride or ctx // 2, batch_size=batch_size, device=dev,
+    if o.data is not None:
+        ids = tokenize(tok, load_texts(o.data), o.max_tokens)
+        ctx = model_context(model, o.context)
+        res = perplexity(model, ids, context=ctx, stride=o.stride or ctx // 2, batch_size=o.batch_size, device=dev,
                          progress=progress, label=f"perplexity {path.name}")
         row.perplexity, row.nll, row.tokens, row.tokens_per_s = res["perplexity"], res["nll"], res["tokens"], res["tokens_per_s"]
-    if labelled is not None and images:
-        files, labels = load_labelled_images(labelled)
-        res = image_accuracy(model, load_image_processor(path), files, labels, batch_size=batch_size, device=dev,
+    if o.labelled is not None and images:
+        files, labels = load_labelled_images(o.labelled)
+        res = image_accuracy(model, load_image_processor(path), files, labels, batch_size=o.batch_size, device=dev,
                              progress=progress)
         row.accuracy = res["accuracy"]
-    elif labelled is not None:
-        texts, labels = load_labelled(labelled)
+    elif o.labelled is not None:
+        texts, labels = load_labelled(o.labelled)
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
-        res = accuracy(model, tok, texts, labels, batch_size=batch_size, device=dev, progress=progress)
+        res = accuracy(model, tok, texts, labels, batch_size=o.batch_size, device=dev, progress=progress)
         row.accuracy = res["accuracy"]
     return row
 
 
-def evaluate(paths: list[str | Path], **kwargs) -> list[EvalRow]:
-    if not kwargs.get("data") and not kwargs.get("labelled"):
-        raise WeightsmithError("nothing to measure: pass --data TEXT for perplexity and/or --labelled FILE for accuracy")
-    for p in (kwargs.get("data"), kwargs.get("labelled")):
+def evaluate(paths: list[str | Path], opts: EvalOptions | None = None, *, device: str = "auto",
+             allow_pickle: bool = False, progress: ProgressFn | None = None, **values) -> list[EvalRow]:
+    """One row per model folder, all measured on the same data; ``values`` override fields of ``opts``."""
+    o = EvalOptions.build(opts, **values)
+    for p in (o.data, o.labelled):
         if p is not None and not Path(p).exists():
             raise WeightsmithError(f"{p}: data file not found")
     for p in paths:
         if not (Path(p) / "config.json").exists():
             raise WeightsmithError(f"{p}: not a model folder (no config.json)")
-    return [evaluate_model(p, **kwargs) for p in paths]
+    return [evaluate_model(p, o, device=device, allow_pickle=allow_pickle, progress=progress) for p in paths]

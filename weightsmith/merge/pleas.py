@@ -24,14 +24,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import WeightsmithError
+from ..errors import InvalidChoice, MissingOption, OutOfRange, UnknownOption, WeightsmithError
 from ..progress import ProgressFn, track
+from ..stage_options import PLEAS_INPUTS, PleasOptions
 from .align.activation_matching import METRICS, activation_similarity, assign
 from .align.capture import capture, features, forward
 from .align.spec import Layer, PermSpec, spec_for
 
 MERGED, ONLY_A, ONLY_B = 0, 1, 2
-INPUTS = ("merged", "original")
+INPUTS = PLEAS_INPUTS
 
 
 @dataclass
@@ -52,7 +53,7 @@ class GroupPlan:
 def merge_counts(spec: PermSpec, width: float) -> dict[str, int]:
     """Matched pairs to merge per group under the uniform width rule (see module doc)."""
     if not 1.0 <= width <= 2.0:
-        raise WeightsmithError(f"--width must lie between 1.0 and 2.0 (model-size multiples), got {width}")
+        raise OutOfRange("width", width, 1.0, 2.0)
     counts = {}
     for g, grp in spec.groups.items():
         kept = min(max(round(width * grp.size), grp.size), 2 * grp.size) if grp.partial else grp.size
@@ -314,9 +315,9 @@ def pleas_modules(model_a: nn.Module, model_b: nn.Module, batches, *, width: flo
     permutations for an unaligned merge. ``counts`` (pairs merged per group) overrides the width rule.
     Returns the merged model and a report with seconds per stage."""
     if metric not in METRICS:
-        raise WeightsmithError(f"--metric must be one of {', '.join(METRICS)}, got {metric!r}")
+        raise InvalidChoice("metric", metric, METRICS)
     if inputs not in INPUTS:
-        raise WeightsmithError(f"--inputs must be one of {', '.join(INPUTS)}, got {inputs!r}")
+        raise InvalidChoice("inputs", inputs, INPUTS)
     spec = spec or spec_for(model_a)
     counts = {**merge_counts(spec, width), **(counts or {})}
     dt = torch.float32  # accumulators; the solves run in float64
@@ -397,33 +398,27 @@ def pleas_modules(model_a: nn.Module, model_b: nn.Module, batches, *, width: flo
     return merged, report
 
 
-def pleas_merge(model_a: str | Path, model_b: str | Path, data: str | Path, width: float = 1.2, *,
-                out: str | Path, metric: str = "euclidean", ridge: float = 1e-4, least_squares: bool = True,
-                inputs: str = "merged", dtype: str | None = None, recipe: str | None = None,
-                max_tokens: int = 8192, seq_len: int = 128, batch_size: int = 8, seed: int = 0,
-                device: str = "auto", force: bool = False, max_shard_size: str = "5GB",
-                progress: ProgressFn | None = None) -> dict:
+def pleas_merge(model_a: str | Path, model_b: str | Path, opts: PleasOptions | None = None, *, out: str | Path,
+                dtype: str | None = None, recipe: str | None = None, seed: int = 0, device: str = "auto",
+                force: bool = False, progress: ProgressFn | None = None, **values) -> dict:
     """PLeaS-merge two model folders (Llama/Mistral/Qwen2 causal LMs) into ``out``; ``data`` is calibration text
     (the fine-tuning data, or generic text for the data-free variant). The MLP intermediate widens to
-    ``width``× (config ``intermediate_size`` changes, so stock ``from_pretrained`` loads the result)."""
+    ``width``× (config ``intermediate_size`` changes, so stock ``from_pretrained`` loads the result).
+    ``values`` override fields of ``opts`` (a :class:`PleasOptions`)."""
     from ..checkpoint import Checkpoint, check_output, output_folder
     from ..checkpoint.card import write_model_card
     from ..device import resolve_device, resolve_dtype
     from .align.folders import lm_batches, load_pair, save_like
 
-    merge_counts(PermSpec({}, {}), width)  # validates the width before any file is read
-    if metric not in METRICS:
-        raise WeightsmithError(f"--metric must be one of {', '.join(METRICS)}, got {metric!r}")
-    if inputs not in INPUTS:
-        raise WeightsmithError(f"--inputs must be one of {', '.join(INPUTS)}, got {inputs!r}")
+    o = PleasOptions.build(opts, **values)
     check_output(out, [model_a, model_b], force)
     dev = resolve_device(device)
     torch.manual_seed(seed)
     a, b = load_pair(model_a, model_b, dev)
     spec = spec_for(a)
-    batches = lm_batches(model_a, data, max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size)
-    merged, report = pleas_modules(a, b, batches, width=width, least_squares=least_squares, inputs=inputs, metric=metric,
-                                   ridge=ridge, seed=seed, device=dev, spec=spec, progress=progress)
+    batches = lm_batches(model_a, o.data, max_tokens=o.max_tokens, seq_len=o.seq_len, batch_size=o.batch_size)
+    merged, report = pleas_modules(a, b, batches, width=o.width, least_squares=o.least_squares, inputs=o.inputs,
+                                   metric=o.metric, ridge=o.ridge, seed=seed, device=dev, spec=spec, progress=progress)
     config = dict(Checkpoint(model_a).config)
     widths = {report["units"][g] for g, grp in spec.groups.items() if grp.partial}
     if len(widths) > 1:
@@ -431,18 +426,17 @@ def pleas_merge(model_a: str | Path, model_b: str | Path, data: str | Path, widt
     if widths:
         config["intermediate_size"] = widths.pop()
         merged.config.intermediate_size = config["intermediate_size"]
-    report.update(model_a=str(model_a), model_b=str(model_b), out=str(out), data=str(data),
+    report.update(model_a=str(model_a), model_b=str(model_b), out=str(out), data=str(o.data),
                   tensors=len(merged.state_dict()),
                   intermediate_size=config.get("intermediate_size"))
     with output_folder(out, [model_a, model_b], force) as folder:
         if dtype is not None:
             merged.to(resolve_dtype(dtype))
             config["torch_dtype"] = config["dtype"] = str(resolve_dtype(dtype)).removeprefix("torch.")
-        save_like(merged, model_a, folder, config, max_shard_size, keep_dtype=dtype is None)
+        save_like(merged, model_a, folder, config, o.out_shard_size, keep_dtype=dtype is None)
+        card = {k: v for k, v in o.to_dict().items() if k not in ("batch_size", "out_shard_size")}
         write_model_card(folder, stage="merge", method="pleas", inputs=[str(model_a), str(model_b)], recipe=recipe,
-                         parameters={"width": width, "metric": metric, "ridge": ridge, "least_squares": least_squares,
-                                     "inputs": inputs,
-                                     "data": str(data), "max_tokens": max_tokens, "seq_len": seq_len, "seed": seed},
+                         parameters={**card, "seed": seed},
                          notes="PLeaS (Nasery et al. 2024, https://arxiv.org/abs/2407.02447): activation-matched "
                                "permutations, partial merging of the best-matched MLP units, layer-wise least squares "
                                f"on both models' activations. Parameters: {report['size_vs_a']}× model A.",
@@ -450,7 +444,7 @@ def pleas_merge(model_a: str | Path, model_b: str | Path, data: str | Path, widt
     return report
 
 
-RECIPE_PARAMS = ("data", "width", "metric", "ridge", "least_squares", "inputs", "max_tokens", "seq_len", "batch_size")
+RECIPE_PARAMS = tuple(n for n in PleasOptions.specs() if n != "out_shard_size")
 
 
 def merge_recipe(recipe, out: str | Path, *, device: str = "auto", dtype: str | None = None,
@@ -460,16 +454,18 @@ def merge_recipe(recipe, out: str | Path, *, device: str = "auto", dtype: str | 
     params = {k: v for k, v in recipe.parameters.items() if v is not None}
     unknown = set(params) - set(RECIPE_PARAMS)
     if unknown:
-        raise WeightsmithError(f"pleas has no parameter {sorted(unknown)[0]!r}; it takes {', '.join(RECIPE_PARAMS)}")
+        raise UnknownOption(sorted(unknown)[0], RECIPE_PARAMS)
     if len(recipe.models) != 2:
         raise WeightsmithError(f"pleas merges exactly two models, got {len(recipe.models)}")
     if params.get("data") is None:
-        raise WeightsmithError("pleas needs --data: calibration text (fine-tuning data, or generic text)")
+        raise MissingOption("data", "pleas needs calibration text (fine-tuning data, or generic text)")
+    if "width" in params:
+        params["width"] = float(params["width"])
     start = time.perf_counter()
     a, b = (m.path for m in recipe.models)
-    rep = pleas_merge(a, b, params.pop("data"), float(params.pop("width", 1.2)), out=out, device=device,
-                      dtype=dtype or recipe.dtype, max_shard_size=str(out_shard_size), seed=seed, force=force,
-                      progress=progress, recipe=recipe.text or recipe.to_yaml(), **params)
+    rep = pleas_merge(a, b, PleasOptions(**params, out_shard_size=str(out_shard_size)), out=out, device=device,
+                      dtype=dtype or recipe.dtype, seed=seed, force=force, progress=progress,
+                      recipe=recipe.text or recipe.to_yaml())
     return {**rep, "inputs": [a, b], "method": "pleas",
             "notes": [f"width {rep['width']}: intermediate_size {rep['intermediate_size']}, "
                       f"{rep['size_vs_a']}x the parameters of {Path(a).name}"],

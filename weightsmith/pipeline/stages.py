@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import WeightsmithError
+from ..options import Options
 from ..progress import ProgressFn
+from .. import stage_options as so
 
 
 @dataclass
@@ -38,16 +40,21 @@ class StageDef:
     dry: bool | None = None  # its function stops at check_output before any heavy work (default: writes_model)
     paths: tuple[str, ...] = ()  # parameters naming files or folders that must exist
     check: Callable[[dict, list[str]], None] | None = None  # deeper validation before any stage runs
+    options: type[Options] | None = None  # the stage's options class: its params schema, instead of fn's keywords
 
     @property
     def validates_dry(self) -> bool:
         return self.writes_model if self.dry is None else self.dry
 
     def parameters(self) -> dict[str, inspect.Parameter]:
+        if self.options is not None:
+            return {n: inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=inspect.Parameter.empty
+                                         if n in self.options.required() else self.options.default(n))
+                    for n, s in self.options.specs().items() if s.pipeline}
         return {n: p for n, p in inspect.signature(self.fn).parameters.items() if p.kind is p.KEYWORD_ONLY}
 
     def hints(self) -> dict:
-        return typing.get_type_hints(self.fn)
+        return self.options.hints() if self.options is not None else typing.get_type_hints(self.fn)
 
 
 STAGES: dict[str, StageDef] = {}
@@ -55,6 +62,8 @@ STAGES: dict[str, StageDef] = {}
 
 def stage(name: str, **options) -> Callable:
     def register(fn: Callable) -> Callable:
+        if options.get("options") is not None:  # an options class names its path parameters itself
+            options.setdefault("paths", tuple(n for n, s in options["options"].specs().items() if s.path))
         STAGES[name] = StageDef(name, fn, **options)
         return fn
     return register
@@ -101,36 +110,29 @@ def inspect_stage(ctx: Context) -> dict:
             "size_bytes": info["size_on_disk"], "format": info["format"], "layers": info["layers"]}
 
 
-def _check_eval(params: dict, inputs: list[str]) -> None:
-    if params.get("data") is None and params.get("labelled") is None:
-        raise WeightsmithError("nothing to measure: set params.data (perplexity) and/or params.labelled (accuracy)")
-
-
-@stage("eval", max_inputs=None, writes_model=False, paths=("data", "labelled", "tokenizer"), check=_check_eval)
-def eval_stage(ctx: Context, *, data: Path | None = None, labelled: Path | None = None,
-               tokenizer: Path | None = None, context: int | None = None, stride: int | None = None,
-               max_tokens: int | None = None, batch_size: int = 8, dtype: str | None = None) -> dict:
+@stage("eval", max_inputs=None, writes_model=False, options=so.EvalOptions)
+def eval_stage(ctx: Context, **params) -> dict:
     from ..eval import evaluate
 
-    rows = evaluate(ctx.inputs, data=data, labelled=labelled, tokenizer=tokenizer, context=context, stride=stride,
-                    max_tokens=max_tokens, batch_size=batch_size, device=ctx.device, dtype=dtype,
-                    progress=ctx.progress)
-    rows = [{**r.to_dict(), "data": Path(data).name if data else None,
-             "labelled": Path(labelled).name if labelled else None} for r in rows]
+    opts = so.EvalOptions.from_params(params)
+    rows = evaluate(ctx.inputs, opts, device=ctx.device, progress=ctx.progress)
+    rows = [{**r.to_dict(), "data": Path(opts.data).name if opts.data else None,
+             "labelled": Path(opts.labelled).name if opts.labelled else None} for r in rows]
     _write_json(ctx.out, "eval.json", rows)
     return {"rows": rows}
 
 
-@stage("export")
-def export_stage(ctx: Context, *, out_shard_size: str = "5GB") -> dict:
+@stage("export", options=so.ExportOptions)
+def export_stage(ctx: Context, **params) -> dict:
     from ..loading import folder_format, format_module
 
+    opts = so.ExportOptions.from_params(params)
     fmt = folder_format(ctx.inputs[0])
     if fmt == "plain":
         raise WeightsmithError(f"{ctx.inputs[0]} is already a plain checkpoint; export turns folded or RPS folders "
                                "into plain ones")
-    info = format_module(fmt).export_plain(ctx.inputs[0], ctx.out, max_shard_size=out_shard_size, force=ctx.force,
-                                           progress=ctx.progress)
+    info = format_module(fmt).export_plain(ctx.inputs[0], ctx.out, max_shard_size=opts.out_shard_size,
+                                           force=ctx.force, progress=ctx.progress)
     return {"format": fmt, **({k: v for k, v in info.items() if isinstance(v, (int, float, str))}
                               if isinstance(info, dict) else {})}
 
@@ -212,44 +214,35 @@ def fold_stage(ctx: Context, *, data: Path, remove: float = 0.25, share: str = "
     return {k: v for k, v in info.items() if isinstance(v, (int, float, str, list))} if isinstance(info, dict) else {}
 
 
-@stage("analyze", writes_model=False, dry=True, paths=("data", "tokenizer"))
-def analyze_stage(ctx: Context, *, data: Path, remove: float = 0.25, seq: int | None = None, max_tokens: int = 4096,
-                  batch_size: int = 8, tokenizer: Path | None = None) -> dict:
-    from ..fold.analyze import analyze, write_analysis
-
-    info = analyze(ctx.inputs[0], data, ctx.out if ctx.dry_run else None, remove=remove, seq=seq,
-                   max_tokens=max_tokens, batch_size=batch_size, device=ctx.device, tokenizer=tokenizer,
-                   force=True, progress=ctx.progress)
-    write_analysis(info, ctx.out)  # ctx.out is the runner's temporary folder
+def _scalars(info) -> dict:
     return {k: v for k, v in info.items() if isinstance(v, (int, float, str))} if isinstance(info, dict) else {}
 
 
-@stage("compress", paths=("data",))
-def compress_stage(ctx: Context, *, budget: float = 0.1, mapping: str = "stable", modules: str | None = None,
-                   sharing: str = "global", tile: int = 64, heal_steps: int = 0, data: Path | None = None,
-                   lr: float = 1e-3, batch: int = 16, seq: int = 64) -> dict:
+@stage("analyze", writes_model=False, dry=True, options=so.AnalyzeOptions)
+def analyze_stage(ctx: Context, **params) -> dict:
+    from ..fold.analyze import analyze, write_analysis
+
+    o = so.AnalyzeOptions.from_params(params)
+    info = analyze(ctx.inputs[0], o.data, ctx.out if ctx.dry_run else None, remove=o.remove, seq=o.seq_len,
+                   max_tokens=o.max_tokens, batch_size=o.batch_size, device=ctx.device, tokenizer=o.tokenizer,
+                   force=True, progress=ctx.progress)
+    write_analysis(info, ctx.out)  # ctx.out is the runner's temporary folder
+    return _scalars(info)
+
+
+@stage("compress", options=so.RpsOptions)
+def compress_stage(ctx: Context, **params) -> dict:
     """RPS compression (ROAST / STABLE-RPS hashed memory) of the input, optionally healed on ``data``."""
     from ..compressor.rps import compress_rps
 
-    info = compress_rps(ctx.inputs[0], ctx.out, budget=budget, mapping=mapping, modules=modules, sharing=sharing,
-                        tile=tile, heal_steps=heal_steps, data=data, lr=lr, batch=batch, seq=seq, device=ctx.device,
-                        seed=ctx.seed, force=ctx.force, progress=ctx.progress)
-    return {k: v for k, v in info.items() if isinstance(v, (int, float, str))} if isinstance(info, dict) else {}
+    return _scalars(compress_rps(ctx.inputs[0], ctx.out, so.RpsOptions.from_params(params), device=ctx.device,
+                                 seed=ctx.seed, force=ctx.force, progress=ctx.progress))
 
 
-def _check_align(params: dict, inputs: list[str]) -> None:
-    if params.get("method", "weight") == "activation" and not params.get("data"):
-        raise WeightsmithError("params.data: activation matching needs calibration text")
-
-
-@stage("align", min_inputs=2, max_inputs=2, paths=("data",), check=_check_align)
-def align_stage(ctx: Context, *, method: str = "weight", data: Path | None = None, metric: str = "euclidean",
-                max_tokens: int = 8192, seq_len: int = 128, batch_size: int = 8,
-                out_shard_size: str = "5GB") -> dict:
+@stage("align", min_inputs=2, max_inputs=2, options=so.AlignOptions)
+def align_stage(ctx: Context, **params) -> dict:
     """Permute the second input into the first one's basis (same function as the second input)."""
     from ..merge.align.folders import align
 
-    info = align(ctx.inputs[0], ctx.inputs[1], ctx.out, method=method, data=data, metric=metric,
-                 max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size, seed=ctx.seed, device=ctx.device,
-                 force=ctx.force, max_shard_size=out_shard_size, progress=ctx.progress)
-    return {k: v for k, v in info.items() if isinstance(v, (int, float, str))} if isinstance(info, dict) else {}
+    return _scalars(align(ctx.inputs[0], ctx.inputs[1], ctx.out, so.AlignOptions.from_params(params), seed=ctx.seed,
+                          device=ctx.device, force=ctx.force, progress=ctx.progress))

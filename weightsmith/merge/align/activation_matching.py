@@ -11,12 +11,13 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
-from ...errors import WeightsmithError
+from ...errors import InvalidChoice, WeightsmithError
 from ...progress import ProgressFn, track
+from ...stage_options import MATCH_METRICS
 from .capture import capture, forward
 from .spec import PermSpec
 
-METRICS = ("euclidean", "correlation")
+METRICS = MATCH_METRICS
 
 
 class _Stats:
@@ -50,7 +51,7 @@ def activation_similarity(model_a: nn.Module, model_b: nn.Module, spec: PermSpec
                           progress: ProgressFn | None = None) -> dict[str, torch.Tensor]:
     """Per group, the (n_A × n_B) similarity of unit activations accumulated over ``batches``."""
     if metric not in METRICS:
-        raise WeightsmithError(f"--metric must be one of {', '.join(METRICS)}, got {metric!r}")
+        raise InvalidChoice("metric", metric, METRICS)
     dt = torch.float64 if torch.device(device).type == "cpu" else torch.float32
     stats: dict[tuple[str, int], _Stats] = {}
     sites = []
@@ -76,7 +77,8 @@ def activation_similarity(model_a: nn.Module, model_b: nn.Module, spec: PermSpec
         sims[group] = sims[group] + s if group in sims else s
     missing = [g for g in spec.groups if g not in sims]
     if missing:
-        raise WeightsmithError(f"no activations reached group {missing[0]}; the model never used it on --data")
+        raise WeightsmithError(f"no activations reached group {missing[0]}; the model never used it on the "
+                               "calibration data")
     return {g: s.cpu() for g, s in sims.items()}
 
 

@@ -12,15 +12,13 @@ import torch
 from ...checkpoint import Checkpoint, check_output, copy_side_files, output_folder, save_state_dict, write_config
 from ...checkpoint.card import write_model_card
 from ...device import resolve_device
-from ...errors import WeightsmithError
+from ...errors import OptionError, WeightsmithError
 from ...progress import ProgressFn
-from .activation_matching import METRICS, activation_matching
+from ...stage_options import AlignOptions
+from .activation_matching import activation_matching
 from .apply import apply_permutation
 from .spec import spec_for
 from .weight_matching import weight_matching
-
-METHODS = ("weight", "activation")
-
 
 def lm_batches(tokenizer_from: str | Path, data: str | Path, *, max_tokens: int, seq_len: int,
                batch_size: int) -> list[torch.Tensor]:
@@ -34,7 +32,8 @@ def lm_batches(tokenizer_from: str | Path, data: str | Path, *, max_tokens: int,
                                f"vocab_size {vocab}; the tokenizer does not belong to this model")
     rows = len(ids) // seq_len
     if rows == 0:
-        raise WeightsmithError(f"{data}: only {len(ids)} tokens, fewer than one window of --seq-len {seq_len}")
+        raise OptionError(None, f"{data}: only {len(ids)} tokens, fewer than one window of {{0}} {seq_len}",
+                          ("seq_len",))
     windows = ids[: rows * seq_len].reshape(rows, seq_len)
     return list(windows.split(batch_size))
 
@@ -70,40 +69,36 @@ def save_like(model: torch.nn.Module, source: str | Path, folder: Path, config: 
     copy_side_files(source, folder)
 
 
-def align(model_a: str | Path, model_b: str | Path, out: str | Path, *, method: str = "weight",
-          data: str | Path | None = None, metric: str = "euclidean", max_tokens: int = 8192, seq_len: int = 128,
-          batch_size: int = 8, max_sweeps: int = 100, seed: int = 0, device: str = "auto", force: bool = False,
-          max_shard_size: str = "5GB", progress: ProgressFn | None = None) -> dict:
-    """Write B permuted into A's basis to ``out``; returns a report (groups, units moved, seconds per stage)."""
-    if method not in METHODS:
-        raise WeightsmithError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
-    if metric not in METRICS:
-        raise WeightsmithError(f"--metric must be one of {', '.join(METRICS)}, got {metric!r}")
-    if method == "activation" and data is None:
-        raise WeightsmithError("--method activation needs --data (calibration text)")
+def align(model_a: str | Path, model_b: str | Path, out: str | Path, opts: AlignOptions | None = None, *,
+          seed: int = 0, device: str = "auto", force: bool = False, progress: ProgressFn | None = None,
+          **values) -> dict:
+    """Write B permuted into A's basis to ``out``; returns a report (groups, units moved, seconds per stage).
+    ``values`` override fields of ``opts`` (an :class:`AlignOptions`)."""
+    o = AlignOptions.build(opts, **values)
     check_output(out, [model_a, model_b], force)
     dev = resolve_device(device)
     a, b = load_pair(model_a, model_b, dev)
     spec = spec_for(a)
     times: dict[str, float] = {}
     t0 = time.perf_counter()
-    if method == "weight":
-        perms = weight_matching(spec, a.state_dict(), b.state_dict(), max_sweeps=max_sweeps, seed=seed,
+    if o.method == "weight":
+        perms = weight_matching(spec, a.state_dict(), b.state_dict(), max_sweeps=o.max_sweeps, seed=seed,
                                 device=dev, progress=progress)
     else:
-        batches = lm_batches(model_a, data, max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size)
-        perms = activation_matching(a, b, spec, batches, metric=metric, device=dev, progress=progress)
+        batches = lm_batches(model_a, o.data, max_tokens=o.max_tokens, seq_len=o.seq_len, batch_size=o.batch_size)
+        perms = activation_matching(a, b, spec, batches, metric=o.metric, device=dev, progress=progress)
     times["matching_s"] = round(time.perf_counter() - t0, 3)
     b.load_state_dict(apply_permutation(b.state_dict(), spec, perms))
     moved = {g: int((p != torch.arange(len(p))).sum()) for g, p in perms.items()}
-    report = {"model_a": str(model_a), "model_b": str(model_b), "out": str(out), "method": method,
-              "metric": metric if method == "activation" else None, "groups": len(spec.groups),
+    report = {"model_a": str(model_a), "model_b": str(model_b), "out": str(out), "method": o.method,
+              "metric": o.metric if o.method == "activation" else None, "groups": len(spec.groups),
               "units": sum(g.size for g in spec.groups.values()), "units_moved": sum(moved.values()), **times}
     with output_folder(out, [model_a, model_b], force) as folder:
-        save_like(b, model_b, folder, Checkpoint(model_b).config, max_shard_size)
-        write_model_card(folder, stage="align", method=f"{method} matching", inputs=[str(model_a), str(model_b)],
-                         parameters={"method": method, "metric": report["metric"], "data": str(data) if data else None,
-                                     "max_tokens": max_tokens, "seq_len": seq_len, "seed": seed},
+        save_like(b, model_b, folder, Checkpoint(model_b).config, o.out_shard_size)
+        write_model_card(folder, stage="align", method=f"{o.method} matching", inputs=[str(model_a), str(model_b)],
+                         parameters={"method": o.method, "metric": report["metric"],
+                                     "data": str(o.data) if o.data else None, "max_tokens": o.max_tokens,
+                                     "seq_len": o.seq_len, "seed": seed},
                          notes=f"`{Path(model_b).name}` with its units permuted into the basis of "
                                f"`{Path(model_a).name}` (Git Re-Basin); it computes the same function as the original.")
     return report

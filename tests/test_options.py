@@ -1,0 +1,170 @@
+"""Stage options declared once: the checks, the typed errors, and their wording on the CLI and in a pipeline."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from weightsmith.cli import app
+from weightsmith.errors import InvalidChoice, MissingOption, OptionError, OutOfRange, UnknownOption, WeightsmithError
+from weightsmith.options import Options, option, options_class
+from weightsmith.pipeline import STAGES, load_pipeline
+from weightsmith.stage_options import STAGE_OPTIONS, AlignOptions, EvalOptions, PleasOptions, RpsOptions
+
+
+@options_class
+class Shrink(Options):
+    ratio: float = option(0.5, lo=0, hi=1, lo_open=True, help="Fraction kept.")
+    mode: str = option("row", choices=("row", "tensor"), help="Unit.")
+    data: Path | None = option(None, path=True, help="Text.")
+    steps: int = option(0, lo=0, help="Steps.")
+
+    def check(self) -> None:
+        if self.steps and self.data is None:
+            raise MissingOption("data", "needed when {0} > 0", ("steps",))
+
+
+@pytest.mark.parametrize("values, error, text", [
+    ({"ratio": 0}, OutOfRange, "ratio: 0 is out of range; it must be in (0, 1]"),
+    ({"ratio": 1.5}, OutOfRange, "ratio: 1.5 is out of range; it must be in (0, 1]"),
+    ({"mode": "col"}, InvalidChoice, "mode: 'col' is not one of row, tensor"),
+    ({"steps": -1}, OutOfRange, "steps: -1 is out of range; it must be in [0, inf)"),
+    ({"steps": 3}, MissingOption, "data: needed when steps > 0"),
+    ({"rate": 3}, UnknownOption, "rate: no such option; the options are ratio, mode, data, steps"),
+])
+def test_each_bad_value_raises_its_typed_error_named_by_the_parameter(values, error, text):
+    with pytest.raises(error) as err:
+        Shrink.build(None, **values)
+    assert str(err.value) == text and err.value.param == text.split(":")[0]
+
+
+def test_bounds_are_inclusive_unless_declared_open():
+    assert Shrink(ratio=1).ratio == 1 and Shrink(steps=0).steps == 0
+    assert Shrink(ratio=1e-9).ratio == 1e-9
+
+
+def test_build_overrides_an_existing_object_and_revalidates():
+    base = Shrink(mode="tensor")
+    assert Shrink.build(base, ratio=0.25) == Shrink(mode="tensor", ratio=0.25)
+    assert Shrink.build(base) is base
+    with pytest.raises(OutOfRange):
+        Shrink.build(base, ratio=2)
+
+
+def test_path_options_become_paths_and_to_dict_writes_them_as_text():
+    o = Shrink(data="x.txt", steps=1)
+    assert o.data == Path("x.txt") and o.to_dict()["data"] == "x.txt"
+
+
+def test_render_words_the_subject_and_the_other_options_for_each_user():
+    err = MissingOption("data", "needed when {0} > 0", ("steps",))
+    assert err.render(lambda p: "--" + p.replace("_", "-")) == "--data: needed when --steps > 0"
+    assert err.render(lambda p: f"params.{p}", subject="stage 's', key 'params.data'") == \
+        "stage 's', key 'params.data': needed when params.steps > 0"
+    loose = OptionError(None, "nothing to do: give {0}", ("heal_steps",))
+    assert loose.render(lambda p: "--" + p.replace("_", "-")) == "nothing to do: give --heal-steps"
+
+
+def test_required_options_must_be_given():
+    with pytest.raises(MissingOption, match="^data: required$"):
+        PleasOptions.build(None, width=1.5)
+
+
+def test_stage_options_share_one_name_per_concept():
+    """No stage spells a concept its own way (seq/batch/max_shard_size were the old drift)."""
+    names = {n for cls in STAGE_OPTIONS.values() for n in cls.specs()}
+    assert not names & {"seq", "batch", "max_shard_size", "shard_size"}
+    helps: dict[str, set[str]] = {}
+    for cls in STAGE_OPTIONS.values():
+        for n, s in cls.specs().items():
+            helps.setdefault(n, set()).add(s.help)
+    assert len(helps["out_shard_size"]) == 1
+
+
+def test_pipeline_schema_comes_from_the_options_class():
+    for name, cls in STAGE_OPTIONS.items():
+        stage = STAGES.get("compress" if name == "compress" else name)
+        if stage is None or stage.options is None:
+            continue
+        offered = {n for n, s in cls.specs().items() if s.pipeline}
+        assert set(stage.parameters()) == offered
+        assert set(stage.paths) == {n for n, s in cls.specs().items() if s.path}
+        for n in cls.required():
+            assert stage.parameters()[n].default is stage.parameters()[n].empty
+
+
+# -- the same bad value on the command line and in a pipeline ------------------------------------------------
+
+def _cli_error(args: list[str]) -> str:
+    res = CliRunner().invoke(app, [str(a) for a in args])
+    assert isinstance(res.exception, WeightsmithError), res.output
+    assert not isinstance(res.exception, OptionError)  # reworded with flags before it leaves the command
+    return str(res.exception)
+
+
+def _pipeline_error(tmp_path: Path, stage: dict) -> str:
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({"stages": [{"name": "s", **stage}]}, sort_keys=False))
+    with pytest.raises(WeightsmithError) as err:
+        load_pipeline(path)
+    return str(err.value)
+
+
+@pytest.mark.parametrize("command, stage, flags, params, cli_text, pipeline_text", [
+    (["compress", "rps", "A"], "compress", ["--mapping", "lsh"], {"mapping": "lsh"},
+     "--mapping: 'lsh' is not one of stable, roast",
+     "stage 's', key 'params.mapping': 'lsh' is not one of stable, roast"),
+    (["compress", "rps", "A"], "compress", ["--budget", "5"], {"budget": 5},
+     "--budget: 5.0 is out of range; it must be in (0, 4]",
+     "stage 's', key 'params.budget': 5 is out of range; it must be in (0, 4]"),
+    (["compress", "rps", "A"], "compress", ["--heal-steps", "3"], {"heal_steps": 3},
+     "--data: healing (--heal-steps > 0) needs text to train on",
+     "stage 's', key 'params.data': healing (params.heal_steps > 0) needs text to train on"),
+    (["align", "A", "A"], "align", ["--method", "activation"], {"method": "activation"},
+     "--data: activation matching (--method activation) needs calibration text",
+     "stage 's', key 'params.data': activation matching (params.method activation) needs calibration text"),
+    (["align", "A", "A"], "align", ["--metric", "cosine"], {"metric": "cosine"},
+     "--metric: 'cosine' is not one of euclidean, correlation",
+     "stage 's', key 'params.metric': 'cosine' is not one of euclidean, correlation"),
+    (["eval", "A"], "eval", ["--batch-size", "0", "--data", "T"], {"batch_size": 0, "data": "T"},
+     "--batch-size: 0 is out of range; it must be in [1, inf)",
+     "stage 's', key 'params.batch_size': 0 is out of range; it must be in [1, inf)"),
+    (["eval", "A"], "eval", [], {},
+     "nothing to measure: give --data (text, for perplexity) and/or --labelled (labelled file, for accuracy)",
+     "stage 's': nothing to measure: give params.data (text, for perplexity) and/or params.labelled (labelled "
+     "file, for accuracy)"),
+    (["eval", "A"], "eval", ["--dtype", "int8", "--data", "T"], {"dtype": "int8", "data": "T"},
+     "--dtype: 'int8' is not one of float32, bfloat16, float16, fp32, bf16, fp16",
+     "stage 's', key 'params.dtype': 'int8' is not one of float32, bfloat16, float16, fp32, bf16, fp16"),
+    (["analyze", "A"], "analyze", ["--remove", "1", "--data", "T"], {"remove": 1, "data": "T"},
+     "--remove: 1.0 is out of range; it must be in [0, 1)",
+     "stage 's', key 'params.remove': 1 is out of range; it must be in [0, 1)"),
+])
+def test_the_same_bad_value_is_worded_for_the_cli_and_for_the_pipeline(tiny_llama, tmp_path, command, stage, flags,
+                                                                       params, cli_text, pipeline_text):
+    model = tiny_llama()
+    text = tmp_path / "t.txt"
+    text.write_text("hello world " * 50)
+    sub = {"A": model, "T": text}
+    args = [*(sub.get(a, a) for a in command),
+            *(["-o", tmp_path / "out"] if stage in ("compress", "align") else []), *(sub.get(a, a) for a in flags)]
+    assert _cli_error(args) == cli_text
+    entry = {"stage": stage, "inputs": [str(model)] * (2 if stage == "align" else 1),
+             "params": {k: str(sub.get(v, v)) if v == "T" else v for k, v in params.items()}}
+    assert _pipeline_error(tmp_path, entry) == pipeline_text
+    assert not (tmp_path / "out").exists()
+
+
+def test_dtype_choices_are_the_ones_the_library_resolves():
+    from weightsmith.device import DTYPES
+    from weightsmith.options import DTYPES as CHOICES
+
+    assert set(CHOICES) == set(DTYPES)
+
+
+def test_options_classes_match_the_library_defaults():
+    assert RpsOptions().lr is None and RpsOptions().batch_size == 16 and RpsOptions().seq_len == 64
+    assert AlignOptions().seq_len == PleasOptions.default("seq_len") == 128
+    assert EvalOptions.default("batch_size") == 8

@@ -1,0 +1,87 @@
+"""Typer flags generated from a stage's options class (``weightsmith.options``), and CLI wording of its errors.
+
+    @app.command("shrink")
+    @with_options(ShrinkOptions)
+    def shrink_cmd(model: Annotated[Path, typer.Argument(help="...")], opts: ShrinkOptions, quiet: QuietOpt = False):
+        shrink(model, opts)
+
+The ``opts`` parameter is replaced by one flag per option (``--ratio``, ``--mode``, ``--data``) in its place;
+the command receives the built options object. An ``OptionError`` raised while building it or inside the
+command is reworded with flags (``--ratio: 2.0 is out of range; ...``).
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from typing import Annotated, Any
+
+import typer
+
+from ..errors import OptionError, WeightsmithError
+from ..options import Options, OptionSpec
+
+
+def flag(param: str) -> str:
+    """The command-line spelling of an option's library name."""
+    return "--" + param.replace("_", "-")
+
+
+def _decls(name: str, spec: OptionSpec, kind: Any, default: Any) -> list[str]:
+    long = spec.flag or flag(name)
+    if kind is bool and default is True and "/" not in long:
+        long = f"{long}/--no-{long[2:]}"
+    return [long, *([spec.short] if spec.short else [])]
+
+
+def _metavar(spec: OptionSpec) -> str | None:
+    return "[" + "|".join(map(str, spec.choices)) + "]" if spec.choices else None
+
+
+def option_parameters(cls: type[Options]) -> list[inspect.Parameter]:
+    """One keyword-only parameter per CLI option of ``cls``, annotated for Typer."""
+    hints = cls.hints()
+    params = []
+    for f in cls.__dataclass_fields__.values():
+        spec = f.metadata.get("option")
+        if spec is None or not spec.cli:
+            continue
+        required = f.name in cls.required()
+        default = ... if required else f.default
+        info = typer.Option(*_decls(f.name, spec, hints[f.name], default), help=spec.help, metavar=_metavar(spec))
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                                        annotation=Annotated[hints[f.name], info]))
+    return params
+
+
+def cli_wording(exc: OptionError) -> WeightsmithError:
+    """The same error with every option spelled as its flag."""
+    return WeightsmithError(exc.render(flag))
+
+
+def with_options(cls: type[Options], param: str = "opts") -> Callable[[Callable], Callable]:
+    """Replace the command's ``param`` parameter by ``cls``'s flags; the command gets the built object."""
+    def decorate(fn: Callable) -> Callable:
+        sig = inspect.signature(fn, eval_str=True)
+        generated = option_parameters(cls)
+        names = [p.name for p in generated]
+        params: list[inspect.Parameter] = []
+        for p in sig.parameters.values():
+            if p.name == param:
+                params.extend(generated)
+            else:
+                params.append(p.replace(kind=inspect.Parameter.KEYWORD_ONLY))
+
+        @functools.wraps(fn)
+        def command(**kwargs: Any) -> Any:
+            values = {n: kwargs.pop(n) for n in names}
+            try:
+                return fn(**kwargs, **{param: cls(**values)})
+            except OptionError as exc:
+                raise cli_wording(exc) from None
+
+        command.__signature__ = sig.replace(parameters=params)
+        command.__annotations__ = {p.name: p.annotation for p in params}
+        del command.__wrapped__  # Typer must read the generated signature, not fn's
+        return command
+    return decorate
