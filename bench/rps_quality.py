@@ -84,7 +84,7 @@ def run(budgets=(0.5, 0.2, 0.1, 0.05), heal_steps=50, scratch_steps=120, batch=1
         return perplexity(model, valid, context=256, stride=128)["perplexity"]
 
     def train(model, steps, lr, after=None):
-        return fit(model, train_ids, steps=steps, lr=lr, batch=batch, seq=seq, seed=seed, after_step=after)
+        return fit(model, train_ids, steps=steps, lr=lr, batch_size=batch, seq_len=seq, seed=seed, after_step=after)
 
     dense = load(base)
     config = dense.config

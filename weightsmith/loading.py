@@ -1,31 +1,14 @@
 """``weightsmith.load``: any folder weightsmith writes (plain, folded, hashed) as a transformers model."""
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 
 import torch
 
 from .checkpoint import read_json
+from .checkpoint.formats import FORMATS, folder_format, format_module  # noqa: F401  (re-exported)
 from .device import resolve_device, resolve_dtype
 from .errors import WeightsmithError
-
-# config["weightsmith"]["format"] -> module with load(path, device, dtype) and export_plain(path, out, ...)
-FORMATS = {
-    "folded": "weightsmith.fold.format",
-    "rps": "weightsmith.compressor.format",
-}
-
-
-def folder_format(path: str | Path) -> str:
-    config = read_json(Path(path) / "config.json", "config.json")
-    return (config.get("weightsmith") or {}).get("format", "plain")
-
-
-def format_module(fmt: str):
-    if fmt not in FORMATS:
-        raise WeightsmithError(f"folder format {fmt!r} is unknown to this weightsmith version")
-    return importlib.import_module(FORMATS[fmt])
 
 
 def model_class(config: dict):

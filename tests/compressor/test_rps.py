@@ -199,7 +199,7 @@ def test_from_scratch_init_trains(tiny_llama):
     mem = init_model(model, budget=0.2, mapping="stable")
     assert mem.memory.std() > 0
     tokens = torch.arange(64).repeat(20) % 128
-    losses = fit(model, tokens, steps=15, lr=3e-2, batch=4, seq=16, seed=0)
+    losses = fit(model, tokens, steps=15, lr=3e-2, batch_size=4, seq_len=16, seed=0)
     assert sum(losses[-3:]) / 3 < losses[0] - 0.5
     assert not mem._cache  # index maps dropped after training
 

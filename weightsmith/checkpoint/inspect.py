@@ -5,6 +5,7 @@ from collections import Counter
 from pathlib import Path
 
 from ..errors import WeightsmithError
+from .formats import format_module
 from .layout import detect_layout
 from .reader import Checkpoint
 
@@ -35,7 +36,6 @@ def summarize(path: str | Path, allow_pickle: bool = False, tensors: bool = Fals
         "shards": [f.name for f in ckpt.files],
     }
     if fmt != "plain":
-        from ..loading import format_module
         describe = getattr(format_module(fmt), "describe", None)
         if describe is not None:
             out.update(describe(ckpt))

@@ -78,8 +78,8 @@ def compress_rps(model_path: str | Path, out: str | Path, opts: RpsOptions | Non
     lr = o.lr or HEAL_LR
     if o.heal_steps:
         torch.manual_seed(seed)
-        losses = fit(model, _tokens(model_path, Path(o.data)), steps=o.heal_steps, lr=lr, batch=o.batch_size,
-                     seq=o.seq_len, seed=seed, device=dev, progress=progress)
+        losses = fit(model, _tokens(model_path, Path(o.data)), steps=o.heal_steps, lr=lr, batch_size=o.batch_size,
+                     seq_len=o.seq_len, seed=seed, device=dev, progress=progress)
         metrics.update(heal_loss_first=losses[0], heal_loss_last=sum(losses[-10:]) / len(losses[-10:]))
     params = {"budget": o.budget, "mapping": o.mapping, "modules": o.modules or "default", "sharing": o.sharing,
               "tile": o.tile, "heal_steps": o.heal_steps, "lr": lr, "seed": seed}
@@ -114,7 +114,7 @@ def train_rps(from_config: str | Path, out: str | Path, opts: RpsOptions | None 
     model = cls(cls.config_class.from_dict(config))
     init_model(model, budget=o.budget, mapping=o.mapping, pattern=o.modules, sharing=o.sharing, tile=o.tile, seed=seed)
     lr = o.lr or TRAIN_LR
-    losses = fit(model, tokens, steps=o.train_steps, lr=lr, batch=o.batch_size, seq=o.seq_len, seed=seed,
+    losses = fit(model, tokens, steps=o.train_steps, lr=lr, batch_size=o.batch_size, seq_len=o.seq_len, seed=seed,
                  device=device, progress=progress, label="training")
     params = {"budget": o.budget, "mapping": o.mapping, "modules": o.modules or "default", "sharing": o.sharing,
               "tile": o.tile, "train_steps": o.train_steps, "lr": lr, "batch_size": o.batch_size,

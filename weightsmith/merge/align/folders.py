@@ -12,9 +12,10 @@ import torch
 from ...checkpoint import Checkpoint, check_output, copy_side_files, output_folder, save_state_dict, write_config
 from ...checkpoint.card import write_model_card
 from ...device import resolve_device
-from ...errors import OptionError, WeightsmithError
+from ...errors import WeightsmithError
 from ...progress import ProgressFn
 from ...stage_options import AlignOptions
+from ...training import calibration_windows
 from .activation_matching import activation_matching
 from .apply import apply_permutation
 from .spec import spec_for
@@ -23,18 +24,13 @@ from .weight_matching import weight_matching
 def lm_batches(tokenizer_from: str | Path, data: str | Path, *, max_tokens: int, seq_len: int,
                batch_size: int) -> list[torch.Tensor]:
     """Calibration batches: the text of ``data`` as one token stream cut into (batch, seq_len) windows."""
-    from ...eval import load_texts, load_tokenizer, tokenize
+    from ...eval import load_tokenizer
 
-    ids = tokenize(load_tokenizer(tokenizer_from), load_texts(data), max_tokens)
+    windows = calibration_windows(load_tokenizer(tokenizer_from), data, seq_len=seq_len, max_tokens=max_tokens)
     vocab = (Checkpoint(tokenizer_from).config or {}).get("vocab_size")
-    if vocab and int(ids.max()) >= vocab:
-        raise WeightsmithError(f"{tokenizer_from}: its tokenizer yields token id {int(ids.max())} but the model has "
-                               f"vocab_size {vocab}; the tokenizer does not belong to this model")
-    rows = len(ids) // seq_len
-    if rows == 0:
-        raise OptionError(None, f"{data}: only {len(ids)} tokens, fewer than one window of {{0}} {seq_len}",
-                          ("seq_len",))
-    windows = ids[: rows * seq_len].reshape(rows, seq_len)
+    if vocab and int(windows.max()) >= vocab:
+        raise WeightsmithError(f"{tokenizer_from}: its tokenizer yields token id {int(windows.max())} but the model "
+                               f"has vocab_size {vocab}; the tokenizer does not belong to this model")
     return list(windows.split(batch_size))
 
 

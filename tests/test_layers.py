@@ -1,0 +1,61 @@
+"""The layers (cli -> stages -> checkpoint) hold: read from the import statements of every module."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+import weightsmith
+
+ROOT = Path(weightsmith.__file__).parent
+
+
+def imports(path: Path) -> set[str]:
+    """weightsmith modules that ``path`` imports anywhere (top level or inside functions), as dotted names."""
+    module = ".".join(path.relative_to(ROOT.parent).with_suffix("").parts)
+    package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = package.split(".")
+            if node.level:
+                base = base[: len(base) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            names.add(target)
+            names |= {f"{target}.{a.name}" for a in node.names}
+    return {n for n in names if n.startswith("weightsmith")}
+
+
+def _files(folder: str) -> list[Path]:
+    return sorted((ROOT / folder).rglob("*.py")) if folder else sorted(ROOT.glob("*.py"))
+
+
+def _under(name: str, package: str) -> bool:
+    return name == package or name.startswith(package + ".")
+
+
+@pytest.mark.parametrize("folder, forbidden", [
+    ("checkpoint", ["weightsmith.loading", "weightsmith.cli", "weightsmith.pipeline", "weightsmith.merge",
+                    "weightsmith.fold", "weightsmith.compressor", "weightsmith.eval", "weightsmith.training"]),
+    ("merge", ["weightsmith.cli", "weightsmith.pipeline", "weightsmith.fold"]),
+    ("compressor", ["weightsmith.cli", "weightsmith.pipeline", "weightsmith.zoo"]),
+    ("eval", ["weightsmith.cli", "weightsmith.pipeline"]),
+    ("fold", ["weightsmith.cli", "weightsmith.pipeline"]),
+    ("zoo", ["weightsmith.cli", "weightsmith.pipeline"]),
+])
+def test_lower_layers_do_not_import_upper_ones(folder, forbidden):
+    bad = [(f.relative_to(ROOT).as_posix(), n) for f in _files(folder) for n in imports(f)
+           if any(_under(n, p) for p in forbidden)]
+    assert not bad
+
+
+def test_the_neutral_modules_import_only_errors_progress_and_each_other():
+    neutral = ["weightsmith.options", "weightsmith.stage_options", "weightsmith.errors", "weightsmith.progress",
+               "weightsmith.training", "weightsmith.eval"]  # training reads text files through eval.load_texts
+    for name in ("options.py", "stage_options.py", "errors.py", "training.py"):
+        assert all(any(_under(n, p) for p in neutral) for n in imports(ROOT / name)), name

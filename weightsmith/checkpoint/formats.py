@@ -1,0 +1,28 @@
+"""Folder formats weightsmith writes besides plain checkpoints: ``config["weightsmith"]["format"]`` -> the module
+with ``load(path, device, dtype)``, ``export_plain(path, out, ...)`` and optionally ``describe(checkpoint)``.
+
+The modules are imported by name when asked for, so this registry sits below every stage.
+"""
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+from ..errors import WeightsmithError
+from .reader import read_json
+
+FORMATS = {
+    "folded": "weightsmith.fold.format",
+    "rps": "weightsmith.compressor.format",
+}
+
+
+def folder_format(path: str | Path) -> str:
+    config = read_json(Path(path) / "config.json", "config.json")
+    return (config.get("weightsmith") or {}).get("format", "plain")
+
+
+def format_module(fmt: str):
+    if fmt not in FORMATS:
+        raise WeightsmithError(f"folder format {fmt!r} is unknown to this weightsmith version")
+    return importlib.import_module(FORMATS[fmt])

@@ -1,0 +1,108 @@
+"""Shared training machinery: text -> calibration windows, random training windows, the warmup + cosine
+schedule and the one causal-LM training loop (used by the zoo, RPS healing/training, and calibration for
+analyze, fold, align and PLeaS).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from .errors import OptionError
+from .progress import ProgressFn, report
+
+
+def token_stream(tokenizer, texts: list[str], max_tokens: int, sep: int | None) -> list[int]:
+    """The texts' token ids joined by ``sep`` (None: nothing between texts), stopping once ``max_tokens`` is
+    reached (the last text may run past it)."""
+    ids: list[int] = []
+    for t in texts:
+        if ids and sep is not None:
+            ids.append(sep)
+        ids.extend(tokenizer(t, add_special_tokens=False)["input_ids"])
+        if len(ids) >= max_tokens:
+            break
+    return ids
+
+
+def calibration_windows(tokenizer, data: str | Path, *, seq_len: int, max_tokens: int,
+                        causal: bool = True) -> torch.Tensor:
+    """[windows, seq_len] token ids from the text file(s) at ``data`` (at most ``max_tokens`` tokens in all):
+    one stream (texts joined by EOS for causal models) cut into equal windows. Encoders get each window
+    wrapped in their [CLS] ... [SEP] tokens so they see the inputs they were trained on."""
+    from .eval import load_texts
+
+    texts = load_texts(data)
+    wrap = [] if causal else [t for t in (tokenizer.cls_token_id, tokenizer.sep_token_id) if t is not None]
+    body = seq_len - len(wrap)
+    if body < 2:
+        raise OptionError("seq_len", f"{seq_len} is too short for calibration windows")
+    ids = token_stream(tokenizer, texts, max_tokens, tokenizer.eos_token_id if causal else None)
+    n = min(len(ids), max_tokens) // seq_len
+    if n < 1:
+        raise OptionError(None, f"{data}: only {len(ids)} tokens, fewer than one window of {{0}} {seq_len}",
+                          ("seq_len",))
+    stream = torch.tensor(ids[:n * body], dtype=torch.long).view(n, body)
+    if wrap:
+        cls = torch.full((n, 1), wrap[0], dtype=torch.long)
+        sep_col = torch.full((n, 1), wrap[-1], dtype=torch.long)
+        stream = torch.cat([cls, stream, sep_col], dim=1) if len(wrap) == 2 else torch.cat([cls, stream], dim=1)
+    return stream
+
+
+def random_windows(tokens: torch.Tensor, batch_size: int, seq_len: int, gen: torch.Generator) -> torch.Tensor:
+    """``batch_size`` windows of ``seq_len`` tokens at random starts of the stream ``tokens``."""
+    starts = torch.randint(0, tokens.numel() - seq_len - 1, (batch_size,), generator=gen)
+    return torch.stack([tokens[s:s + seq_len] for s in starts.tolist()])
+
+
+def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
+    """Linear warmup over ``warmup`` steps, then cosine decay from ``lr`` to 0.1·``lr``."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    frac = (step - warmup) / max(1, steps - warmup)
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def _optimizer(params: list[torch.nn.Parameter], name: str, lr: float, momentum: float,
+               weight_decay: float) -> torch.optim.Optimizer:
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
+
+
+def train_lm(model: torch.nn.Module, tokens: torch.Tensor, *, steps: int, lr: float, batch_size: int,
+             seq_len: int, seed: int, warmup: int | None = None, optimizer: str = "adamw", momentum: float = 0.0,
+             weight_decay: float = 0.0, device: torch.device | None = None,
+             on_step: Callable[[int, float], None] | None = None, progress: ProgressFn | None = None,
+             label: str = "training") -> list[float]:
+    """Train the trainable parameters of a causal LM in place on random windows of ``tokens`` (warmup +
+    cosine, gradient norm clipped at 1); returns the per-step losses. ``optimizer``: 'adamw' (betas 0.9, 0.98)
+    or 'sgd' (with ``momentum``). ``device``: where the windows go (None: where ``tokens`` are).
+    ``on_step(step, loss)`` runs after each update. Same seed, same windows, same result."""
+    gen = torch.Generator().manual_seed(seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = _optimizer(params, optimizer, lr, momentum, weight_decay)
+    warmup = warmup if warmup is not None else max(1, steps // 20)
+    model.train()
+    losses: list[float] = []
+    try:
+        for step in range(steps):
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, steps, lr, warmup)
+            x = random_windows(tokens, batch_size, seq_len, gen)
+            x = x.to(device) if device is not None else x
+            loss = model(input_ids=x, labels=x).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            losses.append(loss.item())
+            if on_step is not None:
+                on_step(step + 1, losses[-1])
+            report(progress, label, step + 1, steps)
+    finally:
+        model.eval()
+    return losses
