@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -302,6 +303,87 @@ def _reset_norm_stats(model: nn.Module, batches, device) -> None:
         bn.eval()
 
 
+@contextmanager
+def _timed(times: dict[str, float], key: str):
+    """Add the seconds spent inside the block to ``times[key]``."""
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        times[key] = times.get(key, 0.0) + time.perf_counter() - t0
+
+
+def _match(model_a: nn.Module, model_b: nn.Module, spec: PermSpec, batches, counts: dict[str, int], perms, similarity,
+           metric: str, device, progress: ProgressFn | None, times: dict[str, float]) -> dict[str, GroupPlan]:
+    """Activation statistics (when needed) and the per-group plan: which units pair up and which merge."""
+    with _timed(times, "activation_statistics_s"):
+        if similarity is None and (perms is None or any(counts[g] < spec.groups[g].size for g in spec.groups)):
+            similarity = activation_similarity(model_a, model_b, spec, batches, metric=metric, device=device,
+                                               progress=progress)
+    with _timed(times, "matching_s"):
+        perms = perms if perms is not None else assign(similarity)
+        return {g: plan_group(perms[g].cpu(), counts[g], similarity[g] if similarity else None) for g in spec.groups}
+
+
+def _zip(model_a: nn.Module, model_b: nn.Module, spec: PermSpec, plans: dict[str, GroupPlan], device) -> nn.Module:
+    """A copy of A resized to the plans' widths holding the zipped weights (matched units averaged)."""
+    sa, sb = model_a.state_dict(), model_b.state_dict()
+    layer_of = {f"{lay.module}.{p}": lay for lay in spec.layers for p in ("weight", "bias")}
+    merged_state = {}
+    for name, ta in sa.items():
+        if name in spec.axes:
+            merged_state[name] = _zip_tensor(ta, sb[name], spec.axes[name], plans, name in layer_of)
+        else:  # buffers outside the spec (step counters, rotary tables) are equal in both models
+            merged_state[name] = ta.clone()
+    merged = copy.deepcopy(model_a)
+    for name, value in merged_state.items():
+        _set_tensor(merged, name, value.to(device))
+    _fix_sizes(merged)
+    merged.eval()
+    return merged
+
+
+def _refit(model_a: nn.Module, model_b: nn.Module, merged: nn.Module, spec: PermSpec, plans: dict[str, GroupPlan],
+           batches, *, inputs: str, ridge: float, rows_per_batch: int, seed: int, device,
+           progress: ProgressFn | None, times: dict[str, float]) -> dict[str, torch.Tensor]:
+    """Least squares layer by layer on the merged model's own inputs ("merged") or on both models' ("original");
+    returns the bias offsets the norm statistics must absorb."""
+    mods_a, mods_m = dict(model_a.named_modules()), dict(merged.named_modules())
+    refits = {lay.module: _Refit(lay, mods_a[lay.module], plans, device, torch.float32, rows_per_batch, seed)
+              for lay in spec.layers}  # float32 accumulators; the solves run in float64
+    offsets: dict[str, torch.Tensor] = {}
+    times.update(least_squares_statistics_s=0.0, least_squares_solve_s=0.0)
+    if inputs == "original":
+        with _timed(times, "least_squares_statistics_s"), capture(model_a, spec.layers, raw=True) as acts_a, \
+                capture(model_b, spec.layers, raw=True) as acts_b:
+            for batch in track(progress, "least-squares statistics", batches):
+                batch = batch.to(device)
+                forward(model_a, batch)
+                forward(model_b, batch)
+                for name, refit in refits.items():
+                    refit.add(acts_a[name], acts_b[name])
+    for lay in track(progress, "least squares per layer", spec.layers):
+        refit = refits[lay.module]
+        if inputs == "merged":
+            _add_layer_inputs(refit, lay, model_a, model_b, merged, batches, device, times)
+        with _timed(times, "least_squares_solve_s"):
+            _install(mods_m, lay, *refit.solve(ridge), offsets)
+    return offsets
+
+
+def _add_layer_inputs(refit: _Refit, lay: Layer, model_a: nn.Module, model_b: nn.Module, merged: nn.Module, batches,
+                      device, times: dict[str, float]) -> None:
+    # each pass stops at this layer: refitting layer l costs a forward through l, not the whole model
+    with _timed(times, "least_squares_statistics_s"), capture(model_a, [lay], raw=True, stop=True) as acts_a, \
+            capture(model_b, [lay], raw=True, stop=True) as acts_b, \
+            capture(merged, [lay], raw=True, stop=True) as acts_m:
+        for batch in batches:
+            batch = batch.to(device)
+            for model in (model_a, model_b, merged):
+                forward(model, batch)
+            refit.add(acts_a[lay.module], acts_b[lay.module], merged_input=acts_m[lay.module][0])
+
+
 @torch.no_grad()
 def pleas_modules(model_a: nn.Module, model_b: nn.Module, batches, *, width: float = 1.0,
                   perms: dict[str, torch.Tensor] | None = None, similarity: dict[str, torch.Tensor] | None = None,
@@ -309,7 +391,8 @@ def pleas_modules(model_a: nn.Module, model_b: nn.Module, batches, *, width: flo
                   rows_per_batch: int = 8192, seed: int = 0, device: str | torch.device = "cpu",
                   inputs: str = "merged", spec: PermSpec | None = None, counts: dict[str, int] | None = None,
                   progress: ProgressFn | None = None) -> tuple[nn.Module, dict]:
-    """Merge two in-memory models of one architecture into one of ``width``× (1..2) units per widening group.
+    """Merge two in-memory models of one architecture into one of ``width``× (1..2) units per widening group:
+    match, zip, refit by least squares (optional), renormalise.
 
     ``perms`` (B's unit for each of A's, per group) default to activation matching on ``batches``; pass identity
     permutations for an unaligned merge. ``counts`` (pairs merged per group) overrides the width rule.
@@ -320,74 +403,18 @@ def pleas_modules(model_a: nn.Module, model_b: nn.Module, batches, *, width: flo
         raise InvalidChoice("inputs", inputs, INPUTS)
     spec = spec or spec_for(model_a)
     counts = {**merge_counts(spec, width), **(counts or {})}
-    dt = torch.float32  # accumulators; the solves run in float64
     times: dict[str, float] = {}
-    t0 = time.perf_counter()
-    if similarity is None and (perms is None or any(counts[g] < spec.groups[g].size for g in spec.groups)):
-        similarity = activation_similarity(model_a, model_b, spec, batches, metric=metric, device=device,
-                                           progress=progress)
-    times["activation_statistics_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    perms = perms if perms is not None else assign(similarity)
-    plans = {g: plan_group(perms[g].cpu(), counts[g], similarity[g] if similarity else None) for g in spec.groups}
-    times["matching_s"] = time.perf_counter() - t0
-
-    sa, sb = model_a.state_dict(), model_b.state_dict()
-    layer_of = {f"{lay.module}.{p}": lay for lay in spec.layers for p in ("weight", "bias")}
-    merged_state = {}
-    for name, ta in sa.items():
-        if name in spec.axes:
-            merged_state[name] = _zip_tensor(ta, sb[name], spec.axes[name], plans, name in layer_of)
-        else:  # buffers outside the spec (step counters, rotary tables) are equal in both models
-            merged_state[name] = ta.clone()
-
-    merged = copy.deepcopy(model_a)
-    for name, value in merged_state.items():
-        _set_tensor(merged, name, value.to(device))
-    _fix_sizes(merged)
-    merged.eval()
-    offsets: dict[str, torch.Tensor] = {}
+    plans = _match(model_a, model_b, spec, batches, counts, perms, similarity, metric, device, progress, times)
+    merged = _zip(model_a, model_b, spec, plans, device)
+    offsets = {}
     if least_squares:
-        mods_a, mods_m = dict(model_a.named_modules()), dict(merged.named_modules())
-        refits = {lay.module: _Refit(lay, mods_a[lay.module], plans, device, dt, rows_per_batch, seed)
-                  for lay in spec.layers}
-        stats_s = solve_s = 0.0
-        if inputs == "original":
-            t0 = time.perf_counter()
-            with capture(model_a, spec.layers, raw=True) as acts_a, capture(model_b, spec.layers, raw=True) as acts_b:
-                for batch in track(progress, "least-squares statistics", batches):
-                    batch = batch.to(device)
-                    forward(model_a, batch)
-                    forward(model_b, batch)
-                    for name, refit in refits.items():
-                        refit.add(acts_a[name], acts_b[name])
-            stats_s = time.perf_counter() - t0
-        for lay in track(progress, "least squares per layer", spec.layers):
-            refit = refits[lay.module]
-            if inputs == "merged":
-                t0 = time.perf_counter()
-                # each pass stops at this layer: refitting layer l costs a forward through l, not the whole model
-                with capture(model_a, [lay], raw=True, stop=True) as acts_a, \
-                        capture(model_b, [lay], raw=True, stop=True) as acts_b, \
-                        capture(merged, [lay], raw=True, stop=True) as acts_m:
-                    for batch in batches:
-                        batch = batch.to(device)
-                        for model in (model_a, model_b, merged):
-                            forward(model, batch)
-                        refit.add(acts_a[lay.module], acts_b[lay.module], merged_input=acts_m[lay.module][0])
-                stats_s += time.perf_counter() - t0
-            t0 = time.perf_counter()
-            _install(mods_m, lay, *refit.solve(ridge), offsets)
-            solve_s += time.perf_counter() - t0
-        times["least_squares_statistics_s"] = stats_s
-        times["least_squares_solve_s"] = solve_s
-
-    t0 = time.perf_counter()
-    if least_squares:
-        _recompute_norms(merged, spec, offsets, batches, device)
-    else:
-        _reset_norm_stats(merged, batches, device)
-    times["norm_statistics_s"] = time.perf_counter() - t0
+        offsets = _refit(model_a, model_b, merged, spec, plans, batches, inputs=inputs, ridge=ridge,
+                         rows_per_batch=rows_per_batch, seed=seed, device=device, progress=progress, times=times)
+    with _timed(times, "norm_statistics_s"):
+        if least_squares:
+            _recompute_norms(merged, spec, offsets, batches, device)
+        else:
+            _reset_norm_stats(merged, batches, device)
     params_a = sum(p.numel() for p in model_a.parameters())
     params = sum(p.numel() for p in merged.parameters())
     report = {"width": width, "least_squares": least_squares, "params": params,

@@ -164,104 +164,118 @@ class _Channels:
         self.parent[rb] = ra
 
 
-def traced_spec(model: nn.Module) -> PermSpec:
-    """Spec of a plain torch model built from Linear/Conv2d, BatchNorm/LayerNorm, elementwise activations,
-    pooling, residual adds and a final flatten after global pooling."""
-    from torch import fx
+_UNSUPPORTED_MODULE = ("is not supported by permutation alignment (supported: Linear, Conv2d, BatchNorm, LayerNorm, "
+                       "activations, pooling, residual adds, flatten after global pooling)")
+_GLOBAL_MEAN_DIMS = (((2, 3),), ([2, 3],), ((-2, -1),), ([-2, -1],))
 
-    try:
-        graph = fx.symbolic_trace(model).graph
-    except Exception as exc:  # fx raises many types on dynamic control flow
-        raise WeightsmithError(f"{type(model).__name__}: cannot trace the model for a permutation spec ({exc})") from exc
-    mods = dict(model.named_modules())
-    uf = _Channels()
-    chan: dict[fx.Node, str] = {}
-    pooled: set[fx.Node] = set()  # nodes whose spatial size is 1 (global pooling), safe to flatten
-    flat: set[fx.Node] = set()
-    entries: list[tuple[str, str, str | None, str | None]] = []  # (module, kind, in_id, out_id)
-    users_norm: dict[str, str] = {}
 
-    def src(node) -> fx.Node:
-        if not isinstance(node, fx.Node) or node not in chan:
-            raise WeightsmithError(f"{type(model).__name__}: unsupported graph input {node!r} for a permutation spec")
+class _ChannelTrace:
+    """Walks an fx graph and records which tensors share a channel axis (union-find ``uf``), plus one entry
+    (module, kind, in_id, out_id) per Linear/Conv2d ("linear") and norm ("norm") and the norm after a layer."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model, self.mods = model, dict(model.named_modules())
+        self.uf = _Channels()
+        self.chan: dict = {}  # fx node -> channel id
+        self.pooled: set = set()  # nodes whose spatial size is 1 (global pooling), safe to flatten
+        self.flat: set = set()
+        self.entries: list[tuple[str, str, str | None, str | None]] = []
+        self.users_norm: dict[str, str] = {}
+
+    def run(self, graph) -> _ChannelTrace:
+        for node in graph.nodes:
+            if node.op == "placeholder":
+                self.chan[node] = "in"
+            elif node.op == "output":
+                self.uf.union(self.chan[self.src(node.args[0])], "out")
+            elif node.op == "get_attr":
+                raise WeightsmithError(f"{type(self.model).__name__}: direct parameter use ({node.target}) is not "
+                                       "supported")
+            elif node.op in ("call_module", "call_function", "call_method"):
+                self.chan[node] = getattr(self, node.op)(node)
+        return self
+
+    def src(self, node):
+        if not hasattr(node, "op") or node not in self.chan:
+            raise WeightsmithError(f"{type(self.model).__name__}: unsupported graph input {node!r} for a "
+                                   "permutation spec")
         return node
 
-    for node in graph.nodes:
-        if node.op == "placeholder":
-            chan[node] = "in"
-        elif node.op == "output":
-            uf.union(chan[src(node.args[0])], "out")
-        elif node.op == "call_module":
-            mod, x = mods[node.target], src(node.args[0])
-            if isinstance(mod, (nn.Linear, nn.Conv2d)):
-                if isinstance(mod, nn.Conv2d) and mod.groups != 1:
-                    raise WeightsmithError(f"{node.target}: grouped convolutions are not supported for alignment")
-                chan[node] = uf.new(node.target)
-                entries.append((node.target, "linear", chan[x], chan[node]))
-            elif isinstance(mod, _NORMS):
-                if isinstance(mod, nn.LayerNorm) and len(mod.normalized_shape) != 1:
-                    raise WeightsmithError(f"{node.target}: LayerNorm over more than one axis is not supported")
-                chan[node] = chan[x]
-                entries.append((node.target, "norm", chan[x], chan[x]))
-                if x.op == "call_module" and isinstance(mods[x.target], (nn.Linear, nn.Conv2d)) and len(x.users) == 1:
-                    users_norm[x.target] = node.target
-            elif isinstance(mod, _PASS_MODULES):
-                chan[node] = chan[x]
-            elif isinstance(mod, nn.AdaptiveAvgPool2d):
-                chan[node] = chan[x]
-                if mod.output_size in (1, (1, 1)):
-                    pooled.add(node)
-            elif isinstance(mod, nn.Flatten):
-                chan[node] = _flatten(node, x, chan, pooled, flat)
-            else:
-                raise WeightsmithError(f"{node.target}: {type(mod).__name__} is not supported by permutation "
-                                       "alignment (supported: Linear, Conv2d, BatchNorm, LayerNorm, activations, "
-                                       "pooling, residual adds, flatten after global pooling)")
-        elif node.op == "call_function":
-            if node.target in _ADD:
-                a, b = (src(v) for v in node.args[:2])
-                uf.union(chan[a], chan[b])
-                chan[node] = chan[a]
-            elif node.target in _PASS_FUNCTIONS:
-                chan[node] = chan[src(node.args[0])]
-            elif node.target is torch.flatten:
-                chan[node] = _flatten(node, src(node.args[0]), chan, pooled, flat)
-            elif node.target is torch.nn.functional.adaptive_avg_pool2d:
-                chan[node] = chan[src(node.args[0])]
-                if node.args[1] in (1, (1, 1)):
-                    pooled.add(node)
-            else:
-                raise WeightsmithError(f"{type(model).__name__}: operation {getattr(node.target, '__name__', node.target)} "
-                                       "is not supported by permutation alignment")
-        elif node.op == "call_method":
-            if node.target in _PASS_METHODS:
-                chan[node] = chan[src(node.args[0])]
-            elif node.target in ("flatten", "view", "reshape"):
-                chan[node] = _flatten(node, src(node.args[0]), chan, pooled, flat)
-            elif node.target == "mean" and node.args[1:] in (((2, 3),), ([2, 3],), ((-2, -1),), ([-2, -1],)):
-                chan[node] = chan[src(node.args[0])]
-                pooled.add(node)
-            else:
-                raise WeightsmithError(f"{type(model).__name__}: method .{node.target}() is not supported by "
-                                       "permutation alignment")
-        elif node.op == "get_attr":
-            raise WeightsmithError(f"{type(model).__name__}: direct parameter use ({node.target}) is not supported")
+    def same(self, node) -> str:
+        """Channel of the node's first input (elementwise and pooling ops keep it)."""
+        return self.chan[self.src(node.args[0])]
 
+    def flatten(self, node) -> str:
+        return _flatten(node, self.src(node.args[0]), self.chan, self.pooled, self.flat)
+
+    def call_module(self, node) -> str:
+        mod, x = self.mods[node.target], self.src(node.args[0])
+        if isinstance(mod, (nn.Linear, nn.Conv2d)):
+            if isinstance(mod, nn.Conv2d) and mod.groups != 1:
+                raise WeightsmithError(f"{node.target}: grouped convolutions are not supported for alignment")
+            out = self.uf.new(node.target)
+            self.entries.append((node.target, "linear", self.chan[x], out))
+            return out
+        if isinstance(mod, _NORMS):
+            if isinstance(mod, nn.LayerNorm) and len(mod.normalized_shape) != 1:
+                raise WeightsmithError(f"{node.target}: LayerNorm over more than one axis is not supported")
+            self.entries.append((node.target, "norm", self.chan[x], self.chan[x]))
+            if x.op == "call_module" and isinstance(self.mods[x.target], (nn.Linear, nn.Conv2d)) and len(x.users) == 1:
+                self.users_norm[x.target] = node.target
+            return self.chan[x]
+        if isinstance(mod, nn.AdaptiveAvgPool2d) and mod.output_size in (1, (1, 1)):
+            self.pooled.add(node)
+        if isinstance(mod, (*_PASS_MODULES, nn.AdaptiveAvgPool2d)):
+            return self.chan[x]
+        if isinstance(mod, nn.Flatten):
+            return self.flatten(node)
+        raise WeightsmithError(f"{node.target}: {type(mod).__name__} {_UNSUPPORTED_MODULE}")
+
+    def call_function(self, node) -> str:
+        if node.target in _ADD:
+            a, b = (self.src(v) for v in node.args[:2])
+            self.uf.union(self.chan[a], self.chan[b])
+            return self.chan[a]
+        if node.target is torch.flatten:
+            return self.flatten(node)
+        if node.target is torch.nn.functional.adaptive_avg_pool2d:
+            if node.args[1] in (1, (1, 1)):
+                self.pooled.add(node)
+            return self.same(node)
+        if node.target in _PASS_FUNCTIONS:
+            return self.same(node)
+        raise WeightsmithError(f"{type(self.model).__name__}: operation {getattr(node.target, '__name__', node.target)} "
+                               "is not supported by permutation alignment")
+
+    def call_method(self, node) -> str:
+        if node.target in _PASS_METHODS:
+            return self.same(node)
+        if node.target in ("flatten", "view", "reshape"):
+            return self.flatten(node)
+        if node.target == "mean" and node.args[1:] in _GLOBAL_MEAN_DIMS:
+            out = self.same(node)
+            self.pooled.add(node)
+            return out
+        raise WeightsmithError(f"{type(self.model).__name__}: method .{node.target}() is not supported by "
+                               "permutation alignment")
+
+
+def _spec_from_trace(t: _ChannelTrace) -> PermSpec:
+    """Groups (one per channel set, named after its first writer), axes of every parameter, and layers."""
     groups: dict[str, Group] = {}
     axes: dict[str, list[Axis]] = {}
     layers: list[Layer] = []
-
     label: dict[str, str] = {}  # union root -> the first module writing the group, a readable group name
-    for name, kind, _, cout in entries:
+    for name, kind, _, cout in t.entries:
         if kind == "linear":
-            label.setdefault(uf.find(cout), name)
+            label.setdefault(t.uf.find(cout), name)
 
     def gid(c: str | None) -> str | None:
-        r = uf.find(c)
+        r = t.uf.find(c)
         return None if r in ("in", "out") else label[r]
 
-    for name, kind, cin, cout in entries:
-        mod = mods[name]
+    for name, kind, cin, cout in t.entries:
+        mod = t.mods[name]
         gin, gout = gid(cin), gid(cout)
         if kind == "linear":
             out_n = mod.out_features if isinstance(mod, nn.Linear) else mod.out_channels
@@ -270,15 +284,27 @@ def traced_spec(model: nn.Module) -> PermSpec:
             axes[f"{name}.weight"] = [a for a in (Axis(gout, 0) if gout else None, Axis(gin, 1) if gin else None) if a]
             if mod.bias is not None:
                 axes[f"{name}.bias"] = [Axis(gout, 0)] if gout else []
-            layers.append(Layer(name, gin, gout, norm=users_norm.get(name)))
+            layers.append(Layer(name, gin, gout, norm=t.users_norm.get(name)))
         else:
             for pname, _ in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False)):
                 if pname != "num_batches_tracked":
                     axes[f"{name}.{pname}"] = [Axis(gin, 0)] if gin else []
-    for name in dict(model.named_parameters()):
+    for name in dict(t.model.named_parameters()):
         if name not in axes:
-            raise WeightsmithError(f"{type(model).__name__}: parameter {name} is not covered by the traced spec")
+            raise WeightsmithError(f"{type(t.model).__name__}: parameter {name} is not covered by the traced spec")
     return PermSpec(groups, axes, layers, kind="traced")
+
+
+def traced_spec(model: nn.Module) -> PermSpec:
+    """Spec of a plain torch model built from Linear/Conv2d, BatchNorm/LayerNorm, elementwise activations,
+    pooling, residual adds and a final flatten after global pooling: trace the channels, then build the spec."""
+    from torch import fx
+
+    try:
+        graph = fx.symbolic_trace(model).graph
+    except Exception as exc:  # fx raises many types on dynamic control flow
+        raise WeightsmithError(f"{type(model).__name__}: cannot trace the model for a permutation spec ({exc})") from exc
+    return _spec_from_trace(_ChannelTrace(model).run(graph))
 
 
 def _flatten(node, x, chan, pooled: set, flat: set) -> str:
