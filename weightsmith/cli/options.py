@@ -35,7 +35,8 @@ def _decls(name: str, spec: OptionSpec, kind: Any, default: Any) -> list[str]:
 
 
 def _metavar(spec: OptionSpec) -> str | None:
-    return "[" + "|".join(map(str, spec.choices)) + "]" if spec.choices else None
+    text = "[" + "|".join(map(str, spec.choices)) + "]" if spec.choices else None
+    return text if text and len(text) <= 24 else None  # a long list reads better in the help text
 
 
 def option_parameters(cls: type[Options]) -> list[inspect.Parameter]:

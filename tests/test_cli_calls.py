@@ -1,0 +1,177 @@
+"""Every flag of eval, analyze, compress rps, align, pleas, export, inspect and zoo reaches the library call:
+the library function is patched and the exact call asserted (no model is loaded; milliseconds each)."""
+from __future__ import annotations
+
+from pathlib import Path
+from unittest import mock
+
+import pytest
+from typer.testing import CliRunner
+
+from weightsmith.cli import app
+from weightsmith.stage_options import AlignOptions, AnalyzeOptions, EvalOptions, PleasOptions, RpsOptions
+
+
+@pytest.fixture(autouse=True)
+def _no_bars(monkeypatch):
+    monkeypatch.delenv("WEIGHTSMITH_PROGRESS", raising=False)  # progress=None in every call
+
+
+def invoke(*args) -> None:
+    res = CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+
+
+# -- eval ------------------------------------------------------------------------------------------------------
+
+def test_eval_defaults():
+    with mock.patch("weightsmith.eval.evaluate", return_value=[]) as fn:
+        invoke("eval", "m1", "m2", "--data", "d.txt", "--json")
+    fn.assert_called_once_with([Path("m1"), Path("m2")], EvalOptions(data=Path("d.txt")), device="auto",
+                               allow_pickle=False, progress=None)
+
+
+def test_eval_every_flag():
+    with mock.patch("weightsmith.eval.evaluate", return_value=[]) as fn:
+        invoke("eval", "m", "--data", "d.txt", "--labelled", "l.csv", "--tokenizer", "tok", "--context", "64",
+               "--stride", "16", "--max-tokens", "500", "--batch-size", "3", "--dtype", "bfloat16", "--device", "cpu",
+               "--allow-pickle", "--quiet", "--json")
+    fn.assert_called_once_with([Path("m")], EvalOptions(data=Path("d.txt"), labelled=Path("l.csv"),
+                                                        tokenizer=Path("tok"), context=64, stride=16, max_tokens=500,
+                                                        batch_size=3, dtype="bfloat16"),
+                               device="cpu", allow_pickle=True, progress=None)
+
+
+# -- analyze ---------------------------------------------------------------------------------------------------
+
+def test_analyze_defaults():
+    with mock.patch("weightsmith.fold.analyze.analyze", return_value={}) as fn:
+        invoke("analyze", "m", "--data", "d.txt", "--json")
+    fn.assert_called_once_with(Path("m"), Path("d.txt"), None, remove=0.25, seq=None, max_tokens=4096, batch_size=8,
+                               device="auto", tokenizer=None, progress=None)
+
+
+def test_analyze_every_flag():
+    with mock.patch("weightsmith.fold.analyze.analyze", return_value={}) as fn:
+        invoke("analyze", "m", "--data", "d.txt", "-o", "out", "--remove", "0.5", "--seq-len", "32", "--max-tokens",
+               "100", "--batch-size", "2", "--tokenizer", "tok", "--device", "cpu", "--quiet", "--json")
+    fn.assert_called_once_with(Path("m"), Path("d.txt"), Path("out"), remove=0.5, seq=32, max_tokens=100,
+                               batch_size=2, device="cpu", tokenizer=Path("tok"), progress=None)
+    assert AnalyzeOptions.required() == ["data"]
+
+
+# -- compress rps ----------------------------------------------------------------------------------------------
+
+def test_compress_rps_defaults():
+    with mock.patch("weightsmith.compressor.rps.compress_rps", return_value={}) as fn:
+        invoke("compress", "rps", "m", "-o", "out", "--json")
+    fn.assert_called_once_with(Path("m"), Path("out"), RpsOptions(), device="auto", seed=0, force=False,
+                               progress=None)
+
+
+def test_compress_rps_every_projection_flag():
+    with mock.patch("weightsmith.compressor.rps.compress_rps", return_value={}) as fn:
+        invoke("compress", "rps", "m", "-o", "out", "--budget", "0.2", "--mapping", "roast", "--modules", "mlp",
+               "--sharing", "module", "--tile", "32", "--heal-steps", "5", "--data", "d.txt", "--lr", "0.01",
+               "--batch-size", "4", "--seq-len", "16", "--device", "cpu", "--seed", "3", "--force", "--quiet",
+               "--json")
+    fn.assert_called_once_with(Path("m"), Path("out"), RpsOptions(budget=0.2, mapping="roast", modules="mlp",
+                                                                  sharing="module", tile=32, heal_steps=5,
+                                                                  data=Path("d.txt"), lr=0.01, batch_size=4,
+                                                                  seq_len=16),
+                               device="cpu", seed=3, force=True, progress=None)
+
+
+def test_compress_rps_from_config_flags_train():
+    with mock.patch("weightsmith.compressor.rps.train_rps", return_value={}) as fn:
+        invoke("compress", "rps", "--from-config", "cfg", "--train", "--train-steps", "7", "--tokenizer", "tok",
+               "--data", "d.txt", "-o", "out", "--json")
+    fn.assert_called_once_with(Path("cfg"), Path("out"), RpsOptions(from_config=Path("cfg"), train=True,
+                                                                    train_steps=7, tokenizer=Path("tok"),
+                                                                    data=Path("d.txt")),
+                               device="auto", seed=0, force=False, progress=None)
+
+
+def test_compress_rps_needs_a_model_or_a_config():
+    res = CliRunner().invoke(app, ["compress", "rps", "-o", "out"])
+    assert "give either MODEL" in str(res.exception)
+    res = CliRunner().invoke(app, ["compress", "rps", "--from-config", "cfg", "-o", "out"])
+    assert "add --train --data TEXT" in str(res.exception)
+
+
+# -- align and pleas -------------------------------------------------------------------------------------------
+
+def test_align_defaults():
+    with mock.patch("weightsmith.merge.align.folders.align", return_value={}) as fn:
+        invoke("align", "a", "b", "-o", "out", "--json")
+    fn.assert_called_once_with(Path("a"), Path("b"), Path("out"), AlignOptions(), seed=0, device="auto", force=False,
+                               progress=None)
+
+
+def test_align_every_flag():
+    with mock.patch("weightsmith.merge.align.folders.align", return_value={}) as fn:
+        invoke("align", "a", "b", "-o", "out", "--method", "activation", "--data", "d.txt", "--metric",
+               "correlation", "--max-tokens", "100", "--seq-len", "16", "--batch-size", "2", "--max-sweeps", "5",
+               "--out-shard-size", "1GB", "--seed", "2", "--device", "cpu", "--force", "--quiet", "--json")
+    fn.assert_called_once_with(Path("a"), Path("b"), Path("out"),
+                               AlignOptions(method="activation", data=Path("d.txt"), metric="correlation",
+                                            max_tokens=100, seq_len=16, batch_size=2, max_sweeps=5,
+                                            out_shard_size="1GB"),
+                               seed=2, device="cpu", force=True, progress=None)
+
+
+def test_pleas_defaults():
+    with mock.patch("weightsmith.merge.pleas.pleas_merge", return_value={}) as fn:
+        invoke("pleas", "a", "b", "--data", "d.txt", "-o", "out", "--json")
+    fn.assert_called_once_with(Path("a"), Path("b"), PleasOptions(data=Path("d.txt")), out=Path("out"), seed=0,
+                               device="auto", force=False, progress=None)
+
+
+def test_pleas_every_flag():
+    with mock.patch("weightsmith.merge.pleas.pleas_merge", return_value={}) as fn:
+        invoke("pleas", "a", "b", "--data", "d.txt", "-o", "out", "--width", "1.5", "--metric", "correlation",
+               "--ridge", "0.01", "--no-least-squares", "--inputs", "original", "--max-tokens", "100", "--seq-len",
+               "16", "--batch-size", "2", "--out-shard-size", "1GB", "--seed", "1", "--device", "cpu", "--force",
+               "--quiet", "--json")
+    fn.assert_called_once_with(Path("a"), Path("b"),
+                               PleasOptions(data=Path("d.txt"), width=1.5, metric="correlation", ridge=0.01,
+                                            least_squares=False, inputs="original", max_tokens=100, seq_len=16,
+                                            batch_size=2, out_shard_size="1GB"),
+                               out=Path("out"), seed=1, device="cpu", force=True, progress=None)
+
+
+# -- export, inspect, zoo --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flags, shard", [([], "5GB"), (["--out-shard-size", "2GB", "--force", "--quiet"], "2GB")])
+def test_export_flags(flags, shard):
+    module = mock.Mock()
+    module.export_plain.return_value = {}
+    with mock.patch("weightsmith.loading.folder_format", return_value="rps"), \
+            mock.patch("weightsmith.loading.format_module", return_value=module) as fmt:
+        invoke("export", "m", "-o", "out", *flags, "--json")
+    fmt.assert_called_once_with("rps")
+    module.export_plain.assert_called_once_with(Path("m"), Path("out"), max_shard_size=shard, force="--force" in flags,
+                                                progress=None)
+
+
+def test_export_refuses_no_plain():
+    with mock.patch("weightsmith.loading.folder_format", return_value="rps"):
+        res = CliRunner().invoke(app, ["export", "m", "-o", "out", "--no-plain"])
+    assert str(res.exception) == "only --plain export is available"
+
+
+@pytest.mark.parametrize("flags, kwargs", [([], {"allow_pickle": False, "tensors": False}),
+                                           (["--tensors", "--allow-pickle"], {"allow_pickle": True, "tensors": True})])
+def test_inspect_flags(flags, kwargs):
+    with mock.patch("weightsmith.checkpoint.inspect.summarize", return_value={}) as fn:
+        invoke("inspect", "m", *flags, "--json")
+    fn.assert_called_once_with(Path("m"), **kwargs)
+
+
+@pytest.mark.parametrize("flags, size, force", [([], "tiny", False), (["--size", "small", "--force", "-q"], "small", True)])
+def test_zoo_build_flags(flags, size, force, tmp_path):
+    zoo = mock.Mock(root=tmp_path, size=size, tokenizer=tmp_path / "tok", mwa_checkpoints=[], manifest={})
+    zoo.model_names.return_value = []
+    with mock.patch("weightsmith.zoo.build", return_value=zoo) as fn:
+        invoke("zoo", "build", *flags, "--json")
+    fn.assert_called_once_with(size, progress=None, force=force)
