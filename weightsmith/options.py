@@ -133,8 +133,10 @@ class Options:
                 raise UnknownOption(name, offered)
         return cls.build(None, **params)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {f.name: str(v) if isinstance(v := getattr(self, f.name), Path) else v for f in fields(self)}
+    def to_dict(self, exclude: Sequence[str] = ()) -> dict[str, Any]:
+        """The options as JSON-able values (paths as text), e.g. for a model card."""
+        return {f.name: str(v) if isinstance(v := getattr(self, f.name), Path) else v for f in fields(self)
+                if f.name not in exclude}
 
 
 # -- options that several stages share: one name, one help text per concept -----------------------------

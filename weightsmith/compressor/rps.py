@@ -23,6 +23,8 @@ from .train import fit
 
 PAPER = "https://arxiv.org/abs/2310.11611"
 HEAL_LR, TRAIN_LR = 1e-3, 4e-3  # peak learning rates when the options leave lr unset
+TRAIN_ONLY = ("from_config", "train", "train_steps", "tokenizer")  # options the model card of a projection omits
+HEAL_ONLY = ("heal_steps", "from_config", "train")
 
 
 def _check_data(data: Path | None) -> None:
@@ -81,8 +83,7 @@ def compress_rps(model_path: str | Path, out: str | Path, opts: RpsOptions | Non
         losses = fit(model, _tokens(model_path, Path(o.data)), steps=o.heal_steps, lr=lr, batch_size=o.batch_size,
                      seq_len=o.seq_len, seed=seed, device=dev, progress=progress)
         metrics.update(heal_loss_first=losses[0], heal_loss_last=sum(losses[-10:]) / len(losses[-10:]))
-    params = {"budget": o.budget, "mapping": o.mapping, "modules": o.modules or "default", "sharing": o.sharing,
-              "tile": o.tile, "heal_steps": o.heal_steps, "lr": lr, "seed": seed}
+    params = {**o.to_dict(exclude=TRAIN_ONLY), "modules": o.modules or "default", "lr": lr, "seed": seed}
     with output_folder(out, inputs=[model_path], force=force) as tmp:
         report = _finish(model, tmp, budget=o.budget, inputs=[str(model_path)], method=o.mapping, params=params,
                          metrics=metrics, side_from=model_path)
@@ -116,9 +117,7 @@ def train_rps(from_config: str | Path, out: str | Path, opts: RpsOptions | None 
     lr = o.lr or TRAIN_LR
     losses = fit(model, tokens, steps=o.train_steps, lr=lr, batch_size=o.batch_size, seq_len=o.seq_len, seed=seed,
                  device=device, progress=progress, label="training")
-    params = {"budget": o.budget, "mapping": o.mapping, "modules": o.modules or "default", "sharing": o.sharing,
-              "tile": o.tile, "train_steps": o.train_steps, "lr": lr, "batch_size": o.batch_size,
-              "seq_len": o.seq_len, "seed": seed}
+    params = {**o.to_dict(exclude=HEAL_ONLY), "modules": o.modules or "default", "lr": lr, "seed": seed}
     metrics = {"train_loss_first": losses[0] if losses else None,
                "train_loss_last": sum(losses[-10:]) / len(losses[-10:]) if losses else None}
     with output_folder(out, inputs=[cfg_file.parent], force=force) as tmp:

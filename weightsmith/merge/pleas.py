@@ -461,9 +461,8 @@ def pleas_merge(model_a: str | Path, model_b: str | Path, opts: PleasOptions | N
             merged.to(resolve_dtype(dtype))
             config["torch_dtype"] = config["dtype"] = str(resolve_dtype(dtype)).removeprefix("torch.")
         save_like(merged, model_a, folder, config, o.out_shard_size, keep_dtype=dtype is None)
-        card = {k: v for k, v in o.to_dict().items() if k not in ("batch_size", "out_shard_size")}
         write_model_card(folder, stage="merge", method="pleas", inputs=[str(model_a), str(model_b)], recipe=recipe,
-                         parameters={**card, "seed": seed},
+                         parameters={**o.to_dict(exclude=("out_shard_size",)), "seed": seed},
                          notes="PLeaS (Nasery et al. 2024, https://arxiv.org/abs/2407.02447): activation-matched "
                                "permutations, partial merging of the best-matched MLP units, layer-wise least squares "
                                f"on both models' activations. Parameters: {report['size_vs_a']}× model A.",

@@ -92,9 +92,8 @@ def align(model_a: str | Path, model_b: str | Path, out: str | Path, opts: Align
     with output_folder(out, [model_a, model_b], force) as folder:
         save_like(b, model_b, folder, Checkpoint(model_b).config, o.out_shard_size)
         write_model_card(folder, stage="align", method=f"{o.method} matching", inputs=[str(model_a), str(model_b)],
-                         parameters={"method": o.method, "metric": report["metric"],
-                                     "data": str(o.data) if o.data else None, "max_tokens": o.max_tokens,
-                                     "seq_len": o.seq_len, "seed": seed},
+                         parameters={**o.to_dict(exclude=("out_shard_size",)), "metric": report["metric"],
+                                     "seed": seed},
                          notes=f"`{Path(model_b).name}` with its units permuted into the basis of "
                                f"`{Path(model_a).name}` (Git Re-Basin); it computes the same function as the original.")
     return report
