@@ -130,96 +130,122 @@ def _tokenize(tok, text: str) -> torch.Tensor:
     return torch.tensor(tok(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
 
 
-def _build_into(root: Path, size: str, progress: ProgressFn | None) -> None:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    r = SIZES[size]
-    t0 = time.time()
-    (root / "data").mkdir(parents=True)
-    (root / "models").mkdir()
-    tok = train_tokenizer(root / "tokenizer", r["vocab"], r["tokenizer_chars"])
+def _write_data(root: Path, tok, r: dict) -> dict[str, torch.Tensor]:
+    """The valid and calib text files of every domain; returns each domain's training token stream."""
     streams = {}
     for d in (*FT_DOMAINS, corpus.GENERAL):
         train = corpus.split_text(d, "train", r["train_chars"])
         (root / "data" / f"{d}.valid.txt").write_text(corpus.split_text(d, "valid", r["valid_chars"]))
         (root / "data" / f"{d}.calib.txt").write_text(train[: r["calib_chars"]])
         streams[d] = _tokenize(tok, train)
-    # The base sees general code plus a little of every domain, so fine-tunes specialise it.
-    base_stream = torch.cat([streams[corpus.GENERAL]] + [s[: s.numel() // 8] for s in
-                                                          (streams[d] for d in FT_DOMAINS)])
-    config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=r["hidden"], intermediate_size=r["intermediate"],
-        num_hidden_layers=r["layers"], num_attention_heads=r["heads"], num_key_value_heads=r["heads"],
-        max_position_embeddings=max(256, r["seq"]), tie_word_embeddings=False, rms_norm_eps=1e-5,
-        bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
-    )
-    timings = {}
-    done = [0]
-    total = 2 * r["base_steps"] + (2 * len(FT_DOMAINS) + len(SOUP_RECIPES) + 2) * r["ft_steps"]
+    return streams
 
-    def tick(step: int, loss: float) -> None:
-        done[0] += 1
-        report(progress, f"building {size} zoo", done[0], total)
 
-    def save(model, name: str, extra: dict | None = None) -> Path:
-        out = root / "models" / name
+class _Builder:
+    """Trains and saves the zoo's models in a fixed order (the order is part of the recipe: same RNG use)."""
+
+    def __init__(self, root: Path, size: str, tok, streams: dict[str, torch.Tensor], progress: ProgressFn | None):
+        from transformers import LlamaConfig
+
+        r = self.r = SIZES[size]
+        self.root, self.size, self.tok, self.streams, self.progress = root, size, tok, streams, progress
+        self.config = LlamaConfig(
+            vocab_size=len(tok), hidden_size=r["hidden"], intermediate_size=r["intermediate"],
+            num_hidden_layers=r["layers"], num_attention_heads=r["heads"], num_key_value_heads=r["heads"],
+            max_position_embeddings=max(256, r["seq"]), tie_word_embeddings=False, rms_norm_eps=1e-5,
+            bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
+        )
+        self.timings: dict[str, float] = {}
+        self.bases: dict[str, dict] = {}
+        self.done = 0
+        self.total = 2 * r["base_steps"] + (2 * len(FT_DOMAINS) + len(SOUP_RECIPES) + 2) * r["ft_steps"]
+
+    def new_model(self, base: str | None = None):
+        from transformers import LlamaForCausalLM
+
+        model = LlamaForCausalLM(self.config)
+        if base is not None:
+            model.load_state_dict(self.bases[base])
+        return model
+
+    def tick(self, step: int, loss: float) -> None:
+        self.done += 1
+        report(self.progress, f"building {self.size} zoo", self.done, self.total)
+
+    def save(self, model, name: str, extra: dict | None = None) -> Path:
+        out = self.root / "models" / name
         model.save_pretrained(out)
-        tok.save_pretrained(out)
+        self.tok.save_pretrained(out)
         if extra:
             (out / "trainer_state.json").write_text(json.dumps(extra, indent=2))
         return out
 
-    bases = {}
-    for name, seed in (("base", 0), ("base-b", 1)):
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
-        s = time.time()
-        train_lm(model, base_stream, steps=r["base_steps"], lr=r["lr"], batch=r["batch"], seq=r["seq"],
-                 seed=seed, on_step=tick)
-        timings[name] = round(time.time() - s, 1)
-        save(model, name)
-        bases[name] = model.state_dict()
+    def train(self, model, stream: torch.Tensor, steps: int, lr: float, seed: int, on_step=None,
+              optimizer: str = "adamw") -> None:
+        train_lm(model, stream, steps=steps, lr=lr, batch=self.r["batch"], seq=self.r["seq"], seed=seed,
+                 on_step=on_step or self.tick, optimizer=optimizer)
 
-    def finetune(base: str, domain: str, seed: int, lr_mult: float = 1.0, on_step=tick, optimizer: str = "adamw"):
-        model = LlamaForCausalLM(config)
-        model.load_state_dict(bases[base])
-        lr = r["ft_sgd_lr"] if optimizer == "sgd" else r["ft_lr"]
-        train_lm(model, streams[domain], steps=r["ft_steps"], lr=lr * lr_mult, batch=r["batch"],
-                 seq=r["seq"], seed=seed, on_step=on_step, optimizer=optimizer)
-        return model
+    def train_bases(self) -> None:
+        # The base sees general code plus a little of every domain, so fine-tunes specialise it.
+        s = self.streams
+        stream = torch.cat([s[corpus.GENERAL]] + [s[d][: s[d].numel() // 8] for d in FT_DOMAINS])
+        for name, seed in (("base", 0), ("base-b", 1)):
+            torch.manual_seed(seed)
+            model = self.new_model()
+            t0 = time.time()
+            self.train(model, stream, self.r["base_steps"], self.r["lr"], seed)
+            self.timings[name] = round(time.time() - t0, 1)
+            self.save(model, name)
+            self.bases[name] = model.state_dict()
 
+    def finetune(self, name: str, base: str, domain: str, seed: int, lr_mult: float = 1.0,
+                 optimizer: str = "adamw") -> None:
+        model = self.new_model(base)
+        lr = self.r["ft_sgd_lr"] if optimizer == "sgd" else self.r["ft_lr"]
+        self.train(model, self.streams[domain], self.r["ft_steps"], lr * lr_mult, seed, optimizer=optimizer)
+        self.save(model, name)
+
+    def train_mwa(self) -> None:
+        """One fine-tuning run with checkpoints along the way, as transformers' Trainer leaves them."""
+        steps = self.r["ft_steps"]
+        every = steps // MWA_CHECKPOINTS
+        history: list[dict] = []
+        window: list[float] = []
+        model = self.new_model()
+
+        def mwa_step(step: int, loss: float) -> None:
+            self.tick(step, loss)
+            window.append(loss)
+            if step % every == 0:
+                history.append({"step": step, "loss": round(sum(window) / len(window), 6), "epoch": step / steps})
+                window.clear()
+                state = {"global_step": step, "max_steps": steps, "log_history": list(history)}
+                self.save(model, f"mwa/checkpoint-{step}", state)
+
+        model.load_state_dict(self.bases["base"])
+        self.train(model, self.streams[MWA_DOMAIN], steps, self.r["ft_lr"] * 3, 300, on_step=mwa_step)
+
+
+def _build_into(root: Path, size: str, progress: ProgressFn | None) -> None:
+    r = SIZES[size]
+    t0 = time.time()
+    (root / "data").mkdir(parents=True)
+    (root / "models").mkdir()
+    tok = train_tokenizer(root / "tokenizer", r["vocab"], r["tokenizer_chars"])
+    b = _Builder(root, size, tok, _write_data(root, tok, r), progress)
+    b.train_bases()
     for i, d in enumerate(FT_DOMAINS):
-        save(finetune("base", d, 100 + i), f"ft-{d}")
+        b.finetune(f"ft-{d}", "base", d, 100 + i)
     for i, (mult, seed) in enumerate(SOUP_RECIPES):
-        save(finetune("base", SOUP_DOMAIN, seed, mult), f"soup-{i}")
-    save(finetune("base-b", B_DOMAIN, 200), f"b-ft-{B_DOMAIN}")
-
-    # One fine-tuning run with checkpoints along the way, as transformers' Trainer leaves them.
-    every = r["ft_steps"] // MWA_CHECKPOINTS
-    history: list[dict] = []
-    window: list[float] = []
-    mwa_model = LlamaForCausalLM(config)
-
-    def mwa_step(step: int, loss: float) -> None:
-        tick(step, loss)
-        window.append(loss)
-        if step % every == 0:
-            history.append({"step": step, "loss": round(sum(window) / len(window), 6), "epoch": step / r["ft_steps"]})
-            window.clear()
-            state = {"global_step": step, "max_steps": r["ft_steps"], "log_history": list(history)}
-            save(mwa_model, f"mwa/checkpoint-{step}", state)
-
-    mwa_model.load_state_dict(bases["base"])
-    train_lm(mwa_model, streams[MWA_DOMAIN], steps=r["ft_steps"], lr=r["ft_lr"] * 3, batch=r["batch"],
-             seq=r["seq"], seed=300, on_step=mwa_step)
-
+        b.finetune(f"soup-{i}", "base", SOUP_DOMAIN, seed, mult)
+    b.finetune(f"b-ft-{B_DOMAIN}", "base-b", B_DOMAIN, 200)
+    b.train_mwa()
     # The same domain fine-tunes by SGD with momentum (the second multi-task merging set): their task
     # vectors scale with the gradients, where AdamW normalises every weight's step.
     for i, d in enumerate(FT_DOMAINS):
-        save(finetune("base", d, 100 + i, optimizer="sgd"), f"sgd-ft-{d}")
-
+        b.finetune(f"sgd-ft-{d}", "base", d, 100 + i, optimizer="sgd")
     manifest = {"size": size, "recipe": r, "key": recipe_key(size), "build_seconds": round(time.time() - t0, 1),
-                "train_seconds": timings, "domains": list(FT_DOMAINS), "soup_domain": SOUP_DOMAIN,
+                "train_seconds": b.timings, "domains": list(FT_DOMAINS), "soup_domain": SOUP_DOMAIN,
                 "mwa_domain": MWA_DOMAIN, "b_domain": B_DOMAIN, "torch": torch.__version__}
     (root / "zoo.json").write_text(json.dumps(manifest, indent=2) + "\n")
 
