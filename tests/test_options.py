@@ -168,3 +168,20 @@ def test_options_classes_match_the_library_defaults():
     assert RpsOptions().lr is None and RpsOptions().batch_size == 16 and RpsOptions().seq_len == 64
     assert AlignOptions().seq_len == PleasOptions.default("seq_len") == 128
     assert EvalOptions.default("batch_size") == 8
+
+
+def test_an_option_error_raised_while_a_stage_runs_is_worded_for_each_user(tiny_llama, tmp_path):
+    """The model has no tokenizer: the library asks for one by its option name, worded per user."""
+    from weightsmith.pipeline import run_pipeline
+
+    model = tiny_llama()
+    text = tmp_path / "t.txt"
+    text.write_text("hello world " * 50)
+    cli = _cli_error(["eval", model, "--data", text])
+    assert cli.endswith("give a tokenizer folder by --tokenizer")
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({"workdir": str(tmp_path / "w"), "stages": [
+        {"name": "s", "stage": "eval", "input": str(model), "params": {"data": str(text)}}]}))
+    with pytest.raises(WeightsmithError) as err:
+        run_pipeline(load_pipeline(path), device="cpu")
+    assert "give a tokenizer folder by params.tokenizer" in str(err.value) and "--" not in str(err.value)

@@ -3,6 +3,7 @@ schema (names, defaults, types); its body calls one library function and returns
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import types
@@ -11,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import WeightsmithError
+from ..errors import OptionError, WeightsmithError
 from ..options import Options
 from ..progress import ProgressFn
 from .. import stage_options as so
@@ -64,9 +65,25 @@ def stage(name: str, **options) -> Callable:
     def register(fn: Callable) -> Callable:
         if options.get("options") is not None:  # an options class names its path parameters itself
             options.setdefault("paths", tuple(n for n, s in options["options"].specs().items() if s.path))
+            fn = _params_wording(fn, options["options"])
         STAGES[name] = StageDef(name, fn, **options)
         return fn
     return register
+
+
+def _params_wording(fn: Callable, cls: type[Options]) -> Callable:
+    """Reword an option error raised while the stage runs as the YAML key (``key 'params.context': ...``)."""
+    def name(p: str) -> str:
+        return f"params.{p}" if p in cls.specs() else p
+
+    @functools.wraps(fn)
+    def run(ctx: Context, **params):
+        try:
+            return fn(ctx, **params)
+        except OptionError as exc:
+            subject = f"key {name(exc.param)!r}" if exc.param in cls.specs() else None
+            raise WeightsmithError(exc.render(name, subject=subject)) from None
+    return run
 
 
 def accepts(annotation, value) -> bool:
