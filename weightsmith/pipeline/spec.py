@@ -25,7 +25,7 @@ from pathlib import Path
 import yaml
 
 from ..checkpoint.textfile import read_text_file
-from ..errors import OptionError, WeightsmithError
+from ..errors import WeightsmithError
 from .stages import STAGES, accepts
 
 NAME = re.compile(r"^[A-Za-z0-9][\w.-]*$")
@@ -210,12 +210,7 @@ def _parse_stage(i: int, raw, resolver: _Resolver, last_model: str | None) -> St
         if Path(p) not in pipeline_outputs and not (Path(p) / "config.json").is_file():
             raise WeightsmithError(f"{where}, key '{key}': {p} is not a model folder (no config.json)")
     params = _check_params(spec, raw.get("params") or {}, where, resolver, used, pipeline_outputs)
-    if spec.options is not None:
-        try:
-            spec.options.from_params(params)
-        except OptionError as exc:
-            raise WeightsmithError(exc.render(lambda p: f"params.{p}", subject=f"{where}, key 'params.{exc.param}'"
-                                              if exc.param else where)) from None
+    spec.check_options(params, where)
     if spec.check is not None:
         try:
             spec.check(params, inputs)

@@ -57,6 +57,14 @@ class StageDef:
     def hints(self) -> dict:
         return self.options.hints() if self.options is not None else typing.get_type_hints(self.fn)
 
+    def check_options(self, params: dict, where: str) -> None:
+        """Validate ``params`` against the options class (ranges, choices, rules across options)."""
+        if self.options is not None:
+            try:
+                self.options.from_params(params)
+            except OptionError as exc:
+                raise WeightsmithError(params_wording(exc, self.options, where)) from None
+
 
 STAGES: dict[str, StageDef] = {}
 
@@ -71,18 +79,23 @@ def stage(name: str, **options) -> Callable:
     return register
 
 
-def _params_wording(fn: Callable, cls: type[Options]) -> Callable:
-    """Reword an option error raised while the stage runs as the YAML key (``key 'params.context': ...``)."""
+def params_wording(exc: OptionError, cls: type[Options], where: str = "") -> str:
+    """An option error worded for a pipeline: ``stage 'x', key 'params.y': ...`` (``where`` is the stage part)."""
     def name(p: str) -> str:
         return f"params.{p}" if p in cls.specs() else p
 
+    key = f"key {name(exc.param)!r}" if exc.param in cls.specs() else exc.param
+    return exc.render(name, subject=", ".join(x for x in (where, key) if x) or None)
+
+
+def _params_wording(fn: Callable, cls: type[Options]) -> Callable:
+    """Reword an option error raised while the stage runs as its YAML key (``key 'params.context': ...``)."""
     @functools.wraps(fn)
     def run(ctx: Context, **params):
         try:
             return fn(ctx, **params)
         except OptionError as exc:
-            subject = f"key {name(exc.param)!r}" if exc.param in cls.specs() else None
-            raise WeightsmithError(exc.render(name, subject=subject)) from None
+            raise WeightsmithError(params_wording(exc, cls)) from None
     return run
 
 
