@@ -51,7 +51,7 @@ def load_pair(model_a: str | Path, model_b: str | Path, device) -> tuple[torch.n
             loading.load(model_b, device=device, dtype=torch.float32))
 
 
-def save_like(model: torch.nn.Module, source: str | Path, folder: Path, config: dict, max_shard_size: str,
+def save_like(model: torch.nn.Module, source: str | Path, folder: Path, config: dict, out_shard_size: str,
               keep_dtype: bool = True) -> None:
     """Save ``model``'s weights (in the dtypes ``source`` stores them unless ``keep_dtype`` is off), with
     ``config`` and ``source``'s side files."""
@@ -60,7 +60,7 @@ def save_like(model: torch.nn.Module, source: str | Path, folder: Path, config: 
     state = {k: v.detach().to("cpu", stored.get(k, v.dtype)).contiguous() for k, v in model.state_dict().items()}
     if config.get("tie_word_embeddings"):
         state.pop("lm_head.weight", None)
-    save_state_dict(state, folder, max_shard_size)
+    save_state_dict(state, folder, out_shard_size)
     write_config(folder, config)
     copy_side_files(source, folder)
 
