@@ -33,6 +33,7 @@ class Shrink(Options):
     ({"steps": -1}, OutOfRange, "steps: -1 is out of range; it must be in [0, inf)"),
     ({"steps": 3}, MissingOption, "data: needed when steps > 0"),
     ({"rate": 3}, UnknownOption, "rate: no such option; the options are ratio, mode, data, steps"),
+    ({"ratio": "half"}, OptionError, "ratio: 'half' is not a number"),
 ])
 def test_each_bad_value_raises_its_typed_error_named_by_the_parameter(values, error, text):
     with pytest.raises(error) as err:

@@ -30,7 +30,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .errors import InvalidChoice, MissingOption, OutOfRange, UnknownOption
+from .errors import InvalidChoice, MissingOption, OptionError, OutOfRange, UnknownOption
 
 DTYPES = ("float32", "bfloat16", "float16", "fp32", "bf16", "fp16")  # as weightsmith.device resolves them
 
@@ -68,6 +68,8 @@ def check_value(param: str, value: Any, spec: OptionSpec) -> None:
     if spec.choices is not None and value not in spec.choices:
         raise InvalidChoice(param, value, spec.choices)
     if spec.lo is not None or spec.hi is not None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise OptionError(param, f"{value!r} is not a number")
         low = spec.lo is not None and (value <= spec.lo if spec.lo_open else value < spec.lo)
         high = spec.hi is not None and (value >= spec.hi if spec.hi_open else value > spec.hi)
         if low or high:
