@@ -9,12 +9,11 @@ from typer.testing import CliRunner
 
 from weightsmith.cli import app
 from weightsmith.errors import InvalidChoice, MissingOption, OptionError, OutOfRange, UnknownOption, WeightsmithError
-from weightsmith.options import Options, option, options_class
+from weightsmith.options import Options, option
 from weightsmith.pipeline import STAGES, load_pipeline
 from weightsmith.stage_options import STAGE_OPTIONS, AlignOptions, EvalOptions, PleasOptions, RpsOptions
 
 
-@options_class
 class Shrink(Options):
     ratio: float = option(0.5, lo=0, hi=1, lo_open=True, help="Fraction kept.")
     mode: str = option("row", choices=("row", "tensor"), help="Unit.")

@@ -7,7 +7,6 @@ range or choices and help. The same declaration serves three readers:
 
 Example::
 
-    @options_class
     class ShrinkOptions(Options):
         \"\"\"Options of a hypothetical ``shrink`` stage.\"\"\"
         ratio: float = option(0.5, lo=0, hi=1, lo_open=True, help="Fraction of weights kept.")
@@ -76,13 +75,14 @@ def check_value(param: str, value: Any, spec: OptionSpec) -> None:
             raise OutOfRange(param, value, spec.lo, spec.hi, lo_open=spec.lo_open, hi_open=spec.hi_open)
 
 
-def options_class(cls: type) -> type:
-    """Make ``cls`` (a subclass of :class:`Options`) a keyword-only dataclass."""
-    return dataclass(kw_only=True)(cls)
-
-
+@typing.dataclass_transform(kw_only_default=True, field_specifiers=(option,))
 class Options:
-    """Base of the per-stage options dataclasses: validates on construction (each field, then :meth:`check`)."""
+    """Base of the per-stage options classes: each subclass is a keyword-only dataclass that validates on
+    construction (each field, then :meth:`check`)."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        dataclass(kw_only=True)(cls)
 
     def __post_init__(self) -> None:
         for f, spec in self.specs().items():

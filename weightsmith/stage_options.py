@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from .errors import MissingOption, OptionError
-from .options import (DTYPES, Options, batch_size_option, max_tokens_option, option, options_class,
-                      out_shard_size_option, seq_len_option)
+from .options import (DTYPES, Options, batch_size_option, max_tokens_option, option, out_shard_size_option,
+                      seq_len_option)
 
 # choices that the library modules dispatch on (they import these tuples from here)
 RPS_MAPPINGS = ("stable", "roast")
@@ -19,7 +19,6 @@ PLEAS_INPUTS = ("merged", "original")
 _METRIC_HELP = "Activation similarity: euclidean (−Σ‖a−b‖², as the PLeaS reference code) or correlation."
 
 
-@options_class
 class EvalOptions(Options):
     """``weightsmith eval``: perplexity and accuracy of model folders."""
     data: Path | None = option(None, path=True, help="Text file, folder of .txt files, or .jsonl with a 'text' field "
@@ -40,7 +39,6 @@ class EvalOptions(Options):
                                     "file, for accuracy)", ("data", "labelled"))
 
 
-@options_class
 class AnalyzeOptions(Options):
     """``weightsmith analyze``: per-block similarity from one forward pass."""
     data: Path = option(path=True, help="Calibration text (.txt/.md/.jsonl file or folder).")
@@ -51,7 +49,6 @@ class AnalyzeOptions(Options):
     tokenizer: Path | None = option(None, path=True, help="Tokenizer folder (default: the model's own).")
 
 
-@options_class
 class RpsOptions(Options):
     """``weightsmith compress rps``: randomized parameter sharing under a budget."""
     budget: float = option(0.1, lo=0, hi=4, lo_open=True, help="Stored / original parameters of the compressed "
@@ -80,7 +77,6 @@ class RpsOptions(Options):
             raise MissingOption("data", "healing ({0} > 0) needs text to train on", ("heal_steps",))
 
 
-@options_class
 class AlignOptions(Options):
     """``weightsmith align``: permute model B into model A's basis."""
     method: str = option("weight", choices=ALIGN_METHODS, help="weight: Git Re-Basin weight matching, no data; "
@@ -98,7 +94,6 @@ class AlignOptions(Options):
             raise MissingOption("data", "activation matching ({0} activation) needs calibration text", ("method",))
 
 
-@options_class
 class PleasOptions(Options):
     """``weightsmith pleas`` (and merge method ``pleas``): merge two models into one of width× size."""
     data: Path = option(path=True, help="Calibration text: the fine-tuning data, or generic text (data-free).")
@@ -115,7 +110,6 @@ class PleasOptions(Options):
     out_shard_size: str = out_shard_size_option()
 
 
-@options_class
 class ExportOptions(Options):
     """``weightsmith export``: a folded or RPS folder -> a plain checkpoint."""
     plain: bool = option(True, pipeline=False, help="Write an ordinary checkpoint (shared or hashed weights "
