@@ -168,7 +168,8 @@ def test_inspect_flags(flags, kwargs):
     fn.assert_called_once_with(Path("m"), **kwargs)
 
 
-@pytest.mark.parametrize("flags, size, force", [([], "tiny", False), (["--size", "small", "--force", "-q"], "small", True)])
+@pytest.mark.parametrize("flags, size, force", [([], "tiny", False),
+                                                (["--size", "small", "--force", "-q"], "small", True)])
 def test_zoo_build_flags(flags, size, force, tmp_path):
     zoo = mock.Mock(root=tmp_path, size=size, tokenizer=tmp_path / "tok", mwa_checkpoints=[], manifest={})
     zoo.model_names.return_value = []
