@@ -185,3 +185,15 @@ def test_an_option_error_raised_while_a_stage_runs_is_worded_for_each_user(tiny_
     with pytest.raises(WeightsmithError) as err:
         run_pipeline(load_pipeline(path), device="cpu")
     assert "give a tokenizer folder by params.tokenizer" in str(err.value) and "--" not in str(err.value)
+
+
+def test_a_declared_flag_is_the_one_the_cli_error_names():
+    from weightsmith.cli.options import cli_wording
+
+    class Odd(Options):
+        seq_len: int = option(8, lo=2, flag="--window", help="Tokens.")
+
+    with pytest.raises(OutOfRange) as err:
+        Odd(seq_len=1)
+    assert str(cli_wording(err.value, Odd)) == "--window: 1 is out of range; it must be in [2, inf)"
+    assert str(cli_wording(err.value)) == "--seq-len: 1 is out of range; it must be in [2, inf)"

@@ -55,9 +55,14 @@ def option_parameters(cls: type[Options]) -> list[inspect.Parameter]:
     return params
 
 
-def cli_wording(exc: OptionError) -> WeightsmithError:
-    """The same error with every option spelled as its flag."""
-    return WeightsmithError(exc.render(flag))
+def cli_wording(exc: OptionError, cls: type[Options] | None = None) -> WeightsmithError:
+    """The same error with every option spelled as its flag (as ``cls`` declares it, when it declares one)."""
+    specs = cls.specs() if cls is not None else {}
+
+    def spelled(param: str) -> str:
+        declared = specs[param].flag if param in specs else None
+        return declared.split("/")[0] if declared else flag(param)
+    return WeightsmithError(exc.render(spelled))
 
 
 def with_options(cls: type[Options], param: str = "opts") -> Callable[[Callable], Callable]:
@@ -79,7 +84,7 @@ def with_options(cls: type[Options], param: str = "opts") -> Callable[[Callable]
             try:
                 return fn(**kwargs, **{param: cls(**values)})
             except OptionError as exc:
-                raise cli_wording(exc) from None
+                raise cli_wording(exc, cls) from None
 
         command.__signature__ = sig.replace(parameters=params)
         command.__annotations__ = {p.name: p.annotation for p in params}
