@@ -40,7 +40,7 @@ MERGE = {"name": "merged", "stage": "merge", "inputs": ["base", "ft"], "params":
     ({"name": "m2", "stage": "merge", "inputs": ["base", "corrupt"], "params": {"method": "linear"}},
      ("stage 'm2'", "corrupt")),
     ({"name": "sim", "stage": "analyze", "input": "base", "params": {"data": "p.yaml", "remove": 1.5}},
-     ("stage 'sim'", "--remove 1.5")),
+     ("stage 'sim'", "key 'params.remove': 1.5")),
 ])
 def test_dry_run_refuses_what_the_run_refuses(models, stage, words):
     path = pipeline(models, MERGE, stage)
