@@ -95,6 +95,8 @@ def test_greedy_soup_no_worse_than_best_ingredient(zoo, tmp_path):
 
 
 def test_mwa_loss_weighted_beats_uniform_checkpoint_average(zoo, tmp_path):
+    """A direction: the zoo's MWA fine-tune retrained with seeds 300-304 (300 is the zoo's) gave p=4 / p=0
+    perplexity ratios 0.984-0.996, and the same under ATEN_CPU_CAPABILITY=default."""
     cks = [str(c) for c in zoo.mwa_checkpoints]
     scores = {}
     for p in (0.0, 4.0):

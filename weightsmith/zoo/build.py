@@ -144,9 +144,7 @@ def _build_into(root: Path, size: str, progress: ProgressFn | None) -> None:
         (root / "data" / f"{d}.valid.txt").write_text(corpus.split_text(d, "valid", r["valid_chars"]))
         (root / "data" / f"{d}.calib.txt").write_text(train[: r["calib_chars"]])
         streams[d] = _tokenize(tok, train)
-    # The base sees general code plus a little of every domain, so fine-tunes specialise it.
-    base_stream = torch.cat([streams[corpus.GENERAL]] + [s[: s.numel() // 8] for s in
-                                                          (streams[d] for d in FT_DOMAINS)])
+    base_stream = mix_base_stream(streams)
     config = LlamaConfig(
         vocab_size=len(tok), hidden_size=r["hidden"], intermediate_size=r["intermediate"],
         num_hidden_layers=r["layers"], num_attention_heads=r["heads"], num_key_value_heads=r["heads"],
@@ -222,6 +220,11 @@ def _build_into(root: Path, size: str, progress: ProgressFn | None) -> None:
                 "train_seconds": timings, "domains": list(FT_DOMAINS), "soup_domain": SOUP_DOMAIN,
                 "mwa_domain": MWA_DOMAIN, "b_domain": B_DOMAIN, "torch": torch.__version__}
     (root / "zoo.json").write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def mix_base_stream(streams: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The bases see general code plus a little of every domain, so fine-tunes specialise them."""
+    return torch.cat([streams[corpus.GENERAL]] + [streams[d][: streams[d].numel() // 8] for d in FT_DOMAINS])
 
 
 def train_tokenizer(out: Path, vocab: int, chars: int):
