@@ -1,8 +1,10 @@
 """How much the zoo's figures move with the CPU's kernels: the tiny zoo's ``base`` and ``ft-prose`` retrained
-exactly as the zoo build trains them, under each ``ATEN_CPU_CAPABILITY`` (default = no SIMD, avx2, and
-this machine's own), then evaluated on every held-out set.
+exactly as the zoo build trains them under other kernels, then evaluated on every held-out set. Each setting
+is environment variables: ``ATEN_CPU_CAPABILITY`` (torch's own vector kernels: default = no SIMD, avx2) and
+``MKL_CBWR=COMPATIBLE`` (MKL's matrix products in its portable code path, as another CPU family gets other
+MKL kernels), alone and together.
 
-    .venv/bin/python bench/cpu_spread.py [--caps default avx2 native] [--tokens 2000]
+    .venv/bin/python bench/cpu_spread.py [--settings native ATEN_CPU_CAPABILITY=default ...] [--tokens 2000]
 
 The tokenizer and text come from the cached zoo (they do not depend on the CPU). Prints perplexities per
 capability, the spread (max/min - 1) per figure, and whether the retrained native model is bitwise the
@@ -49,25 +51,36 @@ print(json.dumps(out))
 """
 
 
-def measure(cap: str, tokens: int) -> dict:
+SETTINGS = ["native", "ATEN_CPU_CAPABILITY=default", "ATEN_CPU_CAPABILITY=avx2", "MKL_CBWR=COMPATIBLE",
+            "ATEN_CPU_CAPABILITY=default,MKL_CBWR=COMPATIBLE"]
+
+
+def start(setting: str, tokens: int) -> subprocess.Popen:
     env = dict(os.environ)
-    if cap != "native":
-        env["ATEN_CPU_CAPABILITY"] = cap
-    proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(DOMAINS), str(tokens)], env=env,
-                          capture_output=True, text=True)
+    if setting != "native":
+        env.update(kv.split("=", 1) for kv in setting.split(","))
+    return subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(DOMAINS), str(tokens)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen) -> dict:
+    out, err = proc.communicate()
     if proc.returncode:
-        sys.exit(proc.stderr)
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        sys.exit(err)
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--caps", nargs="+", default=["default", "avx2", "native"])
+    ap.add_argument("--settings", nargs="+", default=SETTINGS)
     ap.add_argument("--tokens", type=int, default=2000)
     args = ap.parse_args()
-    runs = {cap: measure(cap, args.tokens) for cap in args.caps}
-    names = [f"{cap} ({r['capability']})" for cap, r in runs.items()]
-    print(f"held-out perplexity (first {args.tokens} tokens) of base and ft-prose retrained under each capability")
+    procs = {s: start(s, args.tokens) for s in args.settings}  # side by side: each trains on one thread
+    runs = {s: finish(p) for s, p in procs.items()}
+    names = [f"S{i}" for i in range(len(runs))]
+    print(f"held-out perplexity (first {args.tokens} tokens) of base and ft-prose retrained under each setting")
+    for i, s in enumerate(runs):
+        print(f"S{i}: {s} (torch kernels: {runs[s]['capability']})")
     print(f"| model / data | {' | '.join(names)} | spread |")
     print("|---|" + "---|" * (len(runs) + 1))
     spreads = []
@@ -78,8 +91,8 @@ def main() -> None:
     spreads.sort()
     print(f"spread over {len(spreads)} figures: median {100 * spreads[len(spreads) // 2]:.1f}%, "
           f"max {100 * spreads[-1]:.1f}%")
-    for cap, r in runs.items():
-        print(f"{cap}: retrained base bitwise equal to the cached zoo's: {r['same_as_cache']}")
+    for s, r in runs.items():
+        print(f"{s}: retrained base bitwise equal to the cached zoo's: {r['same_as_cache']}")
 
 
 if __name__ == "__main__":
