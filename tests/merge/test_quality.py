@@ -51,8 +51,8 @@ def _task_vector_merge(zoo, tmp_path, which, method, per_model, params):
     return mean_ppl(zoo, tmp_path / method)
 
 
-ADAMW_TIES = pytest.mark.xfail(
-    strict=True, reason="with the AdamW fine-tunes every TIES setting tried (density 0.2-1.0, lambda 0.4-1.5, "
+ADAMW_TIES = pytest.mark.xfail(  # not strict: zoos trained on other CPUs differ by ~15% (README), so may pass
+    strict=False, reason="with the AdamW fine-tunes every TIES setting tried (density 0.2-1.0, lambda 0.4-1.5, "
     "normalized or not, trimmed per tensor or over the whole model) stayed above the plain average (65.1 here, "
     "best 63.7, vs 62.9 mean perplexity), as it did with longer fine-tunes and on the bench-size base; the "
     "SGD fine-tunes of the same data, whose task vectors scale with the gradients, are where TIES wins")
@@ -95,6 +95,8 @@ def test_greedy_soup_no_worse_than_best_ingredient(zoo, tmp_path):
 
 
 def test_mwa_loss_weighted_beats_uniform_checkpoint_average(zoo, tmp_path):
+    """A direction: the zoo's MWA fine-tune retrained with seeds 300-304 (300 is the zoo's) gave p=4 / p=0
+    perplexity ratios 0.984-0.996, and the same under ATEN_CPU_CAPABILITY=default."""
     cks = [str(c) for c in zoo.mwa_checkpoints]
     scores = {}
     for p in (0.0, 4.0):

@@ -187,8 +187,7 @@ class _Builder:
 
     def train_bases(self) -> None:
         # The base sees general code plus a little of every domain, so fine-tunes specialise it.
-        s = self.streams
-        stream = torch.cat([s[corpus.GENERAL]] + [s[d][: s[d].numel() // 8] for d in FT_DOMAINS])
+        stream = mix_base_stream(self.streams)
         for name, seed in (("base", 0), ("base-b", 1)):
             torch.manual_seed(seed)
             model = self.new_model()
@@ -248,6 +247,11 @@ def _build_into(root: Path, size: str, progress: ProgressFn | None) -> None:
                 "train_seconds": b.timings, "domains": list(FT_DOMAINS), "soup_domain": SOUP_DOMAIN,
                 "mwa_domain": MWA_DOMAIN, "b_domain": B_DOMAIN, "torch": torch.__version__}
     (root / "zoo.json").write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def mix_base_stream(streams: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The bases see general code plus a little of every domain, so fine-tunes specialise them."""
+    return torch.cat([streams[corpus.GENERAL]] + [streams[d][: streams[d].numel() // 8] for d in FT_DOMAINS])
 
 
 def train_tokenizer(out: Path, vocab: int, chars: int):
