@@ -6,7 +6,9 @@ from typing import Annotated
 import typer
 
 from . import app
-from .common import DeviceOpt, ForceOpt, JsonOpt, OutOpt, QuietOpt, SeedOpt, ShardOpt, console, print_json, progress_bars
+from ..checkpoint.trust import remote_code
+from .common import (DeviceOpt, ForceOpt, JsonOpt, OutOpt, QuietOpt, SeedOpt, ShardOpt, TrustCodeOpt, console,
+                     print_json, progress_bars)
 
 MetricOpt = Annotated[str, typer.Option("--metric", help="Activation similarity: euclidean (−Σ‖a−b‖², as the PLeaS "
                                                          "reference code) or correlation.")]
@@ -33,11 +35,12 @@ def align_cmd(
     force: ForceOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
+    trust_remote_code: TrustCodeOpt = False,
 ) -> None:
     """Permute B's units (residual stream, heads, MLP units) into A's basis; OUT computes the same function as B."""
     from ..merge.align.folders import align
 
-    with progress_bars(not quiet) as progress:
+    with remote_code(trust_remote_code), progress_bars(not quiet) as progress:
         report = align(model_a, model_b, out, method=method, data=data, metric=metric, max_tokens=max_tokens,
                        seq_len=seq_len, batch_size=batch_size, seed=seed, device=device, force=force,
                        max_shard_size=out_shard_size, progress=progress)
@@ -71,11 +74,12 @@ def pleas_cmd(
     force: ForceOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
+    trust_remote_code: TrustCodeOpt = False,
 ) -> None:
     """PLeaS: merge two models (possibly from different bases) into one of --width× size."""
     from ..merge.pleas import pleas_merge
 
-    with progress_bars(not quiet) as progress:
+    with remote_code(trust_remote_code), progress_bars(not quiet) as progress:
         report = pleas_merge(model_a, model_b, data, width, out=out, metric=metric, ridge=ridge,
                              least_squares=least_squares, inputs=inputs, max_tokens=max_tokens, seq_len=seq_len,
                              batch_size=batch_size, seed=seed, device=device, force=force,

@@ -7,7 +7,8 @@ import typer
 from rich.table import Table
 
 from . import app
-from .common import DeviceOpt, ForceOpt, JsonOpt, QuietOpt, console, print_json, progress_bars
+from ..checkpoint.trust import remote_code
+from .common import DeviceOpt, ForceOpt, JsonOpt, QuietOpt, TrustCodeOpt, console, print_json, progress_bars
 
 
 @app.command("analyze")
@@ -23,6 +24,7 @@ def analyze_cmd(
     force: ForceOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
+    trust_remote_code: TrustCodeOpt = False,
 ) -> None:
     """Per-block angular distance (l to l+n), Block Influence and linear CKA from one forward pass.
 
@@ -31,7 +33,7 @@ def analyze_cmd(
     """
     from ..fold.analyze import analyze
 
-    with progress_bars(not quiet and not json_out) as progress:
+    with remote_code(trust_remote_code), progress_bars(not quiet and not json_out) as progress:
         rep = analyze(model, data, out, remove=remove, seq=seq, max_tokens=max_tokens, batch_size=batch_size,
                       device=device, force=force, progress=progress)
     if json_out:

@@ -7,8 +7,9 @@ import typer
 from rich.table import Table
 
 from . import app
-from .common import (DeviceOpt, ForceOpt, JsonOpt, OutOpt, QuietOpt, SeedOpt, console, human_bytes, human_count,
-                     print_json, progress_bars)
+from ..checkpoint.trust import remote_code
+from .common import (DeviceOpt, ForceOpt, JsonOpt, OutOpt, QuietOpt, SeedOpt, TrustCodeOpt, console, human_bytes,
+                     human_count, print_json, progress_bars)
 
 compress_app = typer.Typer(help="Compress a checkpoint under a parameter budget.", no_args_is_help=True)
 app.add_typer(compress_app, name="compress")
@@ -37,6 +38,7 @@ def rps_cmd(
     force: ForceOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
+    trust_remote_code: TrustCodeOpt = False,
 ) -> None:
     """Randomized parameter sharing (ROAST / STABLE-RPS): every compressed weight is read from one hashed memory."""
     from ..compressor.rps import compress_rps, train_rps
@@ -48,7 +50,7 @@ def rps_cmd(
         raise WeightsmithError("--from-config builds an untrained model; add --train --data TEXT")
     common = dict(budget=budget, mapping=mapping, modules=modules, sharing=sharing, tile=tile, data=data,
                   batch=batch, seq=seq, device=device, seed=seed, force=force)
-    with progress_bars(not quiet) as progress:
+    with remote_code(trust_remote_code), progress_bars(not quiet) as progress:
         if model is not None:
             info = compress_rps(model, out, heal_steps=heal_steps, lr=lr or 1e-3, progress=progress, **common)
         else:

@@ -7,8 +7,9 @@ import typer
 from rich.table import Table
 
 from . import app
-from .common import (DeviceOpt, JsonOpt, PickleOpt, QuietOpt, console, human_bytes, human_count, print_json,
-                     progress_bars, short_name)
+from ..checkpoint.trust import remote_code
+from .common import (DeviceOpt, JsonOpt, PickleOpt, QuietOpt, TrustCodeOpt, console, human_bytes, human_count,
+                     print_json, progress_bars, short_name)
 
 
 @app.command("eval")
@@ -26,11 +27,12 @@ def eval_cmd(
     json_out: JsonOpt = False,
     allow_pickle: PickleOpt = False,
     quiet: QuietOpt = False,
+    trust_remote_code: TrustCodeOpt = False,
 ) -> None:
     """Perplexity, accuracy, parameters, size and tokens/s of model folders, in one table."""
     from ..eval import evaluate
 
-    with progress_bars(not quiet) as progress:
+    with remote_code(trust_remote_code), progress_bars(not quiet) as progress:
         rows = evaluate(models, data=data, labelled=labelled, tokenizer=tokenizer, context=context, stride=stride,
                         max_tokens=max_tokens, batch_size=batch_size, device=device, dtype=dtype,
                         allow_pickle=allow_pickle, progress=progress)
