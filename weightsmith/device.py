@@ -32,5 +32,5 @@ def resolve_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
         return name
     try:
         return DTYPES[name.lower()]
-    except KeyError:
+    except (KeyError, AttributeError):  # AttributeError: not a string at all (e.g. a YAML list)
         raise WeightsmithError(f"dtype {name!r} is not supported; choose one of float32, bfloat16, float16") from None

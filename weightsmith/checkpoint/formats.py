@@ -9,7 +9,7 @@ import importlib
 from pathlib import Path
 
 from ..errors import WeightsmithError
-from .reader import read_json
+from .reader import member, read_json
 
 FORMATS = {
     "folded": "weightsmith.fold.format",
@@ -18,7 +18,7 @@ FORMATS = {
 
 
 def folder_format(path: str | Path) -> str:
-    config = read_json(Path(path) / "config.json", "config.json")
+    config = read_json(member(Path(path), "config.json", path), "config.json")
     return (config.get("weightsmith") or {}).get("format", "plain")
 
 

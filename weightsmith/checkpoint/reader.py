@@ -9,14 +9,15 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import stat
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
 from safetensors import safe_open
 
 from ..errors import WeightsmithError
-from .safetensors_file import TORCH_TO_ST, TensorInfo, read_header
+from .safetensors_file import NOT_REGULAR, TORCH_TO_ST, TensorInfo, no_duplicates, open_regular, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -32,27 +33,61 @@ SIDE_FILES = (
 )
 
 
-def _no_duplicates(pairs: list) -> dict:
-    seen = {}
-    for k, v in pairs:
-        if k in seen:
-            raise WeightsmithError(f"names {k!r} twice")
-        seen[k] = v
-    return seen
-
-
 def read_json(path: Path, what: str) -> dict:
     try:
-        data = json.loads(path.read_text(), object_pairs_hook=_no_duplicates)
+        data = json.loads(read_regular(path), object_pairs_hook=no_duplicates)
     except WeightsmithError as exc:
         raise WeightsmithError(f"{path}: {what} {exc}") from None
     except FileNotFoundError:
         raise WeightsmithError(f"{path}: no {what} found") from None
+    except RecursionError:
+        raise WeightsmithError(f"{path}: {what} nests JSON too deeply to be a real {what}") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise WeightsmithError(f"{path}: {what} is not valid JSON ({exc})") from exc
+        raise WeightsmithError(f"{path}: {what} is not valid JSON ({exc})") from None
     if not isinstance(data, dict):
         raise WeightsmithError(f"{path}: {what} must be a JSON object")
     return data
+
+
+def read_regular(path: Path) -> bytes:
+    with os.fdopen(open_regular(path), "rb") as f:
+        return f.read()
+
+
+def member(folder: Path, name: object, where: Path | str) -> Path:
+    """``folder / name`` for a file name read from ``where``, refused unless it stays inside ``folder``
+    (no absolute path, no ``..``, no symlink leading out) and, if it exists, is a regular file."""
+    if not isinstance(name, str) or not name or "\0" in name:
+        raise WeightsmithError(f"{where}: file name {name!r} is not a file name")
+    rel = PurePosixPath(name)
+    if rel.is_absolute() or ".." in rel.parts or "\\" in name:
+        raise WeightsmithError(f"{where}: names {name!r}, outside the model folder; every file it names must be "
+                               f"inside {folder}")
+    path = folder / name
+    if not os.path.lexists(path):
+        return path
+    try:
+        real = path.resolve(strict=True)
+    except FileNotFoundError:
+        raise WeightsmithError(f"{path}: a symlink to nothing; replace it with the file it should hold") from None
+    except (OSError, RuntimeError) as exc:
+        raise WeightsmithError(f"{path}: cannot be resolved ({exc})") from None
+    if not real.is_relative_to(folder.resolve()):
+        raise WeightsmithError(f"{path}: a symlink to {real}, outside the model folder; weightsmith reads only files "
+                               "inside the folder (copy the file in, e.g. cp -L)")
+    if not stat.S_ISREG(os.stat(real).st_mode):
+        raise WeightsmithError(f"{path}: {NOT_REGULAR}")
+    return path
+
+
+# Other files some stage reads from a model folder (MWA's metric, a LoRA adapter's config).
+OTHER_READ = ("trainer_state.json", "adapter_config.json")
+
+
+def check_side_files(folder: Path) -> None:
+    """Refuse a folder whose config or tokenizer files lead out of it or are not regular files."""
+    for name in ("config.json", *SIDE_FILES, *OTHER_READ):
+        member(folder, name, folder)
 
 
 class Checkpoint:
@@ -62,20 +97,21 @@ class Checkpoint:
         self.path = Path(path)
         if not self.path.is_dir():
             raise WeightsmithError(f"{self.path}: not a model folder (no such directory)")
+        check_side_files(self.path)
         self.config = read_json(self.path / "config.json", "config.json") if (self.path / "config.json").exists() else None
         self.tensors: dict[str, TensorInfo] = {}
         self.metadata: dict[str, str] = {}
         self._handles: dict[Path, object] = {}
         self._pickled: dict[str, torch.Tensor] | None = None
         index = self.path / INDEX_NAME
-        if index.exists():
-            self._open_index(index)
-        elif (self.path / SINGLE_NAME).exists():
-            self._add_shard(self.path / SINGLE_NAME)
+        if os.path.lexists(index):
+            self._open_index(member(self.path, INDEX_NAME, self.path))
+        elif os.path.lexists(self.path / SINGLE_NAME):
+            self._add_shard(member(self.path, SINGLE_NAME, self.path))
         else:
             loose = sorted(p for p in self.path.glob("*.safetensors"))
             if len(loose) == 1:
-                self._add_shard(loose[0])
+                self._add_shard(member(self.path, loose[0].name, self.path))
             elif loose:
                 raise WeightsmithError(
                     f"{self.path}: {len(loose)} safetensors files but no {INDEX_NAME}; add the index or keep one file")
@@ -107,9 +143,11 @@ class Checkpoint:
             raise WeightsmithError(f"{index}: missing or empty 'weight_map'")
         by_file: dict[str, set[str]] = {}
         for name, file in weight_map.items():
+            if not isinstance(file, str):
+                raise WeightsmithError(f"{index}: weight_map[{name!r}] is {file!r}, not a shard file name")
             by_file.setdefault(file, set()).add(name)
         for file in sorted(by_file):
-            shard = self.path / file
+            shard = member(self.path, file, index)
             if not shard.exists():
                 some = sorted(by_file[file])[0]
                 raise WeightsmithError(
@@ -120,7 +158,7 @@ class Checkpoint:
                 raise WeightsmithError(f"{shard}: tensor {sorted(missing)[0]!r} listed in {INDEX_NAME} is missing from the shard")
 
     def _open_pickle(self) -> None:
-        files = sorted(self.path.glob("pytorch_model*.bin"))
+        files = [member(self.path, f.name, self.path) for f in sorted(self.path.glob("pytorch_model*.bin"))]
         state: dict[str, torch.Tensor] = {}
         for f in files:
             part = torch.load(f, map_location="cpu", weights_only=False, mmap=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,11 +54,53 @@ class TensorInfo:
         return ST_DTYPES[self.dtype][0]
 
 
-def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """Parse and validate one safetensors file's header. Returns (tensors, metadata)."""
+NOT_REGULAR = "not a regular file (a FIFO, device or folder); model files must be plain files"
+
+
+def open_regular(path: Path) -> int:
+    """A read-only descriptor on ``path``, refused unless it is a regular file. The open never blocks
+    (a FIFO or device named as a model file is refused, not waited on)."""
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise WeightsmithError(f"{path}: cannot read ({exc.strerror})") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise WeightsmithError(f"{path}: {NOT_REGULAR}")
+    return fd
+
+
+ENTRY_KEYS = {"dtype", "shape", "data_offsets"}
+
+
+def _ints(value: object, count: int | None = None) -> bool:
+    """A JSON list of non-negative integers (``True`` and ``2.0`` are not integers), of ``count`` items if given."""
+    return (isinstance(value, list) and (count is None or len(value) == count)
+            and all(type(v) is int and v >= 0 for v in value))
+
+
+def no_duplicates(pairs: list) -> dict:
+    """``object_pairs_hook`` for json.loads: a key given twice is refused, not silently overwritten."""
+    seen = {}
+    for k, v in pairs:
+        if k in seen:
+            raise WeightsmithError(f"names {k!r} twice")
+        seen[k] = v
+    return seen
+
+
+def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse and validate one safetensors file's header. Returns (tensors, metadata).
+
+    Checked as strictly as the format allows: a JSON object whose ``__metadata__`` maps strings to strings and
+    whose every other entry has exactly a known dtype, a shape of non-negative integers and two integer offsets
+    spanning exactly shape x dtype-size bytes; the tensors tile the data section with no gap, overlap or
+    trailing byte. Only a regular file is opened (a FIFO is refused, never waited on)."""
+    try:
+        with os.fdopen(open_regular(path), "rb") as f:
+            size = os.fstat(f.fileno()).st_size
             raw_len = f.read(8)
             if len(raw_len) < 8:
                 raise WeightsmithError(f"{path}: truncated safetensors file ({size} bytes, no header); re-download or re-save it")
@@ -65,28 +108,43 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
             if n > MAX_HEADER or 8 + n > size:
                 raise WeightsmithError(f"{path}: corrupt safetensors header (claims {n} header bytes in a {size}-byte file)")
             raw = f.read(n)
+    except FileNotFoundError:
+        raise WeightsmithError(f"{path}: no such file") from None
     except OSError as exc:
-        raise WeightsmithError(f"{path}: cannot read ({exc.strerror})") from exc
+        raise WeightsmithError(f"{path}: cannot read ({exc.strerror})") from None
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise WeightsmithError(f"{path}: corrupt safetensors header (not JSON: {exc})") from exc
+        header = json.loads(raw, object_pairs_hook=no_duplicates)
+    except WeightsmithError as exc:
+        raise WeightsmithError(f"{path}: corrupt safetensors header ({exc})") from None
+    except RecursionError:
+        raise WeightsmithError(f"{path}: corrupt safetensors header (JSON nested too deeply)") from None
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise WeightsmithError(f"{path}: corrupt safetensors header (not JSON: {exc})") from None
     if not isinstance(header, dict):
         raise WeightsmithError(f"{path}: corrupt safetensors header (not a JSON object)")
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise WeightsmithError(f"{path}: corrupt safetensors header (__metadata__ must map names to strings, "
+                               f"got {json.dumps(metadata)[:80]})")
     data_len = size - 8 - n
     tensors: dict[str, TensorInfo] = {}
-    spans = []
     for name, entry in header.items():
-        try:
-            dtype, shape, (begin, end) = entry["dtype"], tuple(int(s) for s in entry["shape"]), entry["data_offsets"]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise WeightsmithError(f"{path}: tensor {name!r} has a malformed header entry: {entry!r}") from exc
-        if dtype not in ST_DTYPES:
+        if not isinstance(entry, dict) or set(entry) != ENTRY_KEYS:
+            keys = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
+            raise WeightsmithError(f"{path}: tensor {name!r} has a malformed header entry (needs exactly dtype, "
+                                   f"shape and data_offsets; has {keys})")
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in ST_DTYPES:
             raise WeightsmithError(f"{path}: tensor {name!r} has unknown dtype {dtype!r}")
-        info = TensorInfo(name, dtype, shape, path, int(begin), int(end), 8 + n)
-        if not 0 <= info.begin <= info.end:
-            raise WeightsmithError(f"{path}: tensor {name!r} has invalid offsets {begin}..{end}")
+        if not _ints(shape):
+            raise WeightsmithError(f"{path}: tensor {name!r} has shape {json.dumps(shape)[:80]}; a shape is a list "
+                                   "of non-negative integers")
+        if not _ints(offsets, 2) or offsets[0] > offsets[1]:
+            raise WeightsmithError(f"{path}: tensor {name!r} has invalid offsets {json.dumps(offsets)[:80]}; they "
+                                   "must be two integers begin <= end")
+        info = TensorInfo(name, dtype, tuple(shape), path, offsets[0], offsets[1], 8 + n)
         if info.end > data_len:
             raise WeightsmithError(
                 f"{path}: tensor {name!r} ends at byte {info.end} but the file holds {data_len} data bytes (truncated file)")
@@ -95,12 +153,18 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
                 f"{path}: tensor {name!r} with shape {list(shape)} and dtype {dtype} needs "
                 f"{info.numel * ST_DTYPES[dtype][1]} bytes but its offsets span {info.nbytes}")
         tensors[name] = info
-        spans.append((info.begin, info.end, name))
-    spans.sort()
-    for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
-        if b1 < e0:
-            raise WeightsmithError(f"{path}: tensors {n0!r} and {n1!r} overlap in the file (corrupt header)")
-    return tensors, {str(k): str(v) for k, v in metadata.items()}
+    pos, last = 0, None
+    for info in sorted(tensors.values(), key=lambda i: (i.begin, i.end)):
+        if info.begin < pos:
+            raise WeightsmithError(f"{path}: tensors {last!r} and {info.name!r} overlap in the file (corrupt header)")
+        if info.begin > pos:
+            raise WeightsmithError(f"{path}: {info.begin - pos} unused bytes before tensor {info.name!r} "
+                                   "(corrupt header: tensors must fill the data section)")
+        pos, last = info.end, info.name
+    if pos != data_len:
+        raise WeightsmithError(f"{path}: {data_len - pos} bytes after the last tensor's data (trailing bytes: "
+                               "corrupt or appended to; re-save the file)")
+    return tensors, dict(metadata)
 
 
 def _align8(n: int) -> int:

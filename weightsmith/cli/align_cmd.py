@@ -6,8 +6,9 @@ from typing import Annotated
 import typer
 
 from ..stage_options import AlignOptions, PleasOptions
+from ..checkpoint.trust import remote_code
 from . import app
-from .common import DeviceOpt, ForceOpt, JsonOpt, OutOpt, QuietOpt, SeedOpt, console, print_json, progress_bars
+from .common import DeviceOpt, ForceOpt, JsonOpt, OutOpt, QuietOpt, SeedOpt, TrustCodeOpt, console, print_json, progress_bars
 from .options import with_options
 
 
@@ -23,11 +24,12 @@ def align_cmd(
     force: ForceOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
+    trust_remote_code: TrustCodeOpt = False,
 ) -> None:
     """Permute B's units (residual stream, heads, MLP units) into A's basis; OUT computes the same function as B."""
     from ..merge.align.folders import align
 
-    with progress_bars(not quiet) as progress:
+    with remote_code(trust_remote_code), progress_bars(not quiet) as progress:
         report = align(model_a, model_b, out, opts, seed=seed, device=device, force=force, progress=progress)
     if json_out:
         print_json(report)
@@ -48,11 +50,12 @@ def pleas_cmd(
     force: ForceOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
+    trust_remote_code: TrustCodeOpt = False,
 ) -> None:
     """PLeaS: merge two models (possibly from different bases) into one of --width× size."""
     from ..merge.pleas import pleas_merge
 
-    with progress_bars(not quiet) as progress:
+    with remote_code(trust_remote_code), progress_bars(not quiet) as progress:
         report = pleas_merge(model_a, model_b, opts, out=out, seed=seed, device=device, force=force, progress=progress)
     if json_out:
         print_json(report)

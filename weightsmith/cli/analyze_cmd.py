@@ -7,8 +7,9 @@ import typer
 from rich.table import Table
 
 from ..stage_options import AnalyzeOptions
+from ..checkpoint.trust import remote_code
 from . import app
-from .common import DeviceOpt, ForceOpt, JsonOpt, QuietOpt, console, print_json, progress_bars
+from .common import DeviceOpt, ForceOpt, JsonOpt, QuietOpt, TrustCodeOpt, console, print_json, progress_bars
 from .options import with_options
 
 
@@ -23,6 +24,7 @@ def analyze_cmd(
     force: ForceOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
+    trust_remote_code: TrustCodeOpt = False,
 ) -> None:
     """Per-block angular distance (l to l+n), Block Influence and linear CKA from one forward pass.
 
@@ -31,7 +33,7 @@ def analyze_cmd(
     """
     from ..fold.analyze import analyze
 
-    with progress_bars(not quiet and not json_out) as progress:
+    with remote_code(trust_remote_code), progress_bars(not quiet and not json_out) as progress:
         rep = analyze(model, opts.data, out, remove=opts.remove, seq=opts.seq_len, max_tokens=opts.max_tokens,
                       batch_size=opts.batch_size, device=device, tokenizer=opts.tokenizer, force=force,
                       progress=progress)

@@ -22,6 +22,7 @@ OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder (writte
 ShardOpt = Annotated[str, typer.Option("--out-shard-size", help="Largest output shard, e.g. 2GB or 500MB.")]
 DtypeOpt = Annotated[str | None, typer.Option("--dtype", help="Output dtype: float32, bfloat16 or float16 (default: as input).")]
 PickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Allow loading .bin (pickle) weights; runs code from the file.")]
+TrustCodeOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow a folder's own Python code (config auto_map) to run; refused otherwise.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 
 

@@ -7,8 +7,9 @@ import typer
 from rich.table import Table
 
 from ..stage_options import RpsOptions
+from ..checkpoint.trust import remote_code
 from . import app
-from .common import (DeviceOpt, ForceOpt, JsonOpt, OutOpt, QuietOpt, SeedOpt, console, human_bytes, human_count,
+from .common import (DeviceOpt, ForceOpt, JsonOpt, OutOpt, QuietOpt, SeedOpt, TrustCodeOpt, console, human_bytes, human_count,
                      print_json, progress_bars)
 from .options import with_options
 
@@ -27,6 +28,7 @@ def rps_cmd(
     force: ForceOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
+    trust_remote_code: TrustCodeOpt = False,
 ) -> None:
     """Randomized parameter sharing (ROAST / STABLE-RPS): every compressed weight is read from one hashed memory."""
     from ..compressor.rps import compress_rps, train_rps
@@ -36,7 +38,7 @@ def rps_cmd(
         raise WeightsmithError("give either MODEL (project a trained model) or --from-config CONFIG (train from scratch)")
     if opts.from_config is not None and not opts.train:
         raise WeightsmithError("--from-config builds an untrained model; add --train --data TEXT")
-    with progress_bars(not quiet) as progress:
+    with remote_code(trust_remote_code), progress_bars(not quiet) as progress:
         if model is not None:
             info = compress_rps(model, out, opts, device=device, seed=seed, force=force, progress=progress)
         else:

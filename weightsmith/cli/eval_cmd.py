@@ -7,8 +7,9 @@ import typer
 from rich.table import Table
 
 from ..stage_options import EvalOptions
+from ..checkpoint.trust import remote_code
 from . import app
-from .common import (DeviceOpt, JsonOpt, PickleOpt, QuietOpt, console, human_bytes, human_count, print_json,
+from .common import (DeviceOpt, JsonOpt, PickleOpt, QuietOpt, TrustCodeOpt, console, human_bytes, human_count, print_json,
                      progress_bars, short_name)
 from .options import with_options
 
@@ -22,11 +23,12 @@ def eval_cmd(
     json_out: JsonOpt = False,
     allow_pickle: PickleOpt = False,
     quiet: QuietOpt = False,
+    trust_remote_code: TrustCodeOpt = False,
 ) -> None:
     """Perplexity, accuracy, parameters, size and tokens/s of model folders, in one table."""
     from ..eval import evaluate
 
-    with progress_bars(not quiet) as progress:
+    with remote_code(trust_remote_code), progress_bars(not quiet) as progress:
         rows = evaluate(models, opts, device=device, allow_pickle=allow_pickle, progress=progress)
     if json_out:
         print_json([r.to_dict() for r in rows])

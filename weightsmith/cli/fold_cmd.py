@@ -6,7 +6,9 @@ from typing import Annotated
 import typer
 
 from . import app
-from .common import DeviceOpt, ForceOpt, JsonOpt, OutOpt, QuietOpt, SeedOpt, ShardOpt, console, print_json, progress_bars
+from ..checkpoint.trust import remote_code
+from .common import (DeviceOpt, ForceOpt, JsonOpt, OutOpt, QuietOpt, SeedOpt, ShardOpt, TrustCodeOpt, console,
+                     print_json, progress_bars)
 
 
 @app.command("fold")
@@ -33,6 +35,7 @@ def fold_cmd(
     force: ForceOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
+    trust_remote_code: TrustCodeOpt = False,
 ) -> None:
     """FoldGPT: remove the least important blocks, share weights within groups of adjacent kept blocks, heal.
 
@@ -42,7 +45,7 @@ def fold_cmd(
     """
     from ..fold.stage import fold
 
-    with progress_bars(not quiet and not json_out) as progress:
+    with remote_code(trust_remote_code), progress_bars(not quiet and not json_out) as progress:
         res = fold(model, out, data=data, remove=remove, share=share, share_init=share_init, importance=importance,
                    relax_rank=relax_rank, heal_steps=heal_steps, heal_lr=heal_lr, heal_tail=heal_tail, heal_lora=heal_lora,
                    gate_steps=gate_steps, seq=seq, max_tokens=max_tokens, batch_size=batch_size, seed=seed,

@@ -55,6 +55,7 @@ def merge_cmd(
     out_shard_size: ShardOpt = "5GB",
     seed: SeedOpt = 0,
     allow_crimes: Annotated[bool, typer.Option("--allow-crimes", help="Merge models whose configs disagree on architecture.")] = False,
+    allow_nonfinite: Annotated[bool, typer.Option("--allow-nonfinite", help="Merge inputs holding NaN/inf (reported per tensor) instead of refusing them.")] = False,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -83,7 +84,8 @@ def merge_cmd(
         r = recipe_from_flags(method, model or [], base, per_model, flags)
     with progress_bars(not quiet) as progress:
         result = merge(r, out, device=device, dtype=dtype, out_shard_size=out_shard_size, seed=seed,
-                       allow_crimes=allow_crimes, force=force, progress=progress)
+                       allow_crimes=allow_crimes, force=force, progress=progress,
+                       allow_nonfinite=allow_nonfinite)
     if json_out:
         print_json(result)
         return
@@ -92,5 +94,8 @@ def merge_cmd(
                       f"{'kept' if row['kept'] else 'skipped'}")
     for note in result.get("notes", []):
         console.print(f"  note: {note}")
+    for row in result.get("nonfinite", []):
+        console.print(f"  warning: {row['model']}: tensor {row['tensor']!r} holds {row['nonfinite']} NaN/inf value(s), "
+                      "merged as they are", soft_wrap=True)
     console.print(f"merged {len(result.get('inputs', []))} inputs with {result.get('method')} -> {result.get('out', out)}"
                   + (f" ({result['tensors']} tensors, {result['seconds']:.1f} s)" if "tensors" in result else ""))

@@ -10,7 +10,8 @@ import typer
 from rich.table import Table
 
 from . import app
-from .common import DeviceOpt, JsonOpt, QuietOpt, SeedOpt, console, human_bytes, human_count, progress_bars
+from ..checkpoint.trust import remote_code
+from .common import DeviceOpt, JsonOpt, QuietOpt, SeedOpt, TrustCodeOpt, console, human_bytes, human_count, progress_bars
 
 
 @app.command("run")
@@ -23,13 +24,14 @@ def run_cmd(
     seed: SeedOpt = 0,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON event per line on stdout (for CI).")] = False,
     quiet: QuietOpt = False,
+    trust_remote_code: TrustCodeOpt = False,
 ) -> None:
     """Run a YAML pipeline of stages; up-to-date stages are skipped; writes report.json, report.md and plots."""
     from ..pipeline import load_pipeline, run_pipeline
 
     spec = load_pipeline(pipeline, workdir)
     events = _json_events if json_out else _console_events(quiet)
-    with progress_bars(not quiet and not json_out) as progress:
+    with remote_code(trust_remote_code), progress_bars(not quiet and not json_out) as progress:
         summary = run_pipeline(spec, device=device, seed=seed, force=force, dry_run=dry_run,
                                progress=progress if not json_out else _json_progress(), events=events)
     if json_out:

@@ -13,21 +13,27 @@ from .data import load_labelled, load_labelled_images, load_texts
 from .metrics import EvalRow, accuracy, count_params, folder_size, image_accuracy, perplexity, tokenize
 
 
-def load_tokenizer(path: str | Path):
+def load_tokenizer(path: str | Path, trust_remote_code: bool | None = None):
     from transformers import AutoTokenizer
 
+    from ..checkpoint.trust import check_code
+
+    trusted = check_code(path, trust_remote_code)
     try:
-        return AutoTokenizer.from_pretrained(str(path))
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trusted)
     except (OSError, ValueError) as exc:
         raise OptionError(None, f"{path}: no tokenizer found there ({exc.__class__.__name__}); give a tokenizer "
                                 "folder by {0}", ("tokenizer",)) from None
 
 
-def load_image_processor(path: str | Path):
+def load_image_processor(path: str | Path, trust_remote_code: bool | None = None):
     from transformers import AutoImageProcessor
 
+    from ..checkpoint.trust import check_code
+
+    trusted = check_code(path, trust_remote_code)
     try:
-        return AutoImageProcessor.from_pretrained(str(path))
+        return AutoImageProcessor.from_pretrained(str(path), trust_remote_code=trusted)
     except (OSError, ValueError) as exc:
         raise WeightsmithError(f"{path}: no image processor (preprocessor_config.json) found there "
                                f"({exc.__class__.__name__})") from None

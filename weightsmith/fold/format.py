@@ -55,13 +55,6 @@ def folded_config(config: dict, kept: list[int], fold_map: dict) -> dict:
     return cfg
 
 
-def _config_object(config: dict):
-    from transformers import AutoConfig
-
-    plain = {k: v for k, v in config.items() if k != "weightsmith"}
-    return AutoConfig.for_model(plain.pop("model_type"), **plain)
-
-
 def tie_groups(model: torch.nn.Module, groups: list[list[int]], relax_rank: int = 0) -> None:
     """Make every block of a group use the first block's shared Parameters (the same objects)."""
     blocks = block_list(model)
@@ -90,10 +83,10 @@ def assemble(config: dict, tensors: dict[str, torch.Tensor], device: torch.devic
 
     ``fresh_relax``: the low-rank residuals are not in ``tensors`` yet (the caller initialises them).
     """
-    from ..loading import model_class
+    from ..loading import config_object, model_class
 
     fold = config["weightsmith"]
-    cfg = _config_object(config)
+    cfg = config_object(config)
     model = model_class(config)(cfg)
     tie_groups(model, fold["groups"], fold.get("relax_rank", 0))
     missing, unexpected = model.load_state_dict(tensors, strict=False)

@@ -28,6 +28,7 @@ from .methods import Method, Param, get_method
 from .mwa import checkpoint_metric, mwa_weights
 from .recipe import ModelEntry, Recipe, evaluate_setting
 from .sparsify import whole_model_thresholds
+from .values import ValueChecks
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -325,7 +326,8 @@ def _read(ckpt: Checkpoint, job: TensorJob, device: torch.device) -> torch.Tenso
 
 def merge(recipe: Recipe, out: str | Path, *, device: str = "auto", dtype: str | None = None,
           out_shard_size: str | int = "5GB", seed: int = 0, allow_crimes: bool = False, force: bool = False,
-          progress: ProgressFn | None = None, metrics: list[dict] | None = None, **extra) -> dict:
+          progress: ProgressFn | None = None, metrics: list[dict] | None = None, allow_nonfinite: bool = False,
+          **extra) -> dict:
     """Run ``recipe`` into the folder ``out``; returns a report dict (inputs, method, tensors, notes, seconds)."""
     method = get_method(recipe.method)
     if method.whole_model:
@@ -344,6 +346,7 @@ def merge(recipe: Recipe, out: str | Path, *, device: str = "auto", dtype: str |
     start = time.perf_counter()
     uses_base = plan.base is not None and plan.method.base == "required"
     sources = ([plan.base] if uses_base else []) + plan.models
+    checks = ValueChecks(plan, sources, allow_nonfinite)
     tokenizer_src = plan.reference.path
     whole = [j for j in plan.jobs if j.whole_trim]
     if whole:
@@ -379,7 +382,7 @@ def merge(recipe: Recipe, out: str | Path, *, device: str = "auto", dtype: str |
                     pending = reader.submit(load, nxt) if prefetchable(job, nxt) else _Ready(load, nxt)
                 base = inputs[0] if uses_base else None
                 tensors = inputs[1:] if uses_base else inputs
-                result = run_job(plan, job, tensors, base, seed).to(job.dtype).cpu()
+                result = checks.run(job.name, inputs, lambda: run_job(plan, job, tensors, base, seed).to(job.dtype).cpu())
                 del inputs, tensors, base
                 if written is not None:
                     written.result()
@@ -408,4 +411,5 @@ def merge(recipe: Recipe, out: str | Path, *, device: str = "auto", dtype: str |
                          parameters={**plan.card_parameters, "seed": seed, "dtype": str(dtype or recipe.dtype or "as input")},
                          recipe=recipe.text or recipe.to_yaml(), notes=notes, metrics=metrics)
     return {"out": str(out), "method": recipe.method, "inputs": recipe.inputs, "tensors": len(plan.jobs),
-            "notes": plan.notes, "parameters": plan.card_parameters, "seconds": round(time.perf_counter() - start, 3)}
+            "notes": plan.notes, "parameters": plan.card_parameters, "seconds": round(time.perf_counter() - start, 3),
+            **({"nonfinite": checks.report} if checks.report else {})}
