@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import WeightsmithError
+
 
 def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 or os.environ.get("LOCAL_RANK") is not None
@@ -26,6 +28,11 @@ class Ranks:
     @classmethod
     def start(cls, device: str | torch.device = "auto") -> "Ranks":
         if not launched():
+            if os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true" and "MASTER_ADDR" in os.environ:
+                raise WeightsmithError(
+                    "accelerate launch --cpu --num_processes N started one process, not N (accelerate runs CPU ranks "
+                    "only under mpirun); start gloo ranks with `accelerate launch --multi_gpu --num_processes N -m "
+                    "weightsmith fold ... --device cpu` or `torchrun --nproc_per_node N -m weightsmith fold ... --device cpu`")
             return cls()
         from accelerate import PartialState
 
