@@ -102,7 +102,8 @@ def minilm_table(heal_steps: int, importances: list[str], sentences: int, seq: i
                     continue
                 out = Path(tmp) / f"m-{importance}-{share}-{steps}"
                 res = fold(path, out, data=data, remove=remove, share=share, importance=importance, heal_steps=steps,
-                           device="cpu", model=original, seed=0, gate_steps=gate_steps, seq=seq, heal_lr=2e-4)
+                           device="cpu", model=original, seed=0, gate_steps=gate_steps, seq=seq, heal_lr=1e-4,
+                           batch_size=16)
                 got = embed(weightsmith.load(out), tok, held, pooling)
                 cos = (got * ref).sum(-1)
                 rho = spearman((got @ got.T)[iu[0], iu[1]], ref_sim)
@@ -125,7 +126,7 @@ def main() -> None:
     ap.add_argument("--importances", default="loss,bi,angular,gates", help="MiniLM rows; the first one also folds 2 blocks")
     ap.add_argument("--sentences", type=int, default=300, help="held-out MiniLM sentences")
     ap.add_argument("--calib-sentences", type=int, default=805, help="MiniLM calibration sentences")
-    ap.add_argument("--seq", type=int, default=64, help="MiniLM calibration window")
+    ap.add_argument("--seq", type=int, default=32, help="MiniLM calibration window (heal batches are 16 of them)")
     ap.add_argument("--gate-steps", type=int, default=100)
     args = ap.parse_args()
     torch.set_num_threads(1)
