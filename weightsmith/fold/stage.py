@@ -75,12 +75,19 @@ def fold(model_path: str | Path, out: str | Path, *, data: str | Path, remove: f
     if folder_format(model_path) != "plain":
         raise WeightsmithError(f"{model_path}: already a {folder_format(model_path)} folder; fold a plain checkpoint")
     config = read_json(model_path / "config.json", "config.json")
-    check_output(out, [model_path], force)
     ranks = Ranks.start(device)
+    refused = None
+    if ranks.rank == 0:  # checks and locks the output for the run; the other ranks stop with its refusal
+        try:
+            check_output(out, [model_path], force)
+        except WeightsmithError as exc:
+            refused = str(exc)
+    refused = ranks.from_rank0(refused)
+    if refused:
+        raise WeightsmithError(refused)
     if heal_steps and batch_size % ranks.world:
         raise WeightsmithError(f"--batch-size {batch_size} must be a multiple of the {ranks.world} processes "
                                f"(each rank heals on an equal share of every batch)")
-    ranks.barrier()  # every rank has checked the output before rank 0 may create it
     clock = Clock()
     torch.manual_seed(seed)
     dev = ranks.device if ranks.world > 1 else resolve_device(device)
