@@ -1,10 +1,14 @@
 """Fold quality on the zoo base LM and on all-MiniLM-L6-v2.
 
-LM: perplexity on held-out text after removing --remove of the blocks chosen by FoldGPT gates, ShortGPT
-BI or angular distance, before and after the same heal budget, with and without sharing; unique params.
-MiniLM: analyze, then folds scored by the cosine of mean-pooled embeddings to the original's.
+LM: perplexity on held-out text after removing --remove of the blocks chosen by measured loss, FoldGPT
+gates, ShortGPT BI or angular distance, before and after the same heal budget, with and without sharing.
+MiniLM: calibration on the even-numbered Python language-reference topics (pydoc_data.topics), scored on
+sentences of the odd-numbered topics (weightsmith.fold.english): mean / min cosine of the sentence
+embeddings (the model's own sentence-transformers pooling) to the original's, Spearman correlation of all
+pairwise sentence similarities (STS-style), and the seconds each importance took.
 
-    .venv/bin/python bench/fold_quality.py [--heal-steps 200] [--size tiny] [--skip-minilm] [--lora-only]
+    .venv/bin/python bench/fold_quality.py [--heal-steps 200] [--size tiny] [--skip-minilm] [--skip-lm]
+        [--lora-rank 8 | --lora-only] [--minilm-heal-steps 300] [--importances loss,bi,angular,gates]
 """
 from __future__ import annotations
 
@@ -16,27 +20,8 @@ import torch
 
 import weightsmith
 from weightsmith.eval import count_params, load_tokenizer, load_texts, perplexity, tokenize
-from weightsmith.fold import analyze, fold
+from weightsmith.fold import fold
 from weightsmith.zoo import build, minilm_path
-
-SENTENCES = [
-    "The cat slept on the warm windowsill all afternoon.",
-    "A kitten dozed in the sun by the window.",
-    "Interest rates rose again as the central bank fought inflation.",
-    "The bank raised its lending rates to slow rising prices.",
-    "She trained for months before running her first marathon.",
-    "Running a marathon takes long preparation and discipline.",
-    "The recipe calls for two cups of flour and a pinch of salt.",
-    "Add flour and salt to the bowl and mix well.",
-    "Python lists can grow and shrink while a program runs.",
-    "A dynamic array resizes itself when elements are appended.",
-    "The museum opens at nine and closes at five on weekdays.",
-    "Heavy rain flooded the streets of the old town overnight.",
-    "The orchestra tuned their instruments before the concert.",
-    "He forgot his umbrella and got soaked on the way home.",
-    "Solar panels convert sunlight directly into electricity.",
-    "The train to the airport leaves every fifteen minutes.",
-]
 
 
 def lm_ppl(model, ids, context=128):
@@ -54,9 +39,9 @@ def lm_table(size: str, heal_steps: int, remove: float, lora_rank: int = 8, lora
     ref = lm_ppl(original, ids)
     rows = [("original", "-", "-", "-", ref, count_params(original))]
     with tempfile.TemporaryDirectory() as tmp:
-        runs = [] if lora_only else [(imp, share, 0, 0) for imp in ("gates", "bi", "angular") for share in ("1", "2")]
-        runs += [] if lora_only else [("gates", "2", rank, 0) for rank in (8, 16)]
-        runs += [("gates", share, 0, lora_rank) for share in ("1", "2")] if lora_rank else []
+        runs = [] if lora_only else [(imp, share, 0, 0) for imp in ("loss", "gates", "bi", "angular") for share in ("1", "2")]
+        runs += [] if lora_only else [("loss", "2", rank, 0) for rank in (8, 16)]
+        runs += [("loss", share, 0, lora_rank) for share in ("1", "2")] if lora_rank else []
         for importance, share, rank, lora in runs:
             for steps in ((heal_steps,) if lora else (0, heal_steps)):
                 out = Path(tmp) / f"{importance}-{share}-{rank}-{lora}-{steps}"
@@ -75,35 +60,56 @@ def lm_table(size: str, heal_steps: int, remove: float, lora_rank: int = 8, lora
         print(f"| {imp} | {rem} | {share} | {steps} | {ppl:.2f} | {ppl / ref:.3f} | {params:,} |")
 
 
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    ra, rb = a.argsort().argsort().double(), b.argsort().argsort().double()
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra * rb).sum() / (ra.norm() * rb.norm()))
+
+
 @torch.no_grad()
-def embed(model, tok, sentences):
-    enc = tok(sentences, padding=True, truncation=True, max_length=128, return_tensors="pt")
-    h = model(**enc).last_hidden_state
-    mask = enc["attention_mask"].unsqueeze(-1).float()
-    return torch.nn.functional.normalize((h * mask).sum(1) / mask.sum(1), dim=-1)
+def embed(model, tok, sentences, pooling, batch=64):
+    out = []
+    for s in range(0, len(sentences), batch):
+        enc = tok(sentences[s:s + batch], padding=True, truncation=True, max_length=128, return_tensors="pt")
+        out.append(pooling(model(**enc).last_hidden_state, enc["attention_mask"]))
+    return torch.nn.functional.normalize(torch.cat(out), dim=-1)
 
 
-def minilm_table(heal_steps: int, data: Path) -> None:
+def minilm_table(heal_steps: int, importances: list[str], sentences: int, seq: int, calib_sentences: int,
+                 gate_steps: int) -> None:
+    from weightsmith.fold.english import english_sentences, write_calibration
+    from weightsmith.fold.pooling import read_pooling
+
     path = minilm_path()
     tok = load_tokenizer(path)
+    pooling = read_pooling(path)
     original = weightsmith.load(path)
-    ref = embed(original, tok, SENTENCES)
+    held = english_sentences("heldout")[:sentences]
+    ref = embed(original, tok, held, pooling)
+    iu = torch.triu_indices(len(held), len(held), 1)
+    ref_sim = (ref @ ref.T)[iu[0], iu[1]]
     with tempfile.TemporaryDirectory() as tmp:
-        rep = analyze(path, data, Path(tmp) / "analysis", device="cpu", remove=1 / 3)
-        print(f"\nall-MiniLM-L6-v2 analyze: BI {rep['block_influence']}; ShortGPT drops {rep['shortgpt_drop']}, "
-              f"angular drops {rep['angular_drop']}")
-        print("| importance | removed | share | heal steps | mean cosine to original | min cosine | unique params |")
-        print("|---|---|---|---|---|---|---|")
-        print(f"| original | - | - | - | 1.0000 | 1.0000 | {count_params(original):,} |")
-        for importance, share in (("gates", "1"), ("bi", "1"), ("gates", "2")):
+        data = write_calibration(Path(tmp) / "calib.txt", calib_sentences)
+        print(f"\nall-MiniLM-L6-v2 ({pooling.source}); calibration: {calib_sentences} sentences of the even "
+              f"pydoc topics, seq {seq}; held out: {len(held)} sentences of the odd topics")
+        print("| importance | removed | share | heal steps | importance s | heal s | mean cosine | min cosine | "
+              "Spearman of pairwise sims |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        runs = [(imp, 1 / 6, "1") for imp in importances] + [(importances[0], 2 / 6, "2")]
+        for importance, remove, share in runs:
             for steps in (0, heal_steps):
+                if steps and importance not in (importances[0], "bi") and share == "1":
+                    continue
                 out = Path(tmp) / f"m-{importance}-{share}-{steps}"
-                res = fold(path, out, data=data, remove=1 / 3, share=share, importance=importance, heal_steps=steps,
-                           device="cpu", model=original, seed=0, gate_steps=100, max_tokens=8192)
-                m = weightsmith.load(out)
-                cos = (embed(m, tok, SENTENCES) * ref).sum(-1)
-                print(f"| {importance} | {res['removed']} | {share} | {steps} | {cos.mean():.4f} | {cos.min():.4f} | "
-                      f"{count_params(m):,} |", flush=True)
+                res = fold(path, out, data=data, remove=remove, share=share, importance=importance, heal_steps=steps,
+                           device="cpu", model=original, seed=0, gate_steps=gate_steps, seq=seq, heal_lr=1e-4,
+                           batch_size=16)
+                got = embed(weightsmith.load(out), tok, held, pooling)
+                cos = (got * ref).sum(-1)
+                rho = spearman((got @ got.T)[iu[0], iu[1]], ref_sim)
+                sec = res["seconds"]
+                print(f"| {importance} | {res['removed']} | {share} | {steps} | {sec['importance']:.1f} | "
+                      f"{sec.get('heal', 0):.0f} | {cos.mean():.4f} | {cos.min():.4f} | {rho:.4f} |", flush=True)
 
 
 def main() -> None:
@@ -116,12 +122,19 @@ def main() -> None:
     ap.add_argument("--lora-rank", type=int, default=8, help="also heal with LoRA adapters of this rank (0: skip)")
     ap.add_argument("--lora-lr", type=float, default=1e-3, help="learning rate of the LoRA heals")
     ap.add_argument("--lora-only", action="store_true", help="only the LoRA-healed rows (and the original)")
+    ap.add_argument("--minilm-heal-steps", type=int, default=300)
+    ap.add_argument("--importances", default="loss,bi,angular,gates", help="MiniLM rows; the first one also folds 2 blocks")
+    ap.add_argument("--sentences", type=int, default=300, help="held-out MiniLM sentences")
+    ap.add_argument("--calib-sentences", type=int, default=805, help="MiniLM calibration sentences")
+    ap.add_argument("--seq", type=int, default=32, help="MiniLM calibration window (heal batches are 16 of them)")
+    ap.add_argument("--gate-steps", type=int, default=100)
     args = ap.parse_args()
     torch.set_num_threads(1)
     if not args.skip_lm:
         lm_table(args.size, args.heal_steps, args.remove, args.lora_rank, args.lora_lr, args.lora_only)
     if not args.skip_minilm:
-        minilm_table(min(args.heal_steps, 50), build(args.size).data("prose", "calib"))
+        minilm_table(args.minilm_heal_steps, args.importances.split(","), args.sentences, args.seq,
+                     args.calib_sentences, args.gate_steps)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ def fold_cmd(
     remove: Annotated[float, typer.Option("--remove", help="Fraction of blocks to remove.")] = 0.25,
     share: Annotated[str, typer.Option("--share", help="Group size for weight sharing among kept blocks, or a comma list of sizes (1 = no sharing).")] = "1",
     share_init: Annotated[str, typer.Option("--share-init", help="Shared weights start from the group's average, first or middle block.")] = "average",
-    importance: Annotated[str, typer.Option("--importance", help="gates (FoldGPT learnable gates), bi (ShortGPT Block Influence) or angular (min angular-distance span).")] = "gates",
+    importance: Annotated[str, typer.Option("--importance", help="loss (calibration loss measured with blocks taken out), gates (FoldGPT hard-concrete gates), bi (ShortGPT Block Influence) or angular (min angular-distance span).")] = "loss",
     gate_steps: Annotated[int, typer.Option("--gate-steps", help="Training steps for the gates.")] = 200,
     relax_rank: Annotated[int, typer.Option("--relax-rank", help="Per-block low-rank residual (SVD of original - shared) of this rank; 0 = off.")] = 0,
     heal_steps: Annotated[int, typer.Option("--heal-steps", help="Heal fine-tune steps with tail-layer distillation; 0 = no heal.")] = 0,
@@ -39,9 +39,11 @@ def fold_cmd(
 ) -> None:
     """FoldGPT: remove the least important blocks, share weights within groups of adjacent kept blocks, heal.
 
-    Gate objective: LM loss + |sum g - K|/N + ramped mean g(1-g) with g in [0,1] on each block's
-    residual branches (base weights frozen). Heal: LM loss + logit KD + MSE on the last --heal-tail hidden states,
-    training the blocks' weights or, with --heal-lora, LoRA adapters merged back into them.
+    Importance "loss": the calibration loss (LM loss; for encoders 1 - cos of the pooled sentence embedding
+    to the original's) with each block, span or beam-searched set taken out. Heal: LM loss + logit KD + MSE on
+    the last --heal-tail hidden states (encoders: MSE + pooled-embedding cosine), training the blocks' weights
+    or, with --heal-lora, LoRA adapters merged back into them. Data-parallel under
+    `accelerate launch --num_processes N -m weightsmith fold ...` (rank 0 writes).
     """
     from ..fold.stage import fold
 
@@ -50,6 +52,8 @@ def fold_cmd(
                    relax_rank=relax_rank, heal_steps=heal_steps, heal_lr=heal_lr, heal_tail=heal_tail, heal_lora=heal_lora,
                    gate_steps=gate_steps, seq=seq, max_tokens=max_tokens, batch_size=batch_size, seed=seed,
                    device=device, max_shard_size=out_shard_size, force=force, progress=progress)
+    if res.get("rank", 0) != 0:  # under accelerate launch only rank 0 reports
+        return
     if json_out:
         print_json(res)
         return
@@ -58,4 +62,5 @@ def fold_cmd(
     console.print(f"parameters: {res['params_unique']:,} unique (original {res['params_original']:,})")
     if res.get("heal_steps"):
         console.print(f"heal: loss {res['heal_loss_first']:.4f} -> {res['heal_loss_last']:.4f} in {res['heal_steps']} steps")
+    console.print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in res["seconds"].items()))
     console.print(f"wrote {out}")

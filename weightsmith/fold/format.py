@@ -18,6 +18,7 @@ from ..checkpoint.layout import is_norm, num_layers
 from ..errors import WeightsmithError
 from ..progress import ProgressFn, track
 from .blocks import block_list
+from .pooling import copy_sentence_transformers_files
 
 
 class RelaxedLinear(torch.nn.Linear):
@@ -170,6 +171,7 @@ def export_plain(path: str | Path, out: str | Path, max_shard_size: str = "5GB",
         writer.close()
         write_config(tmp, plain_cfg)
         copy_side_files(path, tmp)
+        copy_sentence_transformers_files(path, tmp)
     return {"out": str(out), "tensors": len(plan), "layers": num_layers(config)}
 
 

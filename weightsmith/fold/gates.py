@@ -1,41 +1,69 @@
-"""FoldGPT block importance by learnable gates: block i computes x + g_i * F_i(x) on each residual
-branch (attention and MLP share the block's gate), base weights frozen, gates trained on calibration data.
+"""FoldGPT block importance by learnable gates whose training experiences removed configurations.
 
-Objective (the paper's exact penalty is not published; this is weightsmith's reading):
-  L = L_task + lambda_budget * |sum_i g_i - K| / N + lambda_polar(t) * mean_i g_i (1 - g_i)
-with g_i in [0, 1] (projected after each step), K = blocks to keep, and lambda_polar ramped from 0 over
-the first half so gates first find their order under the budget, then polarise to 0/1. Plain SGD with
-momentum keeps each gate's speed proportional to its gradient, so a block the loss does not need sinks
-fastest (Adam would move every gate at about the same speed). L_task is the LM loss for causal LMs
-and 1 - cos(last hidden state, ungated last hidden state) for encoders. The lowest gates go.
+Block i computes x + z_i (B_i(x) - x), B_i the whole block: z_i = 0 removes the block and z_i = 1 keeps it,
+for pre-norm (Llama) and post-norm (BERT) blocks alike. z_i is a hard-concrete gate (Louizos, Welling and
+Kingma 2018, L0 relaxation): z = clamp(sigmoid((log u - log(1 - u) + a_i) / beta) (r - l) + l, 0, 1) with
+u ~ U(0, 1), beta = 2/3, (l, r) = (-0.1, 1.1). Every step samples a configuration in which blocks are
+partly or fully off, so the task loss's gradient on a_i measures what taking block i out costs (a
+deterministic gate at 1 only sees a small rescaling, and an encoder's distance to its own output has zero
+gradient there). Base weights are frozen; only the log-odds a_i train (Adam):
+
+  L = L_task + lambda_budget * (sum_i P(z_i != 0) - K)^2,   P(z_i != 0) = sigmoid(a_i - beta log(-l / r))
+
+with K the blocks to keep. A block that costs nothing when removed gets no push back against the budget
+and sinks first. L_task: LM loss for causal LMs; 1 - cos of the pooled sentence embedding to the ungated
+model's for encoders. The blocks with the lowest a_i go.
 """
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 
 from ..progress import ProgressFn, report
-from .blocks import block_list, branch_modules, is_causal_lm, scale_output
+from .blocks import block_list, first_tensor, is_causal_lm
+from .pooling import Pooling
+
+BETA, LOW, HIGH = 2 / 3, -0.1, 1.1
 
 
-def gate_importance(model: torch.nn.Module, windows: torch.Tensor, keep: int, *, steps: int = 200, lr: float = 0.02,
-                    batch_size: int = 8, lambda_budget: float = 1.0, lambda_polar: float = 1.0,
-                    seed: int = 0, device: str | torch.device = "cpu",
+def sample_gates(log_alpha: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    u = torch.rand(log_alpha.shape, generator=gen).clamp(1e-6, 1 - 1e-6).to(log_alpha.device)
+    s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / BETA)
+    return (s * (HIGH - LOW) + LOW).clamp(0.0, 1.0)
+
+
+def keep_probability(log_alpha: torch.Tensor) -> torch.Tensor:
+    return torch.sigmoid(log_alpha - BETA * math.log(-LOW / HIGH))
+
+
+def gate_importance(model: torch.nn.Module, windows: torch.Tensor, keep: int, *, steps: int = 200, lr: float = 0.1,
+                    batch_size: int = 8, lambda_budget: float = 5.0, init: float = 3.0, seed: int = 0,
+                    device: str | torch.device = "cpu", pooling: Pooling | None = None,
                     progress: ProgressFn | None = None) -> list[float]:
-    """Trained gate value per block (1 = needed, 0 = removable)."""
+    """Trained gate log-odds a_i per block (high = needed, low = removable)."""
     blocks = block_list(model)
     n = len(blocks)
-    gates = torch.nn.Parameter(torch.ones(n, device=device))
+    log_alpha = torch.nn.Parameter(torch.full((n,), float(init), device=device))
     frozen = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
     causal = is_causal_lm(model)
-    gated = [True]  # off while computing the encoders' ungated target
+    pool = pooling or Pooling()
+    z: list[torch.Tensor | None] = [None]  # None while computing the encoders' ungated target
 
     def hook(i):
-        return lambda m, a, out: scale_output(out, gates[i]) if gated[0] else out
+        def gate(mod, args, kwargs, out):
+            if z[0] is None:
+                return out
+            x = args[0] if args else kwargs["hidden_states"]
+            h = x + z[0][i] * (first_tensor(out) - x)
+            return (h,) + tuple(out[1:]) if isinstance(out, tuple) else h
+        return gate
 
-    handles = [mod.register_forward_hook(hook(i)) for i, b in enumerate(blocks) for mod in branch_modules(model, b)]
-    opt = torch.optim.SGD([gates], lr=lr, momentum=0.9)
+    handles = [b.register_forward_hook(hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
+    opt = torch.optim.Adam([log_alpha], lr=lr)
     gen = torch.Generator().manual_seed(seed)
     was_training = model.training
     model.eval()
@@ -43,22 +71,19 @@ def gate_importance(model: torch.nn.Module, windows: torch.Tensor, keep: int, *,
         for step in range(steps):
             x = windows[torch.randint(0, windows.shape[0], (batch_size,), generator=gen)].to(device)
             if causal:
-                task = model(input_ids=x, labels=x).loss
+                z[0] = sample_gates(log_alpha, gen)
+                task = model(input_ids=x, labels=x, use_cache=False).loss
             else:
-                gated[0] = False
+                z[0] = None
                 with torch.no_grad():
-                    target = model(input_ids=x).last_hidden_state
-                gated[0] = True
-                out = model(input_ids=x).last_hidden_state
-                task = 1 - torch.nn.functional.cosine_similarity(out, target, dim=-1).mean()
-            g = gates
-            ramp = min(1.0, step / max(1, steps // 2))
-            loss = task + lambda_budget * (g.sum() - keep).abs() / n + lambda_polar * ramp * (g * (1 - g)).mean()
+                    target = pool(model(input_ids=x).last_hidden_state.float())
+                z[0] = sample_gates(log_alpha, gen)
+                out = pool(model(input_ids=x).last_hidden_state.float())
+                task = 1 - F.cosine_similarity(out, target, dim=-1).mean()
+            loss = task + lambda_budget * (keep_probability(log_alpha).sum() - keep) ** 2
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            with torch.no_grad():
-                gates.clamp_(0.0, 1.0)
             report(progress, "gates", step + 1, steps)
     finally:
         for h in handles:
@@ -66,7 +91,7 @@ def gate_importance(model: torch.nn.Module, windows: torch.Tensor, keep: int, *,
         for p, r in zip(model.parameters(), frozen):
             p.requires_grad_(r)
         model.train(was_training)
-    return gates.detach().cpu().tolist()
+    return log_alpha.detach().cpu().tolist()
 
 
 def lowest(scores: list[float], k: int) -> list[int]:

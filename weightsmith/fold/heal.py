@@ -3,7 +3,9 @@
 loss = lm_weight * LM loss + kd_weight * T^2 KL(teacher || student at temperature T)
        + mse_weight * mean over the last ``tail`` hidden states of MSE(student, teacher)
 Only the blocks train by default. The student's i-th hidden state from the end is matched to the teacher's i-th from the end.
-Encoders (no logits) use the hidden-state term alone. Runs through ``accelerate`` (one or many GPUs).
+Encoders (no logits) heal on what they are for: the hidden-state term plus pooled_weight * (1 - cos) of the
+sentence embedding (the folder's sentence-transformers pooling) to the original's. Runs through
+``accelerate``: under ``accelerate launch`` each rank trains on its own slice of every batch (data-parallel).
 
 With ``lora_rank`` the blocks stay frozen and peft LoRA adapters on their linear layers train instead.
 Layers that share one weight (a fold group) share one adapter too, so merging the adapters back into
@@ -14,8 +16,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..errors import WeightsmithError
 from ..progress import ProgressFn, report
 from .blocks import block_list, is_causal_lm
+from .pooling import Pooling
 
 
 def add_lora(model: torch.nn.Module, rank: int, alpha: float | None = None) -> list[torch.nn.Parameter]:
@@ -64,13 +68,23 @@ def merge_lora(model: torch.nn.Module) -> int:
 
 def heal(student: torch.nn.Module, teacher: torch.nn.Module, windows: torch.Tensor, *, steps: int = 200,
          lr: float = 3e-4, batch_size: int = 8, tail: int = 2, lm_weight: float = 1.0, kd_weight: float = 1.0,
-         mse_weight: float = 1.0, temperature: float = 2.0, blocks_only: bool = True, lora_rank: int = 0,
-         seed: int = 0, device: str | torch.device = "cpu", progress: ProgressFn | None = None) -> dict:
-    """Train ``student`` in place; returns the first and last losses."""
+         mse_weight: float = 1.0, pooled_weight: float = 1.0, temperature: float = 2.0, blocks_only: bool = True,
+         lora_rank: int = 0, seed: int = 0, device: str | torch.device = "cpu", pooling: Pooling | None = None,
+         progress: ProgressFn | None = None) -> dict:
+    """Train ``student`` in place; returns the first and last losses and what each rank did.
+
+    Every rank draws the same global batch of ``batch_size`` windows and trains on its own equal slice;
+    the gradients are averaged across ranks (DDP), so N processes take the steps one process would.
+    """
     from accelerate import Accelerator
+
+    from .ranks import Ranks, launched
 
     dev = torch.device(device)
     accelerator = Accelerator(cpu=dev.type == "cpu")
+    ranks = Ranks(rank=accelerator.process_index, world=accelerator.num_processes) if launched() else Ranks()
+    if batch_size % ranks.world:
+        raise WeightsmithError(f"--batch-size {batch_size} must be a multiple of the {ranks.world} processes")
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -88,26 +102,23 @@ def heal(student: torch.nn.Module, teacher: torch.nn.Module, windows: torch.Tens
     student, opt = accelerator.prepare(student, opt)
     teacher = teacher.to(accelerator.device)
     causal = is_causal_lm(teacher)
+    pool = pooling or Pooling()
     gen = torch.Generator().manual_seed(seed)
-    student.train()
-    losses = []
+    per_rank = batch_size // ranks.world
+    student.eval()  # dropout off: the student matches the teacher's deterministic outputs
+    losses, grad_norms, first_windows = [], [], []
     for step in range(steps):
         for g in opt.param_groups:
             g["lr"] = lr * min(1.0, (step + 1) / max(1, steps // 10))
-        x = windows[torch.randint(0, windows.shape[0], (batch_size,), generator=gen)].to(accelerator.device)
-        with torch.no_grad():
-            t_out = teacher(input_ids=x, output_hidden_states=True)
-        s_out = student(input_ids=x, output_hidden_states=True, labels=x if causal and lm_weight else None)
-        k = min(tail, len(s_out.hidden_states) - 1)
-        loss = mse_weight * sum(F.mse_loss(s_out.hidden_states[-1 - i], t_out.hidden_states[-1 - i]) for i in range(k)) / k
-        if causal:
-            t = temperature
-            kd = F.kl_div(F.log_softmax(s_out.logits / t, -1), F.log_softmax(t_out.logits / t, -1),
-                          log_target=True, reduction="batchmean") * t * t / x.shape[1]
-            loss = loss + kd_weight * kd + (lm_weight * s_out.loss if lm_weight else 0)
+        idx = torch.randint(0, windows.shape[0], (batch_size,), generator=gen)[ranks.rank * per_rank:(ranks.rank + 1) * per_rank]
+        if step == 0:
+            first_windows = idx.tolist()
+        x = windows[idx].to(accelerator.device)
+        loss = distill_loss(student, teacher, x, causal=causal, tail=tail, lm_weight=lm_weight, kd_weight=kd_weight,
+                            mse_weight=mse_weight, pooled_weight=pooled_weight, temperature=temperature, pooling=pool)
         opt.zero_grad(set_to_none=True)
         accelerator.backward(loss)
-        accelerator.clip_grad_norm_(params, 1.0)
+        grad_norms.append(float(accelerator.clip_grad_norm_(params, 1.0)))
         opt.step()
         losses.append(loss.item())
         report(progress, "heal", step + 1, steps)
@@ -116,5 +127,26 @@ def heal(student: torch.nn.Module, teacher: torch.nn.Module, windows: torch.Tens
         merge_lora(model)
     for p in model.parameters():
         p.requires_grad_(True)
+    trace = {"rank": ranks.rank, "first_windows": first_windows, "loss_first": losses[0] if losses else None,
+             "grad_norm_last": grad_norms[-1] if grad_norms else None}
     return {"heal_steps": steps, "heal_lora_rank": lora_rank, "heal_loss_first": losses[0] if losses else None,
-            "heal_loss_last": sum(losses[-10:]) / len(losses[-10:]) if losses else None}
+            "heal_loss_last": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
+            "heal_ranks": ranks.gather(trace)}
+
+
+def distill_loss(student: torch.nn.Module, teacher: torch.nn.Module, x: torch.Tensor, *, causal: bool, tail: int,
+                 lm_weight: float, kd_weight: float, mse_weight: float, pooled_weight: float, temperature: float,
+                 pooling: Pooling) -> torch.Tensor:
+    """The heal objective on one batch (see the module docstring)."""
+    with torch.no_grad():
+        t_out = teacher(input_ids=x, output_hidden_states=True)
+    s_out = student(input_ids=x, output_hidden_states=True, labels=x if causal and lm_weight else None)
+    k = min(tail, len(s_out.hidden_states) - 1)
+    loss = mse_weight * sum(F.mse_loss(s_out.hidden_states[-1 - i], t_out.hidden_states[-1 - i]) for i in range(k)) / k
+    if causal:
+        t = temperature
+        kd = F.kl_div(F.log_softmax(s_out.logits / t, -1), F.log_softmax(t_out.logits / t, -1),
+                      log_target=True, reduction="batchmean") * t * t / x.shape[1]
+        return loss + kd_weight * kd + (lm_weight * s_out.loss if lm_weight else 0)
+    s_emb, t_emb = pooling(s_out.last_hidden_state.float()), pooling(t_out.last_hidden_state.float())
+    return loss + pooled_weight * (1 - F.cosine_similarity(s_emb, t_emb, dim=-1)).mean()

@@ -231,7 +231,7 @@ def merge_stage(ctx: Context, *, method: str, base_model: Path | None = None, pa
 
 @stage("fold", paths=("data",))
 def fold_stage(ctx: Context, *, data: Path, remove: float = 0.25, share: str = "1", share_init: str = "average",
-               importance: str = "gates", relax_rank: int = 0, heal_steps: int = 0, heal_lr: float = 3e-4,
+               importance: str = "loss", relax_rank: int = 0, heal_steps: int = 0, heal_lr: float = 3e-4,
                heal_tail: int = 2, heal_lora: int = 0, gate_steps: int = 200, seq: int | None = None,
                max_tokens: int = 16384, batch_size: int = 8, out_shard_size: str = "5GB") -> dict:
     from ..fold.stage import fold

@@ -1,0 +1,120 @@
+"""Heal throughput: weightsmith's heal (accelerate, distillation from the original) against plain PyTorch
+loops on the same folded model, batch and sequence length:
+
+  plain distil: the same objective written as a bare loop (teacher forward, student forward, losses,
+                backward, clip, AdamW), so the ratio is what heal's machinery costs;
+  plain LM:     a bare LM fine-tune (student forward with labels, backward, AdamW), no teacher at all.
+
+    .venv/bin/python bench/heal_speed.py [--model zoo|minilm] [--steps 30] [--batch-size 8] [--seq 128]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+
+import weightsmith
+from weightsmith.checkpoint import read_json
+from weightsmith.eval import load_tokenizer
+from weightsmith.fold.blocks import block_list, is_causal_lm
+from weightsmith.fold.data import calibration_windows
+from weightsmith.fold.heal import heal
+from weightsmith.fold.plan import fold_model
+from weightsmith.fold.pooling import read_pooling
+from weightsmith.zoo import build, minilm_path
+
+
+def folded_pair(path, removed):
+    teacher = weightsmith.load(path)
+    cfg = read_json(path / "config.json", "config")
+    n = len(block_list(teacher))
+    return teacher, fold_model(teacher, cfg, removed, [1] * (n - len(removed)))
+
+
+def plain_loop(student, teacher, windows, steps, batch, distil, pooling):
+    causal = is_causal_lm(teacher)
+    for p in student.parameters():
+        p.requires_grad_(False)
+    params = list(block_list(student).parameters())
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(0)
+    student.eval()
+    t0 = None
+    for step in range(steps + 3):
+        if step == 3:
+            t0 = time.perf_counter()
+        x = windows[torch.randint(0, windows.shape[0], (batch,), generator=gen)]
+        if not distil:
+            out = student(input_ids=x, labels=x) if causal else student(input_ids=x)
+            loss = out.loss if causal else out.last_hidden_state.pow(2).mean()
+        else:
+            with torch.no_grad():
+                t = teacher(input_ids=x, output_hidden_states=True)
+            s = student(input_ids=x, output_hidden_states=True, labels=x if causal else None)
+            loss = sum(F.mse_loss(s.hidden_states[-1 - i], t.hidden_states[-1 - i]) for i in range(2)) / 2
+            if causal:
+                kd = F.kl_div(F.log_softmax(s.logits / 2, -1), F.log_softmax(t.logits / 2, -1), log_target=True,
+                              reduction="batchmean") * 4 / x.shape[1]
+                loss = loss + kd + s.loss
+            else:
+                loss = loss + (1 - F.cosine_similarity(pooling(s.last_hidden_state), pooling(t.last_hidden_state))).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+    return steps * batch * windows.shape[1] / (time.perf_counter() - t0)
+
+
+def heal_rate(student, teacher, windows, steps, batch, pooling):
+    heal(student, teacher, windows, steps=3, batch_size=batch, pooling=pooling)  # warm-up, as the loops get
+    t0 = time.perf_counter()
+    heal(student, teacher, windows, steps=steps, batch_size=batch, pooling=pooling)
+    return steps * batch * windows.shape[1] / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", choices=("zoo", "minilm"), default="zoo")
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--size", default="tiny")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    if args.model == "zoo":
+        zoo = build(args.size)
+        path, data, removed = zoo.model("base"), zoo.data("general", "calib"), [1]
+    else:
+        from tempfile import mkdtemp
+
+        from weightsmith.fold.english import write_calibration
+        path, removed = minilm_path(), [2]
+        data = write_calibration(mkdtemp() + "/calib.txt")
+    teacher, _ = folded_pair(path, removed)
+    pooling = None if is_causal_lm(teacher) else read_pooling(path)
+    windows = calibration_windows(load_tokenizer(path), data, seq=args.seq, max_tokens=64 * args.seq,
+                                  causal=is_causal_lm(teacher))
+    rates = {}
+    for name in ("heal", "plain distil", "plain LM", "heal"):  # heal twice: first and last, for drift
+        _, student = folded_pair(path, removed)
+        if name == "heal":
+            rates.setdefault(name, []).append(heal_rate(student, teacher, windows, args.steps, args.batch_size, pooling))
+        else:
+            rates[name] = [plain_loop(student, teacher, windows, args.steps, args.batch_size, name == "plain distil",
+                                      pooling or read_pooling(path))]
+    h = sum(rates["heal"]) / len(rates["heal"])
+    print(f"{args.model} ({path.name}) with block(s) {removed} removed, batch {args.batch_size} x seq {args.seq}, "
+          f"{args.steps} steps, 1 thread")
+    print("| loop | tokens/s | heal / loop |")
+    print("|---|---|---|")
+    print(f"| weightsmith heal | {h:,.0f} | 1.00 |")
+    for name in ("plain distil", "plain LM"):
+        print(f"| {name} | {rates[name][0]:,.0f} | {h / rates[name][0]:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""Sentence-transformers pooling: read from the folder, equal to sentence-transformers' own encode, carried
+into folded and exported folders so they still load there; bad pooling files are refused."""
+import json
+import shutil
+
+import pytest
+import torch
+
+import weightsmith
+from weightsmith.errors import WeightsmithError
+from weightsmith.eval import load_tokenizer
+from weightsmith.fold import fold
+from weightsmith.fold.format import export_plain
+from weightsmith.fold.pooling import Pooling, read_pooling
+from weightsmith.zoo import minilm_path
+
+SENTENCES = ["The cat slept on the warm windowsill.", "Interest rates rose again this spring as prices climbed.",
+             "Add flour and salt."]
+
+
+def embed(model, path, pooling):
+    tok = load_tokenizer(path)
+    enc = tok(SENTENCES, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        return pooling(model(**enc).last_hidden_state, enc["attention_mask"])
+
+
+def test_minilm_pooling_is_mean_then_normalize_and_matches_by_hand():
+    pooling = read_pooling(minilm_path())
+    assert pooling.modes == ["mean"] and pooling.normalize
+    h = torch.randn(2, 5, 4)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    by_hand = torch.stack([h[0, :3].mean(0), h[1].mean(0)])
+    assert torch.allclose(pooling(h, mask), by_hand / by_hand.norm(dim=-1, keepdim=True), atol=1e-6)
+    both = Pooling(modes=["cls", "max", "mean_sqrt_len"])(h, mask)
+    assert torch.allclose(both[0], torch.cat([h[0, 0], h[0, :3].amax(0), h[0, :3].sum(0) / 3 ** 0.5]), atol=1e-6)
+
+
+def test_folded_and_exported_minilm_load_in_sentence_transformers(tmp_path, zoo):
+    st = pytest.importorskip("sentence_transformers")
+    res = fold(minilm_path(), tmp_path / "f", data=zoo.data("prose", "calib"), remove=0.34, share="2",
+               importance="bi", heal_steps=2, seq=32, max_tokens=512, batch_size=4, device="cpu")
+    assert res["pooling"] == "1_Pooling/config.json + Normalize"
+    for name in ("modules.json", "1_Pooling/config.json", "sentence_bert_config.json"):
+        assert (tmp_path / "f" / name).is_file(), name
+    export_plain(tmp_path / "f", tmp_path / "p")
+    assert (tmp_path / "p" / "1_Pooling" / "config.json").is_file()
+    ours = embed(weightsmith.load(tmp_path / "f"), tmp_path / "f", read_pooling(tmp_path / "f"))
+    theirs = st.SentenceTransformer(str(tmp_path / "p"), device="cpu").encode(SENTENCES, convert_to_tensor=True)
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    original = st.SentenceTransformer(str(minilm_path()), device="cpu").encode(SENTENCES, convert_to_tensor=True)
+    assert torch.allclose(embed(weightsmith.load(minilm_path()), minilm_path(), read_pooling(minilm_path())),
+                          original, atol=1e-5)
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda d: (d / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_median": True})), "pooling_mode_median"),
+    (lambda d: (d / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": False})), "no pooling_mode"),
+    (lambda d: (d / "modules.json").write_text(json.dumps([{"path": "x", "type": "sentence_transformers.models.Foo"}])), "Foo"),
+    (lambda d: (d / "modules.json").write_text("{"), "not valid JSON"),
+    (lambda d: shutil.rmtree(d / "1_Pooling"), "missing"),
+])
+def test_bad_pooling_files_are_refused(tmp_path, edit, match):
+    src = minilm_path()
+    d = tmp_path / "m"
+    d.mkdir()
+    shutil.copy2(src / "modules.json", d / "modules.json")
+    shutil.copytree(src / "1_Pooling", d / "1_Pooling")
+    edit(d)
+    with pytest.raises(WeightsmithError, match=match):
+        read_pooling(d)

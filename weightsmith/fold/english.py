@@ -1,0 +1,55 @@
+"""Real English prose that ships with Python (the language reference topics in ``pydoc_data.topics``),
+split by topic into a calibration part and a held-out part, for measuring folds of sentence encoders
+on text the calibration never saw.
+
+Sentences are the prose of each topic (code lines and reStructuredText markup left out), 8 to 40 words.
+Topics are sorted by name; even positions are calibration, odd positions are held out.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+SPLITS = ("calib", "heldout")
+
+
+def _sentences(text: str) -> list[str]:
+    out = []
+    for para in re.split(r"\n\s*\n", text):
+        lines = [ln.strip() for ln in para.splitlines()]
+        if not lines or any(ln.startswith((">>>", "...")) for ln in lines) or para.startswith((" " * 3, "\t")):
+            continue
+        flat = " ".join(lines)
+        if set(flat) <= set("*=-~^ "):
+            continue
+        for s in re.split(r"(?<=[.!?])\s+(?=[A-Z])", flat):
+            s = s.replace('"', "").replace("*", "").strip()
+            words = s.split()
+            letters = sum(c.isalpha() for c in s)
+            if 8 <= len(words) <= 40 and letters > 0.7 * len(s.replace(" ", "")) and s.endswith("."):
+                out.append(s)
+    return out
+
+
+def english_sentences(split: str) -> list[str]:
+    """Unique sentences of one split, in topic order; no held-out sentence is also a calibration one."""
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r} is not one of {SPLITS}")
+    from pydoc_data.topics import topics
+
+    names = sorted(topics)[SPLITS.index(split)::2]
+    seen, out = set(english_sentences("calib")) if split == "heldout" else set(), []
+    for name in names:
+        for s in _sentences(topics[name]):
+            if s not in seen:
+                seen.add(s)
+                out.append(s)
+    return out
+
+
+def write_calibration(path: str | Path, max_sentences: int | None = None) -> Path:
+    """The calibration sentences, one per line, in a text file at ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(english_sentences("calib")[:max_sentences]) + "\n")
+    return path
