@@ -1,0 +1,170 @@
+"""Reference implementations: each method's arithmetic done the way mergekit 0.1.5 does it, in the
+tensors' own dtype, written plainly (whole tensors, no kernels, no fusion).
+
+They serve twice: the engine runs them under ``compat: mergekit`` when the recipe's ``dtype`` is a
+half precision (mergekit computes in that dtype, so rounding changes which deltas survive a trim
+and the sign election), and the tests check every fast path in ``methods`` against them.
+
+What mergekit does, per family (read from its 0.1.5 sources, reimplemented here):
+
+- task vectors: δᵢ = θᵢ − θ_base in the dtype; each δᵢ sparsified; stacked and multiplied by the
+  weights (a tensor of that dtype); TIES sign election on Σ wᵢδᵢ (≥ 0 elects +), the kept
+  weights' sum as divisor (0 → 1), else Σ wᵢ (|Σ| < 1e-8 → 1); ``/ divisor`` when normalizing,
+  ``× λ`` when λ ≠ 1; ``base + mixed``.
+- magnitude trim: the top ``max(1, int(density·n))`` of |δ| (sorted in float32 on CPU, ties in
+  the order ``argsort`` leaves them); breadcrumbs: after the ``int(γ·n)`` largest, ``int(density·n)``
+  entries of an ascending sort. Rescale ``l1``: × (Σ|δ| / Σ|kept|) unless either is < 1e-7.
+- DARE: a Bernoulli(density) mask drawn in the dtype (float32 for float16 on CPU), then the
+  same rescale. Random: equal to mergekit in distribution, not draw for draw.
+- linear and SLERP work in float32 and round the result to the dtype once; Model Stock works in
+  the dtype throughout.
+"""
+from __future__ import annotations
+
+import torch
+
+CHUNK = 1024 * 1024  # mergekit's SLERP reduces norms and dots over chunks of this many elements
+
+
+def _rescaled(delta: torch.Tensor, mask: torch.Tensor, rescale: str | None, eps: float = 1e-7) -> torch.Tensor:
+    kept = delta * mask
+    if rescale != "l1":
+        return kept
+    before, after = delta.abs().sum(), kept.abs().sum()
+    if before < eps or after < eps:
+        return kept
+    return kept * (before / after)
+
+
+def _sort_key(delta: torch.Tensor) -> torch.Tensor:
+    w = delta.abs().reshape(-1)
+    return w.float() if w.device.type == "cpu" else w
+
+
+def magnitude(delta: torch.Tensor, density: float, rescale: str | None = None) -> torch.Tensor:
+    if density >= 1:
+        return delta
+    n = delta.numel()
+    if density <= 0 or n == 0:
+        return torch.zeros_like(delta)
+    mask = torch.zeros(n, dtype=delta.dtype, device=delta.device)
+    mask[torch.argsort(_sort_key(delta), descending=True)[:max(1, int(density * n))]] = 1
+    return _rescaled(delta, mask.reshape_as(delta), rescale)
+
+
+def outliers(delta: torch.Tensor, density: float, gamma: float, rescale: str | None = None) -> torch.Tensor:
+    if density >= 1:
+        return delta
+    n = delta.numel()
+    keep, top = int(density * n), int(gamma * n)
+    low = max(0, n - keep - top)
+    mask = torch.zeros(n, dtype=delta.dtype, device=delta.device)
+    mask[torch.sort(_sort_key(delta), descending=False).indices[low:low + keep]] = 1
+    return _rescaled(delta, mask.reshape_as(delta), rescale)
+
+
+def bernoulli(delta: torch.Tensor, density: float, rescale: str | None, generator: torch.Generator | None):
+    if density >= 1:
+        return delta
+    work = delta.dtype if (delta.device.type != "cpu" or delta.dtype == torch.bfloat16) else torch.float32
+    mask = torch.bernoulli(torch.full_like(delta, density, dtype=work), generator=generator)
+    return _rescaled(delta.to(work), mask, rescale).to(delta.dtype)
+
+
+def task_merge(tensors, base, weight, sparsify, consensus: bool, normalize: bool, lambda_: float) -> torch.Tensor:
+    deltas = base.new_empty((len(tensors), *base.shape))
+    for i, x in enumerate(tensors):
+        d = x - base
+        deltas[i] = sparsify(d, i) if sparsify else d
+    w = torch.tensor(weight, dtype=deltas.dtype, device=deltas.device).reshape(-1, *([1] * base.dim()))
+    deltas.mul_(w)
+    if consensus:
+        sign = deltas.sign()
+        majority = (deltas.sum(dim=0) >= 0).to(base.dtype) * 2 - 1
+        mask = sign == majority
+        mixed = (deltas * mask).sum(dim=0)
+        divisor = (w * mask).sum(dim=0)
+        divisor[divisor == 0] = 1
+    else:
+        mixed = deltas.sum(dim=0)
+        divisor = w.sum(dim=0)
+        divisor[divisor.abs() < 1e-8] = 1
+    if normalize:
+        mixed /= divisor
+    if lambda_ != 1:
+        mixed *= lambda_
+    return (base + mixed).to(base.dtype)
+
+
+def _rescale(rescale) -> str | None:
+    return "l1" if rescale in ("l1", True) else None
+
+
+def task_arithmetic(tensors, base, weight, normalize=False, lambda_=1.0, **_):
+    return task_merge(tensors, base, weight, None, False, normalize, lambda_)
+
+
+def ties(tensors, base, weight, density, normalize=True, lambda_=1.0, rescale=None, **_):
+    return task_merge(tensors, base, weight, lambda d, i: magnitude(d, density[i], _rescale(rescale)),
+                      True, normalize, lambda_)
+
+
+def _breadcrumbs(consensus: bool):
+    def breadcrumbs(tensors, base, weight, density, gamma, normalize=False, lambda_=1.0, rescale=None, **_):
+        return task_merge(tensors, base, weight, lambda d, i: outliers(d, density[i], gamma[i], _rescale(rescale)),
+                          consensus, normalize, lambda_)
+    return breadcrumbs
+
+
+breadcrumbs = _breadcrumbs(False)
+breadcrumbs_ties = _breadcrumbs(True)
+
+
+def _dare(consensus: bool):
+    def dare(tensors, base, weight, density, normalize=False, lambda_=1.0, rescale="l1", generators=None, **_):
+        gens = generators or [None] * len(tensors)
+        return task_merge(tensors, base, weight, lambda d, i: bernoulli(d, density[i], _rescale(rescale), gens[i]),
+                          consensus, normalize, lambda_)
+    return dare
+
+
+dare_linear = _dare(False)
+dare_ties = _dare(True)
+
+
+def linear(tensors, weight, normalize=True, **_):
+    first = tensors[0]
+    work = torch.float64 if first.dtype == torch.float64 else torch.float32
+    w = torch.tensor(weight, dtype=work, device=first.device)
+    out = torch.zeros_like(first, dtype=work)
+    for x, c in zip(tensors, w.unbind(0)):
+        out.addcmul_(x, c)
+    if normalize:
+        out.div_(w.sum())
+    return out.to(first.dtype)
+
+
+def slerp(tensors, base, t, dot_threshold=0.9995, eps=1e-8, **_):
+    work = torch.float64 if base.dtype == torch.float64 else torch.float32
+    a, b = base.reshape(1, -1), tensors[0].reshape(1, -1)
+    tt = torch.tensor([[t]], dtype=work)
+    if not a.shape[1]:
+        return ((1 - tt) * a + tt * b).reshape(base.shape).to(base.dtype)
+    spans = [(s, s + CHUNK) for s in range(0, a.shape[1], CHUNK)]
+    na = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(a[:, s:e].to(work), dim=1, keepdim=True)
+                                               for s, e in spans]), dim=0)
+    nb = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(b[:, s:e].to(work), dim=1, keepdim=True)
+                                               for s, e in spans]), dim=0)
+    na = torch.where(na > eps, na, 1)
+    nb = torch.where(nb > eps, nb, 1)
+    dot = torch.stack([((a[:, s:e].to(work) / na) * (b[:, s:e].to(work) / nb)).sum(dim=1, keepdim=True)
+                       for s, e in spans]).sum(dim=0).clamp(-1, 1)
+    lin = dot.abs() > dot_threshold
+    theta = torch.acos(torch.where(lin, 0, dot))
+    sin = torch.sin(theta)
+    ca = torch.where(lin, 1 - tt, torch.sin((1 - tt) * theta) / sin)
+    cb = torch.where(lin, tt, torch.sin(tt * theta) / sin)
+    out = torch.empty_like(a)
+    for s, e in spans:
+        out[:, s:e] = ca * a[:, s:e].to(work) + cb * b[:, s:e].to(work)
+    return out.reshape(base.shape)
