@@ -242,7 +242,8 @@ def run_job(plan: MergePlan, job: TensorJob, tensors: list[torch.Tensor], base: 
     method = plan.method
     if method.random:
         kwargs["generators"] = [_generator(seed, job.name, i) for i in range(len(tensors))]
-    fn = method.reference if (job.compute != torch.float32 and method.reference is not None) else method.fn
+    mergekit = plan.compat == "mergekit" and (job.compute != torch.float32 or not method.compat_fast)
+    fn = method.reference if (mergekit and method.reference is not None) else method.fn
     if method.base == "required" or (method.base == "optional" and base is not None):
         return fn(tensors, base, **kwargs)
     return fn(tensors, **kwargs)

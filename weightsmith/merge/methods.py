@@ -36,7 +36,8 @@ def normalize_param(default: bool) -> Param:
     return Param("normalize", bool, default, help="divide by the summed weights")
 
 
-TASK_VECTOR = dict(base="required", inplace=True)
+# the task-vector fast paths reproduce mergekit's float32 arithmetic bit for bit (tests/merge)
+TASK_VECTOR = dict(base="required", inplace=True, compat_fast=True)
 
 
 @merge_method("linear", title="Linear / uniform soup", url="https://arxiv.org/abs/2203.05482",
@@ -180,7 +181,7 @@ def _dare(consensus: bool):
 
 
 def _dare_params(consensus: bool) -> tuple[Param, ...]:
-    return (WEIGHT, DENSITY, normalize_param(consensus), LAMBDA,
+    return (WEIGHT, DENSITY, normalize_param(False), LAMBDA,
             Param("rescale", str, "paper", choices=("paper", "l1", "none"), mergekit="l1",
                   help="survivor rescale: 'paper' 1/density, 'l1' L1-norm matching as mergekit"), TASK_COMPAT, INT8_MASK)
 
@@ -206,7 +207,7 @@ def _breadcrumbs(consensus: bool):
 
 def _breadcrumbs_params(consensus: bool) -> tuple[Param, ...]:
     return (WEIGHT, DENSITY, Param("gamma", float, 0.01, "model", 0.0, 1.0, help="fraction of top |delta| outliers removed"),
-            normalize_param(consensus), LAMBDA,
+            normalize_param(False), LAMBDA,
             Param("mask", str, "row", choices=("row", "tensor"), mergekit="tensor",
                   help="fractions per row (paper) or per tensor (mergekit)"),
             Param("rescale", str, "none", choices=("none", "l1"), help="rescale kept deltas to their L1 norm"),

@@ -28,8 +28,9 @@ Hooks, all optional:
 - ``rewrite(recipe, params, where) -> (Recipe, card)``: turn the recipe into another method's
   recipe before planning (MWA computes weights, then merges linearly);
 - ``reference``: a short torch implementation that performs mergekit 0.1.5's arithmetic in the
-  tensors' own dtype. The engine uses it under ``compat: mergekit`` with a half-precision ``dtype``;
-  the tests check every fast path against it;
+  tensors' own dtype. The engine uses it under ``compat: mergekit`` (in float32 too, unless
+  ``compat_fast`` says the fast path is bit-equal to mergekit there); the tests check every fast
+  path against it;
 - ``whole_model``: a function ``(recipe, out, **options) -> report`` (or "module:function") for
   methods that need whole models or data (greedy soup, PLeaS); its Params are checked first.
 
@@ -151,6 +152,7 @@ class Method:
     rewrite: Callable | None = None
     reference: Callable | None = None
     whole_model: Callable | str | None = None
+    compat_fast: bool = False  # fn reproduces mergekit's float32 arithmetic, so compat: mergekit uses it in float32
     mergekit_ignores: tuple[str, ...] = ()  # per-model keys mergekit accepts and ignores (noted under compat)
     notes: str = ""
     module: str = ""
