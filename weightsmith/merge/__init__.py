@@ -5,8 +5,8 @@ holds one declaration per method: a pure tensor function (``weightsmith.merge.me
 whole-model function (greedy soup, PLeaS), its parameters and hooks.
 """
 from .engine import merge, plan_merge
-from .registry import REGISTRY, Method, Param, get_method, merge_method, methods
+from .registry import REGISTRY, Method, Param, all_methods, get_method, merge_method
 from .recipe import ModelEntry, Recipe, load_recipe, parse_recipe
 
 __all__ = ["REGISTRY", "Method", "ModelEntry", "Param", "Recipe", "get_method", "load_recipe", "merge", "merge_method",
-           "methods", "parse_recipe", "plan_merge"]
+           "all_methods", "parse_recipe", "plan_merge"]

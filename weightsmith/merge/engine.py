@@ -259,18 +259,54 @@ def _read(ckpt: Checkpoint, job: TensorJob, device: torch.device) -> torch.Tenso
     return ckpt.read(job.name, job.rows, job.compute if job.float_math else None, device)
 
 
+SHARD_PARAMS = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "T": 10**12}
+SHARD_BYTES = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30,
+               "TIB": 2**40}
+MIN_SHARD_BYTES = 1000
+
+
+def shard_bytes(size: str | int, bytes_per_param: int) -> int:
+    """The output shard limit in bytes. An int is bytes (the library's form); text is mergekit's parameter
+    count (``5B`` = 5 billion, ``500M``, ``50K``, a bare number) or bytes with a byte unit (``2GB``,
+    ``300MiB``). Sizes under 1 KB are refused: they would write one file per tensor by accident."""
+    import re as _re
+
+    if isinstance(size, int) and not isinstance(size, bool):
+        n = size
+    else:
+        m = _re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(size))
+        unit = m.group(2).upper() if m else None
+        if unit in SHARD_PARAMS:
+            n = int(float(m.group(1)) * SHARD_PARAMS[unit]) * bytes_per_param
+        elif unit in SHARD_BYTES:
+            n = int(float(m.group(1)) * SHARD_BYTES[unit])
+        else:
+            raise WeightsmithError(f"--out-shard-size {size!r} not understood; write parameters as mergekit (5B, 500M, "
+                                   "50K) or bytes (2GB, 500MB, 1GiB)")
+    if n < MIN_SHARD_BYTES:
+        raise WeightsmithError(f"--out-shard-size {size!r} is {n} bytes; shards under 1KB are refused (did you mean "
+                               "a parameter count such as 1B = 1 billion?)")
+    return n
+
+
 def merge(recipe: Recipe, out: str | Path, *, device: str = "auto", dtype: str | None = None,
-          out_shard_size: str | int = "5GB", seed: int = 0, allow_crimes: bool = False, force: bool = False,
-          progress: ProgressFn | None = None, metrics: list[dict] | None = None, **extra) -> dict:
-    """Run ``recipe`` into the folder ``out``; returns a report dict (inputs, method, tensors, notes, seconds)."""
+          out_shard_size: str | int = "5B", seed: int = 0, allow_crimes: bool = False, force: bool = False,
+          progress: ProgressFn | None = None, metrics: list[dict] | None = None, copy_tokenizer: bool = True,
+          model_card: bool = True, **extra) -> dict:
+    """Run ``recipe`` into the folder ``out``; returns a report dict (inputs, method, tensors, notes, seconds).
+
+    ``out_shard_size``: see ``shard_bytes`` (text in parameters, as mergekit, or bytes with a unit)."""
     method = get_method(recipe.method)
     if method.whole_model:
         check_param_names(method, recipe, "recipe", None)
         for p in method.params:
             if recipe.parameters.get(p.name) is not None:
                 p.check(recipe.parameters[p.name], "recipe")
-        return method.whole_model_fn()(recipe, out, device=device, dtype=dtype, out_shard_size=out_shard_size, seed=seed,
-                      allow_crimes=allow_crimes, force=force, progress=progress, **extra)
+        if not copy_tokenizer or not model_card:
+            raise WeightsmithError(f"method {method.name!r} always writes its tokenizer and model card")
+        return method.whole_model_fn()(recipe, out, device=device, dtype=dtype,
+                                       out_shard_size=shard_bytes(out_shard_size, 4), seed=seed,
+                                       allow_crimes=allow_crimes, force=force, progress=progress, **extra)
     if extra:
         raise WeightsmithError(f"method {method.name!r} does not take {', '.join(sorted(extra))}")
     plan = plan_merge(recipe, dtype=dtype, allow_crimes=allow_crimes)
@@ -286,7 +322,8 @@ def merge(recipe: Recipe, out: str | Path, *, device: str = "auto", dtype: str |
                 yield [_read(c, job, dev) for c in sources]
         plan.method.prepass([j for j in plan.jobs if j.float_math], stream, progress)
     with output_folder(out, recipe.inputs, force) as tmp:
-        shard = "1000TB" if plan.adapter else out_shard_size
+        widest = max((j.dtype.itemsize for j in plan.jobs), default=4)
+        shard = "1000TB" if plan.adapter else shard_bytes(out_shard_size, widest)
         writer = ShardedWriter(tmp, [(j.name, j.dtype, j.shape) for j in plan.jobs], shard)
         label = f"merge {recipe.method}"
         report(progress, label, 0, len(plan.jobs))
@@ -339,11 +376,13 @@ def merge(recipe: Recipe, out: str | Path, *, device: str = "auto", dtype: str |
                 key = "dtype" if "dtype" in config or "torch_dtype" not in config else "torch_dtype"
                 config[key] = str(out_dt).removeprefix("torch.")
             write_config(tmp, config)
-        copy_side_files(tokenizer_src, tmp)
+        if copy_tokenizer:
+            copy_side_files(tokenizer_src, tmp)
         notes = "\n".join(f"- {n}" for n in plan.notes) or None
-        write_model_card(tmp, stage="merge", method=recipe.method, inputs=recipe.inputs,
-                         parameters={**plan.card_parameters, "seed": seed, "dtype": str(dtype or recipe.out_dtype or recipe.dtype or "as input"),
-                                     "arithmetic": str(plan.jobs[0].compute if plan.jobs else torch.float32).removeprefix("torch.")},
-                         recipe=recipe.text or recipe.to_yaml(), notes=notes, metrics=metrics)
+        if model_card:
+            write_model_card(tmp, stage="merge", method=recipe.method, inputs=recipe.inputs,
+                             parameters={**plan.card_parameters, "seed": seed, "dtype": str(dtype or recipe.out_dtype or recipe.dtype or "as input"),
+                                         "arithmetic": str(plan.jobs[0].compute if plan.jobs else torch.float32).removeprefix("torch.")},
+                             recipe=recipe.text or recipe.to_yaml(), notes=notes, metrics=metrics)
     return {"out": str(out), "method": recipe.method, "inputs": recipe.inputs, "tensors": len(plan.jobs),
             "notes": plan.notes, "parameters": plan.card_parameters, "seconds": round(time.perf_counter() - start, 3)}

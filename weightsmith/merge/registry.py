@@ -226,14 +226,14 @@ def _load() -> None:
         importlib.import_module(module)
 
 
-def methods() -> dict[str, Method]:
+def all_methods() -> dict[str, Method]:
     """Every registered method by name (imports the method modules on first use)."""
     _load()
     return REGISTRY
 
 
 def get_method(name: str) -> Method:
-    table = methods()
+    table = all_methods()
     try:
         return table[name]
     except KeyError:
