@@ -13,7 +13,8 @@ What mergekit does, per family (read from its 0.1.5 sources, reimplemented here)
   ``× λ`` when λ ≠ 1; ``base + mixed``.
 - magnitude trim: the top ``max(1, int(density·n))`` of |δ| (sorted in float32 on CPU, ties in
   the order ``argsort`` leaves them); breadcrumbs: after the ``int(γ·n)`` largest, ``int(density·n)``
-  entries of an ascending sort. Rescale ``l1``: × (Σ|δ| / Σ|kept|) unless either is < 1e-7.
+  entries of an ascending sort. Both pick their band with ``sparsify._sorted_band``, which gives
+  exactly the sort's choice among ties without sorting (tested against ``torch.sort``). Rescale ``l1``: × (Σ|δ| / Σ|kept|) unless either is < 1e-7.
 - DARE: a Bernoulli(density) mask drawn in the dtype (float32 for float16 on CPU), then the
   same rescale. Random: equal to mergekit in distribution, not draw for draw.
 - linear and SLERP work in float32 and round the result to the dtype once; Model Stock works in
@@ -22,6 +23,8 @@ What mergekit does, per family (read from its 0.1.5 sources, reimplemented here)
 from __future__ import annotations
 
 import torch
+
+from .sparsify import _sorted_band
 
 CHUNK = 1024 * 1024  # mergekit's SLERP reduces norms and dots over chunks of this many elements
 
@@ -47,8 +50,7 @@ def magnitude(delta: torch.Tensor, density: float, rescale: str | None = None) -
     n = delta.numel()
     if density <= 0 or n == 0:
         return torch.zeros_like(delta)
-    mask = torch.zeros(n, dtype=delta.dtype, device=delta.device)
-    mask[torch.argsort(_sort_key(delta), descending=True)[:max(1, int(density * n))]] = 1
+    mask = _sorted_band(_sort_key(delta), 0, max(1, int(density * n)), descending=True).to(delta.dtype)
     return _rescaled(delta, mask.reshape_as(delta), rescale)
 
 
@@ -58,8 +60,7 @@ def outliers(delta: torch.Tensor, density: float, gamma: float, rescale: str | N
     n = delta.numel()
     keep, top = int(density * n), int(gamma * n)
     low = max(0, n - keep - top)
-    mask = torch.zeros(n, dtype=delta.dtype, device=delta.device)
-    mask[torch.sort(_sort_key(delta), descending=False).indices[low:low + keep]] = 1
+    mask = _sorted_band(_sort_key(delta), low, keep, descending=False).to(delta.dtype)
     return _rescaled(delta, mask.reshape_as(delta), rescale)
 
 

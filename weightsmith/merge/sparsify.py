@@ -440,10 +440,57 @@ def _sorted_band(mag: torch.Tensor, start: int, count: int, descending: bool) ->
     """Exactly ``count`` entries from rank ``start`` on, ties ordered as torch's sort orders them.
 
     Only reached when equal magnitudes straddle a threshold: there the choice is arbitrary, and
-    following torch's sort keeps the result identical to mergekit's.
+    following torch's sort keeps the result identical to mergekit's. The order of the tied entries is
+    replayed by ``kernels.sort_ties`` (a few passes, not a sort) where the native kernels are built
+    and agree with this torch's sort; otherwise the tensor is sorted.
     """
-    flat = mag.reshape(-1)
-    order = torch.sort(flat.float(), descending=descending).indices[start:start + count]
-    mask = torch.zeros(flat.numel(), dtype=torch.bool, device=mag.device)
-    mask[order] = True
+    flat = mag.reshape(-1).float()
+    n = flat.numel()
+    mask = torch.zeros(n, dtype=torch.bool, device=mag.device)
+    count = max(0, min(count, n - start))
+    if count == 0:
+        return mask.reshape(mag.shape)
+    kernels = mixing.native_kernels()
+    if flat.device.type != "cpu" or kernels is None or not _replay_agrees(kernels):
+        order = torch.sort(flat, descending=descending).indices[start:start + count]
+        mask[order] = True
+        return mask.reshape(mag.shape)
+    keys = flat.numpy()
+    first, last = (n - 1 - start, n - start - count) if descending else (start, start + count - 1)
+    picked = np.partition(keys, sorted({first, last}))
+    a, b = picked[first], picked[last]  # the keys at the band's first and last rank
+    ties = kernels.sort_ties(keys, descending, [a] if a == b else [a, b])
+    if ties is None:  # the sort's heapsort fallback: only a real sort tells
+        order = torch.sort(flat, descending=descending).indices[start:start + count]
+        mask[order] = True
+        return mask.reshape(mag.shape)
+    ahead = (lambda v: keys > v) if descending else (lambda v: keys < v)
+    inside = ahead(b) & ~ahead(a) & (keys != a) if a != b else np.zeros(n, dtype=bool)
+    m = mask.numpy()
+    m |= inside
+    before_a = int(np.count_nonzero(ahead(a)))
+    if a == b:
+        m[ties[0][start - before_a:start + count - before_a]] = True
+    else:
+        m[ties[0][start - before_a:]] = True
+        m[ties[1][:start + count - int(np.count_nonzero(ahead(b)))]] = True
     return mask.reshape(mag.shape)
+
+
+_REPLAY: dict[str, bool] = {}
+
+
+def _replay_agrees(kernels) -> bool:
+    """Whether ``kernels.sort_ties`` reproduces this torch's sort order of ties (checked once on a small
+    tensor full of ties, both directions); if not, ``_sorted_band`` sorts."""
+    if "ok" not in _REPLAY:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randint(0, 40, (20_000,), generator=g).float()
+        ok = True
+        for desc in (True, False):
+            order = torch.sort(x, descending=desc).indices
+            got = kernels.sort_ties(x.numpy(), desc, [7.0, 23.0])
+            ok = ok and got is not None and all(np.array_equal(order[x[order] == v].numpy(), t)
+                                                for v, t in zip((7.0, 23.0), got))
+        _REPLAY["ok"] = ok
+    return _REPLAY["ok"]
