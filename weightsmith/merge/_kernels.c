@@ -391,17 +391,17 @@ EXPORT int ws_ties_fixup(int64_t k, const float *const *xs, const float *base, f
 
 static inline int before(float a, float b, int desc) { return desc ? a > b : a < b; }
 
-static inline void swap_pair(float *v, int64_t *ix, int64_t a, int64_t b)
+static inline void swap_pair(float *v, int32_t *ix, int64_t a, int64_t b)
 {
     const float tv = v[a];
     v[a] = v[b];
     v[b] = tv;
-    const int64_t ti = ix[a];
+    const int32_t ti = ix[a];
     ix[a] = ix[b];
     ix[b] = ti;
 }
 
-static void median_to_first(float *v, int64_t *ix, int64_t result, int64_t a, int64_t b, int64_t c, int desc)
+static void median_to_first(float *v, int32_t *ix, int64_t result, int64_t a, int64_t b, int64_t c, int desc)
 {
     if (before(v[a], v[b], desc)) {
         if (before(v[b], v[c], desc))
@@ -418,7 +418,7 @@ static void median_to_first(float *v, int64_t *ix, int64_t result, int64_t a, in
         swap_pair(v, ix, result, b);
 }
 
-static int64_t unguarded_partition(float *v, int64_t *ix, int64_t first, int64_t last, int64_t pivot, int desc)
+static int64_t unguarded_partition(float *v, int32_t *ix, int64_t first, int64_t last, int64_t pivot, int desc)
 {
     const float p = v[pivot];
     for (;;) {
@@ -444,7 +444,7 @@ static int holds(const float *v, int64_t first, int64_t last, float t1, float t2
 
 /* Returns 0, or 1 where std::sort would fall back to heapsort on a subrange holding tied keys (the caller
  * then sorts for real). */
-static int introsort_ties(float *v, int64_t *ix, int64_t first, int64_t last, int depth, int desc, float t1, float t2)
+static int introsort_ties(float *v, int32_t *ix, int64_t first, int64_t last, int depth, int desc, float t1, float t2)
 {
     while (last - first > SORT_THRESHOLD) {
         if (!holds(v, first, last, t1, t2))
@@ -464,12 +464,17 @@ static int introsort_ties(float *v, int64_t *ix, int64_t first, int64_t last, in
 
 /* Permutes keys v[0..n) and their indices ix as std::sort's partitioning phase would, on every subrange
  * that holds a key equal to t1 or t2; the keys equal to t1 (or t2) then appear in v in the order the sort
- * leaves them. Returns 0, 1 (heapsort fallback reached: not replayed), or −1 for a NaN key. */
-EXPORT int ws_sort_ties(float *v, int64_t *ix, int64_t n, int desc, float t1, float t2)
+ * leaves them; ix is filled with 0..n−1 first. Returns 0, 1 (heapsort fallback reached: not replayed), or −1
+ * for a NaN key or more than 2^31 − 1 keys. */
+EXPORT int ws_sort_ties(float *v, int32_t *ix, int64_t n, int desc, float t1, float t2)
 {
-    for (int64_t j = 0; j < n; j++)
+    if (n > INT32_MAX)
+        return -1;
+    for (int64_t j = 0; j < n; j++) {
         if (v[j] != v[j])
             return -1;
+        ix[j] = (int32_t)j;
+    }
     if (n < 2)
         return 0;
     int lg = 0;

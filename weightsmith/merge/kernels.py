@@ -143,17 +143,18 @@ def ties_fixup(xs, base, out, threshold, tie_end, weight, normalize, lambda_, un
         raise MemoryError("kernels: out of memory")
 
 
-def sort_ties(keys, descending: bool, values) -> np.ndarray | None:
+def sort_ties(keys, descending: bool, values, owned: bool = False) -> list[np.ndarray] | None:
     """For each value in ``values`` (one or two), the flat indices of ``keys`` equal to it, in the order
     ``torch.sort(keys, descending, stable=False)`` puts them; None where the sort would have taken its
-    heapsort fallback on those keys (then only a real sort tells). ``keys``: 1-D finite float32."""
-    v = np.array(keys, dtype=np.float32, copy=True)
-    ix = np.arange(v.size, dtype=np.int64)
+    heapsort fallback on those keys (then only a real sort tells), or for 2^31 keys or more.
+    ``keys``: 1-D finite float32, permuted in place when ``owned`` (else copied)."""
+    v = keys if owned else np.array(keys, dtype=np.float32, copy=True)
+    ix = np.empty(v.size, dtype=np.int32)
     t = [np.float32(x) for x in values] + [np.float32(values[0])] * (2 - len(values))
-    code = _sort_ties(_ptr(v, np.float32, writable=True), _ptr(ix, np.int64, writable=True), v.size, bool(descending),
+    code = _sort_ties(_ptr(v, np.float32, writable=True), _ptr(ix, np.int32, writable=True), v.size, bool(descending),
                       float(t[0]), float(t[1]))
-    if code < 0:
+    if code < 0 and v.size <= np.iinfo(np.int32).max:
         raise ValueError("kernels: sort_ties needs finite keys")
     if code:
         return None
-    return [ix[v == x] for x in t[:len(values)]]
+    return [ix[v == x].astype(np.int64) for x in t[:len(values)]]

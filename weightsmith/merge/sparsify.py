@@ -234,7 +234,8 @@ def ties_fused(tensors: list[torch.Tensor], base: torch.Tensor, weight: list[flo
     Each input's threshold is bracketed from a sample. The pass counts the magnitudes above each bracket,
     keeps the ones inside it (with their indices), and merges every position where no input falls inside
     its bracket; the exact thresholds (ties kept in index order, as ``ties_cutoff``) then settle the rest.
-    Falls back when a bracket misses, or when ``mergekit`` meets equal magnitudes straddling a cut.
+    Falls back when a bracket misses. With ``mergekit``, equal magnitudes straddling a cut are kept as
+    torch's sort orders them (replayed by ``kernels.sort_ties``), as mergekit keeps them.
     """
     n = base.numel()
     if base.device.type != "cpu" or n < BRACKETED or any(t.dtype != torch.float32 for t in (base, *tensors)):
@@ -263,6 +264,7 @@ def ties_fused(tensors: list[torch.Tensor], base: torch.Tensor, weight: list[flo
     out = torch.empty(n, dtype=torch.float32)
     o = out.numpy()
     parts: dict[int, tuple] = {}
+    chosen: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def scan(lo: int, hi: int) -> None:
         expected = fraction * (hi - lo)
@@ -292,13 +294,38 @@ def ties_fused(tensors: list[torch.Tensor], base: torch.Tensor, weight: list[flo
         threshold[i], tie_end[i] = t, n
         if equal > kept_ties:
             if mergekit:
-                return None
+                if not _replay_agrees(kernels):
+                    return None
+                # mergekit keeps the tied magnitudes its sort puts first: replayed, then settled below
+                order = kernels.sort_ties(np.abs(xs[i] - bf), True, [t], owned=True)
+                if order is None:
+                    return None
+                chosen[i] = (order[0], order[0][:kept_ties])
+                continue
             where = np.concatenate([p[1][i, : p[2][i, 1]] for p in ordered])[inside == t]  # ascending
             tie_end[i] = where[kept_ties - 1] + 1
     waiting = [p[3] for p in ordered if p[3].size]
     mixing.run_parallel([lambda pending=pending: kernels.ties_fixup(xs, bf, o, threshold, tie_end, w, *flags, pending)
                          for pending in waiting])
+    if chosen:
+        _settle_chosen_ties(kernels, xs, bf, o, threshold, tie_end, w, flags, chosen, n)
     return out.reshape(base.shape)
+
+
+def _settle_chosen_ties(kernels, xs, bf, o, threshold, tie_end, w, flags, chosen: dict, n: int) -> None:
+    """Redo the positions where an input's magnitude ties its threshold and only some of the ties are kept
+    (``chosen[i]`` = (all tied positions, the kept ones)): grouped by which inputs keep their tie there,
+    each group goes through ``ties_fixup`` with those inputs keeping all ties and the others none."""
+    inputs = sorted(chosen)
+    positions = np.unique(np.concatenate([chosen[i][0] for i in inputs]))
+    code = np.zeros(positions.size, dtype=np.int64)
+    for bit, i in enumerate(inputs):
+        code |= np.isin(positions, chosen[i][1]).astype(np.int64) << bit
+    for group in np.unique(code):
+        ends = tie_end.copy()
+        for bit, i in enumerate(inputs):
+            ends[i] = n if (int(group) >> bit) & 1 else 0
+        kernels.ties_fixup(xs, bf, o, threshold, ends, w, *flags, np.ascontiguousarray(positions[code == group]))
 
 
 def _count_bracket(xf: np.ndarray, bf: np.ndarray | None, lo: float, hi: float, expected: float):
