@@ -296,6 +296,7 @@ def merge(recipe: Recipe, out: str | Path, *, device: str = "auto", dtype: str |
     """Run ``recipe`` into the folder ``out``; returns a report dict (inputs, method, tensors, notes, seconds).
 
     ``out_shard_size``: see ``shard_bytes`` (text in parameters, as mergekit, or bytes with a unit)."""
+    shard_bytes(out_shard_size, 4)  # a bad size is refused before any input is opened
     method = get_method(recipe.method)
     if method.whole_model:
         check_param_names(method, recipe, "recipe", None)

@@ -484,8 +484,10 @@ def _sorted_band(mag: torch.Tensor, start: int, count: int, descending: bool) ->
         return mask.reshape(mag.shape)
     keys = flat.numpy()
     first, last = (n - 1 - start, n - start - count) if descending else (start, start + count - 1)
-    picked = np.partition(keys, sorted({first, last}))
-    a, b = picked[first], picked[last]  # the keys at the band's first and last rank
+    ranks = sorted({first, last}) if start > 0 else [last]
+    picked = np.partition(keys, ranks)
+    b = picked[last]  # the key at the band's last rank
+    a = picked[first] if start > 0 else b  # and at its first (from rank 0, only b's ties matter)
     ties = kernels.sort_ties(keys, descending, [a] if a == b else [a, b])
     if ties is None:  # the sort's heapsort fallback: only a real sort tells
         order = torch.sort(flat, descending=descending).indices[start:start + count]
@@ -496,7 +498,10 @@ def _sorted_band(mag: torch.Tensor, start: int, count: int, descending: bool) ->
     m = mask.numpy()
     m |= inside
     before_a = int(np.count_nonzero(ahead(a)))
-    if a == b:
+    if start == 0:
+        m |= ahead(b)
+        m[ties[0][:count - before_a]] = True
+    elif a == b:
         m[ties[0][start - before_a:start + count - before_a]] = True
     else:
         m[ties[0][start - before_a:]] = True
