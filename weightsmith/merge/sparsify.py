@@ -483,11 +483,12 @@ def _sorted_band(mag: torch.Tensor, start: int, count: int, descending: bool) ->
         mask[order] = True
         return mask.reshape(mag.shape)
     keys = flat.numpy()
-    first, last = (n - 1 - start, n - start - count) if descending else (start, start + count - 1)
-    ranks = sorted({first, last}) if start > 0 else [last]
-    picked = np.partition(keys, ranks)
-    b = picked[last]  # the key at the band's last rank
-    a = picked[first] if start > 0 else b  # and at its first (from rank 0, only b's ties matter)
+    # the keys at the band's first and last rank (from rank 0, only the last one's ties matter), as the
+    # k-th largest: magnitude_rank brackets it from a sample instead of partitioning a copy
+    def kth(rank: int) -> np.float32:
+        return np.float32(magnitude_rank(flat, None, rank + 1 if descending else n - rank)[0])
+    b = kth(start + count - 1)
+    a = kth(start) if start > 0 else b
     ties = kernels.sort_ties(keys, descending, [a] if a == b else [a, b])
     if ties is None:  # the sort's heapsort fallback: only a real sort tells
         order = torch.sort(flat, descending=descending).indices[start:start + count]
