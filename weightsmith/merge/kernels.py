@@ -147,7 +147,7 @@ def sort_ties(keys, descending: bool, values, owned: bool = False) -> list[np.nd
     """For each value in ``values`` (one or two), the flat indices of ``keys`` equal to it, in the order
     ``torch.sort(keys, descending, stable=False)`` puts them; None where the sort would have taken its
     heapsort fallback on those keys (then only a real sort tells), or for 2^31 keys or more.
-    ``keys``: 1-D finite float32, permuted in place when ``owned`` (else copied)."""
+    ``keys``: 1-D finite float32, permuted in place when ``owned`` (else copied; restored on None)."""
     v = keys if owned else np.array(keys, dtype=np.float32, copy=True)
     ix = np.empty(v.size, dtype=np.int32)
     t = [np.float32(x) for x in values] + [np.float32(values[0])] * (2 - len(values))
@@ -156,5 +156,7 @@ def sort_ties(keys, descending: bool, values, owned: bool = False) -> list[np.nd
     if code < 0 and v.size <= np.iinfo(np.int32).max:
         raise ValueError("kernels: sort_ties needs finite keys")
     if code:
+        if owned:  # put the keys back where they were
+            v[ix] = v.copy()
         return None
     return [ix[v == x].astype(np.int64) for x in t[:len(values)]]

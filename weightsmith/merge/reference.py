@@ -29,22 +29,28 @@ import torch
 
 from .sparsify import _sorted_band
 
+PARALLEL_LIMIT = 8 << 20  # task vectors of more entries are sparsified one input at a time
 CHUNK = 1024 * 1024  # mergekit's SLERP reduces norms and dots over chunks of this many elements
 
 
 def _rescaled(delta: torch.Tensor, mask: torch.Tensor, rescale: str | None, eps: float = 1e-7) -> torch.Tensor:
-    kept = delta * mask
+    """delta · mask, L1-rescaled for 'l1'; ``delta`` is the caller's scratch and is overwritten."""
+    before = delta.abs().sum() if rescale == "l1" else None
+    kept = delta.mul_(mask)
     if rescale != "l1":
         return kept
-    before, after = delta.abs().sum(), kept.abs().sum()
+    after = kept.abs().sum()
     if before < eps or after < eps:
         return kept
     return kept * (before / after)
 
 
-def _sort_key(delta: torch.Tensor) -> torch.Tensor:
-    w = delta.abs().reshape(-1)
-    return w.float() if w.device.type == "cpu" else w
+def _band_mask(delta: torch.Tensor, start: int, count: int, descending: bool) -> torch.Tensor:
+    """mergekit's sort of |δ| (float32 on CPU) cut to ranks [start, start + count), as a bool mask
+    (δ·mask then gives mergekit's δ·mask in δ's dtype, −0.0 included)."""
+    key = delta.abs().reshape(-1)  # a fresh tensor: the band search may use it as scratch
+    key = key.float() if key.device.type == "cpu" else key
+    return _sorted_band(key, start, count, descending, scratch=True).reshape_as(delta)
 
 
 def magnitude(delta: torch.Tensor, density: float, rescale: str | None = None) -> torch.Tensor:
@@ -53,8 +59,7 @@ def magnitude(delta: torch.Tensor, density: float, rescale: str | None = None) -
     n = delta.numel()
     if density <= 0 or n == 0:
         return torch.zeros_like(delta)
-    mask = _sorted_band(_sort_key(delta), 0, max(1, int(density * n)), descending=True).to(delta.dtype)
-    return _rescaled(delta, mask.reshape_as(delta), rescale)
+    return _rescaled(delta, _band_mask(delta, 0, max(1, int(density * n)), True), rescale)
 
 
 def outliers(delta: torch.Tensor, density: float, gamma: float, rescale: str | None = None) -> torch.Tensor:
@@ -62,9 +67,7 @@ def outliers(delta: torch.Tensor, density: float, gamma: float, rescale: str | N
         return delta
     n = delta.numel()
     keep, top = int(density * n), int(gamma * n)
-    low = max(0, n - keep - top)
-    mask = _sorted_band(_sort_key(delta), low, keep, descending=False).to(delta.dtype)
-    return _rescaled(delta, mask.reshape_as(delta), rescale)
+    return _rescaled(delta, _band_mask(delta, max(0, n - keep - top), keep, False), rescale)
 
 
 def bernoulli(delta: torch.Tensor, density: float, rescale: str | None, generator: torch.Generator | None):
@@ -76,32 +79,43 @@ def bernoulli(delta: torch.Tensor, density: float, rescale: str | None, generato
 
 
 def task_merge(tensors, base, weight, sparsify, consensus: bool, normalize: bool, lambda_: float) -> torch.Tensor:
-    deltas = base.new_empty((len(tensors), *base.shape))
+    """θ_base + λ·merge(sparsify(δᵢ)) in mergekit's order of operations, in the inputs' dtype.
+
+    ``tensors`` are the caller's scratch (each becomes its δ). The election and sums are elementwise
+    across the inputs, so they run over chunks of the flattened tensor (same bits, a chunk of scratch)."""
+    deltas: list[torch.Tensor] = [None] * len(tensors)
 
     def fill(i: int) -> None:
-        d = tensors[i] - base
-        deltas[i] = sparsify(d, i) if sparsify else d
-    # the inputs are independent: sparsified side by side, one per core (their selections release the GIL)
-    with ThreadPoolExecutor(max(1, min(len(tensors), os.cpu_count() or 1))) as pool:
+        d = tensors[i].sub_(base)
+        deltas[i] = (sparsify(d, i) if sparsify else d).reshape(-1)
+    # the inputs are independent: sparsified side by side, one per core (their selections release the GIL),
+    # except for tensors so large that one at a time keeps the peak memory down
+    workers = 1 if base.numel() > PARALLEL_LIMIT else max(1, min(len(tensors), os.cpu_count() or 1))
+    with ThreadPoolExecutor(workers) as pool:
         list(pool.map(fill, range(len(tensors))))
-    w = torch.tensor(weight, dtype=deltas.dtype, device=deltas.device).reshape(-1, *([1] * base.dim()))
-    deltas.mul_(w)
-    if consensus:
-        sign = deltas.sign()
-        majority = (deltas.sum(dim=0) >= 0).to(base.dtype) * 2 - 1
-        mask = sign == majority
-        mixed = (deltas * mask).sum(dim=0)
-        divisor = (w * mask).sum(dim=0)
-        divisor[divisor == 0] = 1
-    else:
-        mixed = deltas.sum(dim=0)
-        divisor = w.sum(dim=0)
-        divisor[divisor.abs() < 1e-8] = 1
-    if normalize:
-        mixed /= divisor
-    if lambda_ != 1:
-        mixed *= lambda_
-    return (base + mixed).to(base.dtype)
+    w = torch.tensor(weight, dtype=base.dtype, device=base.device).reshape(-1, 1)
+    flat_base = base.reshape(-1)
+    out = torch.empty_like(flat_base)
+    for s in range(0, flat_base.numel(), CHUNK):
+        e = s + CHUNK
+        d = torch.stack([x[s:e] for x in deltas])
+        d.mul_(w)
+        if consensus:
+            majority = (d.sum(dim=0) >= 0).to(base.dtype) * 2 - 1
+            mask = d.sign() == majority
+            mixed = (d * mask).sum(dim=0)
+            divisor = (w * mask).sum(dim=0)
+            divisor[divisor == 0] = 1
+        else:
+            mixed = d.sum(dim=0)
+            divisor = w.sum(dim=0)
+            divisor[divisor.abs() < 1e-8] = 1
+        if normalize:
+            mixed /= divisor
+        if lambda_ != 1:
+            mixed *= lambda_
+        out[s:e] = flat_base[s:e] + mixed
+    return out.reshape(base.shape)
 
 
 def _rescale(rescale) -> str | None:

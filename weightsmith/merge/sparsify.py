@@ -463,13 +463,14 @@ def breadcrumbs_mask(delta: torch.Tensor, density: float, gamma: float, per_row:
     return mask.reshape(delta.shape)
 
 
-def _sorted_band(mag: torch.Tensor, start: int, count: int, descending: bool) -> torch.Tensor:
+def _sorted_band(mag: torch.Tensor, start: int, count: int, descending: bool, scratch: bool = False) -> torch.Tensor:
     """Exactly ``count`` entries from rank ``start`` on, ties ordered as torch's sort orders them.
 
     Only reached when equal magnitudes straddle a threshold: there the choice is arbitrary, and
     following torch's sort keeps the result identical to mergekit's. The order of the tied entries is
     replayed by ``kernels.sort_ties`` (a few passes, not a sort) where the native kernels are built
-    and agree with this torch's sort; otherwise the tensor is sorted.
+    and agree with this torch's sort; otherwise the tensor is sorted. ``mag``: non-negative, finite;
+    with ``scratch`` a float32 ``mag`` is overwritten (saves a copy).
     """
     flat = mag.reshape(-1).float()
     n = flat.numel()
@@ -478,10 +479,13 @@ def _sorted_band(mag: torch.Tensor, start: int, count: int, descending: bool) ->
     if count == 0:
         return mask.reshape(mag.shape)
     kernels = mixing.native_kernels()
-    if flat.device.type != "cpu" or kernels is None or not _replay_agrees(kernels):
-        order = torch.sort(flat, descending=descending).indices[start:start + count]
-        mask[order] = True
+
+    def sort() -> torch.Tensor:
+        mask[torch.sort(flat, descending=descending).indices[start:start + count]] = True
         return mask.reshape(mag.shape)
+
+    if flat.device.type != "cpu" or kernels is None or not _replay_agrees(kernels):
+        return sort()
     keys = flat.numpy()
     # the keys at the band's first and last rank (from rank 0, only the last one's ties matter), as the
     # k-th largest: magnitude_rank brackets it from a sample instead of partitioning a copy
@@ -489,24 +493,26 @@ def _sorted_band(mag: torch.Tensor, start: int, count: int, descending: bool) ->
         return np.float32(magnitude_rank(flat, None, rank + 1 if descending else n - rank)[0])
     b = kth(start + count - 1)
     a = kth(start) if start > 0 else b
-    ties = kernels.sort_ties(keys, descending, [a] if a == b else [a, b])
-    if ties is None:  # the sort's heapsort fallback: only a real sort tells
-        order = torch.sort(flat, descending=descending).indices[start:start + count]
-        mask[order] = True
-        return mask.reshape(mag.shape)
-    ahead = (lambda v: keys > v) if descending else (lambda v: keys < v)
-    inside = ahead(b) & ~ahead(a) & (keys != a) if a != b else np.zeros(n, dtype=bool)
     m = mask.numpy()
-    m |= inside
+    ahead = (lambda v: keys > v) if descending else (lambda v: keys < v)
     before_a = int(np.count_nonzero(ahead(a)))
+    before_b = int(np.count_nonzero(ahead(b)))
     if start == 0:
         m |= ahead(b)
+    elif a != b:
+        m |= ahead(b) & ~ahead(a) & (keys != a)  # strictly between the two cut keys
+    owned = scratch or flat.data_ptr() != mag.data_ptr()
+    ties = kernels.sort_ties(keys, descending, [a] if a == b else [a, b], owned=owned)
+    if ties is None:  # the sort's heapsort fallback (keys restored): only a real sort tells
+        m[:] = False
+        return sort()
+    if start == 0:
         m[ties[0][:count - before_a]] = True
     elif a == b:
         m[ties[0][start - before_a:start + count - before_a]] = True
     else:
         m[ties[0][start - before_a:]] = True
-        m[ties[1][:start + count - int(np.count_nonzero(ahead(b)))]] = True
+        m[ties[1][:start + count - before_b]] = True
     return mask.reshape(mag.shape)
 
 
