@@ -308,7 +308,9 @@ merge_method("mwa", title="Metrics-Weighted Averaging", url="https://arxiv.org/a
 merge_method("greedy_soup", title="Greedy soup", url="https://arxiv.org/abs/2203.05482",
              params=(Param("data", str, help="held-out text file scored by perplexity (lower is better)"),
                      Param("labelled", str, help="held-out labelled file scored by accuracy (higher is better)"),
-                     Param("max_tokens", int, None, low=1, help="tokens of --data used for perplexity (default: all)")),
+                     Param("max_tokens", int, None, low=1, help="tokens of --data used for perplexity (default: all)"),
+                     Param("compat", str, "paper", choices=("paper", "mergekit"), arg=None,
+                           help="passed to the linear merges of the soup")),
              whole_model="weightsmith.merge.soup:greedy_soup_recipe",
              notes="ingredients join a uniform soup only if the held-out score improves")(None)
 

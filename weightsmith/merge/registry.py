@@ -203,8 +203,8 @@ def register(m: Method) -> Method:
         raise TypeError(f"merge method {m.name!r} is declared twice ({REGISTRY[m.name].module}, {m.module})")
     if m.base not in BASE_POLICIES:
         raise TypeError(f"merge method {m.name!r}: base must be one of {BASE_POLICIES}")
-    if "compat" not in {p.name for p in m.params}:
-        # every method accepts compat: at least it selects mergekit's dtype handling
+    if "compat" not in {p.name for p in m.params} and m.whole_model is None:
+        # every tensor method accepts compat: at least it selects mergekit's dtype handling
         m = Method(**{**m.__dict__, "params": (*m.params, Param(**{**COMPAT.__dict__, "arg": None}))})
     _check_signature(m)
     REGISTRY[m.name] = m
