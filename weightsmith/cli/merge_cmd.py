@@ -92,8 +92,8 @@ def _refused_options():
 
 
 def merge_cmd(
-    recipe: Annotated[Path | None, typer.Argument(help="mergekit-style YAML recipe (optional when --method is given).")] = None,
-    out_pos: Annotated[Path | None, typer.Argument(metavar="[OUT]", help="Output folder, as mergekit-yaml's second argument (or --out).")] = None,
+    recipe: Annotated[Path | None, typer.Argument(metavar="RECIPE", help="mergekit-style YAML recipe (optional when --method is given).")] = None,
+    out_pos: Annotated[Path | None, typer.Argument(metavar="OUT", help="Output folder, as mergekit-yaml's second argument (or --out).")] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder (written atomically).")] = None,
     list_methods_: Annotated[bool, typer.Option("--list-methods", help="List the merge methods and their parameters, then exit.")] = False,
     method: Annotated[str | None, typer.Option("--method", help="Merge method (overrides the recipe's merge_method).")] = None,
