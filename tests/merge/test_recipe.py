@@ -20,7 +20,7 @@ from weightsmith.merge.engine import shard_bytes
     ("merge_method: linear\nmodels:\n  - modle: a\n", "models[0]: unknown key 'modle' (did you mean 'model'?)"),
     ("merge_metod: linear\nmodels:\n  - model: a\n", "unknown key 'merge_metod' (did you mean 'merge_method'?)"),
     ("merge_method: linear\nmodels:\n  - model: {model: a, lroa: b}\n", "unknown key 'lroa' (did you mean 'lora'?)"),
-    ("merge_method: linear\nmodels:\n  - model: a\ndtype: [1]\n", "'dtype' must be a dtype name"),
+    ("merge_method: linear\nmodels:\n  - model: a\ndtype: [1]\n", "'dtype' must be a name such as float32, bfloat16 or float16, not [1]"),
     ("merge_method: linera\nmodels:\n  - model: a\n", "did you mean 'linear'?"),
 ])
 def test_unknown_keys_are_refused_at_every_level(text, message):

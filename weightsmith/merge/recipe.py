@@ -121,7 +121,7 @@ def parse_recipe(text: str, source: str = "recipe") -> Recipe:
     for key in ("dtype", "out_dtype"):
         value = data.get(key)
         if value is not None and not isinstance(value, str):
-            raise WeightsmithError(f"{source}: '{key}' must be a dtype name such as bfloat16, got {value!r}")
+            raise WeightsmithError(f"{source}: '{key}' must be a name such as float32, bfloat16 or float16, not {value!r}")
         dtypes[key] = value
     return Recipe(method, models, _model_ref(base, f"{source}: base_model") if base is not None else None,
                   dict(params), dtypes["dtype"], text, dtypes["out_dtype"],

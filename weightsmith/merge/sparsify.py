@@ -297,7 +297,9 @@ def ties_fused(tensors: list[torch.Tensor], base: torch.Tensor, weight: list[flo
                 if not _replay_agrees(kernels):
                     return None
                 # mergekit keeps the tied magnitudes its sort puts first: replayed, then settled below
-                order = kernels.sort_ties(np.abs(xs[i] - bf), True, [t], owned=True)
+                keys = np.subtract(xs[i], bf)
+                order = kernels.sort_ties(np.abs(keys, out=keys), True, [t], owned=True)
+                del keys
                 if order is None:
                     return None
                 chosen[i] = (order[0], order[0][:kept_ties])
