@@ -46,6 +46,7 @@ def _recipe(name: str, a, models) -> dict:
         cfg["base_model"] = str(a)
     if name == "mwa":
         cfg["models"] = [{"model": str(x), "parameters": {"metric_value": 1.0 + i}} for i, x in enumerate(models)]
+    cfg["parameters"].update({p.name: 0.01 for p in m.params if p.required})  # nearswap's t
     return cfg
 
 

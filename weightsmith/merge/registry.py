@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from ..errors import WeightsmithError
 
 # Modules whose import registers methods (a new method module adds itself here).
-METHOD_MODULES = ["weightsmith.merge.methods"]
+METHOD_MODULES = ["weightsmith.merge.methods", "weightsmith.merge.methods_extra"]
 BASE_POLICIES = ("required", "optional", "none")
 
 
