@@ -59,6 +59,9 @@ class TensorJob:
     rows: int | None = None  # crop the vocabulary axis to this many rows
     float_math: bool = True
     compute: torch.dtype = torch.float32  # the arithmetic's dtype (not float32 only under compat: mergekit)
+    inputs: list | None = None  # [(Checkpoint, tensor name)] for this job alone (layer stacking), base first
+    base_in: bool | None = None  # whether ``inputs`` starts with the base
+    prepare: object = None  # applied to the loaded inputs (vocabulary rows re-indexed to the output tokenizer)
 
 
 @dataclass
@@ -73,6 +76,8 @@ class MergePlan:
     notes: list[str] = field(default_factory=list)
     card_parameters: dict = field(default_factory=dict)
     compat: str | None = None
+    config: dict | None = None  # the output config when it is not the reference's (layer stacking)
+    vocabulary: object = None  # tokenizer.OutputVocabulary when the recipe builds the output tokenizer
 
 
 def _open(path: str, what: str) -> Checkpoint:
@@ -133,8 +138,13 @@ def plan_merge(recipe: Recipe, *, dtype: str | None = None, allow_crimes: bool =
 
     ``dtype`` (the command line's --dtype) overrides the output dtype; the arithmetic's dtype is float32,
     or the recipe's ``dtype`` under compat: mergekit."""
+    from .tokenizer import attach_vocabulary
+
     where = "recipe"
     card_params: dict = {}
+    if recipe.slices is not None:
+        from .slices import plan_slice_merge
+        return attach_vocabulary(plan_slice_merge(recipe, dtype=dtype, allow_crimes=allow_crimes))
     method = get_method(recipe.method)
     notes = check_param_names(method, recipe, where, _compat(method, recipe, where))
     if method.rewrite is not None:
@@ -215,7 +225,8 @@ def plan_merge(recipe: Recipe, *, dtype: str | None = None, allow_crimes: bool =
                                   where, compat))
     if not card_params:
         card_params = {p.name: recipe.parameters.get(p.name, p.default) for p in method.params}
-    return MergePlan(method, recipe, base, models, jobs, reference, adapter, notes, card_params, compat)
+    return attach_vocabulary(MergePlan(method, recipe, base, models, jobs, reference, adapter, notes, card_params,
+                                       compat))
 
 
 def _promoted(ckpts: list[Checkpoint], name: str) -> torch.dtype:
@@ -249,14 +260,15 @@ def run_job(plan: MergePlan, job: TensorJob, tensors: list[torch.Tensor], base: 
     return fn(tensors, **kwargs)
 
 
-def _read(ckpt: Checkpoint, job: TensorJob, device: torch.device) -> torch.Tensor:
+def _read(ckpt: Checkpoint, job: TensorJob, device: torch.device, name: str | None = None) -> torch.Tensor:
     """The tensor (in the job's compute dtype for float math) on ``device``, cropped to the job's rows,
     which the method may overwrite: on CPU a tensor already in that dtype (or non-float) is a private
     copy-on-write mapping of the file, so reading it copies nothing and the file never changes;
-    otherwise an owned copy."""
-    if device.type == "cpu" and (not job.float_math or ckpt.info(job.name).torch_dtype == job.compute):
-        return ckpt.map(job.name, job.rows)
-    return ckpt.read(job.name, job.rows, job.compute if job.float_math else None, device)
+    otherwise an owned copy. ``name``: the tensor's name in ``ckpt`` when not the job's."""
+    name = name or job.name
+    if device.type == "cpu" and (not job.float_math or ckpt.info(name).torch_dtype == job.compute):
+        return ckpt.map(name, job.rows)
+    return ckpt.read(name, job.rows, job.compute if job.float_math else None, device)
 
 
 SHARD_PARAMS = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "T": 10**12}
@@ -330,10 +342,14 @@ def merge(recipe: Recipe, out: str | Path, *, device: str = "auto", dtype: str |
         report(progress, label, 0, len(plan.jobs))
 
         def load(job: TensorJob):
-            return [_read(c, job, dev) for c in sources]
+            if job.inputs is not None:
+                xs = [_read(c, job, dev, n) for c, n in job.inputs]
+            else:
+                xs = [_read(c, job, dev) for c in sources]
+            return job.prepare(xs) if job.prepare is not None else xs
 
         def footprint(job: TensorJob) -> int:
-            return job.compute.itemsize * len(sources) * torch.Size(job.shape).numel()
+            return job.compute.itemsize * len(job.inputs or sources) * torch.Size(job.shape).numel()
 
         largest = max((footprint(j) for j in plan.jobs), default=0)
 
@@ -352,8 +368,9 @@ def merge(recipe: Recipe, out: str | Path, *, device: str = "auto", dtype: str |
                 pending = None
                 if nxt is not None:
                     pending = reader.submit(load, nxt) if prefetchable(job, nxt) else _Ready(load, nxt)
-                base = inputs[0] if uses_base else None
-                tensors = inputs[1:] if uses_base else inputs
+                with_base = uses_base if job.base_in is None else job.base_in
+                base = inputs[0] if with_base else None
+                tensors = inputs[1:] if with_base else inputs
                 result = run_job(plan, job, tensors, base, seed).to(job.dtype).cpu()
                 del inputs, tensors, base
                 if written is not None:
@@ -368,8 +385,10 @@ def merge(recipe: Recipe, out: str | Path, *, device: str = "auto", dtype: str |
             (tmp / "model.safetensors").rename(tmp / ADAPTER_WEIGHTS)
             shutil.copy2(plan.reference.path / ADAPTER_CONFIG, tmp / ADAPTER_CONFIG)
         else:
-            config = dict(plan.reference.config or {})
+            config = dict(plan.config or plan.reference.config or {})
             rows = next((j.rows for j in plan.jobs if j.rows is not None), None)
+            if plan.vocabulary is not None and plan.vocabulary.rows_out is not None:
+                rows = plan.vocabulary.rows_out
             if rows is not None and "vocab_size" in config:
                 config["vocab_size"] = rows
             out_dt = resolve_dtype(dtype or recipe.out_dtype or recipe.dtype)
@@ -379,6 +398,10 @@ def merge(recipe: Recipe, out: str | Path, *, device: str = "auto", dtype: str |
             write_config(tmp, config)
         if copy_tokenizer:
             copy_side_files(tokenizer_src, tmp)
+        if plan.vocabulary is not None and (copy_tokenizer or plan.vocabulary.rows_out is not None):
+            plan.vocabulary.write(tmp)
+        elif plan.vocabulary is not None:
+            plan.notes.append("chat_template not written: the tokenizer is not copied (--no-copy-tokenizer)")
         notes = "\n".join(f"- {n}" for n in plan.notes) or None
         if model_card:
             write_model_card(tmp, stage="merge", method=recipe.method, inputs=recipe.inputs,

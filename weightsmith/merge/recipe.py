@@ -15,7 +15,7 @@ import yaml
 from ..errors import WeightsmithError
 
 KNOWN_KEYS = {"merge_method", "models", "base_model", "parameters", "dtype", "tokenizer_source", "out_dtype",
-              "name", "chat_template", "tokenizer"}
+              "name", "chat_template", "tokenizer", "slices"}
 MODEL_KEYS = {"model", "parameters"}
 # Top-level keys carried on the recipe for the stages that handle them (tokenizer, chat template, name).
 OPTION_KEYS = ("tokenizer_source", "chat_template", "tokenizer", "name")
@@ -48,11 +48,14 @@ class Recipe:
     text: str | None = None
     out_dtype: str | None = None
     options: dict = field(default_factory=dict)  # OPTION_KEYS given in the recipe
+    slices: list | None = None  # layer stacking (``slices.Slice``), instead of ``models``
 
     @property
     def inputs(self) -> list[str]:
         """Every distinct folder the recipe reads, base first."""
         paths = ([self.base_model] if self.base_model else []) + [m.path for m in self.models]
+        for s in self.slices or []:
+            paths += ([s.base_model] if s.base_model else []) + [src.model for src in s.sources]
         return list(dict.fromkeys(paths))
 
     def to_yaml(self) -> str:
@@ -92,14 +95,21 @@ def parse_recipe(text: str, source: str = "recipe") -> Recipe:
         raise WeightsmithError(f"{source}: not valid YAML ({exc})") from None
     if not isinstance(data, dict):
         raise WeightsmithError(f"{source}: expected a mapping with merge_method and models")
-    if "slices" in data or "modules" in data:
-        raise WeightsmithError(f"{source}: 'slices'/'modules' (layer stacking) are not supported; list whole models under 'models'")
+    if "modules" in data:
+        from .slices import single_module
+        data = single_module(data, source)
+    if "slices" in data and "models" in data:
+        raise WeightsmithError(f"{source}: give 'models' or 'slices', not both")
     refuse_unknown(data, KNOWN_KEYS, source)
     method = data.get("merge_method")
     if not isinstance(method, str):
         raise WeightsmithError(f"{source}: 'merge_method' is missing (e.g. merge_method: ties)")
     raw_models = data.get("models") or []
-    if not isinstance(raw_models, list) or not raw_models:
+    slices = None
+    if "slices" in data:
+        from .slices import parse_slices
+        slices = parse_slices(data["slices"], source, _model_ref)
+    elif not isinstance(raw_models, list) or not raw_models:
         raise WeightsmithError(f"{source}: 'models' must be a non-empty list of {{model: PATH, parameters: {{...}}}}")
     models = []
     for i, m in enumerate(raw_models):
@@ -125,7 +135,7 @@ def parse_recipe(text: str, source: str = "recipe") -> Recipe:
         dtypes[key] = value
     return Recipe(method, models, _model_ref(base, f"{source}: base_model") if base is not None else None,
                   dict(params), dtypes["dtype"], text, dtypes["out_dtype"],
-                  {k: data[k] for k in OPTION_KEYS if k in data})
+                  {k: data[k] for k in OPTION_KEYS if k in data}, slices)
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -143,6 +153,10 @@ def load_recipe(path: str | Path) -> Recipe:
         m.path = fix(m.path)
     if recipe.base_model:
         recipe.base_model = fix(recipe.base_model)
+    for s in recipe.slices or []:
+        s.base_model = fix(s.base_model) if s.base_model else None
+        for src in s.sources:
+            src.model = fix(src.model)
     return recipe
 
 
