@@ -24,7 +24,9 @@ Arithmetic is float32 by default. --compat mergekit gives mergekit 0.1.5's choic
 and mergekit differ (TIES trims per tensor; DARE rescale l1; breadcrumbs masks per tensor) and
 does the arithmetic in the recipe's dtype as mergekit does, writing out_dtype when given.
 Embedding / lm_head tensors whose vocabulary rows differ are cropped to the common first rows,
-as mergekit's truncation does; any other shape mismatch is an error.
+as mergekit's truncation does; any other shape mismatch is an error. `slices:` (sources with
+layer_range) stacks layers; tokenizer_source / tokenizer: / chat_template build the output
+tokenizer and re-index the vocabulary rows as mergekit does.
 """
 
 # mergekit-yaml options (mergekit 0.1.5 options.py) that mean nothing here: refused by name, with why.
