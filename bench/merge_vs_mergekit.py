@@ -3,8 +3,10 @@
 Measures wall time and peak RSS of both as child processes the same way (/usr/bin/time -v when present,
 else resource.getrusage of children), plus the I/O floor: read all four inputs and write one output
 with plain safetensors. weightsmith trims per tensor, as mergekit does (trim: tensor); it runs again
-with the paper's whole-model trim (its default, one more reading pass) and with its native kernels off
-(WEIGHTSMITH_NATIVE=0). The floor and weightsmith runs are interleaved --repeat times and the best wall
+with the paper's whole-model trim (its default, one more reading pass), with --compat mergekit
+(mergekit's choice among tied magnitudes at each cut) and with its native kernels off
+(WEIGHTSMITH_NATIVE=0). The bf16 rows run the same recipe with ``dtype: bfloat16`` (arithmetic in
+bfloat16, as mergekit) by mergekit and by weightsmith --compat mergekit; their outputs are compared. The floor and weightsmith runs are interleaved --repeat times and the best wall
 of each is reported (this machine is noisy). Checkpoints are built once and cached under the weightsmith
 cache directory, and read once before the timed runs so that every run finds them in the page cache.
 
@@ -148,6 +150,9 @@ def main() -> None:
               "parameters": {"density": args.density, "weight": 1.0, "trim": "tensor"},
               "models": [{"model": str(paths[n])} for n in FINETUNES]}
     paper = {**recipe, "parameters": {**recipe["parameters"], "trim": "model"}}
+    compat = {**recipe, "parameters": {**recipe["parameters"], "compat": "mergekit"}}
+    compat_bf16 = {**compat, "dtype": "bfloat16"}
+    mergekit_bf16 = {**recipe, "dtype": "bfloat16"}
     bindir = Path(sys.executable).parent
     rows = {}
     # Every run reads the inputs warm from the page cache: the first one timed must not pay for the disk.
@@ -160,64 +165,83 @@ def main() -> None:
         tmp = Path(tmp)
         (tmp / "ties.yaml").write_text(json.dumps(recipe))
         (tmp / "ties-paper.yaml").write_text(json.dumps(paper))
+        (tmp / "ties-compat.yaml").write_text(json.dumps(compat))
+        (tmp / "ties-compat-bf16.yaml").write_text(json.dumps(compat_bf16))
+        (tmp / "ties-bf16.yaml").write_text(json.dumps(mergekit_bf16))
+
+        def ws(name: str, extra_env: dict | None = None):
+            return lambda out: ([str(bindir / "weightsmith"), "merge", str(tmp / name), "-o", str(out), "--device", "cpu",
+                                 "--out-shard-size", args.shard, "--quiet"], {**env, **(extra_env or {})})
         runs = {
             "I/O floor (safetensors)": lambda out: (
                 [sys.executable, "-c", IO_FLOOR, *(str(p) for p in paths.values()), str(out),
                  str(parse_size(args.shard))], env),
-            "weightsmith merge": lambda out: (
-                [str(bindir / "weightsmith"), "merge", str(tmp / "ties.yaml"), "-o", str(out), "--device", "cpu",
-                 "--out-shard-size", args.shard, "--quiet"], env),
-            "  trim: model (paper)": lambda out: (
-                [str(bindir / "weightsmith"), "merge", str(tmp / "ties-paper.yaml"), "-o", str(out), "--device", "cpu",
-                 "--out-shard-size", args.shard, "--quiet"], env),
-            "  native kernels off": lambda out: (
-                [str(bindir / "weightsmith"), "merge", str(tmp / "ties.yaml"), "-o", str(out), "--device", "cpu",
-                 "--out-shard-size", args.shard, "--quiet"], {**env, "WEIGHTSMITH_NATIVE": "0"}),
+            "weightsmith merge": ws("ties.yaml"),
+            "  trim: model (paper)": ws("ties-paper.yaml"),
+            "  --compat mergekit": ws("ties-compat.yaml"),
+            "  native kernels off": ws("ties.yaml", {"WEIGHTSMITH_NATIVE": "0"}),
+            "bf16 --compat mergekit": ws("ties-compat-bf16.yaml"),
         }
+        keep = {"weightsmith merge": "ws", "  --compat mergekit": "ws-compat", "bf16 --compat mergekit": "ws-bf16"}
         # interleaved, best wall of --repeat runs each (peak RSS: the largest seen)
         for r in range(args.repeat):
             for name, command in runs.items():
                 out = tmp / f"run-{r}-{len(rows.get(name, []))}-{name.split()[0]}"
                 got = measure(*command(out))
                 rows.setdefault(name, []).append(got)
-                if not (r == args.repeat - 1 and name == "weightsmith merge"):
+                if not (r == args.repeat - 1 and name in keep):
                     shutil.rmtree(out, ignore_errors=True)
                 else:
-                    shutil.move(str(out), tmp / "ws")
+                    shutil.move(str(out), tmp / keep[name])
         rows = {name: {"wall_s": min(g["wall_s"] for g in got), "rss_mb": max(g["rss_mb"] for g in got),
                        "runs": len(got)} for name, got in rows.items()}
         if not args.skip_mergekit:
             # mergekit counts shard size in parameters, not bytes (float32: 4 bytes each).
-            rows["mergekit-yaml"] = measure(
-                [str(bindir / "mergekit-yaml"), str(tmp / "ties.yaml"), str(tmp / "mk"), "--out-shard-size",
-                 str(parse_size(args.shard) // 4), "--no-copy-tokenizer"], env)
-            a, b = Checkpoint(tmp / "ws"), Checkpoint(tmp / "mk")
-            diffs = [(a.get(n) - b.get(n)).abs() for n in a.names()]
-            rows["mergekit-yaml"]["max_abs_diff_vs_weightsmith"] = max(d.max().item() for d in diffs)
-            # Differences come only from equal |delta| at a top-k threshold, which mergekit breaks by sort order.
-            rows["mergekit-yaml"]["entries_differing"] = sum(int((d > 1e-6).sum()) for d in diffs)
-            del diffs
+            for name, yaml_name, ours, mine in (("mergekit-yaml", "ties.yaml", "ws", "ws-compat"),
+                                                ("mergekit-yaml bf16", "ties-bf16.yaml", "ws-bf16", None)):
+                out = tmp / f"mk-{yaml_name}"
+                rows[name] = measure([str(bindir / "mergekit-yaml"), str(tmp / yaml_name), str(out), "--out-shard-size",
+                                      str(parse_size(args.shard) // 4), "--no-copy-tokenizer"], env)
+                b = Checkpoint(out)
+                for label, folder in (("weightsmith", ours), ("compat", mine)):
+                    if folder is None:
+                        continue
+                    a = Checkpoint(tmp / folder)
+                    diffs = [(a.get(n).float() - b.get(n).float()).abs() for n in a.names()]
+                    rows[name][f"max_abs_diff_vs_{label}"] = max(d.max().item() for d in diffs)
+                    # trim: tensor differs only where equal |delta| meet a top-k cut (mergekit breaks those by
+                    # sort order; --compat mergekit follows it)
+                    rows[name][f"entries_differing_{label}"] = sum(int((d > 0).sum()) for d in diffs)
+                    del diffs
+                shutil.rmtree(out, ignore_errors=True)
     ws = rows["weightsmith merge"]
-    summary = {"params": n_params, "shard": args.shard, "rows": rows,
-               "weightsmith_vs_floor": ws["wall_s"] / rows["I/O floor (safetensors)"]["wall_s"]}
-    if "mergekit-yaml" in rows:
-        summary["wall_ratio_vs_mergekit"] = ws["wall_s"] / rows["mergekit-yaml"]["wall_s"]
-        summary["rss_ratio_vs_mergekit"] = ws["rss_mb"] / rows["mergekit-yaml"]["rss_mb"]
+    floor = rows["I/O floor (safetensors)"]["wall_s"]
+    summary = {"params": n_params, "shard": args.shard, "rows": rows, "weightsmith_vs_floor": ws["wall_s"] / floor}
+    pairs = {"mergekit-yaml": [n for n in rows if not n.startswith(("bf16", "I/O", "mergekit"))],
+             "mergekit-yaml bf16": ["bf16 --compat mergekit"]}
+    ratios = {}
+    for mk, names in pairs.items():
+        if mk in rows:
+            for name in names:
+                ratios[name.strip()] = {"wall": rows[name]["wall_s"] / rows[mk]["wall_s"],
+                                        "rss": rows[name]["rss_mb"] / rows[mk]["rss_mb"]}
+    summary["vs_mergekit"] = ratios
     if args.json:
         print(json.dumps(summary, indent=2))
         return
     print(f"TIES density {args.density}, base + 3 fine-tunes, {n_params / 1e6:.1f}M params each, {args.shard} shards; "
           f"best of {args.repeat} runs (mergekit: 1)")
-    print(f"{'run':<26}{'wall s':>10}{'peak RSS MB':>14}")
+    print(f"{'run':<26}{'wall s':>10}{'peak RSS MB':>14}{'wall vs mk':>12}{'RSS vs mk':>11}")
     for name, r in rows.items():
-        print(f"{name:<26}{r['wall_s']:>10.1f}{r['rss_mb']:>14.0f}")
+        ratio = ratios.get(name.strip())
+        tail = f"{ratio['wall']:>11.2f}x{ratio['rss']:>10.2f}x" if ratio else ""
+        print(f"{name:<26}{r['wall_s']:>10.1f}{r['rss_mb']:>14.0f}{tail}")
     print(f"weightsmith / I/O floor wall: {summary['weightsmith_vs_floor']:.2f}x")
-    if "mergekit-yaml" in rows:
-        print(f"weightsmith / mergekit wall: {summary['wall_ratio_vs_mergekit']:.2f}x, "
-              f"peak RSS: {summary['rss_ratio_vs_mergekit']:.2f}x, "
-              f"max |diff|: {rows['mergekit-yaml']['max_abs_diff_vs_weightsmith']:.2e} "
-              f"in {rows['mergekit-yaml']['entries_differing']} of {4 * n_params // 4} entries (threshold ties)")
-
+    for mk in pairs:
+        if mk in rows:
+            diffs = {k.removeprefix("entries_differing_"): v for k, v in rows[mk].items() if k.startswith("entries_")}
+            print(f"{mk}: entries differing from " + ", ".join(f"{k} {v}" for k, v in diffs.items())
+                  + f" (of {4 * n_params // 4})")
 
 if __name__ == "__main__":
     main()

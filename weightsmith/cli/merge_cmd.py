@@ -1,4 +1,8 @@
-"""``weightsmith merge``: a mergekit-style YAML recipe, or the same merge described by flags."""
+"""``weightsmith merge``: a mergekit-style YAML recipe, or the same merge described by flags.
+
+The method list in the help and ``--list-methods`` come from the merge registry. mergekit-yaml's
+options are accepted where they mean something here and refused by name otherwise.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,27 +11,93 @@ from typing import Annotated
 import typer
 
 from . import app
-from .common import DeviceOpt, ForceOpt, JsonOpt, OutOpt, QuietOpt, SeedOpt, ShardOpt, console, print_json, progress_bars
+from .common import DeviceOpt, ForceOpt, JsonOpt, QuietOpt, SeedOpt, console, print_json, progress_bars
 
-HELP = """Merge checkpoints into one, streaming one tensor at a time.
+HELP_HEAD = """Merge checkpoints into one, streaming one tensor at a time.
 
 RECIPE is mergekit YAML (merge_method, base_model, models with per-model parameters, global
-parameters, dtype); parameter values may be layer gradients ([0.2, 0.8]) or filtered
+parameters, dtype, out_dtype); parameter values may be layer gradients ([0.2, 0.8]) or filtered
 ([{filter: self_attn, value: 0.5}, {value: 0.2}]). Without RECIPE, give --method and --model flags.
+`weightsmith merge --list-methods` lists every method with its parameters (--json for a machine).
 
-Methods: linear, task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs, breadcrumbs_ties,
-slerp, model_stock, mwa, greedy_soup. Where the paper and mergekit differ, the paper is the
-default and --compat mergekit gives mergekit's choice (TIES trims per tensor; DARE rescale l1;
-breadcrumbs masks per tensor).
+Arithmetic is float32 by default. --compat mergekit gives mergekit 0.1.5's choices where the paper
+and mergekit differ (TIES trims per tensor; DARE rescale l1; breadcrumbs masks per tensor) and
+does the arithmetic in the recipe's dtype as mergekit does, writing out_dtype when given.
 Embedding / lm_head tensors whose vocabulary rows differ are cropped to the common first rows,
-as mergekit's truncation does; any other shape mismatch is an error.
+as mergekit's truncation does; any other shape mismatch is an error. `slices:` (sources with
+layer_range) stacks layers; tokenizer_source / tokenizer: / chat_template build the output
+tokenizer and re-index the vocabulary rows as mergekit does.
 """
 
+# mergekit-yaml options (mergekit 0.1.5 options.py) that mean nothing here: refused by name, with why.
+MERGEKIT_REFUSED = {
+    "--trust-remote-code": "weightsmith never runs code from a model folder",
+    "--no-safe-serialization": "weightsmith writes safetensors only",
+    "--clone-tensors": "weightsmith writes each tensor once; layer stacking copies what it needs",
+    "--transformers-cache": "weightsmith reads local folders only; give paths",
+    "--lora-merge-cache": "LoRA references (model+lora) are not supported; merge the adapter first",
+    "--lora-merge-dtype": "LoRA references (model+lora) are not supported; merge the adapter first",
+    "--low-cpu-memory": "memory is already bounded by the inputs' copies of the largest tensor",
+    "--read-to-gpu": "use --device cuda",
+    "--multi-gpu": "weightsmith merges on one --device",
+    "--gpu-rich": "use --device cuda",
+    "--write-threads": "one writer thread overlaps the merge already",
+    "-v": "progress bars show the merge; --json prints a full report",
+}
 
-@app.command("merge", help=HELP)
+
+def _help() -> str:
+    from ..merge import all_methods
+
+    table = all_methods()
+    lines = [f"{name} ({m.title})" for name, m in sorted(table.items())]
+    return HELP_HEAD + "\nMethods: " + ", ".join(lines) + "."
+
+
+def list_methods(json_out: bool) -> None:
+    from ..merge import all_methods
+
+    rows = [m.describe() for _, m in sorted(all_methods().items())]
+    if json_out:
+        print_json(rows)
+        return
+    for m in rows:
+        base = {"required": "base required", "optional": "base optional", "none": "no base"}[m["base"]]
+        console.print(f"[bold]{m['name']}[/]  {m['title']}  ({base}; {m['url']})", highlight=False)
+        for p in m["params"]:
+            extra = []
+            if "choices" in p:
+                extra.append("|".join(map(str, p["choices"])))
+            if "range" in p:
+                lo, hi = p["range"]
+                extra.append(f"[{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]")
+            if "mergekit_default" in p:
+                extra.append(f"mergekit: {p['mergekit_default']}")
+            console.print(f"    {p['name']:<14} {p['scope']:<6} {p['kind']:<5} default {p['default']!s:<9} "
+                          f"{' '.join(extra)}  {p['help']}", highlight=False, soft_wrap=True)
+
+
+def _refuse(ctx: typer.Context, param, value):
+    if value:
+        from ..errors import WeightsmithError
+
+        name = param.opts[0]
+        raise WeightsmithError(f"{name} (a mergekit-yaml option) has no meaning in weightsmith: "
+                               f"{MERGEKIT_REFUSED[name]}")
+    return value
+
+
+def _refused_options():
+    """Hidden options for mergekit-yaml flags that are refused by name when given."""
+    return {name.lstrip("-").replace("-", "_"): Annotated[
+        bool, typer.Option(name, hidden=True, callback=_refuse, expose_value=True)] for name in MERGEKIT_REFUSED}
+
+
 def merge_cmd(
-    recipe: Annotated[Path | None, typer.Argument(help="mergekit-style YAML recipe (optional when --method is given).")] = None,
-    out: OutOpt = ...,
+    recipe: Annotated[Path | None, typer.Argument(metavar="RECIPE", help="mergekit-style YAML recipe (optional when --method is given).")] = None,
+    out_pos: Annotated[Path | None, typer.Argument(metavar="OUT", help="Output folder, as mergekit-yaml's second argument (or --out).")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder (written atomically).")] = None,
+    list_methods_: Annotated[bool, typer.Option("--list-methods", help="List the merge methods and their parameters, then exit.")] = False,
     method: Annotated[str | None, typer.Option("--method", help="Merge method (overrides the recipe's merge_method).")] = None,
     base: Annotated[str | None, typer.Option("--base", help="Base model folder (task vectors are taken against it).")] = None,
     model: Annotated[list[str] | None, typer.Option("--model", help="Input model folder; repeat per model.")] = None,
@@ -40,7 +110,7 @@ def merge_cmd(
     rescale: Annotated[str | None, typer.Option("--rescale", help="DARE survivors: paper (1/density), l1 (mergekit) or none. [default: paper]")] = None,
     trim: Annotated[str | None, typer.Option("--trim", help="TIES: top --density of each whole task vector 'model' (paper) or of each 'tensor' (mergekit). [default: model]")] = None,
     mask: Annotated[str | None, typer.Option("--mask", help="Breadcrumbs mask fractions per 'row' (paper) or per 'tensor' (mergekit). [default: row]")] = None,
-    compat: Annotated[str | None, typer.Option("--compat", help="'mergekit' switches defaults to mergekit's choices. [default: paper]")] = None,
+    compat: Annotated[str | None, typer.Option("--compat", help="'mergekit': mergekit's defaults and its arithmetic in the recipe's dtype. [default: paper]")] = None,
     filter_wise: Annotated[bool | None, typer.Option("--filter-wise/--no-filter-wise", help="Model stock: one ratio per output row. [default: no]")] = None,
     metric: Annotated[str | None, typer.Option("--metric", help="MWA: weight by 'loss' (1/loss) or 'step', read from trainer_state.json [default: loss]. PLeaS: activation similarity, euclidean or correlation [default: euclidean].")] = None,
     p: Annotated[float | None, typer.Option("--p", help="MWA penalty factor: w_i = m_i^p / sum_j m_j^p. [default: 1.0]")] = None,
@@ -50,20 +120,48 @@ def merge_cmd(
     labelled: Annotated[str | None, typer.Option("--labelled", help="Greedy soup: held-out labelled file scored by accuracy.")] = None,
     max_tokens: Annotated[int | None, typer.Option("--max-tokens", help="Greedy soup: tokens of --data used. [default: all]")] = None,
     param: Annotated[list[str] | None, typer.Option("--param", help="Any other global parameter, KEY=VALUE (YAML value).")] = None,
-    dtype: Annotated[str | None, typer.Option("--dtype", help="Output dtype float32/bfloat16/float16; math is float32. [default: recipe dtype, else as input]")] = None,
+    dtype: Annotated[str | None, typer.Option("--dtype", help="Output dtype float32/bfloat16/float16 (overrides the recipe's out_dtype/dtype). [default: recipe out_dtype, else dtype, else as input]")] = None,
     device: DeviceOpt = "auto",
-    out_shard_size: ShardOpt = "5GB",
+    cuda: Annotated[bool | None, typer.Option("--cuda/--no-cuda", help="mergekit-yaml's spelling of --device cuda / --device cpu.")] = None,
+    out_shard_size: Annotated[str, typer.Option("--out-shard-size", help="Largest output shard: parameters as mergekit (5B = 5 billion, 500M, 50K, or a bare count) or bytes (2GB, 500MB, 1GiB).")] = "5B",
     seed: SeedOpt = 0,
-    allow_crimes: Annotated[bool, typer.Option("--allow-crimes", help="Merge models whose configs disagree on architecture.")] = False,
+    random_seed: Annotated[int | None, typer.Option("--random-seed", help="mergekit-yaml's spelling of --seed.")] = None,
+    num_threads: Annotated[int | None, typer.Option("--num-threads", "-j", min=1, help="CPU threads for the arithmetic. [default: torch's]")] = None,
+    allow_crimes: Annotated[bool, typer.Option("--allow-crimes/--no-allow-crimes", help="Merge models whose configs disagree on architecture.")] = False,
+    copy_tokenizer: Annotated[bool, typer.Option("--copy-tokenizer/--no-copy-tokenizer", help="Copy the tokenizer files to the output.")] = True,
+    write_model_card: Annotated[bool, typer.Option("--write-model-card/--no-write-model-card", help="Write README.md describing the merge.")] = True,
+    lazy_unpickle: Annotated[bool, typer.Option("--lazy-unpickle/--no-lazy-unpickle", help="Accepted from mergekit-yaml: reading is always lazy here (safetensors, mapped per tensor).")] = False,
+    unsafe_truncate_embeddings: Annotated[bool, typer.Option("--unsafe-truncate-embeddings/--no-unsafe-truncate-embeddings", help="Accepted from mergekit-yaml: differing vocabulary rows are always cropped, with a note.")] = False,
+    safe_serialization: Annotated[bool, typer.Option("--safe-serialization", help="Accepted from mergekit-yaml: the output is always safetensors.")] = True,
+    async_write: Annotated[bool, typer.Option("--async-write/--no-async-write", help="Accepted from mergekit-yaml: writing always overlaps the merge.")] = False,
     allow_nonfinite: Annotated[bool, typer.Option("--allow-nonfinite", help="Merge inputs holding NaN/inf (reported per tensor) instead of refusing them.")] = False,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
+    **refused,
 ) -> None:
     from ..errors import WeightsmithError
     from ..merge import load_recipe, merge
     from ..merge.recipe import parse_param, recipe_from_flags
 
+    if list_methods_:
+        list_methods(json_out)
+        return
+    if out is not None and out_pos is not None:
+        raise WeightsmithError("give the output folder once: as the second argument or by --out")
+    out = out or out_pos
+    if out is None:
+        raise WeightsmithError("no output folder: give --out DIR (or, as mergekit-yaml, RECIPE OUT)")
+    if cuda is not None:
+        if device != "auto":
+            raise WeightsmithError("give --device or --cuda/--no-cuda, not both")
+        device = "cuda" if cuda else "cpu"
+    if random_seed is not None:
+        seed = random_seed
+    if num_threads is not None:
+        import torch
+
+        torch.set_num_threads(num_threads)
     flags = {"lambda": lambda_, "t": t, "normalize": normalize, "rescale": rescale, "trim": trim, "mask": mask, "compat": compat,
              "filter_wise": filter_wise, "metric": metric, "p": p, "data": data, "width": width, "labelled": labelled,
              "max_tokens": max_tokens, **dict(parse_param(x) for x in param or [])}
@@ -85,6 +183,7 @@ def merge_cmd(
     with progress_bars(not quiet) as progress:
         result = merge(r, out, device=device, dtype=dtype, out_shard_size=out_shard_size, seed=seed,
                        allow_crimes=allow_crimes, force=force, progress=progress,
+                       copy_tokenizer=copy_tokenizer, model_card=write_model_card,
                        allow_nonfinite=allow_nonfinite)
     if json_out:
         print_json(result)
@@ -99,3 +198,21 @@ def merge_cmd(
                       "merged as they are", soft_wrap=True)
     console.print(f"merged {len(result.get('inputs', []))} inputs with {result.get('method')} -> {result.get('out', out)}"
                   + (f" ({result['tensors']} tensors, {result['seconds']:.1f} s)" if "tensors" in result else ""))
+
+
+def _register() -> None:
+    """Register ``merge`` with the refused mergekit-yaml options added as hidden keyword parameters."""
+    import inspect
+    import typing
+
+    sig = inspect.signature(merge_cmd)
+    hints = typing.get_type_hints(merge_cmd, include_extras=True)
+    params = [q.replace(annotation=hints[q.name]) for q in sig.parameters.values()
+              if q.kind is not inspect.Parameter.VAR_KEYWORD]
+    params += [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=False, annotation=ann)
+               for name, ann in _refused_options().items()]
+    merge_cmd.__signature__ = sig.replace(parameters=params)
+    app.command("merge", help=_help())(merge_cmd)
+
+
+_register()

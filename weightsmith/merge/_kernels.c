@@ -8,6 +8,9 @@
  *   with the same arithmetic as ws_mix_range.
  * - ws_bracket_range: the counting pass of a top-k threshold search; ws_nth_equal: where a run of tied
  *   magnitudes is cut; ws_magnitude_histogram: the counting passes of a whole-model top-k threshold.
+ * - ws_sort_ties: the order in which torch's (unstable) CPU sort leaves equal keys, for the keys equal to
+ *   one or two given values, without sorting the rest (mergekit keeps tied magnitudes at a top-k cut in
+ *   that order).
  *
  * Work goes in blocks of BLOCK elements per input, so the K + 3 scratch rows stay in cache. The per-input
  * loops are branch-free so the compiler vectorises them; data-dependent branches are left only where they
@@ -375,6 +378,109 @@ EXPORT int ws_ties_fixup(int64_t k, const float *const *xs, const float *base, f
     }
     free(d);
     return 0;
+}
+
+/* torch.sort(stable=False) on a contiguous CPU float tensor is std::sort (libstdc++'s introsort) over
+ * (key, index) pairs with comparator a > b (descending) or a < b. Its final insertion sort never reorders
+ * equal keys, so the order of tied keys is fixed by the partitioning phase, and a subrange's partitioning
+ * depends on that subrange alone. The loop below replays that phase step for step, except that a
+ * subrange holding no key equal to t1 or t2 is left alone: only subranges around the tied keys are
+ * partitioned further, so the work is a few passes over the data instead of a sort. Keys must be finite
+ * (no NaN: torch orders those by other rules). */
+#define SORT_THRESHOLD 16
+
+static inline int before(float a, float b, int desc) { return desc ? a > b : a < b; }
+
+static inline void swap_pair(float *v, int32_t *ix, int64_t a, int64_t b)
+{
+    const float tv = v[a];
+    v[a] = v[b];
+    v[b] = tv;
+    const int32_t ti = ix[a];
+    ix[a] = ix[b];
+    ix[b] = ti;
+}
+
+static void median_to_first(float *v, int32_t *ix, int64_t result, int64_t a, int64_t b, int64_t c, int desc)
+{
+    if (before(v[a], v[b], desc)) {
+        if (before(v[b], v[c], desc))
+            swap_pair(v, ix, result, b);
+        else if (before(v[a], v[c], desc))
+            swap_pair(v, ix, result, c);
+        else
+            swap_pair(v, ix, result, a);
+    } else if (before(v[a], v[c], desc))
+        swap_pair(v, ix, result, a);
+    else if (before(v[b], v[c], desc))
+        swap_pair(v, ix, result, c);
+    else
+        swap_pair(v, ix, result, b);
+}
+
+static int64_t unguarded_partition(float *v, int32_t *ix, int64_t first, int64_t last, int64_t pivot, int desc)
+{
+    const float p = v[pivot];
+    for (;;) {
+        while (before(v[first], p, desc))
+            ++first;
+        --last;
+        while (before(p, v[last], desc))
+            --last;
+        if (!(first < last))
+            return first;
+        swap_pair(v, ix, first, last);
+        ++first;
+    }
+}
+
+static int holds(const float *v, int64_t first, int64_t last, float t1, float t2)
+{
+    for (int64_t j = first; j < last; j++)
+        if (v[j] == t1 || v[j] == t2)
+            return 1;
+    return 0;
+}
+
+/* Returns 0, or 1 where std::sort would fall back to heapsort on a subrange holding tied keys (the caller
+ * then sorts for real). */
+static int introsort_ties(float *v, int32_t *ix, int64_t first, int64_t last, int depth, int desc, float t1, float t2)
+{
+    while (last - first > SORT_THRESHOLD) {
+        if (!holds(v, first, last, t1, t2))
+            return 0;
+        if (depth == 0)
+            return 1;
+        --depth;
+        const int64_t mid = first + (last - first) / 2;
+        median_to_first(v, ix, first, first + 1, mid, last - 1, desc);
+        const int64_t cut = unguarded_partition(v, ix, first + 1, last, first, desc);
+        if (introsort_ties(v, ix, cut, last, depth, desc, t1, t2))
+            return 1;
+        last = cut;
+    }
+    return 0;
+}
+
+/* Permutes keys v[0..n) and their indices ix as std::sort's partitioning phase would, on every subrange
+ * that holds a key equal to t1 or t2; the keys equal to t1 (or t2) then appear in v in the order the sort
+ * leaves them; ix is filled with 0..n−1 first. Returns 0, 1 (heapsort fallback reached: not replayed), or −1
+ * for a NaN key or more than 2^31 − 1 keys. */
+EXPORT int ws_sort_ties(float *v, int32_t *ix, int64_t n, int desc, float t1, float t2)
+{
+    if (n > INT32_MAX)
+        return -1;
+    for (int64_t j = 0; j < n; j++) {
+        if (v[j] != v[j])
+            return -1;
+        ix[j] = (int32_t)j;
+    }
+    if (n < 2)
+        return 0;
+    int lg = 0;
+    while (((int64_t)1 << (lg + 1)) <= n)
+        lg++;
+    return introsort_ties(v, ix, 0, n, 2 * lg, desc, t1, t2);
 }
 
 static struct PyModuleDef module = {

@@ -2,13 +2,17 @@
 
 Everything is validated from headers and configs before the first tensor is read. Peak memory is
 the inputs' copies of the largest tensor (float32, on --device) plus the result; shards are written
-in place by ShardedWriter. Methods that need whole models or data (greedy soup, PLeaS) are not
-tensor functions: ``merge`` hands their recipe to the function named in ``Method.whole_model``.
+in place by ShardedWriter. The engine knows no method by name: what a method takes and needs is its
+declaration in the registry (``registry.Method``): parameters, base policy, hooks (``validate``,
+``prepass``, ``rewrite``), its mergekit-arithmetic ``reference``, or a ``whole_model`` function for
+methods that need whole models or data (greedy soup, PLeaS).
+
+Arithmetic is float32 by default. Under ``compat: mergekit`` it is done in the recipe's ``dtype`` (as
+mergekit does: by the method's ``reference`` when that dtype is not float32), and the output is
+written in ``out_dtype`` (else ``dtype``).
 """
 from __future__ import annotations
 
-import importlib
-import inspect
 import re
 import shutil
 import time
@@ -24,11 +28,9 @@ from ..checkpoint.card import write_model_card
 from ..device import resolve_device, resolve_dtype
 from ..errors import WeightsmithError
 from ..progress import ProgressFn, report
-from .methods import Method, Param, get_method
-from .mwa import checkpoint_metric, mwa_weights
-from .recipe import ModelEntry, Recipe, evaluate_setting
-from .sparsify import whole_model_thresholds
-from .values import ValueChecks
+from .registry import Method, PlanCheck, check_param_names, get_method, resolve, resolve_globals
+from .recipe import Recipe
+from .values import ValueChecks, zero_requested
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -36,8 +38,6 @@ ADAPTER_CONFIG = "adapter_config.json"
 ARCH_KEYS = ("model_type", "architectures", "hidden_size", "num_hidden_layers", "num_attention_heads",
              "num_key_value_heads", "intermediate_size", "n_embd", "n_layer", "n_head")
 VOCAB_NAMES = re.compile(r"(embed_tokens|lm_head|wte|word_embeddings|embed_out|output)\.weight$")
-# mergekit parameters accepted for compatibility that change nothing here.
-IGNORED_PARAMS = {"int8_mask"}
 PREFETCH_BYTES = 256 * 2**20
 
 
@@ -59,7 +59,10 @@ class TensorJob:
     kwargs: dict
     rows: int | None = None  # crop the vocabulary axis to this many rows
     float_math: bool = True
-    whole_trim: bool = False  # TIES' trim over the whole task vector: the threshold comes from a pre-pass
+    compute: torch.dtype = torch.float32  # the arithmetic's dtype (not float32 only under compat: mergekit)
+    inputs: list | None = None  # [(Checkpoint, tensor name)] for this job alone (layer stacking), base first
+    base_in: bool | None = None  # whether ``inputs`` starts with the base
+    prepare: object = None  # applied to the loaded inputs (vocabulary rows re-indexed to the output tokenizer)
 
 
 @dataclass
@@ -73,6 +76,9 @@ class MergePlan:
     adapter: bool = False
     notes: list[str] = field(default_factory=list)
     card_parameters: dict = field(default_factory=dict)
+    compat: str | None = None
+    config: dict | None = None  # the output config when it is not the reference's (layer stacking)
+    vocabulary: object = None  # tokenizer.OutputVocabulary when the recipe builds the output tokenizer
 
 
 def _open(path: str, what: str) -> Checkpoint:
@@ -123,70 +129,35 @@ def _depths(ref: Checkpoint) -> dict[str, float]:
     return out
 
 
-def _resolve(param: Param, setting, name: str, t: float, where: str, compat: str | None, explicit: bool):
-    value = evaluate_setting(setting, name, t, where) if setting is not None else None
-    if value is None:
-        value = param.default
-        if compat == "mergekit" and not explicit and param.mergekit is not None:
-            value = param.mergekit
-        if value is None:
-            return None
-    if param.name == "rescale" and isinstance(value, bool):
-        value = "l1" if value else "none"
-    return param.check(value, where)
-
-
-def _param_names(method: Method, recipe: Recipe, where: str) -> None:
-    known = {p.name for p in method.params} | IGNORED_PARAMS
-    for key in recipe.parameters:
-        if key not in known:
-            raise WeightsmithError(f"{where}: method {method.name!r} has no parameter {key!r}; "
-                                   f"it takes {', '.join(sorted(p.name for p in method.params)) or 'none'}")
-    for m in recipe.models:
-        for key in m.parameters:
-            p = method.param(key)
-            if key in IGNORED_PARAMS:
-                continue
-            if p is None:
-                raise WeightsmithError(f"{where}: model {m.path}: method {method.name!r} has no parameter {key!r}")
-
-
-def _prepare_mwa(recipe: Recipe, where: str) -> tuple[Recipe, dict]:
-    """Turn an MWA recipe into the linear merge it defines; return it and the card's parameters."""
-    method = get_method("mwa")
-    _param_names(method, recipe, where)
-    metric = _resolve(method.param("metric"), recipe.parameters.get("metric"), "", 0.0, where, None, True)
-    p = _resolve(method.param("p"), recipe.parameters.get("p"), "", 0.0, where, None, True)
-    values = []
-    for m in recipe.models:
-        given = m.parameters.get("metric_value")
-        if given is not None:
-            v = method.param("metric_value").check(given, f"{where}: model {m.path}")
-            values.append(1.0 / v if metric == "loss" else v)
-        else:
-            if not Path(m.path).is_dir():
-                raise WeightsmithError(f"model {m.path}: folder not found")
-            values.append(checkpoint_metric(m.path, metric))
-    weights = mwa_weights(values, p)
-    linear = Recipe("linear", [ModelEntry(m.path, {"weight": w}) for m, w in zip(recipe.models, weights)],
-                    recipe.base_model, {"normalize": True}, recipe.dtype, recipe.text)
-    card = {"metric": metric, "p": p, "weights": {m.path: round(w, 6) for m, w in zip(recipe.models, weights)}}
-    return linear, card
+def _compat(method: Method, recipe: Recipe, where: str) -> str | None:
+    p = method.param("compat")
+    return resolve(p, recipe.parameters.get("compat"), "", 0.0, where, None, True) if p else None
 
 
 def plan_merge(recipe: Recipe, *, dtype: str | None = None, allow_crimes: bool = False) -> MergePlan:
-    """Open headers, check architectures, names, shapes and every parameter for every tensor; read no tensor."""
+    """Open headers, check architectures, names, shapes and every parameter for every tensor; read no tensor.
+
+    ``dtype`` (the command line's --dtype) overrides the output dtype; the arithmetic's dtype is float32,
+    or the recipe's ``dtype`` under compat: mergekit."""
+    from .tokenizer import attach_vocabulary
+
     where = "recipe"
     card_params: dict = {}
-    if recipe.method == "mwa":
-        recipe, card_params = _prepare_mwa(recipe, where)
+    if recipe.slices is not None:
+        from .slices import plan_slice_merge
+        return attach_vocabulary(plan_slice_merge(recipe, dtype=dtype, allow_crimes=allow_crimes))
     method = get_method(recipe.method)
-    _param_names(method, recipe, where)
+    notes = check_param_names(method, recipe, where, _compat(method, recipe, where))
+    if method.rewrite is not None:
+        recipe, card_params = method.rewrite(recipe, resolve_globals(method, recipe, where), where)
+        method = get_method(recipe.method)
+        notes += check_param_names(method, recipe, where, _compat(method, recipe, where))
+    compat = _compat(method, recipe, where)
     base = _open(recipe.base_model, "base_model") if recipe.base_model else None
     if method.base == "required" and base is None:
         raise WeightsmithError(f"method {method.name!r} needs a base model (base_model: in YAML, --base on the command line)")
-    entries = [m for m in recipe.models if not (method.base == "required" and base is not None
-                                                and Path(m.path).resolve() == base.path.resolve())]
+    takes_base = base is not None and method.base in ("required", "optional")
+    entries = [m for m in recipe.models if not (takes_base and Path(m.path).resolve() == base.path.resolve())]
     if len(entries) < method.min_models:
         raise WeightsmithError(f"method {method.name!r} needs at least {method.min_models} model(s) besides the base, "
                                f"got {len(entries)}")
@@ -198,7 +169,10 @@ def plan_merge(recipe: Recipe, *, dtype: str | None = None, allow_crimes: bool =
     _check_architectures(everyone, allow_crimes)
     reference = base or models[0]
     adapter = (reference.path / ADAPTER_WEIGHTS).is_file() and reference.config is None
-    out_dtype = resolve_dtype(dtype or recipe.dtype)
+    out_dtype = resolve_dtype(dtype or recipe.out_dtype or recipe.dtype)
+    math_dtype = resolve_dtype(recipe.dtype) if compat == "mergekit" else torch.float32
+    if compat == "mergekit" and recipe.dtype and recipe.out_dtype and not dtype:
+        notes.append(f"arithmetic in {recipe.dtype}, written as {recipe.out_dtype} (as mergekit)")
 
     ref_names = reference.names()
     for c in everyone:
@@ -210,11 +184,7 @@ def plan_merge(recipe: Recipe, *, dtype: str | None = None, allow_crimes: bool =
         if extra:
             raise WeightsmithError(f"{c.path}: tensor {extra[0]!r} is not in {reference.path}")
 
-    compat_param = method.param("compat")
-    compat_setting = recipe.parameters.get("compat")
-    compat = _resolve(compat_param, compat_setting, "", 0.0, where, None, True) if compat_param else None
     depth = _depths(reference)
-    notes = []
     jobs = []
     for name in ref_names:
         shapes = [tuple(c.info(name).shape) for c in everyone]
@@ -232,46 +202,40 @@ def plan_merge(recipe: Recipe, *, dtype: str | None = None, allow_crimes: bool =
         t = depth[name]
         kwargs: dict = {}
         for p in method.params:
-            if p.name == "compat":
+            if p.keyword is None:
                 continue
             if p.scope == "global":
                 setting = recipe.parameters.get(p.name)
-                kwargs[p.name] = _resolve(p, setting, name, t, f"{where}: {name}", compat, p.name in recipe.parameters)
+                value = resolve(p, setting, name, t, f"{where}: {name}", compat, p.name in recipe.parameters)
             else:
-                vals = []
+                value = []
                 for m in entries:
                     explicit = p.name in m.parameters or p.name in recipe.parameters
                     setting = m.parameters.get(p.name, recipe.parameters.get(p.name))
-                    vals.append(_resolve(p, setting, name, t, f"{where}: model {m.path}: {name}", compat, explicit))
-                kwargs[p.name] = vals
-        if "compat" in _fn_args(method):
-            kwargs["compat"] = compat
-        if "inplace" in _fn_args(method):
+                    value.append(resolve(p, setting, name, t, f"{where}: model {m.path}: {name}", compat, explicit))
+            kwargs[p.keyword] = value
+        if method.inplace:
             kwargs["inplace"] = True
-        trim = kwargs.pop("trim", None)
         in_dtype = reference.info(name).torch_dtype
         float_math = in_dtype.is_floating_point
-        jobs.append(TensorJob(name, shape, out_dtype if (out_dtype and float_math) else in_dtype,
-                              _fn_kwargs(kwargs), rows, float_math, trim == "model" and float_math))
-    whole = [j for j in jobs if j.whole_trim]
-    for i, m in enumerate(entries if whole else []):
-        densities = sorted({j.kwargs["density"][i] for j in whole})
-        if len(densities) > 1:
-            raise WeightsmithError(
-                f"{where}: model {m.path}: trim: model (TIES' whole-model trim) takes one density per model, got "
-                f"{len(densities)} across tensors ({densities[0]:g}..{densities[-1]:g}); use trim: tensor for "
-                "densities that vary by layer")
+        compute = math_dtype or _promoted(everyone, name)
+        jobs.append(TensorJob(name, shape, out_dtype if (out_dtype and float_math) else in_dtype, kwargs, rows,
+                              float_math, compute if float_math else in_dtype))
+    if method.validate is not None:
+        method.validate(PlanCheck(method, [m.path for m in entries], [(j.name, j.kwargs) for j in jobs if j.float_math],
+                                  where, compat))
     if not card_params:
         card_params = {p.name: recipe.parameters.get(p.name, p.default) for p in method.params}
-    return MergePlan(method, recipe, base, models, jobs, reference, adapter, notes, card_params)
+    return attach_vocabulary(MergePlan(method, recipe, base, models, jobs, reference, adapter, notes, card_params,
+                                       compat))
 
 
-def _fn_args(method: Method) -> set[str]:
-    return set(inspect.signature(method.fn).parameters)
-
-
-def _fn_kwargs(kwargs: dict) -> dict:
-    return {("lambda_" if k == "lambda" else k): v for k, v in kwargs.items()}
+def _promoted(ckpts: list[Checkpoint], name: str) -> torch.dtype:
+    """mergekit's compute dtype when the recipe gives none: the inputs' dtypes promoted."""
+    dt = ckpts[0].info(name).torch_dtype
+    for c in ckpts[1:]:
+        dt = torch.promote_types(dt, c.info(name).torch_dtype)
+    return dt
 
 
 def _generator(seed: int, name: str, index: int) -> torch.Generator:
@@ -287,81 +251,108 @@ def run_job(plan: MergePlan, job: TensorJob, tensors: list[torch.Tensor], base: 
     if not job.float_math:
         return (base if base is not None else tensors[0])
     kwargs = dict(job.kwargs)
-    if plan.method.random:
+    method = plan.method
+    if method.random:
         kwargs["generators"] = [_generator(seed, job.name, i) for i in range(len(tensors))]
-    if plan.method.base == "required":
-        return plan.method.fn(tensors, base, **kwargs)
-    return plan.method.fn(tensors, **kwargs)
+    mergekit = plan.compat == "mergekit" and (job.compute != torch.float32 or not method.compat_fast)
+    fn = method.reference if (mergekit and method.reference is not None) else method.fn
+    if method.base == "required" or (method.base == "optional" and base is not None):
+        return fn(tensors, base, **kwargs)
+    return fn(tensors, **kwargs)
 
 
-def _whole_model_trim(jobs: list[TensorJob], sources: list[Checkpoint], device: torch.device,
-                      progress: ProgressFn | None) -> None:
-    """Each input's TIES threshold over its whole task vector (the jobs with ``whole_trim``), found in two
-    reading passes before the merge; the jobs then cut at it."""
-    label = "trim thresholds"
-    done = [0]
-
-    def tensors():
-        for job in jobs:
-            inputs = [_read(c, job, device) for c in sources]
-            yield inputs[0], inputs[1:]
-            del inputs  # unmapped before the next tensor is read
-            done[0] += 1
-            report(progress, label, done[0], 2 * len(jobs))
-
-    total = sum(torch.Size(j.shape).numel() for j in jobs)
-    thresholds = whole_model_thresholds(tensors, jobs[0].kwargs["density"], total)
-    for job in jobs:
-        job.kwargs["threshold"] = thresholds
+def _read(ckpt: Checkpoint, job: TensorJob, device: torch.device, name: str | None = None) -> torch.Tensor:
+    """The tensor (in the job's compute dtype for float math) on ``device``, cropped to the job's rows,
+    which the method may overwrite: on CPU a tensor already in that dtype (or non-float) is a private
+    copy-on-write mapping of the file, so reading it copies nothing and the file never changes;
+    otherwise an owned copy. ``name``: the tensor's name in ``ckpt`` when not the job's."""
+    name = name or job.name
+    if device.type == "cpu" and (not job.float_math or ckpt.info(name).torch_dtype == job.compute):
+        return ckpt.map(name, job.rows)
+    return ckpt.read(name, job.rows, job.compute if job.float_math else None, device)
 
 
-def _read(ckpt: Checkpoint, job: TensorJob, device: torch.device) -> torch.Tensor:
-    """The tensor (float32 for float math) on ``device``, cropped to the job's rows, which the method may
-    overwrite: on CPU a float32 (or non-float) tensor is a private copy-on-write mapping of the file,
-    so reading it copies nothing and the file never changes; otherwise an owned copy."""
-    if device.type == "cpu" and (not job.float_math or ckpt.info(job.name).torch_dtype == torch.float32):
-        return ckpt.map(job.name, job.rows)
-    return ckpt.read(job.name, job.rows, torch.float32 if job.float_math else None, device)
+SHARD_PARAMS = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "T": 10**12}
+SHARD_BYTES = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30,
+               "TIB": 2**40}
+MIN_SHARD_BYTES = 1000
+
+
+def shard_bytes(size: str | int, bytes_per_param: int) -> int:
+    """The output shard limit in bytes. An int is bytes (the library's form); text is mergekit's parameter
+    count (``5B`` = 5 billion, ``500M``, ``50K``, a bare number) or bytes with a byte unit (``2GB``,
+    ``300MiB``). Sizes under 1 KB are refused: they would write one file per tensor by accident."""
+    import re as _re
+
+    if isinstance(size, int) and not isinstance(size, bool):
+        n = size
+    else:
+        m = _re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(size))
+        unit = m.group(2).upper() if m else None
+        if unit in SHARD_PARAMS:
+            n = int(float(m.group(1)) * SHARD_PARAMS[unit]) * bytes_per_param
+        elif unit in SHARD_BYTES:
+            n = int(float(m.group(1)) * SHARD_BYTES[unit])
+        else:
+            raise WeightsmithError(f"--out-shard-size {size!r} not understood; write parameters as mergekit (5B, 500M, "
+                                   "50K) or bytes (2GB, 500MB, 1GiB)")
+    if n < MIN_SHARD_BYTES:
+        raise WeightsmithError(f"--out-shard-size {size!r} is {n} bytes; shards under 1KB are refused (did you mean "
+                               "a parameter count such as 1B = 1 billion?)")
+    return n
 
 
 def merge(recipe: Recipe, out: str | Path, *, device: str = "auto", dtype: str | None = None,
-          out_shard_size: str | int = "5GB", seed: int = 0, allow_crimes: bool = False, force: bool = False,
-          progress: ProgressFn | None = None, metrics: list[dict] | None = None, allow_nonfinite: bool = False,
+          out_shard_size: str | int = "5B", seed: int = 0, allow_crimes: bool = False, force: bool = False,
+          progress: ProgressFn | None = None, metrics: list[dict] | None = None, copy_tokenizer: bool = True,
+          model_card: bool = True, allow_nonfinite: bool = False,
           **extra) -> dict:
-    """Run ``recipe`` into the folder ``out``; returns a report dict (inputs, method, tensors, notes, seconds)."""
+    """Run ``recipe`` into the folder ``out``; returns a report dict (inputs, method, tensors, notes, seconds).
+
+    ``out_shard_size``: see ``shard_bytes`` (text in parameters, as mergekit, or bytes with a unit)."""
+    shard_bytes(out_shard_size, 4)  # a bad size is refused before any input is opened
     method = get_method(recipe.method)
     if method.whole_model:
-        module, fn = method.whole_model.split(":")
-        try:
-            target = getattr(importlib.import_module(module), fn)
-        except (ImportError, AttributeError):
-            raise WeightsmithError(f"merge method {method.name!r} is not available in this installation") from None
-        return target(recipe, out, device=device, dtype=dtype, out_shard_size=out_shard_size, seed=seed,
-                      allow_crimes=allow_crimes, force=force, progress=progress, **extra)
+        check_param_names(method, recipe, "recipe", None)
+        for p in method.params:
+            if recipe.parameters.get(p.name) is not None:
+                p.check(recipe.parameters[p.name], "recipe")
+        if not copy_tokenizer or not model_card:
+            raise WeightsmithError(f"method {method.name!r} always writes its tokenizer and model card")
+        return method.whole_model_fn()(recipe, out, device=device, dtype=dtype,
+                                       out_shard_size=shard_bytes(out_shard_size, 4), seed=seed,
+                                       allow_crimes=allow_crimes, force=force, progress=progress, **extra)
     if extra:
         raise WeightsmithError(f"method {method.name!r} does not take {', '.join(sorted(extra))}")
     plan = plan_merge(recipe, dtype=dtype, allow_crimes=allow_crimes)
     dev = resolve_device(device)
     check_output(out, recipe.inputs, force)
     start = time.perf_counter()
-    uses_base = plan.base is not None and plan.method.base == "required"
+    uses_base = plan.base is not None and plan.method.base in ("required", "optional")
     sources = ([plan.base] if uses_base else []) + plan.models
     checks = ValueChecks(plan, sources, allow_nonfinite)
     tokenizer_src = plan.reference.path
-    whole = [j for j in plan.jobs if j.whole_trim]
-    if whole:
-        _whole_model_trim(whole, sources, dev, progress)
+    if plan.method.prepass is not None:
+        def stream(jobs):
+            for job in jobs:
+                yield [_read(c, job, dev) for c in sources]
+        plan.method.prepass([j for j in plan.jobs if j.float_math], stream, progress)
     with output_folder(out, recipe.inputs, force) as tmp:
-        shard = "1000TB" if plan.adapter else out_shard_size
+        widest = max((j.dtype.itemsize for j in plan.jobs), default=4)
+        shard = "1000TB" if plan.adapter else shard_bytes(out_shard_size, widest)
         writer = ShardedWriter(tmp, [(j.name, j.dtype, j.shape) for j in plan.jobs], shard)
         label = f"merge {recipe.method}"
         report(progress, label, 0, len(plan.jobs))
 
         def load(job: TensorJob):
-            return [_read(c, job, dev) for c in sources]
+            if job.inputs is not None:
+                xs = [_read(c, job, dev, n) for c, n in job.inputs]
+            else:
+                xs = [_read(c, job, dev) for c in sources]
+            return job.prepare(xs) if job.prepare is not None else xs
 
         def footprint(job: TensorJob) -> int:
-            return 4 * len(sources) * torch.Size(job.shape).numel()
+            return job.compute.itemsize * len(job.inputs or sources) * torch.Size(job.shape).numel()
 
         largest = max((footprint(j) for j in plan.jobs), default=0)
 
@@ -380,9 +371,12 @@ def merge(recipe: Recipe, out: str | Path, *, device: str = "auto", dtype: str |
                 pending = None
                 if nxt is not None:
                     pending = reader.submit(load, nxt) if prefetchable(job, nxt) else _Ready(load, nxt)
-                base = inputs[0] if uses_base else None
-                tensors = inputs[1:] if uses_base else inputs
-                result = checks.run(job.name, inputs, lambda: run_job(plan, job, tensors, base, seed).to(job.dtype).cpu())
+                with_base = uses_base if job.base_in is None else job.base_in
+                base = inputs[0] if with_base else None
+                tensors = inputs[1:] if with_base else inputs
+                paths = [c.path for c, _ in job.inputs] if job.inputs is not None else None
+                result = checks.run(job.name, inputs, lambda: run_job(plan, job, tensors, base, seed).to(job.dtype).cpu(),
+                                    paths, zero_requested(job.kwargs))
                 del inputs, tensors, base
                 if written is not None:
                     written.result()
@@ -396,20 +390,29 @@ def merge(recipe: Recipe, out: str | Path, *, device: str = "auto", dtype: str |
             (tmp / "model.safetensors").rename(tmp / ADAPTER_WEIGHTS)
             shutil.copy2(plan.reference.path / ADAPTER_CONFIG, tmp / ADAPTER_CONFIG)
         else:
-            config = dict(plan.reference.config or {})
+            config = dict(plan.config or plan.reference.config or {})
             rows = next((j.rows for j in plan.jobs if j.rows is not None), None)
+            if plan.vocabulary is not None and plan.vocabulary.rows_out is not None:
+                rows = plan.vocabulary.rows_out
             if rows is not None and "vocab_size" in config:
                 config["vocab_size"] = rows
-            out_dt = resolve_dtype(dtype or recipe.dtype)
+            out_dt = resolve_dtype(dtype or recipe.out_dtype or recipe.dtype)
             if out_dt is not None:
                 key = "dtype" if "dtype" in config or "torch_dtype" not in config else "torch_dtype"
                 config[key] = str(out_dt).removeprefix("torch.")
             write_config(tmp, config)
-        copy_side_files(tokenizer_src, tmp)
+        if copy_tokenizer:
+            copy_side_files(tokenizer_src, tmp)
+        if plan.vocabulary is not None and (copy_tokenizer or plan.vocabulary.rows_out is not None):
+            plan.vocabulary.write(tmp)
+        elif plan.vocabulary is not None:
+            plan.notes.append("chat_template not written: the tokenizer is not copied (--no-copy-tokenizer)")
         notes = "\n".join(f"- {n}" for n in plan.notes) or None
-        write_model_card(tmp, stage="merge", method=recipe.method, inputs=recipe.inputs,
-                         parameters={**plan.card_parameters, "seed": seed, "dtype": str(dtype or recipe.dtype or "as input")},
-                         recipe=recipe.text or recipe.to_yaml(), notes=notes, metrics=metrics)
+        if model_card:
+            write_model_card(tmp, stage="merge", method=recipe.method, inputs=recipe.inputs,
+                             parameters={**plan.card_parameters, "seed": seed, "dtype": str(dtype or recipe.out_dtype or recipe.dtype or "as input"),
+                                         "arithmetic": str(plan.jobs[0].compute if plan.jobs else torch.float32).removeprefix("torch.")},
+                             recipe=recipe.text or recipe.to_yaml(), notes=notes, metrics=metrics)
     return {"out": str(out), "method": recipe.method, "inputs": recipe.inputs, "tensors": len(plan.jobs),
             "notes": plan.notes, "parameters": plan.card_parameters, "seconds": round(time.perf_counter() - start, 3),
             **({"nonfinite": checks.report} if checks.report else {})}

@@ -6,6 +6,8 @@ code stays as the fallback.
   arithmetic of ``mixing.mix``'s torch kernel in the same order, so both give bitwise-equal results.
 - ``ties_scan`` + ``ties_fixup``: a whole TIES merge before its thresholds are known (see
   ``sparsify.ties_fused``), with the same arithmetic as ``mix_range``.
+- ``sort_ties``: the order torch's unstable CPU sort gives equal keys, for the keys equal to one or two
+  values, replayed without a full sort (mergekit's top-k keeps tied magnitudes in that order).
 - ``bracket_range``: the counting pass of a top-k threshold search; ``nth_equal``: where a run of
   tied magnitudes is cut; ``magnitude_histogram``: the counting passes of a whole-model top-k threshold.
 
@@ -39,6 +41,7 @@ _nth_equal = _bind("ws_nth_equal", _I64, _P, _P, _INT, _F32, _I64, _I64)
 _magnitude_histogram = _bind("ws_magnitude_histogram", _INT, _P, _P, _I64, _I64, ctypes.c_int32, _P)
 _ties_scan = _bind("ws_ties_scan", _I64, _I64, _P, _P, _P, _P, _P, _P, _INT, _F32, _INT, _I64, _I64, _P, _P, _I64,
                    _P, _P, _I64)
+_sort_ties = _bind("ws_sort_ties", _INT, _P, _P, _I64, _INT, _F32, _F32)
 _ties_fixup = _bind("ws_ties_fixup", _INT, _I64, _P, _P, _P, _P, _P, _P, _INT, _F32, _INT, _P, _I64)
 
 
@@ -138,3 +141,22 @@ def ties_fixup(xs, base, out, threshold, tie_end, weight, normalize, lambda_, un
                        bool(normalize), float(lambda_), bool(unit), _ptr(pending, np.int64), pending.size)
     if code:
         raise MemoryError("kernels: out of memory")
+
+
+def sort_ties(keys, descending: bool, values, owned: bool = False) -> list[np.ndarray] | None:
+    """For each value in ``values`` (one or two), the flat indices of ``keys`` equal to it, in the order
+    ``torch.sort(keys, descending, stable=False)`` puts them; None where the sort would have taken its
+    heapsort fallback on those keys (then only a real sort tells), or for 2^31 keys or more.
+    ``keys``: 1-D finite float32, permuted in place when ``owned`` (else copied; restored on None)."""
+    v = keys if owned else np.array(keys, dtype=np.float32, copy=True)
+    ix = np.empty(v.size, dtype=np.int32)
+    t = [np.float32(x) for x in values] + [np.float32(values[0])] * (2 - len(values))
+    code = _sort_ties(_ptr(v, np.float32, writable=True), _ptr(ix, np.int32, writable=True), v.size, bool(descending),
+                      float(t[0]), float(t[1]))
+    if code < 0 and v.size <= np.iinfo(np.int32).max:
+        raise ValueError("kernels: sort_ties needs finite keys")
+    if code:
+        if owned:  # put the keys back where they were
+            v[ix] = v.copy()
+        return None
+    return [ix[v == x].astype(np.int64) for x in t[:len(values)]]

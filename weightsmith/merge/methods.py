@@ -1,23 +1,47 @@
-"""Merge methods as pure functions on tensors, registered under their mergekit YAML names.
+"""Merge methods as pure functions on tensors, each declared once with ``@merge_method`` under its
+mergekit YAML name (the contract is in ``registry``).
 
 Each function takes the inputs' tensors for one tensor name (plus the base's where the method
 needs one) and the resolved parameters, and returns the merged tensor in float32. Formulas follow
-the papers named in ``REGISTRY`` (soups, task arithmetic, TIES, DARE, Model Breadcrumbs, SLERP,
-Model Stock); where mergekit chose differently, ``compat: mergekit`` selects its behaviour.
+the papers named in the declarations (soups, task arithmetic, TIES, DARE, Model Breadcrumbs, SLERP,
+Model Stock, MWA); where mergekit chose differently, ``compat: mergekit`` selects its behaviour.
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from ..errors import WeightsmithError
+from . import reference as ref
 from .mixing import Cutoff, Source, mix
-from .sparsify import breadcrumbs_mask, dare_drop, l1_rescaled, ties_cutoff, ties_fused, ties_trim
+from .registry import COMPAT, REGISTRY, Method, Param, PlanCheck, get_method, merge_method, resolve_globals
+from .sparsify import breadcrumbs_mask, dare_drop, l1_rescaled, ties_cutoff, ties_fused, ties_trim, whole_model_thresholds
+
+__all__ = ["COMPAT", "REGISTRY", "Method", "Param", "get_method", "merge_method"]
+
+WEIGHT = Param("weight", float, 1.0, "model", help="per-model weight")
+DENSITY = Param("density", float, 1.0, "model", 0.0, 1.0, help="fraction of each task vector kept")
+LAMBDA = Param("lambda", float, 1.0, "global", help="scale of the merged task vector")
+TASK_COMPAT = Param("compat", str, "paper", choices=("paper", "mergekit"),
+                    help="'mergekit' switches TIES' trim to per tensor, DARE rescale to l1, breadcrumbs to mergekit's "
+                         "per-tensor counts, breaks ties in |delta| at a top-k threshold as mergekit's sort does, "
+                         "and does the arithmetic in the recipe's dtype")
+INT8_MASK = Param("int8_mask", bool, False, arg=None,
+                  help="accepted from mergekit recipes; changes nothing (masks are exact either way)")
 
 
+def normalize_param(default: bool) -> Param:
+    return Param("normalize", bool, default, help="divide by the summed weights")
+
+
+# the task-vector fast paths reproduce mergekit's float32 arithmetic bit for bit (tests/merge)
+TASK_VECTOR = dict(base="required", inplace=True, compat_fast=True)
+
+
+@merge_method("linear", title="Linear / uniform soup", url="https://arxiv.org/abs/2203.05482",
+              params=(WEIGHT, normalize_param(True)), reference=ref.linear)
 def linear(tensors: list[torch.Tensor], weight: list[float], normalize: bool = True) -> torch.Tensor:
     """Weighted average (uniform soup when all weights are equal)."""
     out = torch.zeros_like(tensors[0])
@@ -56,18 +80,65 @@ def task_vectors(tensors: list[torch.Tensor], base: torch.Tensor, weight: list[f
     return out
 
 
+@merge_method("task_arithmetic", title="Task Arithmetic", url="https://arxiv.org/abs/2212.04089",
+              params=(WEIGHT, normalize_param(False), LAMBDA, INT8_MASK), reference=ref.task_arithmetic, **TASK_VECTOR)
 def task_arithmetic(tensors, base, weight, normalize=False, lambda_=1.0, inplace=False):
     """Task arithmetic (Ilharco et al. 2023): θ_base + λ Σ wᵢ δᵢ."""
     return task_vectors(tensors, base, weight, normalize=normalize, lambda_=lambda_, inplace=inplace)
 
 
+def _one_density_per_model(check: PlanCheck) -> None:
+    """TIES' whole-model trim cuts each task vector at one threshold: one density per model."""
+    whole = [kw for _, kw in check.tensors if kw.get("trim") == "model"]
+    for i, path in enumerate(check.models if whole else []):
+        densities = sorted({kw["density"][i] for kw in whole})
+        if len(densities) > 1:
+            raise WeightsmithError(
+                f"{check.where}: model {path}: trim: model (TIES' whole-model trim) takes one density per model, got "
+                f"{len(densities)} across tensors ({densities[0]:g}..{densities[-1]:g}); use trim: tensor for "
+                "densities that vary by layer")
+
+
+def _whole_model_trim(jobs, stream, progress) -> None:
+    """Each input's TIES threshold over its whole task vector (the jobs with ``trim: model``), found in two
+    reading passes before the merge; those jobs then cut at it."""
+    from ..progress import report
+
+    jobs = [j for j in jobs if j.kwargs.get("trim") == "model"]
+    if not jobs:
+        return
+    label = "trim thresholds"
+    done = [0]
+
+    def tensors():
+        for inputs in stream(jobs):
+            yield inputs[0], inputs[1:]
+            del inputs  # unmapped before the next tensor is read
+            done[0] += 1
+            report(progress, label, done[0], 2 * len(jobs))
+
+    total = sum(torch.Size(j.shape).numel() for j in jobs)
+    thresholds = whole_model_thresholds(tensors, jobs[0].kwargs["density"], total)
+    for job in jobs:
+        job.kwargs["threshold"] = thresholds
+
+
+@merge_method("ties", title="TIES", url="https://arxiv.org/abs/2306.01708",
+              params=(WEIGHT, DENSITY, normalize_param(True), LAMBDA,
+                      Param("rescale", str, "none", choices=("none", "l1"), help="rescale trimmed deltas to their L1 norm"),
+                      Param("trim", str, "model", choices=("model", "tensor"), mergekit="tensor",
+                            help="top-density |delta| over each whole task vector (paper) or per tensor (mergekit)"),
+                      TASK_COMPAT, INT8_MASK),
+              validate=_one_density_per_model, prepass=_whole_model_trim, reference=ref.ties, **TASK_VECTOR)
 def ties(tensors, base, weight, density, normalize=True, lambda_=1.0, rescale=None, compat=None, inplace=False,
-         threshold=None):
+         threshold=None, trim="tensor"):
     """TIES: trim each δᵢ to its top-density |δ|, elect signs, disjoint mean.
 
     The trim is per tensor, unless ``threshold`` gives each input's cut over its whole task vector (the
-    paper's trim; the engine finds it with ``sparsify.whole_model_thresholds`` when ``trim: model``).
+    paper's trim, ``trim: model``; the engine's pre-pass ``_whole_model_trim`` finds it).
     """
+    if trim == "model" and threshold is None:
+        raise ValueError("ties: trim='model' needs each input's whole-model threshold (the engine's pre-pass)")
     if threshold is not None:
         if rescale == "l1":
             def whole(d: torch.Tensor, i: int, own: bool) -> torch.Tensor:
@@ -101,7 +172,7 @@ def ties(tensors, base, weight, density, normalize=True, lambda_=1.0, rescale=No
 
 def _dare(consensus: bool):
     def dare(tensors, base, weight, density, normalize=False, lambda_=1.0, rescale="paper", generators=None,
-             inplace=False):
+             inplace=False, compat=None):
         gens = generators or [None] * len(tensors)
         return task_vectors(tensors, base, weight, lambda d, i, own: dare_drop(d, density[i], rescale, gens[i]),
                             consensus=consensus, normalize=normalize, lambda_=lambda_, inplace=inplace)
@@ -109,8 +180,16 @@ def _dare(consensus: bool):
     return dare
 
 
-dare_linear = _dare(False)
-dare_ties = _dare(True)
+def _dare_params(consensus: bool) -> tuple[Param, ...]:
+    return (WEIGHT, DENSITY, normalize_param(False), LAMBDA,
+            Param("rescale", str, "paper", choices=("paper", "l1", "none"), mergekit="l1",
+                  help="survivor rescale: 'paper' 1/density, 'l1' L1-norm matching as mergekit"), TASK_COMPAT, INT8_MASK)
+
+
+dare_linear = merge_method("dare_linear", title="DARE (linear)", url="https://arxiv.org/abs/2311.03099",
+                           params=_dare_params(False), random=True, reference=ref.dare_linear, **TASK_VECTOR)(_dare(False))
+dare_ties = merge_method("dare_ties", title="DARE TIES", url="https://arxiv.org/abs/2311.03099",
+                         params=_dare_params(True), random=True, reference=ref.dare_ties, **TASK_VECTOR)(_dare(True))
 
 
 def _breadcrumbs(consensus: bool):
@@ -126,10 +205,25 @@ def _breadcrumbs(consensus: bool):
     return breadcrumbs
 
 
-breadcrumbs = _breadcrumbs(False)
-breadcrumbs_ties = _breadcrumbs(True)
+def _breadcrumbs_params(consensus: bool) -> tuple[Param, ...]:
+    return (WEIGHT, DENSITY, Param("gamma", float, 0.01, "model", 0.0, 1.0, help="fraction of top |delta| outliers removed"),
+            normalize_param(False), LAMBDA,
+            Param("mask", str, "row", choices=("row", "tensor"), mergekit="tensor",
+                  help="fractions per row (paper) or per tensor (mergekit)"),
+            Param("rescale", str, "none", choices=("none", "l1"), help="rescale kept deltas to their L1 norm"),
+            TASK_COMPAT, INT8_MASK)
 
 
+breadcrumbs = merge_method("breadcrumbs", title="Model Breadcrumbs", url="https://arxiv.org/abs/2312.06795",
+                           params=_breadcrumbs_params(False), reference=ref.breadcrumbs, **TASK_VECTOR)(_breadcrumbs(False))
+breadcrumbs_ties = merge_method("breadcrumbs_ties", title="Model Breadcrumbs + TIES", url="https://arxiv.org/abs/2312.06795",
+                                params=_breadcrumbs_params(True), reference=ref.breadcrumbs_ties,
+                                **TASK_VECTOR)(_breadcrumbs(True))
+
+
+@merge_method("slerp", title="SLERP", url="https://en.wikipedia.org/wiki/Slerp",
+              params=(Param("t", float, 0.5, "global", 0.0, 1.0, help="0 = base, 1 = other model"),),
+              base="required", max_models=1, mergekit_ignores=("weight",), reference=ref.slerp)
 def slerp(tensors: list[torch.Tensor], base: torch.Tensor, t: float, dot_threshold: float = 0.9995,
           eps: float = 1e-8) -> torch.Tensor:
     """Spherical interpolation from the base (t=0) to the other model (t=1) on the flattened tensors."""
@@ -148,7 +242,9 @@ def slerp(tensors: list[torch.Tensor], base: torch.Tensor, t: float, dot_thresho
 
 
 def model_stock(tensors: list[torch.Tensor], base: torch.Tensor, filter_wise: bool = False) -> torch.Tensor:
-    """Model Stock: t = N·cosθ / (1 + (N−1)·cosθ), θ = t·mean(θᵢ) + (1−t)·θ_base; per row when filter_wise."""
+    """Model Stock: t = N·cosθ / (1 + (N−1)·cosθ), θ = t·mean(θᵢ) + (1−t)·θ_base; per row when filter_wise.
+
+    Its arithmetic is mergekit's, in the inputs' dtype, so it is its own reference."""
     shape = base.shape
     if filter_wise:
         w0 = base.unsqueeze(0) if base.dim() == 1 else base
@@ -159,8 +255,8 @@ def model_stock(tensors: list[torch.Tensor], base: torch.Tensor, filter_wise: bo
     cosines = []
     for i, a in enumerate(offsets):
         for b in offsets[i + 1:]:
-            norms = (a.norm(dim=-1) * b.norm(dim=-1)).clamp(min=1e-6)
-            cosines.append(((a * b).sum(dim=-1) / norms).clamp(-1, 1))
+            norms = a.norm(dim=-1) * b.norm(dim=-1)
+            cosines.append(((a * b).sum(dim=-1) / norms.clamp(min=1e-6)).clamp(-1, 1))
     cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
     n = len(ws)
     denom = 1 + (n - 1) * cos
@@ -169,117 +265,66 @@ def model_stock(tensors: list[torch.Tensor], base: torch.Tensor, filter_wise: bo
     return (t * (sum(ws) / n) + (1 - t) * w0).reshape(shape)
 
 
-# -- registry ---------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Param:
-    """One parameter: ``scope`` 'model' (one value per input, mergekit's per-model parameters) or 'global'."""
-    name: str
-    kind: type
-    default: object
-    scope: str = "global"
-    low: float | None = None
-    high: float | None = None
-    choices: tuple = ()
-    help: str = ""
-    mergekit: object = None  # the default under ``compat: mergekit`` where mergekit differs from the paper
-
-    def check(self, value, where: str):
-        if self.kind is bool:
-            if not isinstance(value, bool):
-                raise WeightsmithError(f"{where}: parameter {self.name!r} must be true or false, got {value!r}")
-            return value
-        if self.choices:
-            if value not in self.choices:
-                raise WeightsmithError(f"{where}: parameter {self.name!r} must be one of {', '.join(map(str, self.choices))}; got {value!r}")
-            return value
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise WeightsmithError(f"{where}: parameter {self.name!r} must be a number, got {value!r}")
-        value = float(value)
-        if not math.isfinite(value) or (self.low is not None and value < self.low) or (self.high is not None and value > self.high):
-            lo = "-inf" if self.low is None else self.low
-            hi = "inf" if self.high is None else self.high
-            raise WeightsmithError(f"{where}: parameter {self.name!r} = {value} is outside [{lo}, {hi}]")
-        return value
+merge_method("model_stock", title="Model Stock", url="https://arxiv.org/abs/2403.19522",
+             params=(Param("filter_wise", bool, False, help="one ratio per output row"),), base="required",
+             min_models=2, mergekit_ignores=("weight",), reference=model_stock)(model_stock)
 
 
-@dataclass(frozen=True)
-class Method:
-    name: str
-    fn: Callable | None
-    title: str
-    url: str
-    params: tuple[Param, ...] = ()
-    base: str = "none"  # 'required', 'none'
-    min_models: int = 1
-    max_models: int | None = None
-    random: bool = False
-    whole_model: str | None = None  # "module:function" for methods that need whole models or data
-    notes: str = ""
-    param_map: dict = field(default_factory=dict)
+# -- methods that are not one tensor function -----------------------------------------------------
 
-    def param(self, name: str) -> Param | None:
-        return next((p for p in self.params if p.name == name), None)
+def _mwa_linear(recipe, params: dict, where: str):
+    """MWA's weights from the checkpoints' metrics; the merge is then a normalized linear one."""
+    from .mwa import checkpoint_metric, mwa_weights
+    from .recipe import ModelEntry, Recipe
 
-
-WEIGHT = Param("weight", float, 1.0, "model", help="per-model weight")
-DENSITY = Param("density", float, 1.0, "model", 0.0, 1.0, help="fraction of each task vector kept")
-LAMBDA = Param("lambda", float, 1.0, "global", help="scale of the merged task vector")
-COMPAT = Param("compat", str, "paper", choices=("paper", "mergekit"),
-               help="'mergekit' switches TIES' trim to per tensor, DARE rescale to l1, breadcrumbs to mergekit's "
-                    "per-tensor counts, and breaks ties in |delta| at a top-k threshold as mergekit's sort does")
-
-
-def _normalize(default: bool) -> Param:
-    return Param("normalize", bool, default, help="divide by the summed weights")
+    method = get_method("mwa")
+    metric, p = params["metric"], params["p"]
+    values = []
+    for m in recipe.models:
+        given = m.parameters.get("metric_value")
+        if given is not None:
+            v = method.param("metric_value").check(given, f"{where}: model {m.path}")
+            values.append(1.0 / v if metric == "loss" else v)
+        else:
+            if not Path(m.path).is_dir():
+                raise WeightsmithError(f"model {m.path}: folder not found")
+            values.append(checkpoint_metric(m.path, metric))
+    weights = mwa_weights(values, p)
+    linear_recipe = Recipe("linear", [ModelEntry(m.path, {"weight": w}) for m, w in zip(recipe.models, weights)],
+                           recipe.base_model, {"normalize": True, **({"compat": recipe.parameters["compat"]}
+                                                                      if "compat" in recipe.parameters else {})},
+                           recipe.dtype, recipe.text, out_dtype=recipe.out_dtype)
+    card = {"metric": metric, "p": p, "weights": {m.path: round(w, 6) for m, w in zip(recipe.models, weights)}}
+    return linear_recipe, card
 
 
-REGISTRY: dict[str, Method] = {m.name: m for m in [
-    Method("linear", linear, "Linear / uniform soup", "https://arxiv.org/abs/2203.05482",
-           (WEIGHT, _normalize(True))),
-    Method("task_arithmetic", task_arithmetic, "Task Arithmetic", "https://arxiv.org/abs/2212.04089",
-           (WEIGHT, _normalize(False), LAMBDA), base="required"),
-    Method("ties", ties, "TIES", "https://arxiv.org/abs/2306.01708",
-           (WEIGHT, DENSITY, _normalize(True), LAMBDA,
-            Param("rescale", str, "none", choices=("none", "l1"), help="rescale trimmed deltas to their L1 norm"),
-            Param("trim", str, "model", choices=("model", "tensor"), mergekit="tensor",
-                  help="top-density |delta| over each whole task vector (paper) or per tensor (mergekit)"),
-            COMPAT),
-           base="required"),
-    *[Method(n, f, t, "https://arxiv.org/abs/2311.03099",
-             (WEIGHT, DENSITY, _normalize(False), LAMBDA,
-              Param("rescale", str, "paper", choices=("paper", "l1", "none"), mergekit="l1",
-                    help="survivor rescale: 'paper' 1/density, 'l1' L1-norm matching as mergekit"), COMPAT),
-             base="required", random=True)
-      for n, f, t in (("dare_linear", dare_linear, "DARE (linear)"), ("dare_ties", dare_ties, "DARE TIES"))],
-    *[Method(n, f, t, "https://arxiv.org/abs/2312.06795",
-             (WEIGHT, DENSITY, Param("gamma", float, 0.01, "model", 0.0, 1.0, help="fraction of top |δ| outliers removed"),
-              _normalize(False), LAMBDA,
-              Param("mask", str, "row", choices=("row", "tensor"), mergekit="tensor", help="fractions per row (paper) or per tensor (mergekit)"),
-              Param("rescale", str, "none", choices=("none", "l1")), COMPAT),
-             base="required")
-      for n, f, t in (("breadcrumbs", breadcrumbs, "Model Breadcrumbs"),
-                      ("breadcrumbs_ties", breadcrumbs_ties, "Model Breadcrumbs + TIES"))],
-    Method("slerp", slerp, "SLERP", "https://en.wikipedia.org/wiki/Slerp",
-           (Param("t", float, 0.5, "global", 0.0, 1.0, help="0 = base, 1 = other model"),), base="required",
-           min_models=1, max_models=1),
-    Method("model_stock", model_stock, "Model Stock", "https://arxiv.org/abs/2403.19522",
-           (Param("filter_wise", bool, False, help="one ratio per output row"),), base="required", min_models=2),
-    Method("mwa", linear, "Metrics-Weighted Averaging", "https://arxiv.org/abs/2504.18580",
-           (Param("metric", str, "loss", choices=("loss", "step"), help="1/loss or step as each checkpoint's metric"),
-            Param("p", float, 1.0, "global", 0.0, help="penalty factor: w_i = m_i^p / sum m_j^p"),
-            Param("metric_value", float, None, "model", 0.0, help="the metric, when not read from trainer_state.json")),
-           notes="weights computed from the checkpoints' metrics, then a linear merge"),
-    Method("greedy_soup", None, "Greedy soup", "https://arxiv.org/abs/2203.05482", (), min_models=1,
-           whole_model="weightsmith.merge.soup:greedy_soup_recipe"),
-    Method("pleas", None, "PLeaS", "https://arxiv.org/abs/2407.02447", (), min_models=2, max_models=2,
-           whole_model="weightsmith.merge.pleas:merge_recipe"),
-]}
+merge_method("mwa", title="Metrics-Weighted Averaging", url="https://arxiv.org/abs/2504.18580",
+             params=(Param("metric", str, "loss", choices=("loss", "step"), help="1/loss or step as each checkpoint's metric"),
+                     Param("p", float, 1.0, "global", 0.0, help="penalty factor: w_i = m_i^p / sum m_j^p"),
+                     Param("metric_value", float, None, "model", 0.0,
+                           help="the metric, when not read from trainer_state.json")),
+             rewrite=_mwa_linear, notes="weights computed from the checkpoints' metrics, then a linear merge")(None)
 
+merge_method("greedy_soup", title="Greedy soup", url="https://arxiv.org/abs/2203.05482",
+             params=(Param("data", str, help="held-out text file scored by perplexity (lower is better)"),
+                     Param("labelled", str, help="held-out labelled file scored by accuracy (higher is better)"),
+                     Param("max_tokens", int, None, low=1, help="tokens of --data used for perplexity (default: all)"),
+                     Param("compat", str, "paper", choices=("paper", "mergekit"), arg=None,
+                           help="passed to the linear merges of the soup")),
+             whole_model="weightsmith.merge.soup:greedy_soup_recipe",
+             notes="ingredients join a uniform soup only if the held-out score improves")(None)
 
-def get_method(name: str) -> Method:
-    try:
-        return REGISTRY[name]
-    except KeyError:
-        raise WeightsmithError(
-            f"unknown merge_method {name!r}; known: {', '.join(sorted(REGISTRY))}") from None
+merge_method("pleas", title="PLeaS", url="https://arxiv.org/abs/2407.02447",
+             params=(Param("data", str, help="calibration text (the fine-tuning data, or generic text)"),
+                     Param("width", float, 1.2, low=1.0, high=2.0, help="output size in model widths"),
+                     Param("metric", str, "euclidean", choices=("euclidean", "correlation"),
+                           help="activation similarity used to match units"),
+                     Param("ridge", float, 1e-4, low=0.0, help="ridge of the layer-wise least squares"),
+                     Param("least_squares", bool, True, help="refit each layer on both models' activations"),
+                     Param("inputs", str, "merged", choices=("merged", "original"),
+                           help="least-squares inputs: the merged model's activations or the originals'"),
+                     Param("max_tokens", int, 8192, low=1, help="calibration tokens"),
+                     Param("seq_len", int, 128, low=1, help="calibration sequence length"),
+                     Param("batch_size", int, 8, low=1, help="calibration batch size")),
+             min_models=2, max_models=2, whole_model="weightsmith.merge.pleas:merge_recipe",
+             notes="two models; permutation alignment, partial merging and least squares need calibration data")(None)

@@ -15,7 +15,21 @@ import yaml
 from ..errors import WeightsmithError
 
 KNOWN_KEYS = {"merge_method", "models", "base_model", "parameters", "dtype", "tokenizer_source", "out_dtype",
-              "name", "chat_template", "tokenizer"}
+              "name", "chat_template", "tokenizer", "slices"}
+MODEL_KEYS = {"model", "parameters"}
+# Top-level keys carried on the recipe for the stages that handle them (tokenizer, chat template, name).
+OPTION_KEYS = ("tokenizer_source", "chat_template", "tokenizer", "name")
+
+
+def refuse_unknown(keys, known, where: str) -> None:
+    """An unknown key is an error naming it and the closest known one."""
+    import difflib
+
+    for key in keys:
+        if key not in known:
+            match = difflib.get_close_matches(str(key), sorted(known), n=1, cutoff=0.6)
+            hint = f" (did you mean {match[0]!r}?)" if match else ""
+            raise WeightsmithError(f"{where}: unknown key {key!r}{hint}; known: {', '.join(sorted(known))}")
 
 
 @dataclass
@@ -30,13 +44,18 @@ class Recipe:
     models: list[ModelEntry]
     base_model: str | None = None
     parameters: dict = field(default_factory=dict)
-    dtype: str | None = None
+    dtype: str | None = None  # mergekit's compute dtype (used under compat: mergekit), and the output's unless out_dtype
     text: str | None = None
+    out_dtype: str | None = None
+    options: dict = field(default_factory=dict)  # OPTION_KEYS given in the recipe
+    slices: list | None = None  # layer stacking (``slices.Slice``), instead of ``models``
 
     @property
     def inputs(self) -> list[str]:
         """Every distinct folder the recipe reads, base first."""
         paths = ([self.base_model] if self.base_model else []) + [m.path for m in self.models]
+        for s in self.slices or []:
+            paths += ([s.base_model] if s.base_model else []) + [src.model for src in s.sources]
         return list(dict.fromkeys(paths))
 
     def to_yaml(self) -> str:
@@ -48,6 +67,9 @@ class Recipe:
             data["parameters"] = self.parameters
         if self.dtype:
             data["dtype"] = self.dtype
+        if self.out_dtype:
+            data["out_dtype"] = self.out_dtype
+        data.update(self.options)
         return yaml.safe_dump(data, sort_keys=False)
 
 
@@ -56,6 +78,9 @@ def _model_ref(value, where: str) -> str:
     if isinstance(value, str) and value:
         return os.path.expanduser(os.path.expandvars(value))
     if isinstance(value, dict) and isinstance(value.get("model"), str):
+        refuse_unknown(value, {"model", "lora", "override_architecture"}, where)
+        if value.get("override_architecture"):
+            raise WeightsmithError(f"{where}: 'override_architecture' is not supported; give models of one architecture")
         if value.get("lora"):
             raise WeightsmithError(f"{where}: 'model+lora' references are not supported; merge the adapter first")
         return os.path.expanduser(os.path.expandvars(value["model"]))
@@ -70,22 +95,30 @@ def parse_recipe(text: str, source: str = "recipe") -> Recipe:
         raise WeightsmithError(f"{source}: not valid YAML ({exc})") from None
     if not isinstance(data, dict):
         raise WeightsmithError(f"{source}: expected a mapping with merge_method and models")
-    if "slices" in data or "modules" in data:
-        raise WeightsmithError(f"{source}: 'slices'/'modules' (layer stacking) are not supported; list whole models under 'models'")
-    unknown = set(data) - KNOWN_KEYS
-    if unknown:
-        raise WeightsmithError(f"{source}: unknown key {sorted(unknown)[0]!r}; known: {', '.join(sorted(KNOWN_KEYS))}")
+    if "modules" in data:
+        from .slices import single_module
+        data = single_module(data, source)
+    if "slices" in data and "models" in data:
+        raise WeightsmithError(f"{source}: give 'models' or 'slices', not both")
+    refuse_unknown(data, KNOWN_KEYS, source)
     method = data.get("merge_method")
     if not isinstance(method, str):
         raise WeightsmithError(f"{source}: 'merge_method' is missing (e.g. merge_method: ties)")
     raw_models = data.get("models") or []
-    if not isinstance(raw_models, list) or not raw_models:
+    slices = None
+    if "slices" in data:
+        from .slices import parse_slices
+        slices = parse_slices(data["slices"], source, _model_ref)
+    elif not isinstance(raw_models, list) or not raw_models:
         raise WeightsmithError(f"{source}: 'models' must be a non-empty list of {{model: PATH, parameters: {{...}}}}")
     models = []
     for i, m in enumerate(raw_models):
         where = f"{source}: models[{i}]"
         if not isinstance(m, dict) or "model" not in m:
+            if isinstance(m, dict):
+                refuse_unknown(m, MODEL_KEYS, where)
             raise WeightsmithError(f"{where}: each entry needs 'model: PATH'")
+        refuse_unknown(m, MODEL_KEYS, where)
         params = m.get("parameters") or {}
         if not isinstance(params, dict):
             raise WeightsmithError(f"{where}: 'parameters' must be a mapping")
@@ -94,11 +127,15 @@ def parse_recipe(text: str, source: str = "recipe") -> Recipe:
     params = data.get("parameters") or {}
     if not isinstance(params, dict):
         raise WeightsmithError(f"{source}: 'parameters' must be a mapping")
-    dtype = data.get("out_dtype") or data.get("dtype")
-    if dtype is not None and not isinstance(dtype, str):
-        raise WeightsmithError(f"{source}: 'dtype' must be a name such as float32, bfloat16 or float16, not {dtype!r}")
+    dtypes = {}
+    for key in ("dtype", "out_dtype"):
+        value = data.get(key)
+        if value is not None and not isinstance(value, str):
+            raise WeightsmithError(f"{source}: '{key}' must be a name such as float32, bfloat16 or float16, not {value!r}")
+        dtypes[key] = value
     return Recipe(method, models, _model_ref(base, f"{source}: base_model") if base is not None else None,
-                  dict(params), dtype, text)
+                  dict(params), dtypes["dtype"], text, dtypes["out_dtype"],
+                  {k: data[k] for k in OPTION_KEYS if k in data}, slices)
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -116,6 +153,10 @@ def load_recipe(path: str | Path) -> Recipe:
         m.path = fix(m.path)
     if recipe.base_model:
         recipe.base_model = fix(recipe.base_model)
+    for s in recipe.slices or []:
+        s.base_model = fix(s.base_model) if s.base_model else None
+        for src in s.sources:
+            src.model = fix(src.model)
     return recipe
 
 

@@ -15,11 +15,6 @@ from ..progress import ProgressFn, report
 from .engine import merge
 from .recipe import ModelEntry, Recipe
 
-PARAMS = {"data": "held-out text file scored by perplexity (lower is better)",
-          "labelled": "held-out labelled file scored by accuracy (higher is better)",
-          "max_tokens": "tokens of --data used for perplexity (default: all)"}
-
-
 def _score(path: Path, data, labelled, max_tokens, device) -> float:
     from ..eval import evaluate_model
 
@@ -30,10 +25,9 @@ def _score(path: Path, data, labelled, max_tokens, device) -> float:
 def greedy_soup_recipe(recipe: Recipe, out: str | Path, *, device: str = "auto", dtype: str | None = None,
                        out_shard_size: str | int = "5GB", seed: int = 0, allow_crimes: bool = False,
                        force: bool = False, progress: ProgressFn | None = None, **_) -> dict:
-    """Greedy soup of ``recipe.models`` scored on ``parameters.data`` (or ``labelled``); returns the trace."""
-    unknown = set(recipe.parameters) - set(PARAMS)
-    if unknown:
-        raise WeightsmithError(f"greedy_soup has no parameter {sorted(unknown)[0]!r}; it takes {', '.join(PARAMS)}")
+    """Greedy soup of ``recipe.models`` scored on ``parameters.data`` (or ``labelled``); returns the trace.
+
+    Its parameters are declared (and their names and values checked) in ``methods``' registration."""
     data, labelled = recipe.parameters.get("data"), recipe.parameters.get("labelled")
     max_tokens = recipe.parameters.get("max_tokens")
     if (data is None) == (labelled is None):
@@ -61,7 +55,9 @@ def greedy_soup_recipe(recipe: Recipe, out: str | Path, *, device: str = "auto",
     trace = [{"ingredient": ranked[0], "score": best, "soup_score": best, "kept": True}]
 
     def soup_recipe(members: list[str]) -> Recipe:
-        return Recipe("linear", [ModelEntry(m, {"weight": 1.0}) for m in members], None, {"normalize": True}, recipe.dtype)
+        compat = {"compat": recipe.parameters["compat"]} if recipe.parameters.get("compat") else {}
+        return Recipe("linear", [ModelEntry(m, {"weight": 1.0}) for m in members], None, {"normalize": True, **compat},
+                      recipe.dtype, out_dtype=recipe.out_dtype)
 
     with tempfile.TemporaryDirectory(prefix="weightsmith-soup-") as tmp:
         for i, p in enumerate(ranked[1:]):

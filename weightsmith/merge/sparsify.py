@@ -234,7 +234,8 @@ def ties_fused(tensors: list[torch.Tensor], base: torch.Tensor, weight: list[flo
     Each input's threshold is bracketed from a sample. The pass counts the magnitudes above each bracket,
     keeps the ones inside it (with their indices), and merges every position where no input falls inside
     its bracket; the exact thresholds (ties kept in index order, as ``ties_cutoff``) then settle the rest.
-    Falls back when a bracket misses, or when ``mergekit`` meets equal magnitudes straddling a cut.
+    Falls back when a bracket misses. With ``mergekit``, equal magnitudes straddling a cut are kept as
+    torch's sort orders them (replayed by ``kernels.sort_ties``), as mergekit keeps them.
     """
     n = base.numel()
     if base.device.type != "cpu" or n < BRACKETED or any(t.dtype != torch.float32 for t in (base, *tensors)):
@@ -263,6 +264,7 @@ def ties_fused(tensors: list[torch.Tensor], base: torch.Tensor, weight: list[flo
     out = torch.empty(n, dtype=torch.float32)
     o = out.numpy()
     parts: dict[int, tuple] = {}
+    chosen: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def scan(lo: int, hi: int) -> None:
         expected = fraction * (hi - lo)
@@ -292,13 +294,40 @@ def ties_fused(tensors: list[torch.Tensor], base: torch.Tensor, weight: list[flo
         threshold[i], tie_end[i] = t, n
         if equal > kept_ties:
             if mergekit:
-                return None
+                if not _replay_agrees(kernels):
+                    return None
+                # mergekit keeps the tied magnitudes its sort puts first: replayed, then settled below
+                keys = np.subtract(xs[i], bf)
+                order = kernels.sort_ties(np.abs(keys, out=keys), True, [t], owned=True)
+                del keys
+                if order is None:
+                    return None
+                chosen[i] = (order[0], order[0][:kept_ties])
+                continue
             where = np.concatenate([p[1][i, : p[2][i, 1]] for p in ordered])[inside == t]  # ascending
             tie_end[i] = where[kept_ties - 1] + 1
     waiting = [p[3] for p in ordered if p[3].size]
     mixing.run_parallel([lambda pending=pending: kernels.ties_fixup(xs, bf, o, threshold, tie_end, w, *flags, pending)
                          for pending in waiting])
+    if chosen:
+        _settle_chosen_ties(kernels, xs, bf, o, threshold, tie_end, w, flags, chosen, n)
     return out.reshape(base.shape)
+
+
+def _settle_chosen_ties(kernels, xs, bf, o, threshold, tie_end, w, flags, chosen: dict, n: int) -> None:
+    """Redo the positions where an input's magnitude ties its threshold and only some of the ties are kept
+    (``chosen[i]`` = (all tied positions, the kept ones)): grouped by which inputs keep their tie there,
+    each group goes through ``ties_fixup`` with those inputs keeping all ties and the others none."""
+    inputs = sorted(chosen)
+    positions = np.unique(np.concatenate([chosen[i][0] for i in inputs]))
+    code = np.zeros(positions.size, dtype=np.int64)
+    for bit, i in enumerate(inputs):
+        code |= np.isin(positions, chosen[i][1]).astype(np.int64) << bit
+    for group in np.unique(code):
+        ends = tie_end.copy()
+        for bit, i in enumerate(inputs):
+            ends[i] = n if (int(group) >> bit) & 1 else 0
+        kernels.ties_fixup(xs, bf, o, threshold, ends, w, *flags, np.ascontiguousarray(positions[code == group]))
 
 
 def _count_bracket(xf: np.ndarray, bf: np.ndarray | None, lo: float, hi: float, expected: float):
@@ -436,14 +465,73 @@ def breadcrumbs_mask(delta: torch.Tensor, density: float, gamma: float, per_row:
     return mask.reshape(delta.shape)
 
 
-def _sorted_band(mag: torch.Tensor, start: int, count: int, descending: bool) -> torch.Tensor:
+def _sorted_band(mag: torch.Tensor, start: int, count: int, descending: bool, scratch: bool = False) -> torch.Tensor:
     """Exactly ``count`` entries from rank ``start`` on, ties ordered as torch's sort orders them.
 
     Only reached when equal magnitudes straddle a threshold: there the choice is arbitrary, and
-    following torch's sort keeps the result identical to mergekit's.
+    following torch's sort keeps the result identical to mergekit's. The order of the tied entries is
+    replayed by ``kernels.sort_ties`` (a few passes, not a sort) where the native kernels are built
+    and agree with this torch's sort; otherwise the tensor is sorted. ``mag``: non-negative, finite;
+    with ``scratch`` a float32 ``mag`` is overwritten (saves a copy).
     """
-    flat = mag.reshape(-1)
-    order = torch.sort(flat.float(), descending=descending).indices[start:start + count]
-    mask = torch.zeros(flat.numel(), dtype=torch.bool, device=mag.device)
-    mask[order] = True
+    flat = mag.reshape(-1).float()
+    n = flat.numel()
+    mask = torch.zeros(n, dtype=torch.bool, device=mag.device)
+    count = max(0, min(count, n - start))
+    if count == 0:
+        return mask.reshape(mag.shape)
+    kernels = mixing.native_kernels()
+
+    def sort() -> torch.Tensor:
+        mask[torch.sort(flat, descending=descending).indices[start:start + count]] = True
+        return mask.reshape(mag.shape)
+
+    if flat.device.type != "cpu" or kernels is None or not _replay_agrees(kernels):
+        return sort()
+    keys = flat.numpy()
+    # the keys at the band's first and last rank (from rank 0, only the last one's ties matter), as the
+    # k-th largest: magnitude_rank brackets it from a sample instead of partitioning a copy
+    def kth(rank: int) -> np.float32:
+        return np.float32(magnitude_rank(flat, None, rank + 1 if descending else n - rank)[0])
+    b = kth(start + count - 1)
+    a = kth(start) if start > 0 else b
+    m = mask.numpy()
+    ahead = (lambda v: keys > v) if descending else (lambda v: keys < v)
+    before_a = int(np.count_nonzero(ahead(a)))
+    before_b = int(np.count_nonzero(ahead(b)))
+    if start == 0:
+        m |= ahead(b)
+    elif a != b:
+        m |= ahead(b) & ~ahead(a) & (keys != a)  # strictly between the two cut keys
+    owned = scratch or flat.data_ptr() != mag.data_ptr()
+    ties = kernels.sort_ties(keys, descending, [a] if a == b else [a, b], owned=owned)
+    if ties is None:  # the sort's heapsort fallback (keys restored): only a real sort tells
+        m[:] = False
+        return sort()
+    if start == 0:
+        m[ties[0][:count - before_a]] = True
+    elif a == b:
+        m[ties[0][start - before_a:start + count - before_a]] = True
+    else:
+        m[ties[0][start - before_a:]] = True
+        m[ties[1][:start + count - before_b]] = True
     return mask.reshape(mag.shape)
+
+
+_REPLAY: dict[str, bool] = {}
+
+
+def _replay_agrees(kernels) -> bool:
+    """Whether ``kernels.sort_ties`` reproduces this torch's sort order of ties (checked once on a small
+    tensor full of ties, both directions); if not, ``_sorted_band`` sorts."""
+    if "ok" not in _REPLAY:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randint(0, 40, (20_000,), generator=g).float()
+        ok = True
+        for desc in (True, False):
+            order = torch.sort(x, descending=desc).indices
+            got = kernels.sort_ties(x.numpy(), desc, [7.0, 23.0])
+            ok = ok and got is not None and all(np.array_equal(order[x[order] == v].numpy(), t)
+                                                for v, t in zip((7.0, 23.0), got))
+        _REPLAY["ok"] = ok
+    return _REPLAY["ok"]

@@ -29,24 +29,28 @@ class ValueChecks:
         self.report: list[dict] = []
         everyone = ([plan.base] if plan.base is not None else []) + list(plan.models)
         for job in plan.jobs:
-            kinds = {c.info(job.name).torch_dtype.is_floating_point: c for c in everyone}
+            pairs = job.inputs if job.inputs is not None else [(c, job.name) for c in everyone]
+            kinds = {c.info(n).torch_dtype.is_floating_point: (c, n) for c, n in pairs}
             if len(kinds) == 2:
+                (ci, ni), (cf, nf) = kinds[False], kinds[True]
                 raise WeightsmithError(
-                    f"{kinds[False].path}: tensor {job.name!r} is stored as {kinds[False].info(job.name).dtype} but "
-                    f"{kinds[True].path} stores it as {kinds[True].info(job.name).dtype}; integer and float tensors "
-                    "cannot be merged (convert the inputs to one dtype)")
+                    f"{ci.path}: tensor {ni!r} is stored as {ci.info(ni).dtype} but {cf.path} stores {nf!r} as "
+                    f"{cf.info(nf).dtype}; integer and float tensors cannot be merged (convert the inputs to one dtype)")
             weight = job.kwargs.get("weight")
             if job.kwargs.get("normalize") and isinstance(weight, list) and weight and sum(weight) == 0:
                 raise WeightsmithError(
                     f"recipe: tensor {job.name!r}: weights {weight} sum to 0, so normalize cannot divide by them; "
                     "change the weights or set normalize: false")
 
-    def run(self, name: str, inputs: list[torch.Tensor], merge: Callable[[], torch.Tensor]) -> torch.Tensor:
+    def run(self, name: str, inputs: list[torch.Tensor], merge: Callable[[], torch.Tensor],
+            paths: list | None = None, zero_ok: bool = False) -> torch.Tensor:
         """``merge()`` of one tensor's ``inputs`` (one per source, in order), refused or reported as above.
+        ``zero_ok``: the recipe itself asks for zeros (``zero_requested``), so an all-zero result is no error.
+        ``paths`` names the inputs where a job reads its own list of sources (layer slices).
         The inputs are checked before ``merge`` runs (methods may overwrite them). One ``aminmax`` pass per
         tensor answers both questions: NaN propagates into it, inf shows as a bound, all-zero is [0, 0]."""
         spans = [_span(t) for t in inputs]
-        bad = [(path, t) for path, t, span in zip(self.sources, inputs, spans) if not _finite(t, span)]
+        bad = [(path, t) for path, t, span in zip([Path(p) for p in paths] if paths is not None else self.sources, inputs, spans) if not _finite(t, span)]
         for path, t in bad:
             count = int((~torch.isfinite(t)).sum())
             if not self.allow_nonfinite:
@@ -64,7 +68,7 @@ class ValueChecks:
                 raise WeightsmithError(
                     f"merged tensor {name!r} is not finite although its inputs are (overflow in the output dtype? "
                     "try --dtype float32 or smaller weights)")
-        elif nonzero and span == (0, 0):
+        elif nonzero and span == (0, 0) and not zero_ok:
             raise WeightsmithError(
                 f"merged tensor {name!r} is all zeros although its inputs are not (weights cancelling out?); "
                 "check the recipe's weights")
@@ -80,3 +84,14 @@ def _span(t: torch.Tensor) -> tuple[float, float] | None:
 
 def _finite(t: torch.Tensor, span: tuple[float, float] | None) -> bool:
     return span is None or not t.is_floating_point() or (math.isfinite(span[0]) and math.isfinite(span[1]))
+
+
+def zero_requested(kwargs: dict) -> bool:
+    """Whether a job's ``scale`` or ``weight`` is zero for every input (a passthrough ``scale: 0`` filter
+    that prunes a tensor, a layer gradient that weighs every model 0): zeros the user asked for."""
+    for key in ("scale", "weight"):
+        v = kwargs.get(key)
+        values = [x for x in (v if isinstance(v, (list, tuple)) else [v]) if x is not None]
+        if values and all(x == 0 for x in values):
+            return True
+    return False
