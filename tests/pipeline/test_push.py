@@ -138,3 +138,25 @@ def test_push_refuses_a_timeout_out_of_range(model, tmp_path, value):
         proc = run_push(hub, tmp_path, str(model), "alice/tiny", "--timeout", value)
         assert hub.requests == []
     assert proc.returncode == 2 and "--timeout" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_push_reads_nothing_outside_the_folder_and_no_fifo(model, tmp_path):
+    """A side file symlinked out of the folder, or a FIFO, is refused in one line, not uploaded or waited on."""
+    from cli_check import cli, refused, snapshot
+
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not part of the model")
+    (model / "notes.txt").symlink_to(secret)
+    before = snapshot(model)
+    line = refused(cli("push", model, "alice/tiny", "--dry-run"), "notes.txt", "outside the model folder")
+    assert "not part of the model" not in line and snapshot(model) == before
+    (model / "notes.txt").unlink()
+    os.mkfifo(model / "pipe")
+    refused(cli("push", model, "alice/tiny", "--dry-run"), "pipe")
+    (model / "pipe").unlink()
+    inside = model / "sub"
+    inside.mkdir()
+    (inside / "extra.txt").write_text("x")
+    (model / "alias.txt").symlink_to(inside / "extra.txt")  # a symlink that stays inside is followed
+    listed = {f["path"] for f in plan_push(model)["files"]}
+    assert {"sub/extra.txt", "alias.txt"} <= listed

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..errors import WeightsmithError
 from ..progress import ProgressFn, report
-from .reader import Checkpoint
+from .reader import Checkpoint, member
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
 # Bookkeeping that describes how a folder was made on this machine, not the model.
@@ -33,8 +33,13 @@ def plan_push(folder: str | Path) -> dict:
     ckpt = Checkpoint(folder)
     if ckpt.config is None:
         raise WeightsmithError(f"{folder}: no config.json; the Hub cannot load a model folder without one")
-    files = [{"path": p.relative_to(folder).as_posix(), "size": p.stat().st_size, "generated": False}
-             for p in sorted(folder.rglob("*")) if p.is_file() and not _ignored(p.relative_to(folder).as_posix())]
+    files = []
+    for p in sorted(folder.rglob("*")):
+        rel = p.relative_to(folder).as_posix()
+        if _ignored(rel) or p.is_dir():  # a folder (symlinked or not) is listed by the files in it
+            continue
+        path = member(folder, rel, folder)  # inside the folder (symlinks too) and a regular file, or refused
+        files.append({"path": rel, "size": path.stat().st_size, "generated": False})
     card = None
     if not (folder / "README.md").is_file():
         card = _default_card_text(folder, ckpt)
