@@ -15,6 +15,7 @@ import pytest
 import torch
 import yaml
 
+from perturbed import perturbed_family
 from weightsmith.checkpoint import Checkpoint
 from weightsmith.merge import merge, parse_recipe
 
@@ -186,18 +187,7 @@ DARE = {name: {"merge_method": name, "parameters": {"density": 0.4, "weight": 1.
 @pytest.fixture(scope="module")
 def dtype_models(tmp_path_factory):
     """A tiny random Llama base and three perturbed fine-tunes, float32 on disk."""
-    from weightsmith.checkpoint import save_state_dict
-    from weightsmith.zoo.synthetic import random_llama
-
-    root = tmp_path_factory.mktemp("dtypes")
-    state = Checkpoint(random_llama(root / "base", vocab_size=256, hidden_size=64, intermediate_size=128)).state_dict()
-    for i in range(3):
-        g = torch.Generator().manual_seed(i + 1)
-        (root / f"ft{i}").mkdir()
-        save_state_dict({k: v + torch.randn(v.shape, generator=g) * 0.01 * (i + 1) for k, v in state.items()},
-                        root / f"ft{i}", "5GB")
-        (root / f"ft{i}" / "config.json").write_text((root / "base" / "config.json").read_text())
-    return root
+    return perturbed_family(tmp_path_factory.mktemp("dtypes"))
 
 
 @pytest.fixture(scope="module")

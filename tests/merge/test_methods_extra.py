@@ -10,6 +10,7 @@ import json
 import pytest
 import torch
 
+from perturbed import perturbed_family
 from weightsmith.errors import WeightsmithError
 from weightsmith.merge import methods_extra as mx
 
@@ -326,18 +327,7 @@ DELLA = {n: {"merge_method": n, "parameters": {"density": 0.4, "epsilon": 0.2, "
 @pytest.fixture(scope="module")
 def dtype_family(tmp_path_factory):
     """A tiny random Llama base and three perturbed fine-tunes, float32 on disk; some deltas exactly zero."""
-    from weightsmith.checkpoint import Checkpoint, save_state_dict
-    from weightsmith.zoo.synthetic import random_llama
-
-    root = tmp_path_factory.mktemp("extra-dtypes")
-    state = Checkpoint(random_llama(root / "base", vocab_size=256, hidden_size=64, intermediate_size=128)).state_dict()
-    for i in range(3):
-        g = torch.Generator().manual_seed(i + 1)
-        (root / f"ft{i}").mkdir()
-        save_state_dict({k: v + torch.randn(v.shape, generator=g) * 0.01 * (i + 1) * (torch.rand(v.shape, generator=g) > 0.3)
-                         for k, v in state.items()}, root / f"ft{i}", "5GB")
-        (root / f"ft{i}" / "config.json").write_text((root / "base" / "config.json").read_text())
-    return root
+    return perturbed_family(tmp_path_factory.mktemp("extra-dtypes"), zero_fraction=0.3)
 
 
 @pytest.fixture(scope="module")
