@@ -1,6 +1,6 @@
-"""Data-parallel fold across processes: two gloo ranks on CPU started by accelerate each heal on their own
-half of every batch, hold equal gradients after the reduce, rank 0 alone writes, and the output equals
-the one-process fold."""
+"""Data-parallel fold across processes: `accelerate launch --cpu --num_processes 2` gives two gloo ranks
+that each heal on their own half of every batch, hold equal gradients after the reduce; rank 0 alone
+writes, and the output equals the one-process fold."""
 import json
 import os
 import socket
@@ -13,6 +13,7 @@ import torch
 from weightsmith.checkpoint import Checkpoint
 from weightsmith.errors import WeightsmithError
 from weightsmith.fold import fold
+from weightsmith.fold.ranks import cpu_ranks_command
 
 
 def free_port() -> int:
@@ -26,7 +27,7 @@ def test_two_cpu_ranks_heal_data_parallel_and_match_one_process(zoo, tmp_path):
     args = ["fold", str(base), "--data", str(data), "--remove", "0.25", "--share", "2", "--heal-steps", "4",
             "--batch-size", "4", "--max-tokens", "1024", "--seq", "64", "--device", "cpu", "--json"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+    run = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
                           "--main_process_port", str(free_port()), "-m", "weightsmith", *args, "-o",
                           str(tmp_path / "two")], capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -57,3 +58,17 @@ def test_accelerate_cpu_launch_that_started_one_process_is_refused(zoo, tmp_path
     with pytest.raises(WeightsmithError, match="--multi_gpu"):
         fold(zoo.model("base"), tmp_path / "o", data=zoo.data("general", "calib"), device="cpu")
     assert not (tmp_path / "o").exists()
+
+
+def test_cpu_launch_becomes_the_ranks_it_asked_for():
+    env = {"ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29511"}
+    launcher = ["python", "accelerate", "launch", "--cpu", "--num_processes", "3", "-m", "weightsmith", "fold",
+                "--num_processes", "9"]
+    cmd = cpu_ranks_command(env, launcher, ["fold", "m", "-o", "x"])
+    assert cmd[1:] == ["-m", "torch.distributed.run", "--nproc_per_node", "3", "--master_addr", "127.0.0.1",
+                       "--master_port", "29511", "-m", "weightsmith", "fold", "m", "-o", "x"]
+    assert cpu_ranks_command(env, ["accelerate", "launch", "--num-processes=2", "s.py"], [])[4] == "2"
+    assert cpu_ranks_command(env, ["py", "-m", "accelerate.commands.launch", "--num_processes", "4", "x.py"], [])[4] == "4"
+    assert cpu_ranks_command(env, ["accelerate", "launch", "--cpu", "-m", "weightsmith"], []) is None  # one process
+    assert cpu_ranks_command({**env, "LOCAL_RANK": "0"}, launcher, []) is None  # already a rank
+    assert cpu_ranks_command({"MASTER_ADDR": "127.0.0.1"}, launcher, []) is None  # not a --cpu launch

@@ -11,6 +11,20 @@ from .common import (DeviceOpt, ForceOpt, JsonOpt, OutOpt, QuietOpt, SeedOpt, Sh
                      print_json, progress_bars)
 
 
+def relaunch_cpu_ranks() -> None:
+    """Under `accelerate launch --cpu --num_processes N`, which starts one process, become the N gloo ranks."""
+    import os
+    import sys
+
+    from ..fold.ranks import cpu_ranks_command, parent_argv
+
+    command = cpu_ranks_command(os.environ, parent_argv(), sys.argv[1:])
+    if command:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(command[0], command)
+
+
 @app.command("fold")
 def fold_cmd(
     model: Annotated[Path, typer.Argument(help="Plain model folder (causal LM or encoder).")],
@@ -47,6 +61,7 @@ def fold_cmd(
     """
     from ..fold.stage import fold
 
+    relaunch_cpu_ranks()
     with remote_code(trust_remote_code), progress_bars(not quiet and not json_out) as progress:
         res = fold(model, out, data=data, remove=remove, share=share, share_init=share_init, importance=importance,
                    relax_rank=relax_rank, heal_steps=heal_steps, heal_lr=heal_lr, heal_tail=heal_tail, heal_lora=heal_lora,

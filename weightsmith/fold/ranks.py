@@ -7,6 +7,7 @@ LOCAL_RANK.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import dataclass
 
@@ -17,6 +18,48 @@ from ..errors import WeightsmithError
 
 def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 or os.environ.get("LOCAL_RANK") is not None
+
+
+def _requested_processes(launcher_argv: list[str]) -> int | None:
+    """``--num_processes N`` from an ``accelerate launch`` command line (its own options, before the script)."""
+    start = next((i for i, arg in enumerate(launcher_argv)
+                  if arg == "launch" or arg.endswith(("accelerate.commands.launch", "accelerate-launch"))), None)
+    if start is None:
+        return None
+    for arg, nxt in zip(launcher_argv[start + 1:], launcher_argv[start + 2:] + [""]):
+        if arg in ("-m", "--module") or arg.endswith(".py"):
+            break
+        for flag in ("--num_processes", "--num-processes"):
+            if arg == flag:
+                return int(nxt) if nxt.isdigit() else None
+            if arg.startswith(flag + "="):
+                value = arg.split("=", 1)[1]
+                return int(value) if value.isdigit() else None
+    return None
+
+
+def parent_argv() -> list[str]:
+    """The command line of the process that started this one ([] where /proc cannot tell)."""
+    try:
+        with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
+            return [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+    except OSError:
+        return []
+
+
+def cpu_ranks_command(environ, launcher_argv: list[str], argv: list[str]) -> list[str] | None:
+    """The ``torch.distributed.run`` command that starts the N gloo ranks ``accelerate launch --cpu
+    --num_processes N`` asked for but did not start (accelerate starts CPU ranks only under mpirun and runs
+    one plain process otherwise); None when this process is not such a launch."""
+    if int(environ.get("WORLD_SIZE", "1")) > 1 or environ.get("LOCAL_RANK") is not None:
+        return None
+    if environ.get("ACCELERATE_USE_CPU", "").lower() != "true" or "MASTER_ADDR" not in environ:
+        return None
+    n = _requested_processes(launcher_argv)
+    if not n or n < 2:
+        return None
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_addr",
+            environ["MASTER_ADDR"], "--master_port", environ.get("MASTER_PORT", "29500"), "-m", "weightsmith", *argv]
 
 
 @dataclass
@@ -30,8 +73,8 @@ class Ranks:
         if not launched():
             if os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true" and "MASTER_ADDR" in os.environ:
                 raise WeightsmithError(
-                    "accelerate launch --cpu --num_processes N started one process, not N (accelerate runs CPU ranks "
-                    "only under mpirun); start gloo ranks with `accelerate launch --multi_gpu --num_processes N -m "
+                    "accelerate launch --cpu started one process and the number of processes it was asked for "
+                    "cannot be read from its command line; start gloo ranks with `accelerate launch --multi_gpu --num_processes N -m "
                     "weightsmith fold ... --device cpu` or `torchrun --nproc_per_node N -m weightsmith fold ... --device cpu`")
             return cls()
         from accelerate import PartialState
