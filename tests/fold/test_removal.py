@@ -28,8 +28,9 @@ def test_probe_loss_equals_the_loss_of_the_folded_lm(zoo):
     probe = RemovalProbe(model, windows, batch_size=4)
     for removed in ([0], [2], [3], [1, 2], [0, 3]):
         folded = fold_model(model, cfg, removed, [1] * (4 - len(removed)))
+        batches = windows.split(4)[::2 if len(removed) > 1 else 1]  # sets of 2+ are ranked on every other batch
         with torch.no_grad():
-            direct = sum(folded(input_ids=b, labels=b).loss.item() * b.shape[0] for b in windows.split(4)) / len(windows)
+            direct = sum(folded(input_ids=b, labels=b).loss.item() * b.shape[0] for b in batches) / sum(map(len, batches))
         assert probe.loss(removed) == pytest.approx(direct, rel=1e-5)
     with torch.no_grad():
         assert probe.loss([]) == pytest.approx(
@@ -54,8 +55,10 @@ def test_probe_distance_equals_the_pooled_distance_of_the_folded_encoder(zoo):
         for removed in ([1], [4, 5], [0]):
             folded = fold_model(model, cfg, removed, [1] * (6 - len(removed)))
             got = pooling(folded(input_ids=windows).last_hidden_state)
-            assert probe.loss(removed) == pytest.approx((1 - F.cosine_similarity(got, ref, dim=-1)).mean().item(),
-                                                        rel=1e-4, abs=1e-6)
+            dist = 1 - F.cosine_similarity(got, ref, dim=-1)
+            if len(removed) > 1:  # sets of 2+ are ranked on every other batch of 4
+                dist = torch.cat(dist.split(4)[::2])
+            assert probe.loss(removed) == pytest.approx(dist.mean().item(), rel=1e-4, abs=1e-6)
     assert probe.loss([]) == 0.0
 
 
@@ -88,5 +91,5 @@ def test_multi_block_choice_is_no_worse_than_any_span_or_the_greedy_pick(zoo):
     spans = [probe.loss({l, l + 1}) for l in range(3)]
     first = min(range(4), key=lambda i: probe.loss({i}))
     greedy = min(probe.loss({first, j}) for j in range(4) if j != first)
-    assert scores["loss_removed"] == pytest.approx(probe.loss(chosen))
-    assert probe.loss(chosen) <= min(spans + [greedy]) + 1e-9
+    assert scores["loss_removed"] == pytest.approx(probe.loss(chosen, every=1))  # reported on all batches
+    assert probe.loss(chosen) <= min(spans + [greedy]) + 1e-9  # ranked on every other batch, as the candidates
