@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -50,6 +51,43 @@ def calibration_windows(tokenizer, data: str | Path, *, seq_len: int, max_tokens
         sep_col = torch.full((n, 1), wrap[-1], dtype=torch.long)
         stream = torch.cat([cls, stream, sep_col], dim=1) if len(wrap) == 2 else torch.cat([cls, stream], dim=1)
     return stream
+
+
+@dataclass
+class Sentences:
+    """Calibration as separate inputs, the way an encoder is used: each non-empty line of the data is one
+    input ([CLS] line [SEP], truncated to the window); a batch is padded to its longest input."""
+    ids: list[list[int]]
+    pad_id: int
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def batch(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input_ids, attention_mask) of the inputs at ``idx``."""
+        rows = [self.ids[i] for i in idx]
+        width = max(map(len, rows))
+        x = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, ids in enumerate(rows):
+            x[r, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+            mask[r, :len(ids)] = 1
+        return x, mask
+
+
+def calibration_sentences(tokenizer, data: str | Path, *, seq_len: int, max_tokens: int) -> Sentences:
+    """The lines of the text file(s) at ``data`` as separate encoder inputs, up to ``max_tokens`` tokens."""
+    from .eval import load_texts
+
+    ids: list[list[int]] = []
+    total = 0
+    for line in (ln.strip() for t in load_texts(data) for ln in t.splitlines()):
+        if line and total < max_tokens:
+            ids.append(tokenizer(line, truncation=True, max_length=seq_len)["input_ids"])
+            total += len(ids[-1])
+    if not ids:
+        raise OptionError(None, f"{data}: no line of text to calibrate on")
+    return Sentences(ids, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
 
 
 def random_windows(tokens: torch.Tensor, batch_size: int, seq_len: int, gen: torch.Generator) -> torch.Tensor:

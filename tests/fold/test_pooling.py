@@ -69,3 +69,42 @@ def test_bad_pooling_files_are_refused(tmp_path, edit, match):
     edit(d)
     with pytest.raises(WeightsmithError, match=match):
         read_pooling(d)
+
+
+def test_encoder_heal_data_is_one_padded_input_per_line(tmp_path):
+    from weightsmith.training import calibration_sentences
+
+    tok = load_tokenizer(minilm_path())
+    (tmp_path / "c.txt").write_text("\n".join(SENTENCES) + "\n\n  \n")
+    data = calibration_sentences(tok, tmp_path / "c.txt", seq_len=8, max_tokens=10_000)
+    assert len(data) == 3  # blank lines are not inputs
+    x, mask = data.batch([1, 2])
+    alone = tok(SENTENCES[2])["input_ids"]
+    assert x.shape == (2, 8) and mask[0].sum() == 8  # truncated to the window
+    assert x[1, :len(alone)].tolist() == alone and mask[1].tolist() == [1] * len(alone) + [0] * (8 - len(alone))
+    assert (x[1, len(alone):] == tok.pad_token_id).all()
+    assert len(calibration_sentences(tok, tmp_path / "c.txt", seq_len=64, max_tokens=5)) == 1
+
+
+def test_masked_heal_loss_of_a_padded_batch_is_the_loss_of_each_sentence_alone():
+    """Padding must not leak into the encoder's heal objective: the pooled term of a padded batch is the mean
+    of the sentences' own, and the hidden-state term the token-weighted mean."""
+    from weightsmith.fold.heal import distill_loss
+    from weightsmith.fold.plan import fold_model
+    from weightsmith.checkpoint import read_json
+
+    path = minilm_path()
+    teacher, pooling, tok = weightsmith.load(path), read_pooling(path), load_tokenizer(path)
+    student = fold_model(teacher, read_json(path / "config.json", "config"), [2], [1] * 5)
+    kw = dict(causal=False, tail=2, lm_weight=0, kd_weight=0, temperature=2.0, pooling=pooling)
+    enc = tok(SENTENCES, padding=True, return_tensors="pt")
+    alone = [tok(s, return_tensors="pt")["input_ids"] for s in SENTENCES]
+    with torch.no_grad():
+        padded = distill_loss(student, teacher, enc["input_ids"], enc["attention_mask"], mse_weight=0, pooled_weight=1, **kw)
+        each = [distill_loss(student, teacher, a, mse_weight=0, pooled_weight=1, **kw) for a in alone]
+        assert padded.item() == pytest.approx(sum(each).item() / 3, rel=1e-4)
+        padded = distill_loss(student, teacher, enc["input_ids"], enc["attention_mask"], mse_weight=1, pooled_weight=0, **kw)
+        each = [distill_loss(student, teacher, a, mse_weight=1, pooled_weight=0, **kw) * a.shape[1] for a in alone]
+        assert padded.item() == pytest.approx(sum(each).item() / sum(a.shape[1] for a in alone), rel=1e-4)
+        assert padded.item() != pytest.approx(distill_loss(student, teacher, enc["input_ids"], mse_weight=1,
+                                                           pooled_weight=0, **kw).item(), rel=1e-3)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from ..errors import WeightsmithError
 from ..progress import ProgressFn, report
+from ..training import Sentences
 from .blocks import block_list, is_causal_lm
 from .pooling import Pooling
 
@@ -66,12 +67,14 @@ def merge_lora(model: torch.nn.Module) -> int:
     return len(merged)
 
 
-def heal(student: torch.nn.Module, teacher: torch.nn.Module, windows: torch.Tensor, *, steps: int = 200,
+def heal(student: torch.nn.Module, teacher: torch.nn.Module, windows: torch.Tensor | Sentences, *, steps: int = 200,
          lr: float = 3e-4, batch_size: int = 8, tail: int = 2, lm_weight: float = 1.0, kd_weight: float = 1.0,
          mse_weight: float = 1.0, pooled_weight: float = 1.0, temperature: float = 2.0, blocks_only: bool = True,
          lora_rank: int = 0, seed: int = 0, device: str | torch.device = "cpu", pooling: Pooling | None = None,
          progress: ProgressFn | None = None) -> dict:
     """Train ``student`` in place; returns the first and last losses and what each rank did.
+
+    ``windows``: [n, seq] token windows, or (encoders) ``Sentences``, separate inputs padded per batch.
 
     Every rank draws the same global batch of ``batch_size`` windows and trains on its own equal slice;
     the gradients are averaged across ranks (DDP), so N processes take the steps one process would.
@@ -110,11 +113,12 @@ def heal(student: torch.nn.Module, teacher: torch.nn.Module, windows: torch.Tens
     for step in range(steps):
         for g in opt.param_groups:
             g["lr"] = lr * min(1.0, (step + 1) / max(1, steps // 10))
-        idx = torch.randint(0, windows.shape[0], (batch_size,), generator=gen)[ranks.rank * per_rank:(ranks.rank + 1) * per_rank]
+        idx = torch.randint(0, len(windows), (batch_size,), generator=gen)[ranks.rank * per_rank:(ranks.rank + 1) * per_rank]
         if step == 0:
             first_windows = idx.tolist()
-        x = windows[idx].to(accelerator.device)
-        loss = distill_loss(student, teacher, x, causal=causal, tail=tail, lm_weight=lm_weight, kd_weight=kd_weight,
+        x, mask = windows.batch(idx.tolist()) if isinstance(windows, Sentences) else (windows[idx], None)
+        x, mask = x.to(accelerator.device), None if mask is None else mask.to(accelerator.device)
+        loss = distill_loss(student, teacher, x, mask, causal=causal, tail=tail, lm_weight=lm_weight, kd_weight=kd_weight,
                             mse_weight=mse_weight, pooled_weight=pooled_weight, temperature=temperature, pooling=pool)
         opt.zero_grad(set_to_none=True)
         accelerator.backward(loss)
@@ -134,19 +138,28 @@ def heal(student: torch.nn.Module, teacher: torch.nn.Module, windows: torch.Tens
             "heal_ranks": ranks.gather(trace)}
 
 
-def distill_loss(student: torch.nn.Module, teacher: torch.nn.Module, x: torch.Tensor, *, causal: bool, tail: int,
-                 lm_weight: float, kd_weight: float, mse_weight: float, pooled_weight: float, temperature: float,
-                 pooling: Pooling) -> torch.Tensor:
-    """The heal objective on one batch (see the module docstring)."""
+def _mse(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean squared error over the real tokens (all of them without a mask)."""
+    if mask is None:
+        return F.mse_loss(a, b)
+    m = mask.unsqueeze(-1).to(a.dtype)
+    return ((a - b) ** 2 * m).sum() / (m.sum() * a.shape[-1])
+
+
+def distill_loss(student: torch.nn.Module, teacher: torch.nn.Module, x: torch.Tensor, mask: torch.Tensor | None = None,
+                 *, causal: bool, tail: int, lm_weight: float, kd_weight: float, mse_weight: float,
+                 pooled_weight: float, temperature: float, pooling: Pooling) -> torch.Tensor:
+    """The heal objective on one batch (see the module docstring); ``mask``: the padding of encoder inputs."""
+    extra = {} if mask is None else {"attention_mask": mask}
     with torch.no_grad():
-        t_out = teacher(input_ids=x, output_hidden_states=True)
-    s_out = student(input_ids=x, output_hidden_states=True, labels=x if causal and lm_weight else None)
+        t_out = teacher(input_ids=x, output_hidden_states=True, **extra)
+    s_out = student(input_ids=x, output_hidden_states=True, labels=x if causal and lm_weight else None, **extra)
     k = min(tail, len(s_out.hidden_states) - 1)
-    loss = mse_weight * sum(F.mse_loss(s_out.hidden_states[-1 - i], t_out.hidden_states[-1 - i]) for i in range(k)) / k
+    loss = mse_weight * sum(_mse(s_out.hidden_states[-1 - i], t_out.hidden_states[-1 - i], mask) for i in range(k)) / k
     if causal:
         t = temperature
         kd = F.kl_div(F.log_softmax(s_out.logits / t, -1), F.log_softmax(t_out.logits / t, -1),
                       log_target=True, reduction="batchmean") * t * t / x.shape[1]
         return loss + kd_weight * kd + (lm_weight * s_out.loss if lm_weight else 0)
-    s_emb, t_emb = pooling(s_out.last_hidden_state.float()), pooling(t_out.last_hidden_state.float())
+    s_emb, t_emb = pooling(s_out.last_hidden_state.float(), mask), pooling(t_out.last_hidden_state.float(), mask)
     return loss + pooled_weight * (1 - F.cosine_similarity(s_emb, t_emb, dim=-1)).mean()

@@ -113,8 +113,11 @@ def fold(model_path: str | Path, out: str | Path, *, data: str | Path, remove: f
     clock.lap("fold")
     healed = {}
     if heal_steps:
+        from ..training import calibration_sentences
         from .heal import heal
-        healed = heal(folded, teacher, windows, steps=heal_steps, lr=heal_lr, tail=heal_tail, batch_size=batch_size,
+        heal_data = windows if causal else calibration_sentences(tok, data, seq_len=model_seq(teacher, seq),
+                                                                 max_tokens=max_tokens)
+        healed = heal(folded, teacher, heal_data, steps=heal_steps, lr=heal_lr, tail=heal_tail, batch_size=batch_size,
                       lora_rank=heal_lora, seed=seed, device=dev, pooling=pooling, progress=progress)
         clock.lap("heal")
     fold_map = copy.deepcopy(folded.config.weightsmith)
