@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ..errors import WeightsmithError
 from ..progress import ProgressFn, report
-from ..training import Sentences
+from ..training import Sentences, lr_at
 from .blocks import block_list, is_causal_lm
 from .pooling import Pooling
 
@@ -72,7 +72,8 @@ def heal(student: torch.nn.Module, teacher: torch.nn.Module, windows: torch.Tens
          mse_weight: float = 1.0, pooled_weight: float = 1.0, temperature: float = 2.0, blocks_only: bool = True,
          lora_rank: int = 0, seed: int = 0, device: str | torch.device = "cpu", pooling: Pooling | None = None,
          progress: ProgressFn | None = None) -> dict:
-    """Train ``student`` in place; returns the first and last losses and what each rank did.
+    """Train ``student`` in place (AdamW, 10% linear warmup, then cosine decay to 0.1·lr); returns the first
+    and last losses and what each rank did.
 
     ``windows``: [n, seq] token windows, or (encoders) ``Sentences``, separate inputs padded per batch.
 
@@ -112,7 +113,7 @@ def heal(student: torch.nn.Module, teacher: torch.nn.Module, windows: torch.Tens
     losses, grad_norms, first_windows = [], [], []
     for step in range(steps):
         for g in opt.param_groups:
-            g["lr"] = lr * min(1.0, (step + 1) / max(1, steps // 10))
+            g["lr"] = lr_at(step, steps, lr, max(1, steps // 10))
         idx = torch.randint(0, len(windows), (batch_size,), generator=gen)[ranks.rank * per_rank:(ranks.rank + 1) * per_rank]
         if step == 0:
             first_windows = idx.tolist()
