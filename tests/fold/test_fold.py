@@ -197,3 +197,24 @@ def test_fold_cli_json_then_inspect_and_export(zoo, tmp_path):
     res = runner.invoke(app, ["export", str(out), "--plain", "-o", str(tmp_path / "plain")])
     assert res.exit_code == 0, res.output
     assert Checkpoint(tmp_path / "plain").num_params == json.loads(runner.invoke(app, ["inspect", str(out), "--json"]).output)["total_params"]
+
+
+def test_heal_trains_on_its_own_token_budget(zoo, tmp_path, monkeypatch):
+    """--max-tokens sizes the importance's calibration, --heal-max-tokens the heal's training data: token
+    windows for a causal LM, one padded input per line for an encoder."""
+    from weightsmith.training import Sentences
+    from weightsmith.zoo import minilm_path
+
+    seen = []
+    monkeypatch.setattr("weightsmith.fold.heal.heal", lambda student, teacher, data, **kw: seen.append(data) or {})
+    base, calib = zoo.model("base"), zoo.data("general", "calib")
+    common = dict(remove=0.25, importance="bi", heal_steps=1, seq=64, max_tokens=512, device="cpu")
+    fold(base, tmp_path / "a", data=calib, **common)
+    fold(base, tmp_path / "b", data=calib, heal_max_tokens=2048, **common)
+    assert [tuple(d.shape) for d in seen] == [(8, 64), (32, 64)]
+    lines = tmp_path / "lines.txt"
+    lines.write_text("\n".join(f"sentence number {i} of the calibration file." for i in range(200)))
+    fold(minilm_path(), tmp_path / "c", data=lines, heal_max_tokens=100, **{**common, "remove": 0.17})
+    assert isinstance(seen[-1], Sentences) and sum(map(len, seen[-1].ids)) >= 100 > sum(map(len, seen[-1].ids[:-1]))
+    with pytest.raises(WeightsmithError, match="heal-max-tokens"):
+        fold(base, tmp_path / "d", data=calib, heal_max_tokens=0, **common)

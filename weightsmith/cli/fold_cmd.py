@@ -41,7 +41,8 @@ def fold_cmd(
     heal_tail: Annotated[int, typer.Option("--heal-tail", help="Last hidden states matched to the original's in the heal.")] = 2,
     heal_lora: Annotated[int, typer.Option("--heal-lora", help="Heal with peft LoRA adapters of this rank on the blocks' linear layers (merged back after; layers sharing a weight share an adapter); 0 = fine-tune the blocks' weights.")] = 0,
     seq: Annotated[int | None, typer.Option("--seq", help="Tokens per calibration window (default: min(positions, 128)).")] = None,
-    max_tokens: Annotated[int, typer.Option("--max-tokens", help="Calibration tokens in all.")] = 16384,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", help="Calibration tokens for the importance (and the heal, unless --heal-max-tokens).")] = 16384,
+    heal_max_tokens: Annotated[int | None, typer.Option("--heal-max-tokens", help="Calibration tokens the heal trains on (default: --max-tokens).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Windows per step.")] = 8,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
@@ -65,7 +66,8 @@ def fold_cmd(
     with remote_code(trust_remote_code), progress_bars(not quiet and not json_out) as progress:
         res = fold(model, out, data=data, remove=remove, share=share, share_init=share_init, importance=importance,
                    relax_rank=relax_rank, heal_steps=heal_steps, heal_lr=heal_lr, heal_tail=heal_tail, heal_lora=heal_lora,
-                   gate_steps=gate_steps, seq=seq, max_tokens=max_tokens, batch_size=batch_size, seed=seed,
+                   gate_steps=gate_steps, seq=seq, max_tokens=max_tokens, heal_max_tokens=heal_max_tokens,
+                   batch_size=batch_size, seed=seed,
                    device=device, max_shard_size=out_shard_size, force=force, progress=progress)
     if res.get("rank", 0) != 0:  # under accelerate launch only rank 0 reports
         return

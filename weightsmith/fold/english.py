@@ -3,14 +3,18 @@ split by topic into a calibration part and a held-out part, for measuring folds 
 on text the calibration never saw.
 
 Sentences are the prose of each topic (code lines and reStructuredText markup left out), 8 to 40 words.
-Topics are sorted by name; even positions are calibration, odd positions are held out.
+Topics are sorted by name; even positions are calibration, odd positions are held out. A third split,
+``docstrings``, is more calibration text: the sentences of the docstrings of the standard library's
+top-level modules (their modules, classes and functions), in file order, none of them a held-out sentence.
 """
 from __future__ import annotations
 
+import ast
 import re
+import sysconfig
 from pathlib import Path
 
-SPLITS = ("calib", "heldout")
+SPLITS = ("calib", "heldout", "docstrings")
 
 
 def _sentences(text: str) -> list[str]:
@@ -35,6 +39,8 @@ def english_sentences(split: str) -> list[str]:
     """Unique sentences of one split, in topic order; no held-out sentence is also a calibration one."""
     if split not in SPLITS:
         raise ValueError(f"split {split!r} is not one of {SPLITS}")
+    if split == "docstrings":
+        return _docstring_sentences(set(english_sentences("heldout")))
     from pydoc_data.topics import topics
 
     names = sorted(topics)[SPLITS.index(split)::2]
@@ -47,9 +53,27 @@ def english_sentences(split: str) -> list[str]:
     return out
 
 
-def write_calibration(path: str | Path, max_sentences: int | None = None) -> Path:
-    """The calibration sentences, one per line, in a text file at ``path``."""
+def _docstring_sentences(exclude: set[str]) -> list[str]:
+    out, seen = [], set(exclude)
+    for file in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
+        try:
+            tree = ast.parse(file.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                for s in _sentences(ast.get_docstring(node) or ""):
+                    if s not in seen:
+                        seen.add(s)
+                        out.append(s)
+    return out
+
+
+def write_calibration(path: str | Path, max_sentences: int | None = None, docstrings: bool = False) -> Path:
+    """The calibration sentences (then, with ``docstrings``, the docstring sentences), one per line, in a
+    text file at ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(english_sentences("calib")[:max_sentences]) + "\n")
+    lines = english_sentences("calib")[:max_sentences] + (english_sentences("docstrings") if docstrings else [])
+    path.write_text("\n".join(lines) + "\n")
     return path

@@ -47,10 +47,20 @@ def choose_removed(model: torch.nn.Module, windows: torch.Tensor, k: int, import
     return angular_drop(dist, k), {"angular_distance_n": [None if v != v else round(v, 5) for v in dist[:, max(k, 1) - 1].tolist()]}
 
 
+def heal_calibration(tok, data, seq: int, max_tokens: int, causal: bool, windows: torch.Tensor | None):
+    """What the heal trains on: token windows for causal LMs (``windows`` when they are the same tokens),
+    each line a separate padded input for encoders (the way they are used)."""
+    from ..training import calibration_sentences
+
+    if not causal:
+        return calibration_sentences(tok, data, seq_len=seq, max_tokens=max_tokens)
+    return windows if windows is not None else calibration_windows(tok, data, seq=seq, max_tokens=max_tokens, causal=True)
+
+
 def fold(model_path: str | Path, out: str | Path, *, data: str | Path, remove: float = 0.25, share: str = "1",
          share_init: str = "average", importance: str = "loss", relax_rank: int = 0, heal_steps: int = 0,
          heal_lr: float = 3e-4, heal_tail: int = 2, heal_lora: int = 0, gate_steps: int = 200, seq: int | None = None,
-         max_tokens: int = 16384, batch_size: int = 8, seed: int = 0, device: str = "auto",
+         max_tokens: int = 16384, heal_max_tokens: int | None = None, batch_size: int = 8, seed: int = 0, device: str = "auto",
          max_shard_size: str = "5GB", force: bool = False, model: torch.nn.Module | None = None,
          progress: ProgressFn | None = None) -> dict:
     """Fold ``model_path`` into ``out``; returns the plan, the heal losses and the seconds per stage.
@@ -70,6 +80,8 @@ def fold(model_path: str | Path, out: str | Path, *, data: str | Path, remove: f
         raise WeightsmithError("--relax-rank, --heal-steps and --heal-lora must be >= 0 and --gate-steps >= 1")
     if batch_size < 1:
         raise WeightsmithError(f"--batch-size {batch_size} must be >= 1")
+    if heal_max_tokens is not None and heal_max_tokens < 1:
+        raise WeightsmithError(f"--heal-max-tokens {heal_max_tokens} must be >= 1")
     if not Path(data).exists():
         raise WeightsmithError(f"{data}: data file not found")
     if folder_format(model_path) != "plain":
@@ -113,10 +125,9 @@ def fold(model_path: str | Path, out: str | Path, *, data: str | Path, remove: f
     clock.lap("fold")
     healed = {}
     if heal_steps:
-        from ..training import calibration_sentences
         from .heal import heal
-        heal_data = windows if causal else calibration_sentences(tok, data, seq_len=model_seq(teacher, seq),
-                                                                 max_tokens=max_tokens)
+        heal_data = heal_calibration(tok, data, model_seq(teacher, seq), heal_max_tokens or max_tokens, causal,
+                                     windows if heal_max_tokens in (None, max_tokens) else None)
         healed = heal(folded, teacher, heal_data, steps=heal_steps, lr=heal_lr, tail=heal_tail, batch_size=batch_size,
                       lora_rank=heal_lora, seed=seed, device=dev, pooling=pooling, progress=progress)
         clock.lap("heal")
@@ -136,7 +147,7 @@ def fold(model_path: str | Path, out: str | Path, *, data: str | Path, remove: f
             copy_sentence_transformers_files(model_path, tmp)
             params = {"remove": remove, "share": share, "share_init": share_init, "importance": importance,
                       "relax_rank": relax_rank, "heal_steps": heal_steps, "heal_lr": heal_lr, "heal_tail": heal_tail,
-                      "heal_lora": heal_lora, "gate_steps": gate_steps, "seed": seed, "data": str(data),
+                      "heal_lora": heal_lora, "heal_max_tokens": heal_max_tokens or max_tokens, "gate_steps": gate_steps, "seed": seed, "data": str(data),
                       "processes": ranks.world}
             write_model_card(tmp, stage="fold", method=f"FoldGPT ({importance} importance)", inputs=[str(model_path)],
                              parameters=params, metrics=[{"model": Path(out).name, "blocks": len(fold_map["kept"]),
