@@ -1,4 +1,4 @@
-"""Every flag of eval, analyze, compress rps, align, pleas, export, inspect and zoo reaches the library call:
+"""Every flag of eval, analyze, fold, compress rps, align, pleas, export, inspect and zoo reaches the library call:
 the library function is patched and the exact call asserted (no model is loaded; milliseconds each)."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from weightsmith.cli import app
-from weightsmith.stage_options import AlignOptions, AnalyzeOptions, EvalOptions, PleasOptions, RpsOptions
+from weightsmith.stage_options import AlignOptions, AnalyzeOptions, EvalOptions, FoldOptions, PleasOptions, RpsOptions
 
 
 @pytest.fixture(autouse=True)
@@ -58,6 +58,48 @@ def test_analyze_every_flag():
     fn.assert_called_once_with(Path("m"), Path("d.txt"), Path("out"), remove=0.5, seq=32, max_tokens=100,
                                batch_size=2, device="cpu", tokenizer=Path("tok"), force=True, progress=None)
     assert AnalyzeOptions.required() == ["data"]
+
+
+# -- fold ------------------------------------------------------------------------------------------------------
+
+FOLD_RESULT = {"rank": 0, "scores": {}, "removed": [], "blocks": 2, "kept": [0, 1], "groups": [[0], [1]],
+               "params_unique": 1, "params_original": 1, "seconds": {}}
+
+
+def test_fold_defaults():
+    with mock.patch("weightsmith.fold.stage.fold", return_value=FOLD_RESULT) as fn:
+        invoke("fold", "m", "-o", "out", "--data", "d.txt", "--json")
+    fn.assert_called_once_with(Path("m"), Path("out"), FoldOptions(data=Path("d.txt")), seed=0, device="auto",
+                               force=False, progress=None)
+
+
+def test_fold_every_flag():
+    with mock.patch("weightsmith.fold.stage.fold", return_value=FOLD_RESULT) as fn:
+        invoke("fold", "m", "-o", "out", "--data", "d.txt", "--remove", "0.5", "--share", "1,2", "--share-init",
+               "middle", "--importance", "gates", "--gate-steps", "7", "--relax-rank", "4", "--heal-steps", "3",
+               "--heal-lr", "0.01", "--heal-tail", "1", "--heal-lora", "8", "--seq-len", "32", "--max-tokens", "100",
+               "--heal-max-tokens", "300",
+               "--batch-size", "2", "--out-shard-size", "1GB", "--seed", "5", "--device", "cpu", "--force",
+               "--quiet", "--trust-remote-code", "--json")
+    fn.assert_called_once_with(Path("m"), Path("out"),
+                               FoldOptions(data=Path("d.txt"), remove=0.5, share="1,2", share_init="middle",
+                                           importance="gates", gate_steps=7, relax_rank=4, heal_steps=3, heal_lr=0.01,
+                                           heal_tail=1, heal_lora=8, seq_len=32, max_tokens=100, heal_max_tokens=300,
+                                           batch_size=2,
+                                           out_shard_size="1GB"),
+                               seed=5, device="cpu", force=True, progress=None)
+
+
+def test_fold_seq_is_the_older_spelling_of_seq_len():
+    with mock.patch("weightsmith.fold.stage.fold", return_value=FOLD_RESULT) as fn:
+        invoke("fold", "m", "-o", "out", "--data", "d.txt", "--seq", "48", "--json")
+    assert fn.call_args.args[2].seq_len == 48
+
+
+def test_fold_prints_nothing_on_the_other_ranks():
+    with mock.patch("weightsmith.fold.stage.fold", return_value={"rank": 1}):
+        res = CliRunner().invoke(app, ["fold", "m", "-o", "out", "--data", "d.txt"], catch_exceptions=False)
+    assert res.exit_code == 0 and res.output == ""
 
 
 # -- compress rps ----------------------------------------------------------------------------------------------

@@ -141,6 +141,15 @@ def _pipeline_error(tmp_path: Path, stage: dict) -> str:
     (["analyze", "A"], "analyze", ["--remove", "1", "--data", "T"], {"remove": 1, "data": "T"},
      "--remove: 1.0 is out of range; it must be in [0, 1)",
      "stage 's', key 'params.remove': 1 is out of range; it must be in [0, 1)"),
+    (["fold", "A"], "fold", ["--importance", "random", "--data", "T"], {"importance": "random", "data": "T"},
+     "--importance: 'random' is not one of loss, gates, bi, angular",
+     "stage 's', key 'params.importance': 'random' is not one of loss, gates, bi, angular"),
+    (["fold", "A"], "fold", ["--share", "two", "--data", "T"], {"share": "two", "data": "T"},
+     "--share: 'two' must be a group size or a comma list of sizes, e.g. 2 or 1,2,2",
+     "stage 's', key 'params.share': 'two' must be a group size or a comma list of sizes, e.g. 2 or 1,2,2"),
+    (["fold", "A"], "fold", ["--heal-tail", "0", "--data", "T"], {"heal_tail": 0, "data": "T"},
+     "--heal-tail: 0 is out of range; it must be in [1, inf)",
+     "stage 's', key 'params.heal_tail': 0 is out of range; it must be in [1, inf)"),
 ])
 def test_the_same_bad_value_is_worded_for_the_cli_and_for_the_pipeline(tiny_llama, tmp_path, command, stage, flags,
                                                                        params, cli_text, pipeline_text):
@@ -149,7 +158,8 @@ def test_the_same_bad_value_is_worded_for_the_cli_and_for_the_pipeline(tiny_llam
     text.write_text("hello world " * 50)
     sub = {"A": model, "T": text}
     args = [*(sub.get(a, a) for a in command),
-            *(["-o", tmp_path / "out"] if stage in ("compress", "align") else []), *(sub.get(a, a) for a in flags)]
+            *(["-o", tmp_path / "out"] if stage in ("compress", "align", "fold") else []),
+            *(sub.get(a, a) for a in flags)]
     assert _cli_error(args) == cli_text
     entry = {"stage": stage, "inputs": [str(model)] * (2 if stage == "align" else 1),
              "params": {k: str(sub.get(v, v)) if v == "T" else v for k, v in params.items()}}
@@ -197,3 +207,28 @@ def test_a_declared_flag_is_the_one_the_cli_error_names():
         Odd(seq_len=1)
     assert str(cli_wording(err.value, Odd)) == "--window: 1 is out of range; it must be in [2, inf)"
     assert str(cli_wording(err.value)) == "--seq-len: 1 is out of range; it must be in [2, inf)"
+
+
+@pytest.mark.parametrize("stage, params, cli_flags, cli_text, pipeline_text", [
+    ("fold", {"remove": 0.9}, ["--remove", "0.9"], "--remove: 0.9 would remove all 2 blocks",
+     "key 'params.remove': 0.9 would remove all 2 blocks"),
+    ("fold", {"seq_len": 4096}, ["--seq-len", "4096"], "--seq-len: 4096 exceeds the model's",
+     "key 'params.seq_len': 4096 exceeds the model's"),
+])
+def test_a_fold_value_refused_once_the_model_is_read_is_worded_for_each_user(tiny_llama, tmp_path, stage, params,
+                                                                             cli_flags, cli_text, pipeline_text):
+    """Checks that need the model (its block count, its positions) run inside the stage; the wording follows."""
+    from weightsmith.pipeline import run_pipeline
+
+    model = tiny_llama()
+    text = tmp_path / "t.txt"
+    text.write_text("hello world " * 50)
+    cli = _cli_error([stage, model, "-o", tmp_path / "out", "--data", text, "--device", "cpu", *cli_flags])
+    assert cli.startswith(cli_text) and "params." not in cli
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({"workdir": str(tmp_path / "w"), "stages": [
+        {"name": "s", "stage": stage, "input": str(model), "params": {"data": str(text), **params}}]}))
+    with pytest.raises(WeightsmithError) as err:
+        run_pipeline(load_pipeline(path), device="cpu")
+    assert pipeline_text in str(err.value) and "--" not in str(err.value)
+    assert not (tmp_path / "out").exists()

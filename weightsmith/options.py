@@ -48,15 +48,17 @@ class OptionSpec:
     pipeline: bool = True    # accepted under a pipeline stage's params:
     flag: str | None = None  # the flag, when it is not --NAME-WITH-DASHES (bools: --NAME/--no-NAME when on)
     short: str | None = None  # a one-letter alias such as -o
+    aliases: tuple[str, ...] = ()  # further flags accepted for it (an older spelling such as --seq)
 
 
 def option(default: Any = MISSING, *, help: str, choices: Sequence | None = None, lo: float | None = None,
            hi: float | None = None, lo_open: bool = False, hi_open: bool = False, path: bool = False,
-           cli: bool = True, pipeline: bool = True, flag: str | None = None, short: str | None = None) -> Any:
+           cli: bool = True, pipeline: bool = True, flag: str | None = None, short: str | None = None,
+           aliases: Sequence[str] = ()) -> Any:
     """A dataclass field declaring one option; no ``default`` makes it required."""
     spec = OptionSpec(help=help, choices=tuple(choices) if choices is not None else None, lo=lo, hi=hi,
                       lo_open=lo_open, hi_open=hi_open, path=path, cli=cli, pipeline=pipeline, flag=flag,
-                      short=short)
+                      short=short, aliases=tuple(aliases))
     return field(default=default, metadata={"option": spec})
 
 
@@ -147,8 +149,8 @@ def max_tokens_option(default: int | None, help: str = "Calibration tokens read 
     return option(default, lo=1, help=help)
 
 
-def seq_len_option(default: int | None, help: str = "Tokens per calibration window.") -> Any:
-    return option(default, lo=2, help=help)
+def seq_len_option(default: int | None, help: str = "Tokens per calibration window.", **more: Any) -> Any:
+    return option(default, lo=2, help=help, **more)
 
 
 def batch_size_option(default: int = 8, help: str = "Windows per forward pass.") -> Any:

@@ -15,6 +15,8 @@ RPS_SHARING = ("global", "module")
 ALIGN_METHODS = ("weight", "activation")
 MATCH_METRICS = ("euclidean", "correlation")
 PLEAS_INPUTS = ("merged", "original")
+FOLD_IMPORTANCE = ("loss", "gates", "bi", "angular")
+SHARE_INITS = ("average", "first", "middle")
 
 _METRIC_HELP = "Activation similarity: euclidean (−Σ‖a−b‖², as the PLeaS reference code) or correlation."
 
@@ -110,6 +112,51 @@ class PleasOptions(Options):
     out_shard_size: str = out_shard_size_option()
 
 
+def share_sizes(share: str) -> list[int]:
+    """The group sizes a fold's ``share`` option writes: one size, or a comma list of sizes (each >= 1)."""
+    text = str(share).strip()
+    try:
+        sizes = [int(s) for s in text.split(",")]
+    except ValueError:
+        raise OptionError("share", f"{text!r} must be a group size or a comma list of sizes, e.g. 2 or 1,2,2") from None
+    if any(s < 1 for s in sizes):
+        raise OptionError("share", f"{text!r}: group sizes must be >= 1")
+    return sizes
+
+
+class FoldOptions(Options):
+    """``weightsmith fold``: remove blocks, share weights within groups of kept blocks, heal."""
+    data: Path = option(path=True, help="Calibration text for gates, similarity and heal.")
+    remove: float = option(0.25, lo=0, hi=1, hi_open=True, help="Fraction of blocks to remove.")
+    share: str = option("1", help="Group size for weight sharing among kept blocks, or a comma list of sizes "
+                                  "(1 = no sharing).")
+    share_init: str = option("average", choices=SHARE_INITS, help="Shared weights start from the group's average, "
+                                                                   "first or middle block.")
+    importance: str = option("loss", choices=FOLD_IMPORTANCE, help="loss (calibration loss measured with blocks "
+                             "taken out), gates (FoldGPT hard-concrete gates), bi (ShortGPT Block Influence) or "
+                             "angular (min angular-distance span).")
+    gate_steps: int = option(200, lo=1, help="Training steps for the gates.")
+    relax_rank: int = option(0, lo=0, help="Per-block low-rank residual (SVD of original - shared) of this rank; "
+                                           "0 = off.")
+    heal_steps: int = option(0, lo=0, help="Heal fine-tune steps with tail-layer distillation; 0 = no heal.")
+    heal_lr: float = option(3e-4, lo=0, lo_open=True, help="Heal learning rate.")
+    heal_tail: int = option(2, lo=1, help="Last hidden states matched to the original's in the heal.")
+    heal_lora: int = option(0, lo=0, help="Heal with peft LoRA adapters of this rank on the blocks' linear layers "
+                                          "(merged back after; layers sharing a weight share an adapter); 0 = "
+                                          "fine-tune the blocks' weights.")
+    seq_len: int | None = seq_len_option(None, help="Tokens per calibration window (default: min(positions, "
+                                                       "128)).", aliases=("--seq",))
+    max_tokens: int = max_tokens_option(16384, help="Calibration tokens for the importance (and the heal, unless "
+                                                    "--heal-max-tokens).")
+    heal_max_tokens: int | None = max_tokens_option(None, help="Calibration tokens the heal trains on (default: "
+                                                               "--max-tokens).")
+    batch_size: int = batch_size_option(8, help="Windows per step.")
+    out_shard_size: str = out_shard_size_option()
+
+    def check(self) -> None:
+        share_sizes(self.share)
+
+
 class ExportOptions(Options):
     """``weightsmith export``: a folded or RPS folder -> a plain checkpoint."""
     plain: bool = option(True, pipeline=False, help="Write an ordinary checkpoint (shared or hashed weights "
@@ -118,4 +165,5 @@ class ExportOptions(Options):
 
 
 STAGE_OPTIONS: dict[str, type[Options]] = {"eval": EvalOptions, "analyze": AnalyzeOptions, "compress": RpsOptions,
-                                           "align": AlignOptions, "pleas": PleasOptions, "export": ExportOptions}
+                                           "align": AlignOptions, "pleas": PleasOptions, "export": ExportOptions,
+                                           "fold": FoldOptions}

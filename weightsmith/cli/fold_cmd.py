@@ -7,8 +7,10 @@ import typer
 
 from . import app
 from ..checkpoint.trust import remote_code
-from .common import (DeviceOpt, ForceOpt, JsonOpt, OutOpt, QuietOpt, SeedOpt, ShardOpt, TrustCodeOpt, console,
-                     print_json, progress_bars)
+from ..stage_options import FoldOptions
+from .common import (DeviceOpt, ForceOpt, JsonOpt, OutOpt, QuietOpt, SeedOpt, TrustCodeOpt, console, print_json,
+                     progress_bars)
+from .options import with_options
 
 
 def relaunch_cpu_ranks() -> None:
@@ -26,27 +28,13 @@ def relaunch_cpu_ranks() -> None:
 
 
 @app.command("fold")
+@with_options(FoldOptions)
 def fold_cmd(
     model: Annotated[Path, typer.Argument(help="Plain model folder (causal LM or encoder).")],
     out: OutOpt,
-    data: Annotated[Path, typer.Option("--data", help="Calibration text for gates, similarity and heal.")],
-    remove: Annotated[float, typer.Option("--remove", help="Fraction of blocks to remove.")] = 0.25,
-    share: Annotated[str, typer.Option("--share", help="Group size for weight sharing among kept blocks, or a comma list of sizes (1 = no sharing).")] = "1",
-    share_init: Annotated[str, typer.Option("--share-init", help="Shared weights start from the group's average, first or middle block.")] = "average",
-    importance: Annotated[str, typer.Option("--importance", help="loss (calibration loss measured with blocks taken out), gates (FoldGPT hard-concrete gates), bi (ShortGPT Block Influence) or angular (min angular-distance span).")] = "loss",
-    gate_steps: Annotated[int, typer.Option("--gate-steps", help="Training steps for the gates.")] = 200,
-    relax_rank: Annotated[int, typer.Option("--relax-rank", help="Per-block low-rank residual (SVD of original - shared) of this rank; 0 = off.")] = 0,
-    heal_steps: Annotated[int, typer.Option("--heal-steps", help="Heal fine-tune steps with tail-layer distillation; 0 = no heal.")] = 0,
-    heal_lr: Annotated[float, typer.Option("--heal-lr", help="Heal learning rate.")] = 3e-4,
-    heal_tail: Annotated[int, typer.Option("--heal-tail", help="Last hidden states matched to the original's in the heal.")] = 2,
-    heal_lora: Annotated[int, typer.Option("--heal-lora", help="Heal with peft LoRA adapters of this rank on the blocks' linear layers (merged back after; layers sharing a weight share an adapter); 0 = fine-tune the blocks' weights.")] = 0,
-    seq: Annotated[int | None, typer.Option("--seq", help="Tokens per calibration window (default: min(positions, 128)).")] = None,
-    max_tokens: Annotated[int, typer.Option("--max-tokens", help="Calibration tokens for the importance (and the heal, unless --heal-max-tokens).")] = 16384,
-    heal_max_tokens: Annotated[int | None, typer.Option("--heal-max-tokens", help="Calibration tokens the heal trains on (default: --max-tokens).")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Windows per step.")] = 8,
+    opts: FoldOptions,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
-    out_shard_size: ShardOpt = "5GB",
     force: ForceOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -64,17 +52,13 @@ def fold_cmd(
 
     relaunch_cpu_ranks()
     with remote_code(trust_remote_code), progress_bars(not quiet and not json_out) as progress:
-        res = fold(model, out, data=data, remove=remove, share=share, share_init=share_init, importance=importance,
-                   relax_rank=relax_rank, heal_steps=heal_steps, heal_lr=heal_lr, heal_tail=heal_tail, heal_lora=heal_lora,
-                   gate_steps=gate_steps, seq=seq, max_tokens=max_tokens, heal_max_tokens=heal_max_tokens,
-                   batch_size=batch_size, seed=seed,
-                   device=device, max_shard_size=out_shard_size, force=force, progress=progress)
+        res = fold(model, out, opts, seed=seed, device=device, force=force, progress=progress)
     if res.get("rank", 0) != 0:  # under accelerate launch only rank 0 reports
         return
     if json_out:
         print_json(res)
         return
-    console.print(f"{importance}: scores {res['scores']}")
+    console.print(f"{opts.importance}: scores {res['scores']}")
     console.print(f"removed blocks {res['removed']} of {res['blocks']}; kept {res['kept']} in groups {res['groups']}")
     console.print(f"parameters: {res['params_unique']:,} unique (original {res['params_original']:,})")
     if res.get("heal_steps"):

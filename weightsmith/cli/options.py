@@ -31,7 +31,7 @@ def _decls(name: str, spec: OptionSpec, kind: Any, default: Any) -> list[str]:
     long = spec.flag or flag(name)
     if kind is bool and default is True and "/" not in long:
         long = f"{long}/--no-{long[2:]}"
-    return [long, *([spec.short] if spec.short else [])]
+    return [long, *([spec.short] if spec.short else []), *spec.aliases]
 
 
 def _metavar(spec: OptionSpec) -> str | None:

@@ -11,7 +11,7 @@ import torch
 
 from ..checkpoint.writer import check_output, output_folder
 from ..device import resolve_device
-from ..errors import WeightsmithError
+from ..errors import OutOfRange, WeightsmithError
 from ..progress import ProgressFn, track
 from .blocks import block_list, first_tensor, is_causal_lm
 from .data import calibration_windows, model_seq
@@ -111,7 +111,7 @@ def analyze(model_path: str | Path, data: str | Path, out: str | Path | None = N
     if not Path(data).exists():
         raise WeightsmithError(f"{data}: data file not found")
     if not 0 <= remove < 1:
-        raise WeightsmithError(f"--remove {remove} must be a fraction in [0, 1)")
+        raise OutOfRange("remove", remove, 0, 1, hi_open=True)
     inputs = [Path(model_path), Path(data)] + ([Path(tokenizer)] if tokenizer else [])
     if out is not None:
         check_output(out, inputs, force)

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from .. import training
-from ..errors import WeightsmithError
+from ..errors import OptionError
 
 
 def calibration_windows(tokenizer, data: str | Path, *, seq: int, max_tokens: int, causal: bool) -> torch.Tensor:
@@ -20,5 +20,5 @@ def calibration_windows(tokenizer, data: str | Path, *, seq: int, max_tokens: in
 def model_seq(model, requested: int | None) -> int:
     limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None) or 512
     if requested and requested > limit:
-        raise WeightsmithError(f"--seq {requested} exceeds the model's {limit} positions")
+        raise OptionError("seq_len", f"{requested} exceeds the model's {limit} positions")
     return requested or min(limit, 128)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..errors import WeightsmithError
+from ..errors import OptionError
 from ..progress import ProgressFn, report
 from ..training import Sentences, lr_at
 from .blocks import block_list, is_causal_lm
@@ -88,7 +88,7 @@ def heal(student: torch.nn.Module, teacher: torch.nn.Module, windows: torch.Tens
     accelerator = Accelerator(cpu=dev.type == "cpu")
     ranks = Ranks(rank=accelerator.process_index, world=accelerator.num_processes) if launched() else Ranks()
     if batch_size % ranks.world:
-        raise WeightsmithError(f"--batch-size {batch_size} must be a multiple of the {ranks.world} processes")
+        raise OptionError("batch_size", f"{batch_size} must be a multiple of the {ranks.world} processes")
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)

@@ -7,33 +7,26 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import WeightsmithError
+from ..errors import InvalidChoice, OptionError, OutOfRange, WeightsmithError
+from ..stage_options import SHARE_INITS, share_sizes
 from .blocks import block_list
 from .format import assemble, block_prefix, folded_config, shared_keys
 
-SHARE_INITS = ("average", "first", "middle")
-
-
 def removal_count(remove: float, n_blocks: int) -> int:
     if not 0 <= remove < 1:
-        raise WeightsmithError(f"--remove {remove} must be a fraction in [0, 1)")
+        raise OutOfRange("remove", remove, 0, 1, hi_open=True)
     return int(round(remove * n_blocks))
 
 
 def parse_share(share: str | int, n_kept: int) -> list[int]:
-    """Group sizes from ``--share``: one size (repeated, the last group takes the rest) or a comma list summing to the kept count."""
-    text = str(share).strip()
-    try:
-        sizes = [int(s) for s in text.split(",")]
-    except ValueError:
-        raise WeightsmithError(f"--share {text!r} must be a group size or a comma list of sizes, e.g. 2 or 1,2,2") from None
-    if any(s < 1 for s in sizes):
-        raise WeightsmithError(f"--share {text!r}: group sizes must be >= 1")
+    """Group sizes from the ``share`` option: one size (repeated, the last group takes the rest) or a comma list
+    summing to the kept count."""
+    sizes = share_sizes(str(share))
     if len(sizes) == 1:
         g = sizes[0]
         return [min(g, n_kept - i) for i in range(0, n_kept, g)]
     if sum(sizes) != n_kept:
-        raise WeightsmithError(f"--share {text!r} sums to {sum(sizes)} but {n_kept} blocks are kept")
+        raise OptionError("share", f"{str(share).strip()!r} sums to {sum(sizes)} but {n_kept} blocks are kept")
     return sizes
 
 
@@ -52,7 +45,7 @@ def _share_source(members: list[torch.Tensor], init: str) -> torch.Tensor:
         return members[0].clone()
     if init == "middle":
         return members[(len(members) - 1) // 2].clone()
-    raise WeightsmithError(f"--share-init {init!r} is not one of {', '.join(SHARE_INITS)}")
+    raise InvalidChoice("share_init", init, SHARE_INITS)
 
 
 @torch.no_grad()

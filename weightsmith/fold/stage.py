@@ -5,6 +5,7 @@ and write a folded folder that ``weightsmith.load`` opens and ``export --plain``
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -12,20 +13,18 @@ import torch
 from ..checkpoint import check_output, copy_side_files, output_folder, read_json
 from ..checkpoint.card import write_model_card
 from ..device import resolve_device
-from ..errors import WeightsmithError
+from ..errors import OptionError, WeightsmithError
 from ..progress import ProgressFn
+from ..stage_options import FoldOptions
 from .analyze import block_states
 from .blocks import block_list, is_causal_lm
 from .data import calibration_windows, model_seq
 from .gates import gate_importance, lowest
-from .plan import SHARE_INITS, fold_model, parse_share, removal_count
+from .plan import fold_model, parse_share, removal_count
 from .pooling import Pooling, copy_sentence_transformers_files, read_pooling
 from .ranks import Clock, Ranks
 from .removal import loss_importance
 from .similarity import angular_distance, angular_drop, block_influence, shortgpt_drop
-
-IMPORTANCE = ("loss", "gates", "bi", "angular")
-
 
 def choose_removed(model: torch.nn.Module, windows: torch.Tensor, k: int, importance: str, *, gate_steps: int,
                    batch_size: int, seed: int, device, progress: ProgressFn | None,
@@ -57,39 +56,83 @@ def heal_calibration(tok, data, seq: int, max_tokens: int, causal: bool, windows
     return windows if windows is not None else calibration_windows(tok, data, seq=seq, max_tokens=max_tokens, causal=True)
 
 
-def fold(model_path: str | Path, out: str | Path, *, data: str | Path, remove: float = 0.25, share: str = "1",
-         share_init: str = "average", importance: str = "loss", relax_rank: int = 0, heal_steps: int = 0,
-         heal_lr: float = 3e-4, heal_tail: int = 2, heal_lora: int = 0, gate_steps: int = 200, seq: int | None = None,
-         max_tokens: int = 16384, heal_max_tokens: int | None = None, batch_size: int = 8, seed: int = 0, device: str = "auto",
-         max_shard_size: str = "5GB", force: bool = False, model: torch.nn.Module | None = None,
-         progress: ProgressFn | None = None) -> dict:
-    """Fold ``model_path`` into ``out``; returns the plan, the heal losses and the seconds per stage.
+# keyword names older callers use for an option (the options class has one name per concept)
+_RENAMED = {"seq": "seq_len", "max_shard_size": "out_shard_size"}
+
+
+def fold(model_path: str | Path, out: str | Path, opts: FoldOptions | None = None, *, seed: int = 0,
+         device: str = "auto", force: bool = False, model: torch.nn.Module | None = None,
+         progress: ProgressFn | None = None, **options) -> dict:
+    """Fold ``model_path`` into ``out`` as ``opts`` says (or ``options``, keywords of ``FoldOptions`` replacing
+    its fields); returns the plan, the heal losses and the seconds per stage.
 
     Under ``accelerate launch`` every rank loads the model, rank 0 chooses the blocks (the others get its
     choice), the heal runs data-parallel, and rank 0 alone writes ``out`` while the others wait.
     """
-    from ..eval import count_params, load_tokenizer
-    from ..loading import folder_format, load
+    from ..eval import count_params
 
+    opts = FoldOptions.build(opts, **{_RENAMED.get(k, k): v for k, v in options.items()})
     model_path = Path(model_path)
-    if importance not in IMPORTANCE:
-        raise WeightsmithError(f"--importance {importance!r} is not one of {', '.join(IMPORTANCE)}")
-    if share_init not in SHARE_INITS:
-        raise WeightsmithError(f"--share-init {share_init!r} is not one of {', '.join(SHARE_INITS)}")
-    if relax_rank < 0 or heal_steps < 0 or heal_lora < 0 or gate_steps < 1:
-        raise WeightsmithError("--relax-rank, --heal-steps and --heal-lora must be >= 0 and --gate-steps >= 1")
-    if batch_size < 1:
-        raise WeightsmithError(f"--batch-size {batch_size} must be >= 1")
-    if heal_max_tokens is not None and heal_max_tokens < 1:
-        raise WeightsmithError(f"--heal-max-tokens {heal_max_tokens} must be >= 1")
-    if not Path(data).exists():
-        raise WeightsmithError(f"{data}: data file not found")
+    config = _check_inputs(model_path, opts)
+    ranks = Ranks.start(device)
+    _claim_output(ranks, out, model_path, force)
+    if opts.heal_steps and opts.batch_size % ranks.world:
+        raise OptionError("batch_size", f"{opts.batch_size} must be a multiple of the {ranks.world} processes "
+                                        "(each rank heals on an equal share of every batch)")
+    clock = Clock()
+    torch.manual_seed(seed)
+    dev = ranks.device if ranks.world > 1 else resolve_device(device)
+    teacher = model if model is not None else _load(model_path, dev)
+    job = _prepare(model_path, teacher, opts)
+    clock.lap("load")
+    removed, scores = [], {}
+    if job.k and ranks.rank == 0:
+        removed, scores = choose_removed(teacher, job.windows, job.k, opts.importance, gate_steps=opts.gate_steps,
+                                         batch_size=opts.batch_size, seed=seed, device=dev, progress=progress,
+                                         pooling=job.pooling)
+    removed, scores = ranks.from_rank0((removed, scores))
+    clock.lap("importance")
+    folded = fold_model(teacher, config, removed, job.sizes, share_init=opts.share_init, relax_rank=opts.relax_rank,
+                        extra={"importance": opts.importance, "scores": scores})
+    clock.lap("fold")
+    healed = {}
+    if opts.heal_steps:
+        from .heal import heal
+        healed = heal(folded, teacher, job.heal_data(opts), steps=opts.heal_steps, lr=opts.heal_lr,
+                      tail=opts.heal_tail, batch_size=opts.batch_size, lora_rank=opts.heal_lora, seed=seed, device=dev,
+                      pooling=job.pooling, progress=progress)
+        clock.lap("heal")
+    fold_map = copy.deepcopy(folded.config.weightsmith)
+    fold_map.update(heal_steps=opts.heal_steps)
+    result = {"model": str(model_path), "out": str(out), "blocks": job.n, "removed": removed,
+              "kept": fold_map["kept"], "groups": fold_map["groups"], "importance": opts.importance, "scores": scores,
+              "params_original": count_params(teacher), "params_unique": count_params(folded), **healed}
+    if job.pooling is not None:
+        result["pooling"] = job.pooling.source
+    if ranks.rank == 0:
+        _write(folded, config, fold_map, result, opts, out, model_path, seed=seed, processes=ranks.world, force=force)
+    ranks.barrier()  # the others return once the output is in place
+    clock.lap("write")
+    result["seconds"] = clock.laps
+    result["rank"], result["processes"] = ranks.rank, ranks.world
+    return result
+
+
+def _check_inputs(model_path: Path, opts: FoldOptions) -> dict:
+    """The model's config, once the data and the folder's format are known to suit a fold."""
+    from ..loading import folder_format
+
+    if not Path(opts.data).exists():
+        raise WeightsmithError(f"{opts.data}: data file not found")
     if folder_format(model_path) != "plain":
         raise WeightsmithError(f"{model_path}: already a {folder_format(model_path)} folder; fold a plain checkpoint")
-    config = read_json(model_path / "config.json", "config.json")
-    ranks = Ranks.start(device)
+    return read_json(model_path / "config.json", "config.json")
+
+
+def _claim_output(ranks: Ranks, out: str | Path, model_path: Path, force: bool) -> None:
+    """Rank 0 checks and locks the output for the run; the other ranks stop with its refusal."""
     refused = None
-    if ranks.rank == 0:  # checks and locks the output for the run; the other ranks stop with its refusal
+    if ranks.rank == 0:
         try:
             check_output(out, [model_path], force)
         except WeightsmithError as exc:
@@ -97,66 +140,64 @@ def fold(model_path: str | Path, out: str | Path, *, data: str | Path, remove: f
     refused = ranks.from_rank0(refused)
     if refused:
         raise WeightsmithError(refused)
-    if heal_steps and batch_size % ranks.world:
-        raise WeightsmithError(f"--batch-size {batch_size} must be a multiple of the {ranks.world} processes "
-                               f"(each rank heals on an equal share of every batch)")
-    clock = Clock()
-    torch.manual_seed(seed)
-    dev = ranks.device if ranks.world > 1 else resolve_device(device)
-    teacher = model if model is not None else load(model_path, device=dev)
+
+
+def _load(model_path: Path, device) -> torch.nn.Module:
+    from ..loading import load
+
+    return load(model_path, device=device)
+
+
+@dataclass
+class _Job:
+    """What the fold works from: the block count, how many go, the group sizes and the calibration windows."""
+    n: int
+    k: int
+    sizes: list[int]
+    windows: torch.Tensor
+    pooling: Pooling | None
+    tokenizer: object
+    seq: int
+
+    def heal_data(self, opts: FoldOptions):
+        """What the heal trains on (``heal_calibration``), ``heal_max_tokens`` of it."""
+        same = opts.heal_max_tokens in (None, opts.max_tokens)
+        return heal_calibration(self.tokenizer, opts.data, self.seq, opts.heal_max_tokens or opts.max_tokens,
+                                self.pooling is None, self.windows if same else None)
+
+
+def _prepare(model_path: Path, teacher: torch.nn.Module, opts: FoldOptions) -> _Job:
+    from ..eval import load_tokenizer
+
     n = len(block_list(teacher))
-    k = removal_count(remove, n)
+    k = removal_count(opts.remove, n)
     if k >= n:
-        raise WeightsmithError(f"--remove {remove} would remove all {n} blocks")
-    sizes = parse_share(share, n - k)
+        raise OptionError("remove", f"{opts.remove} would remove all {n} blocks")
+    sizes = parse_share(opts.share, n - k)
     causal = is_causal_lm(teacher)
     pooling = None if causal else read_pooling(model_path)
+    seq = model_seq(teacher, opts.seq_len)
     tok = load_tokenizer(model_path)
-    windows = calibration_windows(tok, data, seq=model_seq(teacher, seq), max_tokens=max_tokens, causal=causal)
-    clock.lap("load")
-    removed, scores = [], {}
-    if k and ranks.rank == 0:
-        removed, scores = choose_removed(teacher, windows, k, importance, gate_steps=gate_steps, batch_size=batch_size,
-                                         seed=seed, device=dev, progress=progress, pooling=pooling)
-    removed, scores = ranks.from_rank0((removed, scores))
-    clock.lap("importance")
-    folded = fold_model(teacher, config, removed, sizes, share_init=share_init, relax_rank=relax_rank,
-                        extra={"importance": importance, "scores": scores})
-    clock.lap("fold")
-    healed = {}
-    if heal_steps:
-        from .heal import heal
-        heal_data = heal_calibration(tok, data, model_seq(teacher, seq), heal_max_tokens or max_tokens, causal,
-                                     windows if heal_max_tokens in (None, max_tokens) else None)
-        healed = heal(folded, teacher, heal_data, steps=heal_steps, lr=heal_lr, tail=heal_tail, batch_size=batch_size,
-                      lora_rank=heal_lora, seed=seed, device=dev, pooling=pooling, progress=progress)
-        clock.lap("heal")
-    fold_map = copy.deepcopy(folded.config.weightsmith)
-    fold_map.update(heal_steps=heal_steps)
+    windows = calibration_windows(tok, opts.data, seq=seq, max_tokens=opts.max_tokens, causal=causal)
+    return _Job(n, k, sizes, windows, pooling, tok, seq)
+
+
+def _write(folded: torch.nn.Module, config: dict, fold_map: dict, result: dict, opts: FoldOptions,
+           out: str | Path, model_path: Path, *, seed: int, processes: int, force: bool) -> None:
+    """The folded folder, atomically: weights, side files and a model card recording ``opts``."""
     from .format import folded_config, save
-    cfg = folded_config(config, fold_map["kept"], {k2: v for k2, v in fold_map.items() if k2 != "format"})
-    result = {"model": str(model_path), "out": str(out), "blocks": n, "removed": removed, "kept": fold_map["kept"],
-              "groups": fold_map["groups"], "importance": importance, "scores": scores,
-              "params_original": count_params(teacher), "params_unique": count_params(folded), **healed}
-    if pooling is not None:
-        result["pooling"] = pooling.source
-    if ranks.rank == 0:
-        with output_folder(out, inputs=[model_path], force=force) as tmp:
-            save(folded.to("cpu"), tmp, cfg, max_shard_size)
-            copy_side_files(model_path, tmp)
-            copy_sentence_transformers_files(model_path, tmp)
-            params = {"remove": remove, "share": share, "share_init": share_init, "importance": importance,
-                      "relax_rank": relax_rank, "heal_steps": heal_steps, "heal_lr": heal_lr, "heal_tail": heal_tail,
-                      "heal_lora": heal_lora, "heal_max_tokens": heal_max_tokens or max_tokens, "gate_steps": gate_steps, "seed": seed, "data": str(data),
-                      "processes": ranks.world}
-            write_model_card(tmp, stage="fold", method=f"FoldGPT ({importance} importance)", inputs=[str(model_path)],
-                             parameters=params, metrics=[{"model": Path(out).name, "blocks": len(fold_map["kept"]),
-                                                          "removed": str(removed), "unique_params": result["params_unique"],
-                                                          "original_params": result["params_original"]}],
-                             notes="Blocks in a group share one set of weights (stored once); load with "
-                                   "`weightsmith.load`, or flatten with `weightsmith export --plain`.")
-    ranks.barrier()  # the others return once the output is in place
-    clock.lap("write")
-    result["seconds"] = clock.laps
-    result["rank"], result["processes"] = ranks.rank, ranks.world
-    return result
+
+    cfg = folded_config(config, fold_map["kept"], {k: v for k, v in fold_map.items() if k != "format"})
+    with output_folder(out, inputs=[model_path], force=force) as tmp:
+        save(folded.to("cpu"), tmp, cfg, opts.out_shard_size)
+        copy_side_files(model_path, tmp)
+        copy_sentence_transformers_files(model_path, tmp)
+        params = {**opts.to_dict(exclude=("out_shard_size",)), "heal_max_tokens": opts.heal_max_tokens or opts.max_tokens,
+                  "seed": seed, "processes": processes}
+        write_model_card(tmp, stage="fold", method=f"FoldGPT ({opts.importance} importance)",
+                         inputs=[str(model_path)], parameters=params,
+                         metrics=[{"model": Path(out).name, "blocks": len(fold_map["kept"]),
+                                   "removed": str(result["removed"]), "unique_params": result["params_unique"],
+                                   "original_params": result["params_original"]}],
+                         notes="Blocks in a group share one set of weights (stored once); load with "
+                               "`weightsmith.load`, or flatten with `weightsmith export --plain`.")

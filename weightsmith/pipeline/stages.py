@@ -229,19 +229,12 @@ def merge_stage(ctx: Context, *, method: str, base_model: Path | None = None, pa
     return {"method": method, "seconds": info.get("seconds")} if isinstance(info, dict) else {"method": method}
 
 
-@stage("fold", paths=("data",))
-def fold_stage(ctx: Context, *, data: Path, remove: float = 0.25, share: str = "1", share_init: str = "average",
-               importance: str = "loss", relax_rank: int = 0, heal_steps: int = 0, heal_lr: float = 3e-4,
-               heal_tail: int = 2, heal_lora: int = 0, gate_steps: int = 200, seq: int | None = None,
-               max_tokens: int = 16384, heal_max_tokens: int | None = None, batch_size: int = 8,
-               out_shard_size: str = "5GB") -> dict:
+@stage("fold", options=so.FoldOptions)
+def fold_stage(ctx: Context, **params) -> dict:
     from ..fold.stage import fold
 
-    info = fold(ctx.inputs[0], ctx.out, data=data, remove=remove, share=str(share), share_init=share_init,
-                importance=importance, relax_rank=relax_rank, heal_steps=heal_steps, heal_lr=heal_lr,
-                heal_tail=heal_tail, heal_lora=heal_lora, gate_steps=gate_steps, seq=seq, max_tokens=max_tokens,
-                heal_max_tokens=heal_max_tokens, batch_size=batch_size, seed=ctx.seed, device=ctx.device, max_shard_size=out_shard_size, force=ctx.force,
-                progress=ctx.progress)
+    info = fold(ctx.inputs[0], ctx.out, so.FoldOptions.from_params(params), seed=ctx.seed, device=ctx.device,
+                force=ctx.force, progress=ctx.progress)
     return {k: v for k, v in info.items() if isinstance(v, (int, float, str, list))} if isinstance(info, dict) else {}
 
 
