@@ -77,7 +77,9 @@ def test_stage_options_share_one_name_per_concept():
     names = {n for cls in STAGE_OPTIONS.values() for n in cls.specs()}
     assert not names & {"seq", "batch", "max_shard_size", "shard_size"}
     helps: dict[str, set[str]] = {}
-    for cls in STAGE_OPTIONS.values():
+    for stage, cls in STAGE_OPTIONS.items():
+        if stage == "merge":  # merge's sizes are also mergekit's parameter counts (5B), and its help says so
+            continue
         for n, s in cls.specs().items():
             helps.setdefault(n, set()).add(s.help)
     assert len(helps["out_shard_size"]) == 1
@@ -232,3 +234,55 @@ def test_a_fold_value_refused_once_the_model_is_read_is_worded_for_each_user(tin
         run_pipeline(load_pipeline(path), device="cpu")
     assert pipeline_text in str(err.value) and "--" not in str(err.value)
     assert not (tmp_path / "out").exists()
+
+
+# -- merge: a method parameter's bad value, from flags, from a recipe file, from a pipeline ------------------
+
+MERGE_BAD = [
+    (["--density", "1.5"], {"parameters": {"density": 1.5}},
+     "--density: 1.5 is out of range; it must be in [0, 1]",
+     "key 'params.parameters.density': 1.5 is out of range; it must be in [0, 1]"),
+    (["--density", "0.5", "--density", "1.5"], {"model_parameters": [{"density": 0.5}, {"density": 1.5}]},
+     "--density: 1.5 is out of range; it must be in [0, 1]",
+     "key 'params.model_parameters[1].density': 1.5 is out of range; it must be in [0, 1]"),
+    (["--trim", "row"], {"parameters": {"trim": "row"}},
+     "--trim: 'row' is not one of model, tensor",
+     "key 'params.parameters.trim': 'row' is not one of model, tensor"),
+    (["--param", "int8_mask=3"], {"parameters": {"int8_mask": 3}},
+     "--param int8_mask: must be true or false, got 3",
+     "key 'params.parameters.int8_mask': must be true or false, got 3"),
+    (["--out-shard-size", "2 parsecs"], {"out_shard_size": "2 parsecs"},
+     "--out-shard-size: '2 parsecs' not understood",
+     "key 'params.out_shard_size': '2 parsecs' not understood"),
+]
+
+
+@pytest.mark.parametrize("flags, params, cli_text, pipeline_text", MERGE_BAD, ids=[" ".join(c[0]) for c in MERGE_BAD])
+def test_the_same_bad_merge_value_is_worded_for_the_cli_and_for_the_pipeline(tiny_llama, tmp_path, flags, params,
+                                                                             cli_text, pipeline_text):
+    from weightsmith.pipeline import run_pipeline
+
+    base, a, b = tiny_llama("base"), tiny_llama("a", seed=1), tiny_llama("b", seed=2)
+    cli = _cli_error(["merge", "--method", "ties", "--base", base, "--model", a, "--model", b, "-o", tmp_path / "out",
+                      *flags])
+    assert cli.startswith(cli_text) and "params." not in cli and "recipe" not in cli
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({"workdir": str(tmp_path / "w"), "stages": [
+        {"name": "m", "stage": "merge", "inputs": [str(a), str(b)],
+         "params": {"method": "ties", "base_model": str(base), **params}}]}))
+    with pytest.raises(WeightsmithError) as err:
+        run_pipeline(load_pipeline(path), device="cpu")
+    assert pipeline_text in str(err.value) and "--" not in str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_bad_value_in_a_recipe_file_keeps_the_recipe_wording_on_the_cli(tiny_llama, tmp_path):
+    base, a = tiny_llama("base"), tiny_llama("a", seed=1)
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(yaml.safe_dump({"merge_method": "ties", "base_model": str(base),
+                                      "models": [{"model": str(a), "parameters": {"density": 1.5}}]}))
+    cli = _cli_error(["merge", recipe, "-o", tmp_path / "out"])
+    assert cli.startswith(f"recipe: model {a}: ") and "parameter 'density': 1.5 is out of range" in cli
+    assert "--" not in cli
+    fixed = _cli_error(["merge", recipe, "-o", tmp_path / "out", "--density", "2"])  # the flag overrides the file
+    assert fixed == "--density: 2.0 is out of range; it must be in [0, 1]"

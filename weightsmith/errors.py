@@ -32,7 +32,15 @@ class OptionError(WeightsmithError):
 
     def __init__(self, param: str | None, problem: str, others: Sequence[str] = ()):
         self.param, self.problem, self.others = param, problem, tuple(others)
+        self.where: str | None = None
         super().__init__(self.render())
+
+    def at(self, where: str, name: Callable[[str], str] = _plain) -> OptionError:
+        """The same error located in a file (``where``, e.g. ``recipe r.yml: models[1]``): its own message becomes
+        ``where: name(param): problem``; ``render`` still words it for other users."""
+        self.where = where
+        self.args = (f"{where}: {self.render(name)}",)
+        return self
 
     def render(self, name: Callable[[str], str] = _plain, subject: str | None = None) -> str:
         """The message with every option named by ``name(param)``; ``subject`` replaces the leading name

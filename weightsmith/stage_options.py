@@ -157,6 +157,34 @@ class FoldOptions(Options):
         share_sizes(self.share)
 
 
+class MergeOptions(Options):
+    """``weightsmith merge`` and the pipeline's merge stage: how a recipe is run and written (the recipe itself
+    says what is merged)."""
+    dtype: str | None = option(None, choices=DTYPES, help="Output dtype float32/bfloat16/float16 (overrides the "
+                               "recipe's out_dtype/dtype). [default: recipe out_dtype, else dtype, else as input]")
+    out_shard_size: str = option("5B", help="Largest output shard: parameters as mergekit (5B = 5 billion, 500M, 50K, "
+                                            "or a bare count) or bytes (2GB, 500MB, 1GiB).")  # the library takes bytes too
+    allow_crimes: bool = option(False, flag="--allow-crimes/--no-allow-crimes",
+                                help="Merge models whose configs disagree on architecture.")
+    copy_tokenizer: bool = option(True, help="Copy the tokenizer files to the output.")
+    model_card: bool = option(True, flag="--write-model-card/--no-write-model-card",
+                              help="Write README.md describing the merge.")
+    allow_nonfinite: bool = option(False, help="Merge inputs holding NaN/inf (reported per tensor) instead of "
+                                               "refusing them.")
+
+
+class MergeStageOptions(MergeOptions):
+    """A pipeline's merge stage: the run options above plus the recipe, given as params."""
+    method: str = option(cli=False, help="Merge method, as a recipe's merge_method.")
+    base_model: Path | None = option(None, path=True, cli=False, help="Base model folder.")
+    parameters: dict | None = option(None, cli=False, help="Global parameters, as a recipe's parameters.")
+    model_parameters: list[dict] | None = option(None, cli=False, help="One parameters mapping per input, in order.")
+    options: dict | None = option(None, cli=False, help="Options of whole-model methods (e.g. data for greedy soup).")
+
+    def run_options(self) -> MergeOptions:
+        return MergeOptions(**{n: getattr(self, n) for n in MergeOptions.specs()})
+
+
 class ExportOptions(Options):
     """``weightsmith export``: a folded or RPS folder -> a plain checkpoint."""
     plain: bool = option(True, pipeline=False, help="Write an ordinary checkpoint (shared or hashed weights "
@@ -166,4 +194,4 @@ class ExportOptions(Options):
 
 STAGE_OPTIONS: dict[str, type[Options]] = {"eval": EvalOptions, "analyze": AnalyzeOptions, "compress": RpsOptions,
                                            "align": AlignOptions, "pleas": PleasOptions, "export": ExportOptions,
-                                           "fold": FoldOptions}
+                                           "fold": FoldOptions, "merge": MergeStageOptions}

@@ -25,13 +25,13 @@ def no_reads(monkeypatch):
 
 @pytest.mark.parametrize("case, message", [
     ("missing_input", "folder not found"),
-    ("bad_density", "'density' = 1.5 is outside"),
+    ("bad_density", r"parameter 'density': 1.5 is out of range; it must be in \[0, 1\]"),
     ("unknown_param", "has no parameter 'dnesity'"),
     ("unknown_method", "unknown merge_method"),
     ("no_base", "needs a base model"),
     ("arch", "num_hidden_layers"),
     ("shape", "has shape"),
-    ("gradient_out_of_range", "outside"),
+    ("gradient_out_of_range", r"parameter 'density': 1.4 is out of range"),
     ("whole_model_trim_by_layer", "takes one density per model"),
 ])
 def test_bad_recipes_refused_before_any_tensor_is_read(case, message, tiny_llama, tmp_path, no_reads):

@@ -2,6 +2,7 @@
 registry-generated help and --list-methods, and refusals in one line with exit 2."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -23,8 +24,8 @@ DEFAULTS = dict(device="auto", dtype=None, out_shard_size="5B", seed=0, allow_cr
 def calls(monkeypatch):
     seen = []
 
-    def fake(recipe, out, **kwargs):
-        seen.append((recipe, str(out), kwargs))
+    def fake(recipe, out, opts, **kwargs):  # the run options arrive as one MergeOptions: seen as keywords here
+        seen.append((recipe, str(out), {**dataclasses.asdict(opts), **kwargs}))
         return {"out": str(out), "method": recipe.method, "inputs": recipe.inputs, "notes": []}
     monkeypatch.setattr(merge_pkg, "merge", fake)
     return seen

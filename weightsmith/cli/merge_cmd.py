@@ -11,7 +11,11 @@ from typing import Annotated
 import typer
 
 from . import app
+from ..errors import OptionError, WeightsmithError
+from ..options import Options, option
+from ..stage_options import MergeOptions
 from .common import DeviceOpt, ForceOpt, JsonOpt, QuietOpt, SeedOpt, console, print_json, progress_bars
+from .options import cli_wording, flag, with_options
 
 HELP_HEAD = """Merge checkpoints into one, streaming one tensor at a time.
 
@@ -79,8 +83,6 @@ def list_methods(json_out: bool) -> None:
 
 def _refuse(ctx: typer.Context, param, value):
     if value:
-        from ..errors import WeightsmithError
-
         name = param.opts[0]
         raise WeightsmithError(f"{name} (a mergekit-yaml option) has no meaning in weightsmith: "
                                f"{MERGEKIT_REFUSED[name]}")
@@ -93,101 +95,196 @@ def _refused_options():
         bool, typer.Option(name, hidden=True, callback=_refuse, expose_value=True)] for name in MERGEKIT_REFUSED}
 
 
+RECIPE_FLAGS = {"base_model": "--base", "models": "--model", "merge_method": "--method"}  # recipe keys -> flags
+
+
+class MergeFlags(Options):
+    """The flags that describe a merge without a recipe (or change a recipe's method, base and parameters), and
+    mergekit-yaml's spellings of other options. Command-line only: a pipeline gives these as the merge stage's
+    ``method``, ``base_model``, ``parameters`` and ``model_parameters``."""
+    method: str | None = option(None, pipeline=False, help="Merge method (overrides the recipe's merge_method).")
+    base: str | None = option(None, pipeline=False, help="Base model folder (task vectors are taken against it).")
+    model: list[str] | None = option(None, pipeline=False, help="Input model folder; repeat per model.")
+    weight: list[float] | None = option(None, pipeline=False, help="Weight: once for all models or once per --model. "
+                                                                   "[default: 1.0]")
+    density: list[float] | None = option(None, pipeline=False, help="Fraction of each task vector kept (ties, dare_*, "
+                                                                    "breadcrumbs*). [default: 1.0]")
+    gamma: list[float] | None = option(None, pipeline=False, help="Breadcrumbs: fraction of largest |delta| removed. "
+                                                                  "[default: 0.01]")
+    lambda_: float | None = option(None, pipeline=False, flag="--lambda", help="Scale of the merged task vector. "
+                                                                               "[default: 1.0]")
+    t: float | None = option(None, pipeline=False, help="SLERP position: 0 = base, 1 = the other model. "
+                                                        "[default: 0.5]")
+    normalize: bool | None = option(None, pipeline=False, flag="--normalize/--no-normalize",
+                                    help="Divide by summed weights (default: per method, as mergekit).")
+    rescale: str | None = option(None, pipeline=False, help="DARE survivors: paper (1/density), l1 (mergekit) or "
+                                                            "none. [default: paper]")
+    trim: str | None = option(None, pipeline=False, help="TIES: top --density of each whole task vector 'model' "
+                                                         "(paper) or of each 'tensor' (mergekit). [default: model]")
+    mask: str | None = option(None, pipeline=False, help="Breadcrumbs mask fractions per 'row' (paper) or per "
+                                                         "'tensor' (mergekit). [default: row]")
+    compat: str | None = option(None, pipeline=False, help="'mergekit': mergekit's defaults and its arithmetic in the "
+                                                           "recipe's dtype. [default: paper]")
+    filter_wise: bool | None = option(None, pipeline=False, flag="--filter-wise/--no-filter-wise",
+                                      help="Model stock: one ratio per output row. [default: no]")
+    metric: str | None = option(None, pipeline=False, help="MWA: weight by 'loss' (1/loss) or 'step', read from "
+                                "trainer_state.json [default: loss]. PLeaS: activation similarity, euclidean or "
+                                "correlation [default: euclidean].")
+    p: float | None = option(None, pipeline=False, help="MWA penalty factor: w_i = m_i^p / sum_j m_j^p. "
+                                                        "[default: 1.0]")
+    metric_value: list[float] | None = option(None, pipeline=False, help="MWA: loss or step per --model instead of "
+                                                                         "trainer_state.json.")
+    data: str | None = option(None, pipeline=False, help="Greedy soup: held-out text scored by perplexity. PLeaS: "
+                                                         "calibration text.")
+    width: float | None = option(None, pipeline=False, help="PLeaS: output size in model widths, 1.0-2.0. "
+                                                            "[default: 1.2]")
+    labelled: str | None = option(None, pipeline=False, help="Greedy soup: held-out labelled file scored by "
+                                                             "accuracy.")
+    max_tokens: int | None = option(None, pipeline=False, help="Greedy soup: tokens of --data used. [default: all]")
+    param: list[str] | None = option(None, pipeline=False, help="Any other global parameter, KEY=VALUE (YAML value).")
+    cuda: bool | None = option(None, pipeline=False, flag="--cuda/--no-cuda",
+                               help="mergekit-yaml's spelling of --device cuda / --device cpu.")
+    random_seed: int | None = option(None, pipeline=False, help="mergekit-yaml's spelling of --seed.")
+    num_threads: int | None = option(None, lo=1, pipeline=False, short="-j",
+                                     help="CPU threads for the arithmetic. [default: torch's]")
+    lazy_unpickle: bool = option(False, pipeline=False, flag="--lazy-unpickle/--no-lazy-unpickle",
+                                 help="Accepted from mergekit-yaml: reading is always lazy here (safetensors, mapped "
+                                      "per tensor).")
+    unsafe_truncate_embeddings: bool = option(
+        False, pipeline=False, flag="--unsafe-truncate-embeddings/--no-unsafe-truncate-embeddings",
+        help="Accepted from mergekit-yaml: differing vocabulary rows are always cropped, with a note.")
+    safe_serialization: bool = option(False, pipeline=False, help="Accepted from mergekit-yaml: the output is always "
+                                                                  "safetensors.")
+    async_write: bool = option(False, pipeline=False, flag="--async-write/--no-async-write",
+                               help="Accepted from mergekit-yaml: writing always overlaps the merge.")
+
+    PER_MODEL = ("weight", "density", "gamma", "metric_value")
+    GLOBAL = ("t", "normalize", "rescale", "trim", "mask", "compat", "filter_wise", "metric", "p", "data", "width",
+              "labelled", "max_tokens")
+
+    def per_model(self) -> dict[str, list | None]:
+        return {k: getattr(self, k) for k in self.PER_MODEL}
+
+    def parameters(self) -> dict:
+        """The global method parameters the flags give (``--param`` ones included; None: not given)."""
+        from ..merge.recipe import parse_param
+
+        return {"lambda": self.lambda_, **{k: getattr(self, k) for k in self.GLOBAL},
+                **dict(parse_param(x) for x in self.param or [])}
+
+    def flag_of(self, param: str) -> str | None:
+        """The flag that gave method parameter ``param`` on this command line, if one did."""
+        if param in {x.partition("=")[0].strip() for x in self.param or []}:
+            return f"--param {param}"
+        field = "lambda_" if param == "lambda" else param
+        if field in (*self.PER_MODEL, *self.GLOBAL, "lambda_") and getattr(self, field) not in (None, []):
+            return flag(param)
+        return None
+
+
+@with_options(MergeOptions, "opts")
+@with_options(MergeFlags, "flags")
 def merge_cmd(
     recipe: Annotated[Path | None, typer.Argument(metavar="RECIPE", help="mergekit-style YAML recipe (optional when --method is given).")] = None,
     out_pos: Annotated[Path | None, typer.Argument(metavar="OUT", help="Output folder, as mergekit-yaml's second argument (or --out).")] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder (written atomically).")] = None,
     list_methods_: Annotated[bool, typer.Option("--list-methods", help="List the merge methods and their parameters, then exit.")] = False,
-    method: Annotated[str | None, typer.Option("--method", help="Merge method (overrides the recipe's merge_method).")] = None,
-    base: Annotated[str | None, typer.Option("--base", help="Base model folder (task vectors are taken against it).")] = None,
-    model: Annotated[list[str] | None, typer.Option("--model", help="Input model folder; repeat per model.")] = None,
-    weight: Annotated[list[float] | None, typer.Option("--weight", help="Weight: once for all models or once per --model. [default: 1.0]")] = None,
-    density: Annotated[list[float] | None, typer.Option("--density", help="Fraction of each task vector kept (ties, dare_*, breadcrumbs*). [default: 1.0]")] = None,
-    gamma: Annotated[list[float] | None, typer.Option("--gamma", help="Breadcrumbs: fraction of largest |delta| removed. [default: 0.01]")] = None,
-    lambda_: Annotated[float | None, typer.Option("--lambda", help="Scale of the merged task vector. [default: 1.0]")] = None,
-    t: Annotated[float | None, typer.Option("--t", help="SLERP position: 0 = base, 1 = the other model. [default: 0.5]")] = None,
-    normalize: Annotated[bool | None, typer.Option("--normalize/--no-normalize", help="Divide by summed weights (default: per method, as mergekit).")] = None,
-    rescale: Annotated[str | None, typer.Option("--rescale", help="DARE survivors: paper (1/density), l1 (mergekit) or none. [default: paper]")] = None,
-    trim: Annotated[str | None, typer.Option("--trim", help="TIES: top --density of each whole task vector 'model' (paper) or of each 'tensor' (mergekit). [default: model]")] = None,
-    mask: Annotated[str | None, typer.Option("--mask", help="Breadcrumbs mask fractions per 'row' (paper) or per 'tensor' (mergekit). [default: row]")] = None,
-    compat: Annotated[str | None, typer.Option("--compat", help="'mergekit': mergekit's defaults and its arithmetic in the recipe's dtype. [default: paper]")] = None,
-    filter_wise: Annotated[bool | None, typer.Option("--filter-wise/--no-filter-wise", help="Model stock: one ratio per output row. [default: no]")] = None,
-    metric: Annotated[str | None, typer.Option("--metric", help="MWA: weight by 'loss' (1/loss) or 'step', read from trainer_state.json [default: loss]. PLeaS: activation similarity, euclidean or correlation [default: euclidean].")] = None,
-    p: Annotated[float | None, typer.Option("--p", help="MWA penalty factor: w_i = m_i^p / sum_j m_j^p. [default: 1.0]")] = None,
-    metric_value: Annotated[list[float] | None, typer.Option("--metric-value", help="MWA: loss or step per --model instead of trainer_state.json.")] = None,
-    data: Annotated[str | None, typer.Option("--data", help="Greedy soup: held-out text scored by perplexity. PLeaS: calibration text.")] = None,
-    width: Annotated[float | None, typer.Option("--width", help="PLeaS: output size in model widths, 1.0-2.0. [default: 1.2]")] = None,
-    labelled: Annotated[str | None, typer.Option("--labelled", help="Greedy soup: held-out labelled file scored by accuracy.")] = None,
-    max_tokens: Annotated[int | None, typer.Option("--max-tokens", help="Greedy soup: tokens of --data used. [default: all]")] = None,
-    param: Annotated[list[str] | None, typer.Option("--param", help="Any other global parameter, KEY=VALUE (YAML value).")] = None,
-    dtype: Annotated[str | None, typer.Option("--dtype", help="Output dtype float32/bfloat16/float16 (overrides the recipe's out_dtype/dtype). [default: recipe out_dtype, else dtype, else as input]")] = None,
+    flags: MergeFlags = None,
+    opts: MergeOptions = None,
     device: DeviceOpt = "auto",
-    cuda: Annotated[bool | None, typer.Option("--cuda/--no-cuda", help="mergekit-yaml's spelling of --device cuda / --device cpu.")] = None,
-    out_shard_size: Annotated[str, typer.Option("--out-shard-size", help="Largest output shard: parameters as mergekit (5B = 5 billion, 500M, 50K, or a bare count) or bytes (2GB, 500MB, 1GiB).")] = "5B",
     seed: SeedOpt = 0,
-    random_seed: Annotated[int | None, typer.Option("--random-seed", help="mergekit-yaml's spelling of --seed.")] = None,
-    num_threads: Annotated[int | None, typer.Option("--num-threads", "-j", min=1, help="CPU threads for the arithmetic. [default: torch's]")] = None,
-    allow_crimes: Annotated[bool, typer.Option("--allow-crimes/--no-allow-crimes", help="Merge models whose configs disagree on architecture.")] = False,
-    copy_tokenizer: Annotated[bool, typer.Option("--copy-tokenizer/--no-copy-tokenizer", help="Copy the tokenizer files to the output.")] = True,
-    write_model_card: Annotated[bool, typer.Option("--write-model-card/--no-write-model-card", help="Write README.md describing the merge.")] = True,
-    lazy_unpickle: Annotated[bool, typer.Option("--lazy-unpickle/--no-lazy-unpickle", help="Accepted from mergekit-yaml: reading is always lazy here (safetensors, mapped per tensor).")] = False,
-    unsafe_truncate_embeddings: Annotated[bool, typer.Option("--unsafe-truncate-embeddings/--no-unsafe-truncate-embeddings", help="Accepted from mergekit-yaml: differing vocabulary rows are always cropped, with a note.")] = False,
-    safe_serialization: Annotated[bool, typer.Option("--safe-serialization", help="Accepted from mergekit-yaml: the output is always safetensors.")] = True,
-    async_write: Annotated[bool, typer.Option("--async-write/--no-async-write", help="Accepted from mergekit-yaml: writing always overlaps the merge.")] = False,
-    allow_nonfinite: Annotated[bool, typer.Option("--allow-nonfinite", help="Merge inputs holding NaN/inf (reported per tensor) instead of refusing them.")] = False,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     **refused,
 ) -> None:
-    from ..errors import WeightsmithError
-    from ..merge import load_recipe, merge
-    from ..merge.recipe import parse_param, recipe_from_flags
+    from ..merge import merge
 
     if list_methods_:
         list_methods(json_out)
         return
-    if out is not None and out_pos is not None:
-        raise WeightsmithError("give the output folder once: as the second argument or by --out")
-    out = out or out_pos
-    if out is None:
-        raise WeightsmithError("no output folder: give --out DIR (or, as mergekit-yaml, RECIPE OUT)")
-    if cuda is not None:
-        if device != "auto":
-            raise WeightsmithError("give --device or --cuda/--no-cuda, not both")
-        device = "cuda" if cuda else "cpu"
-    if random_seed is not None:
-        seed = random_seed
-    if num_threads is not None:
+    out = _output(out, out_pos)
+    device = _device(device, flags.cuda)
+    seed = seed if flags.random_seed is None else flags.random_seed
+    if flags.num_threads is not None:
         import torch
 
-        torch.set_num_threads(num_threads)
-    flags = {"lambda": lambda_, "t": t, "normalize": normalize, "rescale": rescale, "trim": trim, "mask": mask, "compat": compat,
-             "filter_wise": filter_wise, "metric": metric, "p": p, "data": data, "width": width, "labelled": labelled,
-             "max_tokens": max_tokens, **dict(parse_param(x) for x in param or [])}
-    per_model = {"weight": weight, "density": density, "gamma": gamma, "metric_value": metric_value}
-    if recipe is not None:
-        r = load_recipe(recipe)
-        if model:
-            raise WeightsmithError("give the models in the recipe or by --model, not both")
-        r.method = method or r.method
-        r.base_model = base or r.base_model
-        r.parameters.update({k: v for k, v in flags.items() if v is not None})
-        r.parameters.update({k: v[0] for k, v in per_model.items() if v and len(v) == 1})
-        if any(v and len(v) > 1 for v in per_model.values()):
-            raise WeightsmithError("with a recipe, per-model flags may be given once (applied to all models)")
-    else:
-        if method is None:
-            raise WeightsmithError("give a recipe YAML or --method with --model flags")
-        r = recipe_from_flags(method, model or [], base, per_model, flags)
-    with progress_bars(not quiet) as progress:
-        result = merge(r, out, device=device, dtype=dtype, out_shard_size=out_shard_size, seed=seed,
-                       allow_crimes=allow_crimes, force=force, progress=progress,
-                       copy_tokenizer=copy_tokenizer, model_card=write_model_card,
-                       allow_nonfinite=allow_nonfinite)
+        torch.set_num_threads(flags.num_threads)
+    r = _recipe(recipe, flags)
+    try:
+        with progress_bars(not quiet) as progress:
+            result = merge(r, out, opts, device=device, seed=seed, force=force, progress=progress)
+    except OptionError as exc:
+        raise _flag_wording(exc, flags, recipe is not None) from None
     if json_out:
         print_json(result)
         return
+    _print(result, out)
+
+
+def _output(out: Path | None, out_pos: Path | None) -> Path:
+    if out is not None and out_pos is not None:
+        raise WeightsmithError("give the output folder once: as the second argument or by --out")
+    if out is None and out_pos is None:
+        raise WeightsmithError("no output folder: give --out DIR (or, as mergekit-yaml, RECIPE OUT)")
+    return out or out_pos
+
+
+def _device(device: str, cuda: bool | None) -> str:
+    if cuda is None:
+        return device
+    if device != "auto":
+        raise WeightsmithError("give --device or --cuda/--no-cuda, not both")
+    return "cuda" if cuda else "cpu"
+
+
+def _recipe(path: Path | None, flags: MergeFlags):
+    """The recipe file with the flags' method, base and parameters over it, or the recipe the flags describe."""
+    from ..merge import load_recipe
+    from ..merge.recipe import recipe_from_flags
+
+    try:
+        per_model, params = flags.per_model(), flags.parameters()
+        if path is None:
+            if flags.method is None:
+                raise WeightsmithError("give a recipe YAML or --method with --model flags")
+            return recipe_from_flags(flags.method, flags.model or [], flags.base, per_model, params)
+        r = load_recipe(path)
+        if flags.model:
+            raise WeightsmithError("give the models in the recipe or by --model, not both")
+        if any(v and len(v) > 1 for v in per_model.values()):
+            raise WeightsmithError("with a recipe, per-model flags may be given once (applied to all models)")
+        r.method = flags.method or r.method
+        r.base_model = flags.base or r.base_model
+        given = {**{k: v for k, v in params.items() if v is not None}, **{k: v[0] for k, v in per_model.items() if v}}
+        _check_given(r.method, given)
+        r.parameters.update(given)
+        return r
+    except OptionError as exc:
+        raise _flag_wording(exc, flags, False) from None
+
+
+def _check_given(method_name: str, given: dict) -> None:
+    """The values flags put over a recipe file, checked here: an error the merge raises later is the file's."""
+    from ..merge.registry import get_method, resolve
+
+    method = get_method(method_name)
+    for key, value in given.items():
+        if method.param(key) is not None:
+            resolve(method.param(key), value, "", 0.0, "command line", None, True)
+
+
+def _flag_wording(exc: OptionError, flags: MergeFlags, from_file: bool) -> WeightsmithError:
+    """A bad value the command line gave is worded as its flag; one a recipe file gave (``from_file``) keeps the
+    recipe's wording (where in the file, and the parameter's name there)."""
+    if exc.param in MergeOptions.specs():
+        return cli_wording(exc, MergeOptions)
+    if exc.param is None or from_file:
+        return WeightsmithError(str(exc))
+    return WeightsmithError(exc.render(lambda p: flags.flag_of(p) or RECIPE_FLAGS.get(p) or flag(p)))
+
+
+def _print(result: dict, out: Path) -> None:
     for row in result.get("trace", []):
         console.print(f"  {Path(row['ingredient']).name:<24} own {row['score']:.3f}  soup {row['soup_score']:.3f}  "
                       f"{'kept' if row['kept'] else 'skipped'}")

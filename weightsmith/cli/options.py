@@ -75,6 +75,8 @@ def with_options(cls: type[Options], param: str = "opts") -> Callable[[Callable]
         for p in sig.parameters.values():
             if p.name == param:
                 params.extend(generated)
+            elif p.kind is inspect.Parameter.VAR_KEYWORD:
+                params.append(p)
             else:
                 params.append(p.replace(kind=inspect.Parameter.KEYWORD_ONLY))
 

@@ -26,8 +26,9 @@ import torch
 from ..checkpoint import Checkpoint, ShardedWriter, check_output, copy_side_files, detect_layout, output_folder, write_config
 from ..checkpoint.card import write_model_card
 from ..device import resolve_device, resolve_dtype
-from ..errors import WeightsmithError
+from ..errors import MissingOption, OptionError, WeightsmithError
 from ..progress import ProgressFn, report
+from ..stage_options import MergeOptions
 from .registry import Method, PlanCheck, check_param_names, get_method, resolve, resolve_globals
 from .recipe import Recipe
 from .values import ValueChecks, zero_requested
@@ -137,34 +138,17 @@ def _compat(method: Method, recipe: Recipe, where: str) -> str | None:
 def plan_merge(recipe: Recipe, *, dtype: str | None = None, allow_crimes: bool = False) -> MergePlan:
     """Open headers, check architectures, names, shapes and every parameter for every tensor; read no tensor.
 
-    ``dtype`` (the command line's --dtype) overrides the output dtype; the arithmetic's dtype is float32,
+    ``dtype`` (the output dtype a run asks for) overrides the recipe's; the arithmetic's dtype is float32,
     or the recipe's ``dtype`` under compat: mergekit."""
     from .tokenizer import attach_vocabulary
 
     where = "recipe"
-    card_params: dict = {}
     if recipe.slices is not None:
         from .slices import plan_slice_merge
         return attach_vocabulary(plan_slice_merge(recipe, dtype=dtype, allow_crimes=allow_crimes))
-    method = get_method(recipe.method)
-    notes = check_param_names(method, recipe, where, _compat(method, recipe, where))
-    if method.rewrite is not None:
-        recipe, card_params = method.rewrite(recipe, resolve_globals(method, recipe, where), where)
-        method = get_method(recipe.method)
-        notes += check_param_names(method, recipe, where, _compat(method, recipe, where))
+    recipe, method, notes, card_params = _method_of(recipe, where)
     compat = _compat(method, recipe, where)
-    base = _open(recipe.base_model, "base_model") if recipe.base_model else None
-    if method.base == "required" and base is None:
-        raise WeightsmithError(f"method {method.name!r} needs a base model (base_model: in YAML, --base on the command line)")
-    takes_base = base is not None and method.base in ("required", "optional")
-    entries = [m for m in recipe.models if not (takes_base and Path(m.path).resolve() == base.path.resolve())]
-    if len(entries) < method.min_models:
-        raise WeightsmithError(f"method {method.name!r} needs at least {method.min_models} model(s) besides the base, "
-                               f"got {len(entries)}")
-    if method.max_models is not None and len(entries) > method.max_models:
-        raise WeightsmithError(f"method {method.name!r} takes at most {method.max_models} model(s) besides the base, "
-                               f"got {len(entries)}")
-    models = [_open(m.path, "model") for m in entries]
+    base, entries, models = _open_inputs(recipe, method)
     everyone = ([base] if base else []) + models
     _check_architectures(everyone, allow_crimes)
     reference = base or models[0]
@@ -173,49 +157,12 @@ def plan_merge(recipe: Recipe, *, dtype: str | None = None, allow_crimes: bool =
     math_dtype = resolve_dtype(recipe.dtype) if compat == "mergekit" else torch.float32
     if compat == "mergekit" and recipe.dtype and recipe.out_dtype and not dtype:
         notes.append(f"arithmetic in {recipe.dtype}, written as {recipe.out_dtype} (as mergekit)")
-
-    ref_names = reference.names()
-    for c in everyone:
-        missing = [n for n in ref_names if n not in c]
-        extra = [n for n in c.names() if n not in reference]
-        if missing:
-            raise WeightsmithError(f"{c.path}: has no tensor {missing[0]!r} (present in {reference.path})"
-                                   + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
-        if extra:
-            raise WeightsmithError(f"{c.path}: tensor {extra[0]!r} is not in {reference.path}")
-
+    _check_same_names(everyone, reference)
     depth = _depths(reference)
     jobs = []
-    for name in ref_names:
-        shapes = [tuple(c.info(name).shape) for c in everyone]
-        shape, rows = shapes[0], None
-        if any(s != shape for s in shapes):
-            same_tail = all(len(s) == len(shape) and s[1:] == shape[1:] for s in shapes)
-            if same_tail and VOCAB_NAMES.search(name):
-                rows = min(s[0] for s in shapes)
-                shape = (rows, *shape[1:])
-                notes.append(f"{name}: vocabulary rows differ {sorted({s[0] for s in shapes})}; cropped to the first {rows}")
-            else:
-                odd = next(c for c, s in zip(everyone, shapes) if s != shapes[0])
-                raise WeightsmithError(f"{odd.path}: tensor {name!r} has shape {list(odd.info(name).shape)} but "
-                                       f"{everyone[0].path} has {list(shapes[0])}")
-        t = depth[name]
-        kwargs: dict = {}
-        for p in method.params:
-            if p.keyword is None:
-                continue
-            if p.scope == "global":
-                setting = recipe.parameters.get(p.name)
-                value = resolve(p, setting, name, t, f"{where}: {name}", compat, p.name in recipe.parameters)
-            else:
-                value = []
-                for m in entries:
-                    explicit = p.name in m.parameters or p.name in recipe.parameters
-                    setting = m.parameters.get(p.name, recipe.parameters.get(p.name))
-                    value.append(resolve(p, setting, name, t, f"{where}: model {m.path}: {name}", compat, explicit))
-            kwargs[p.keyword] = value
-        if method.inplace:
-            kwargs["inplace"] = True
+    for name in reference.names():
+        shape, rows = _common_shape(everyone, name, notes)
+        kwargs = _tensor_kwargs(method, recipe, entries, name, depth[name], where, compat)
         in_dtype = reference.info(name).torch_dtype
         float_math = in_dtype.is_floating_point
         compute = math_dtype or _promoted(everyone, name)
@@ -228,6 +175,85 @@ def plan_merge(recipe: Recipe, *, dtype: str | None = None, allow_crimes: bool =
         card_params = {p.name: recipe.parameters.get(p.name, p.default) for p in method.params}
     return attach_vocabulary(MergePlan(method, recipe, base, models, jobs, reference, adapter, notes, card_params,
                                        compat))
+
+
+def _method_of(recipe: Recipe, where: str) -> tuple[Recipe, Method, list[str], dict]:
+    """The method that runs (after a ``rewrite`` hook turned the recipe into another method's), with the notes
+    and the model card's parameters the rewrite gave."""
+    method = get_method(recipe.method)
+    notes = check_param_names(method, recipe, where, _compat(method, recipe, where))
+    card_params: dict = {}
+    if method.rewrite is not None:
+        recipe, card_params = method.rewrite(recipe, resolve_globals(method, recipe, where), where)
+        method = get_method(recipe.method)
+        notes += check_param_names(method, recipe, where, _compat(method, recipe, where))
+    return recipe, method, notes, card_params
+
+
+def _open_inputs(recipe: Recipe, method: Method) -> tuple[Checkpoint | None, list, list[Checkpoint]]:
+    """The base (None when the recipe has none), the model entries besides it and their checkpoints."""
+    base = _open(recipe.base_model, "base_model") if recipe.base_model else None
+    if method.base == "required" and base is None:
+        raise MissingOption("base_model", f"method {method.name!r} needs a base model")
+    takes_base = base is not None and method.base in ("required", "optional")
+    entries = [m for m in recipe.models if not (takes_base and Path(m.path).resolve() == base.path.resolve())]
+    if len(entries) < method.min_models:
+        raise WeightsmithError(f"method {method.name!r} needs at least {method.min_models} model(s) besides the base, "
+                               f"got {len(entries)}")
+    if method.max_models is not None and len(entries) > method.max_models:
+        raise WeightsmithError(f"method {method.name!r} takes at most {method.max_models} model(s) besides the base, "
+                               f"got {len(entries)}")
+    return base, entries, [_open(m.path, "model") for m in entries]
+
+
+def _check_same_names(everyone: list[Checkpoint], reference: Checkpoint) -> None:
+    ref_names = reference.names()
+    for c in everyone:
+        missing = [n for n in ref_names if n not in c]
+        extra = [n for n in c.names() if n not in reference]
+        if missing:
+            raise WeightsmithError(f"{c.path}: has no tensor {missing[0]!r} (present in {reference.path})"
+                                   + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+        if extra:
+            raise WeightsmithError(f"{c.path}: tensor {extra[0]!r} is not in {reference.path}")
+
+
+def _common_shape(everyone: list[Checkpoint], name: str, notes: list[str]) -> tuple[tuple[int, ...], int | None]:
+    """The output shape of tensor ``name`` and the vocabulary rows it is cropped to (None: not cropped)."""
+    shapes = [tuple(c.info(name).shape) for c in everyone]
+    shape, rows = shapes[0], None
+    if any(s != shape for s in shapes):
+        same_tail = all(len(s) == len(shape) and s[1:] == shape[1:] for s in shapes)
+        if not (same_tail and VOCAB_NAMES.search(name)):
+            odd = next(c for c, s in zip(everyone, shapes) if s != shapes[0])
+            raise WeightsmithError(f"{odd.path}: tensor {name!r} has shape {list(odd.info(name).shape)} but "
+                                   f"{everyone[0].path} has {list(shapes[0])}")
+        rows = min(s[0] for s in shapes)
+        shape = (rows, *shape[1:])
+        notes.append(f"{name}: vocabulary rows differ {sorted({s[0] for s in shapes})}; cropped to the first {rows}")
+    return shape, rows
+
+
+def _tensor_kwargs(method: Method, recipe: Recipe, entries: list, name: str, t: float, where: str,
+                   compat: str | None) -> dict:
+    """The method's keyword arguments for one tensor at relative depth ``t``: every parameter resolved and
+    checked (one passed only as a check when it has no keyword)."""
+    kwargs: dict = {}
+    for p in method.params:
+        if p.scope == "global":
+            value = resolve(p, recipe.parameters.get(p.name), name, t, f"{where}: {name}", compat,
+                            p.name in recipe.parameters)
+        else:
+            value = []
+            for m in entries:
+                explicit = p.name in m.parameters or p.name in recipe.parameters
+                setting = m.parameters.get(p.name, recipe.parameters.get(p.name))
+                value.append(resolve(p, setting, name, t, f"{where}: model {m.path}: {name}", compat, explicit))
+        if p.keyword is not None:
+            kwargs[p.keyword] = value
+    if method.inplace:
+        kwargs["inplace"] = True
+    return kwargs
 
 
 def _promoted(ckpts: list[Checkpoint], name: str) -> torch.dtype:
@@ -294,44 +320,39 @@ def shard_bytes(size: str | int, bytes_per_param: int) -> int:
         elif unit in SHARD_BYTES:
             n = int(float(m.group(1)) * SHARD_BYTES[unit])
         else:
-            raise WeightsmithError(f"--out-shard-size {size!r} not understood; write parameters as mergekit (5B, 500M, "
-                                   "50K) or bytes (2GB, 500MB, 1GiB)")
+            raise OptionError("out_shard_size", f"{size!r} not understood; write parameters as mergekit (5B, 500M, "
+                                                "50K) or bytes (2GB, 500MB, 1GiB)")
     if n < MIN_SHARD_BYTES:
-        raise WeightsmithError(f"--out-shard-size {size!r} is {n} bytes; shards under 1KB are refused (did you mean "
-                               "a parameter count such as 1B = 1 billion?)")
+        raise OptionError("out_shard_size", f"{size!r} is {n} bytes; shards under 1KB are refused (did you mean "
+                                            "a parameter count such as 1B = 1 billion?)")
     return n
 
 
-def merge(recipe: Recipe, out: str | Path, *, device: str = "auto", dtype: str | None = None,
-          out_shard_size: str | int = "5B", seed: int = 0, allow_crimes: bool = False, force: bool = False,
-          progress: ProgressFn | None = None, metrics: list[dict] | None = None, copy_tokenizer: bool = True,
-          model_card: bool = True, allow_nonfinite: bool = False,
-          **extra) -> dict:
-    """Run ``recipe`` into the folder ``out``; returns a report dict (inputs, method, tensors, notes, seconds).
+def merge(recipe: Recipe, out: str | Path, opts: MergeOptions | None = None, *, device: str = "auto", seed: int = 0,
+          force: bool = False, progress: ProgressFn | None = None, metrics: list[dict] | None = None,
+          **options) -> dict:
+    """Run ``recipe`` into the folder ``out`` as ``opts`` says; returns a report dict (inputs, method, tensors,
+    notes, seconds). Keywords naming ``MergeOptions`` fields replace them (``dtype=``, ``out_shard_size=``,
+    ``allow_crimes=``, ...); any others go to a whole-model method (e.g. greedy soup's).
 
     ``out_shard_size``: see ``shard_bytes`` (text in parameters, as mergekit, or bytes with a unit)."""
-    shard_bytes(out_shard_size, 4)  # a bad size is refused before any input is opened
+    known = MergeOptions.specs()
+    opts = MergeOptions.build(opts, **{k: v for k, v in options.items() if k in known})
+    extra = {k: v for k, v in options.items() if k not in known}
+    shard_bytes(opts.out_shard_size, 4)  # a bad size is refused before any input is opened
     method = get_method(recipe.method)
     if method.whole_model:
-        check_param_names(method, recipe, "recipe", None)
-        for p in method.params:
-            if recipe.parameters.get(p.name) is not None:
-                p.check(recipe.parameters[p.name], "recipe")
-        if not copy_tokenizer or not model_card:
-            raise WeightsmithError(f"method {method.name!r} always writes its tokenizer and model card")
-        return method.whole_model_fn()(recipe, out, device=device, dtype=dtype,
-                                       out_shard_size=shard_bytes(out_shard_size, 4), seed=seed,
-                                       allow_crimes=allow_crimes, force=force, progress=progress, **extra)
+        return _whole_model(method, recipe, out, opts, device=device, seed=seed, force=force, progress=progress,
+                            extra=extra)
     if extra:
         raise WeightsmithError(f"method {method.name!r} does not take {', '.join(sorted(extra))}")
-    plan = plan_merge(recipe, dtype=dtype, allow_crimes=allow_crimes)
+    plan = plan_merge(recipe, dtype=opts.dtype, allow_crimes=opts.allow_crimes)
     dev = resolve_device(device)
     check_output(out, recipe.inputs, force)
     start = time.perf_counter()
     uses_base = plan.base is not None and plan.method.base in ("required", "optional")
     sources = ([plan.base] if uses_base else []) + plan.models
-    checks = ValueChecks(plan, sources, allow_nonfinite)
-    tokenizer_src = plan.reference.path
+    checks = ValueChecks(plan, sources, opts.allow_nonfinite)
     if plan.method.prepass is not None:
         def stream(jobs):
             for job in jobs:
@@ -339,80 +360,122 @@ def merge(recipe: Recipe, out: str | Path, *, device: str = "auto", dtype: str |
         plan.method.prepass([j for j in plan.jobs if j.float_math], stream, progress)
     with output_folder(out, recipe.inputs, force) as tmp:
         widest = max((j.dtype.itemsize for j in plan.jobs), default=4)
-        shard = "1000TB" if plan.adapter else shard_bytes(out_shard_size, widest)
+        shard = "1000TB" if plan.adapter else shard_bytes(opts.out_shard_size, widest)
         writer = ShardedWriter(tmp, [(j.name, j.dtype, j.shape) for j in plan.jobs], shard)
-        label = f"merge {recipe.method}"
-        report(progress, label, 0, len(plan.jobs))
-
-        def load(job: TensorJob):
-            if job.inputs is not None:
-                xs = [_read(c, job, dev, n) for c, n in job.inputs]
-            else:
-                xs = [_read(c, job, dev) for c in sources]
-            return job.prepare(xs) if job.prepare is not None else xs
-
-        def footprint(job: TensorJob) -> int:
-            return job.compute.itemsize * len(job.inputs or sources) * torch.Size(job.shape).numel()
-
-        largest = max((footprint(j) for j in plan.jobs), default=0)
-
-        def prefetchable(current: TensorJob, nxt: TensorJob) -> bool:
-            return footprint(current) + footprint(nxt) <= largest + PREFETCH_BYTES
-
-        # Reading the next tensor and writing the last result overlap the current one's math, unless
-        # holding both jobs' inputs at once would raise the peak memory above the largest job's by more
-        # than PREFETCH_BYTES.
-        with ThreadPoolExecutor(max_workers=1) as reader, ThreadPoolExecutor(max_workers=1) as writing:
-            pending = reader.submit(load, plan.jobs[0]) if plan.jobs else None
-            written = None
-            for i, job in enumerate(plan.jobs):
-                inputs = pending.result()
-                nxt = plan.jobs[i + 1] if i + 1 < len(plan.jobs) else None
-                pending = None
-                if nxt is not None:
-                    pending = reader.submit(load, nxt) if prefetchable(job, nxt) else _Ready(load, nxt)
-                with_base = uses_base if job.base_in is None else job.base_in
-                base = inputs[0] if with_base else None
-                tensors = inputs[1:] if with_base else inputs
-                paths = [c.path for c, _ in job.inputs] if job.inputs is not None else None
-                result = checks.run(job.name, inputs, lambda: run_job(plan, job, tensors, base, seed).to(job.dtype).cpu(),
-                                    paths, zero_requested(job.kwargs))
-                del inputs, tensors, base
-                if written is not None:
-                    written.result()
-                written = writing.submit(writer.write, job.name, result)
-                del result
-                report(progress, label, i + 1, len(plan.jobs))
-            if written is not None:
-                written.result()
+        execute(plan, _Inputs(plan, sources, uses_base, dev), writer, checks, seed=seed, progress=progress)
         writer.close()
-        if plan.adapter:
-            (tmp / "model.safetensors").rename(tmp / ADAPTER_WEIGHTS)
-            shutil.copy2(plan.reference.path / ADAPTER_CONFIG, tmp / ADAPTER_CONFIG)
-        else:
-            config = dict(plan.config or plan.reference.config or {})
-            rows = next((j.rows for j in plan.jobs if j.rows is not None), None)
-            if plan.vocabulary is not None and plan.vocabulary.rows_out is not None:
-                rows = plan.vocabulary.rows_out
-            if rows is not None and "vocab_size" in config:
-                config["vocab_size"] = rows
-            out_dt = resolve_dtype(dtype or recipe.out_dtype or recipe.dtype)
-            if out_dt is not None:
-                key = "dtype" if "dtype" in config or "torch_dtype" not in config else "torch_dtype"
-                config[key] = str(out_dt).removeprefix("torch.")
-            write_config(tmp, config)
-        if copy_tokenizer:
-            copy_side_files(tokenizer_src, tmp)
-        if plan.vocabulary is not None and (copy_tokenizer or plan.vocabulary.rows_out is not None):
-            plan.vocabulary.write(tmp)
-        elif plan.vocabulary is not None:
-            plan.notes.append("chat_template not written: the tokenizer is not copied (--no-copy-tokenizer)")
-        notes = "\n".join(f"- {n}" for n in plan.notes) or None
-        if model_card:
-            write_model_card(tmp, stage="merge", method=recipe.method, inputs=recipe.inputs,
-                             parameters={**plan.card_parameters, "seed": seed, "dtype": str(dtype or recipe.out_dtype or recipe.dtype or "as input"),
-                                         "arithmetic": str(plan.jobs[0].compute if plan.jobs else torch.float32).removeprefix("torch.")},
-                             recipe=recipe.text or recipe.to_yaml(), notes=notes, metrics=metrics)
+        _write_beside(plan, tmp, opts)
+        if opts.model_card:
+            _write_card(plan, tmp, opts, seed, metrics)
     return {"out": str(out), "method": recipe.method, "inputs": recipe.inputs, "tensors": len(plan.jobs),
             "notes": plan.notes, "parameters": plan.card_parameters, "seconds": round(time.perf_counter() - start, 3),
             **({"nonfinite": checks.report} if checks.report else {})}
+
+
+def _whole_model(method: Method, recipe: Recipe, out: str | Path, opts: MergeOptions, *, device: str, seed: int,
+                 force: bool, progress: ProgressFn | None, extra: dict) -> dict:
+    """A method that needs whole models or data: its parameters checked here, the rest is its own function's."""
+    check_param_names(method, recipe, "recipe", None)
+    for p in method.params:
+        if recipe.parameters.get(p.name) is not None:
+            p.check(recipe.parameters[p.name], "recipe")
+    if not opts.copy_tokenizer or not opts.model_card:
+        raise WeightsmithError(f"method {method.name!r} always writes its tokenizer and model card")
+    return method.whole_model_fn()(recipe, out, device=device, dtype=opts.dtype,
+                                   out_shard_size=shard_bytes(opts.out_shard_size, 4), seed=seed,
+                                   allow_crimes=opts.allow_crimes, force=force, progress=progress, **extra)
+
+
+class _Inputs:
+    """Each job's input tensors (base first when the method takes it), read on ``device``."""
+
+    def __init__(self, plan: MergePlan, sources: list[Checkpoint], uses_base: bool, device: torch.device):
+        self.sources, self.uses_base, self.device = sources, uses_base, device
+        self.largest = max((self.footprint(j) for j in plan.jobs), default=0)
+
+    def load(self, job: TensorJob) -> list[torch.Tensor]:
+        if job.inputs is not None:
+            xs = [_read(c, job, self.device, n) for c, n in job.inputs]
+        else:
+            xs = [_read(c, job, self.device) for c in self.sources]
+        return job.prepare(xs) if job.prepare is not None else xs
+
+    def footprint(self, job: TensorJob) -> int:
+        return job.compute.itemsize * len(job.inputs or self.sources) * torch.Size(job.shape).numel()
+
+    def prefetchable(self, current: TensorJob, nxt: TensorJob) -> bool:
+        """Whether holding both jobs' inputs at once keeps the peak within PREFETCH_BYTES of the largest job's."""
+        return self.footprint(current) + self.footprint(nxt) <= self.largest + PREFETCH_BYTES
+
+    def split(self, job: TensorJob, inputs: list[torch.Tensor]) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        """(base or None, the other tensors) of a job's loaded inputs."""
+        with_base = self.uses_base if job.base_in is None else job.base_in
+        return (inputs[0], inputs[1:]) if with_base else (None, inputs)
+
+
+def execute(plan: MergePlan, inputs: _Inputs, writer: ShardedWriter, checks: ValueChecks, *, seed: int,
+            progress: ProgressFn | None = None) -> None:
+    """Merge every job of ``plan`` into ``writer``. Reading the next tensor and writing the last result overlap
+    the current one's math, unless that would raise the peak memory (``_Inputs.prefetchable``)."""
+    label = f"merge {plan.recipe.method}"
+    report(progress, label, 0, len(plan.jobs))
+    with ThreadPoolExecutor(max_workers=1) as reader, ThreadPoolExecutor(max_workers=1) as writing:
+        pending = reader.submit(inputs.load, plan.jobs[0]) if plan.jobs else None
+        written = None
+        for i, job in enumerate(plan.jobs):
+            loaded = pending.result()
+            nxt = plan.jobs[i + 1] if i + 1 < len(plan.jobs) else None
+            pending = None
+            if nxt is not None:
+                pending = (reader.submit(inputs.load, nxt) if inputs.prefetchable(job, nxt)
+                           else _Ready(inputs.load, nxt))
+            base, tensors = inputs.split(job, loaded)
+            paths = [c.path for c, _ in job.inputs] if job.inputs is not None else None
+            result = checks.run(job.name, loaded,
+                                lambda: run_job(plan, job, tensors, base, seed).to(job.dtype).cpu(),
+                                paths, zero_requested(job.kwargs))
+            del loaded, tensors, base
+            if written is not None:
+                written.result()
+            written = writing.submit(writer.write, job.name, result)
+            del result
+            report(progress, label, i + 1, len(plan.jobs))
+        if written is not None:
+            written.result()
+
+
+def _write_beside(plan: MergePlan, tmp: Path, opts: MergeOptions) -> None:
+    """What goes beside the weights: the adapter config or the model config, and the tokenizer."""
+    recipe = plan.recipe
+    if plan.adapter:
+        (tmp / "model.safetensors").rename(tmp / ADAPTER_WEIGHTS)
+        shutil.copy2(plan.reference.path / ADAPTER_CONFIG, tmp / ADAPTER_CONFIG)
+    else:
+        config = dict(plan.config or plan.reference.config or {})
+        rows = next((j.rows for j in plan.jobs if j.rows is not None), None)
+        if plan.vocabulary is not None and plan.vocabulary.rows_out is not None:
+            rows = plan.vocabulary.rows_out
+        if rows is not None and "vocab_size" in config:
+            config["vocab_size"] = rows
+        out_dt = resolve_dtype(opts.dtype or recipe.out_dtype or recipe.dtype)
+        if out_dt is not None:
+            key = "dtype" if "dtype" in config or "torch_dtype" not in config else "torch_dtype"
+            config[key] = str(out_dt).removeprefix("torch.")
+        write_config(tmp, config)
+    if opts.copy_tokenizer:
+        copy_side_files(plan.reference.path, tmp)
+    if plan.vocabulary is not None and (opts.copy_tokenizer or plan.vocabulary.rows_out is not None):
+        plan.vocabulary.write(tmp)
+    elif plan.vocabulary is not None:
+        plan.notes.append("chat_template not written: the tokenizer is not copied (--no-copy-tokenizer)")
+
+
+def _write_card(plan: MergePlan, tmp: Path, opts: MergeOptions, seed: int, metrics: list[dict] | None) -> None:
+    recipe = plan.recipe
+    notes = "\n".join(f"- {n}" for n in plan.notes) or None
+    arithmetic = str(plan.jobs[0].compute if plan.jobs else torch.float32).removeprefix("torch.")
+    write_model_card(tmp, stage="merge", method=recipe.method, inputs=recipe.inputs,
+                     parameters={**plan.card_parameters, "seed": seed,
+                                 "dtype": str(opts.dtype or recipe.out_dtype or recipe.dtype or "as input"),
+                                 "arithmetic": arithmetic},
+                     recipe=recipe.text or recipe.to_yaml(), notes=notes, metrics=metrics)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from ..errors import WeightsmithError
+from ..errors import MissingOption, OptionError, WeightsmithError
 
 KNOWN_KEYS = {"merge_method", "models", "base_model", "parameters", "dtype", "tokenizer_source", "out_dtype",
               "name", "chat_template", "tokenizer", "slices"}
@@ -188,9 +188,9 @@ def evaluate_setting(setting, tensor_name: str, t: float, where: str):
 def recipe_from_flags(method: str, models: list[str], base: str | None = None, per_model: dict | None = None,
                       parameters: dict | None = None, dtype: str | None = None) -> Recipe:
     """The recipe a command line describes. ``per_model`` values given once apply to every model,
-    given once per --model they pair up in order; ``parameters`` are global (``None`` values dropped)."""
+    given once per model they pair up in order; ``parameters`` are global (``None`` values dropped)."""
     if not models:
-        raise WeightsmithError("no models to merge: give a recipe YAML or one --model per input")
+        raise MissingOption("models", "no models to merge: give a recipe or one model per input")
     entries = [ModelEntry(m) for m in models]
     params = {k: v for k, v in (parameters or {}).items() if v is not None}
     for key, values in (per_model or {}).items():
@@ -202,17 +202,17 @@ def recipe_from_flags(method: str, models: list[str], base: str | None = None, p
             for e, v in zip(entries, values):
                 e.parameters[key] = v
         else:
-            raise WeightsmithError(f"--{key.replace('_', '-')} given {len(values)} times for {len(models)} --model; "
-                                   "give it once (all models) or once per model")
+            raise OptionError(key, f"given {len(values)} times for {len(models)} models; give it once (all models) "
+                                   "or once per model")
     return Recipe(method, entries, base, params, dtype)
 
 
 def parse_param(text: str) -> tuple[str, object]:
-    """'key=value' from --param, the value read as YAML (numbers, lists, true/false)."""
+    """'key=value' (the command line's extra parameters), the value read as YAML (numbers, lists, true/false)."""
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
-        raise WeightsmithError(f"--param {text!r}: write KEY=VALUE, e.g. --param lambda=0.7")
+        raise OptionError("param", f"{text!r}: write KEY=VALUE, e.g. lambda=0.7")
     try:
         return key.strip(), yaml.safe_load(value)
     except yaml.YAMLError:
-        raise WeightsmithError(f"--param {text!r}: value is not valid YAML") from None
+        raise OptionError("param", f"{text!r}: value is not valid YAML") from None

@@ -46,11 +46,17 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..errors import WeightsmithError
+from ..errors import OptionError, WeightsmithError
+from ..options import OptionSpec, check_value
 
 # Modules whose import registers methods (a new method module adds itself here).
 METHOD_MODULES = ["weightsmith.merge.methods", "weightsmith.merge.methods_extra"]
 BASE_POLICIES = ("required", "optional", "none")
+
+
+def recipe_key(name: str) -> str:
+    """How a recipe's reader sees a parameter named in an error."""
+    return f"parameter {name!r}"
 
 
 @dataclass(frozen=True)
@@ -80,34 +86,41 @@ class Param:
             return None
         return self.arg or (self.name + "_" if self.name in ("lambda",) else self.name)
 
+    def spec(self) -> OptionSpec:
+        """The option declaration ``check_value`` reads: choices and the inclusive range."""
+        return OptionSpec(help=self.help, choices=self.choices or None, lo=self.low, hi=self.high)
+
     def check(self, value, where: str):
-        what = f"{where}: parameter {self.name!r}"
+        """``value`` checked and converted to the Param's kind. A bad one raises a typed ``OptionError`` named by
+        the parameter and located at ``where`` in the recipe (its message: ``where: parameter 'name': ...``)."""
+        try:
+            return self._checked(value)
+        except OptionError as exc:
+            raise exc.at(where, recipe_key) from None
+
+    def _checked(self, value):
         if self.kind is bool:
             if not isinstance(value, bool):
-                raise WeightsmithError(f"{what} must be true or false, got {value!r}")
+                raise OptionError(self.name, f"must be true or false, got {value!r}")
             return value
         if self.choices:
-            if value not in self.choices:
-                raise WeightsmithError(f"{what} must be one of {', '.join(map(str, self.choices))}; got {value!r}")
+            check_value(self.name, value, self.spec())
             return value
         if self.kind is str:
             if not isinstance(value, str) or not value:
-                raise WeightsmithError(f"{what} must be a text value, got {value!r}")
+                raise OptionError(self.name, f"must be a text value, got {value!r}")
             return value
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise WeightsmithError(f"{what} must be a number, got {value!r}")
+            raise OptionError(self.name, f"must be a number, got {value!r}")
         if self.kind is int:
             if isinstance(value, float) and not value.is_integer():
-                raise WeightsmithError(f"{what} must be a whole number, got {value!r}")
+                raise OptionError(self.name, f"must be a whole number, got {value!r}")
             value = int(value)
         else:
             value = float(value)
             if not math.isfinite(value):
-                raise WeightsmithError(f"{what} must be finite, got {value}")
-        if (self.low is not None and value < self.low) or (self.high is not None and value > self.high):
-            lo = "-inf" if self.low is None else self.low
-            hi = "inf" if self.high is None else self.high
-            raise WeightsmithError(f"{what} = {value} is outside [{lo}, {hi}]")
+                raise OptionError(self.name, f"must be finite, got {value}")
+        check_value(self.name, value, self.spec())
         return value
 
     def describe(self) -> dict:

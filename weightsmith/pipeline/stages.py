@@ -188,45 +188,54 @@ def push_stage(ctx: Context, *, repo_id: str, private: bool = False, revision: s
 
 # -- stages built on the merge, fold and compress packages -----------------------------------------
 
-def _recipe(inputs: list[Path], method: str, base_model: str | None, parameters: dict,
-            model_parameters: list[dict] | None, dtype: str | None):
-    from ..merge import parse_recipe
-    import yaml
+def _recipe(inputs: list[Path], o: so.MergeStageOptions):
+    """The recipe a merge stage's params describe, built directly (the stage's inputs are its models)."""
+    from ..merge.recipe import ModelEntry, Recipe
 
-    per_model = model_parameters or [{} for _ in inputs]
+    per_model = o.model_parameters or [{} for _ in inputs]
     if len(per_model) != len(inputs):
         raise WeightsmithError(f"params.model_parameters has {len(per_model)} entries for {len(inputs)} inputs")
-    doc = {"merge_method": method, "models": [{"model": str(p), **({"parameters": m} if m else {})}
-                                              for p, m in zip(inputs, per_model)]}
-    if base_model:
-        doc["base_model"] = str(base_model)
-    if parameters:
-        doc["parameters"] = parameters
-    if dtype:
-        doc["dtype"] = dtype
-    return parse_recipe(yaml.safe_dump(doc, sort_keys=False), "params")
+    return Recipe(o.method, [ModelEntry(str(p), dict(m)) for p, m in zip(inputs, per_model)],
+                  str(o.base_model) if o.base_model else None, dict(o.parameters or {}), o.dtype)
 
 
 def _check_merge(params: dict, inputs: list[str]) -> None:
     from ..merge import get_method
 
-    get_method(params.get("method", ""))
-    _recipe([Path(p) for p in inputs], params["method"], params.get("base_model"), params.get("parameters") or {},
-            params.get("model_parameters"), params.get("dtype"))
+    o = so.MergeStageOptions.from_params(params)
+    get_method(o.method)
+    _recipe([Path(p) for p in inputs], o)
 
 
-@stage("merge", max_inputs=None, paths=("base_model",), check=_check_merge)
-def merge_stage(ctx: Context, *, method: str, base_model: Path | None = None, parameters: dict | None = None,
-                model_parameters: list[dict] | None = None, dtype: str | None = None, out_shard_size: str = "5GB",
-                allow_crimes: bool = False, options: dict | None = None) -> dict:
+def _method_param_wording(exc: OptionError, o: so.MergeStageOptions, inputs: list[Path]) -> str:
+    """A merge parameter's bad value named by the params key that gave it (``params.parameters.density``, or
+    ``params.model_parameters[1].density`` for the input the error is about)."""
+    name = exc.param
+    given = [i for i, m in enumerate(o.model_parameters or []) if name in m]
+    if name in (o.parameters or {}) or not given:
+        key = f"params.parameters.{name}"
+    else:
+        at = [i for i in given if exc.where and f"model {inputs[i]}:" in exc.where + ":"]
+        key = f"params.model_parameters[{(at or given)[0]}].{name}"
+    return exc.render(lambda p: f"params.parameters.{p}", subject=f"key {key!r}")
+
+
+@stage("merge", max_inputs=None, options=so.MergeStageOptions, check=_check_merge)
+def merge_stage(ctx: Context, **params) -> dict:
     """mergekit-style merge of the inputs: ``method`` and ``parameters`` as in a mergekit recipe;
     ``options`` go to whole-model methods (e.g. data for greedy soup)."""
     from ..merge import merge
 
-    recipe = _recipe(ctx.inputs, method, base_model, parameters or {}, model_parameters, dtype)
-    info = merge(recipe, ctx.out, device=ctx.device, dtype=dtype, out_shard_size=out_shard_size, seed=ctx.seed,
-                 allow_crimes=allow_crimes, force=ctx.force, progress=ctx.progress, **(options or {}))
-    return {"method": method, "seconds": info.get("seconds")} if isinstance(info, dict) else {"method": method}
+    o = so.MergeStageOptions.from_params(params)
+    recipe = _recipe(ctx.inputs, o)
+    try:
+        info = merge(recipe, ctx.out, o.run_options(), device=ctx.device, seed=ctx.seed, force=ctx.force,
+                     progress=ctx.progress, **(o.options or {}))
+    except OptionError as exc:
+        if exc.param is None or exc.param in so.MergeStageOptions.specs():
+            raise  # a stage option: worded by the stage's own wrapper
+        raise WeightsmithError(_method_param_wording(exc, o, ctx.inputs)) from None
+    return {"method": o.method, "seconds": info.get("seconds")} if isinstance(info, dict) else {"method": o.method}
 
 
 @stage("fold", options=so.FoldOptions)
