@@ -14,6 +14,7 @@ shows it words the name for its user:
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -49,6 +50,34 @@ class OptionError(WeightsmithError):
         if subject is None and self.param is not None:
             subject = name(self.param)
         return f"{subject}: {problem}" if subject else problem
+
+
+def needs_option(problem: str, fix: str, *options: str) -> OptionError:
+    """A refusal whose fix is to set an option: ``problem`` is plain text, ``fix`` names the options as ``{0}``,
+    ``{1}``, ... (``needs_option("out exists", "; {0} replaces it", "force")``: the CLI says ``--force``)."""
+    return OptionError(None, problem.replace("{", "{{").replace("}", "}}") + fix, options)
+
+
+def reworded(exc: WeightsmithError, name: Callable[[str], str | None] = lambda p: None, subject: str | None = None,
+             prefix: str = "", suffix: str = "") -> WeightsmithError:
+    """``exc`` inside a longer message (``prefix``, ``suffix``: plain text), with the options ``name`` words
+    worded; the options it leaves (``name`` gives None) stay an ``OptionError``'s, for the next reader to word
+    (a pipeline words its stage's params, the CLI words what is left as flags)."""
+    if not isinstance(exc, OptionError) or exc.where:
+        return WeightsmithError(f"{prefix}{exc}{suffix}")
+    left: list[str] = []
+
+    def mark(p: str) -> str:
+        worded = name(p)
+        if worded is not None:
+            return worded
+        if p not in left:
+            left.append(p)
+        return f"\0{left.index(p)}\0"
+    text = prefix + exc.render(mark, subject) + suffix
+    if not left:
+        return WeightsmithError(text)
+    return OptionError(None, re.sub("\0(\\d+)\0", r"{\1}", text.replace("{", "{{").replace("}", "}}")), left)
 
 
 class InvalidChoice(OptionError):

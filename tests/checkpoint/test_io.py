@@ -108,7 +108,7 @@ def test_duplicate_tensor_across_shards(tmp_path):
 
 def test_pickle_needs_explicit_opt_in(tmp_path):
     torch.save({"w": torch.arange(4.0)}, tmp_path / "pytorch_model.bin")
-    with pytest.raises(WeightsmithError, match="--allow-pickle"):
+    with pytest.raises(WeightsmithError, match="Set allow_pickle if you trust this folder"):
         Checkpoint(tmp_path)
     assert torch.equal(Checkpoint(tmp_path, allow_pickle=True).get("w"), torch.arange(4.0))
 

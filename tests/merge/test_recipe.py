@@ -64,7 +64,7 @@ def test_per_model_weight_mergekit_ignores_is_noted_under_compat_and_refused_by_
     models = [b] if name == "slerp" else [b, c]
     cfg = {"merge_method": name, "base_model": str(a),
            "models": [{"model": str(x), "parameters": {"weight": 0.3}} for x in models]}
-    with pytest.raises(WeightsmithError, match="mergekit accepts and ignores it: pass --compat mergekit"):
+    with pytest.raises(WeightsmithError, match="mergekit accepts and ignores it: compat mergekit does the same"):
         plan_merge(parse_recipe(yaml.safe_dump(cfg)))
     cfg["parameters"] = {"compat": "mergekit"}
     res = merge(parse_recipe(yaml.safe_dump(cfg)), tmp_path / "out")

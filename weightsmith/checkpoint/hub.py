@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from fnmatch import fnmatch
 from pathlib import Path
 
-from ..errors import WeightsmithError
+from ..errors import OptionError, WeightsmithError, needs_option
 from ..progress import ProgressFn, report
 from .reader import Checkpoint, member
 
@@ -69,7 +69,7 @@ def _default_card_text(folder: Path, ckpt: Checkpoint) -> str:
 
 def check_timeout(timeout) -> float:
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 3600:
-        raise WeightsmithError(f"--timeout {timeout!r} must be a number of seconds in (0, 3600]")
+        raise OptionError("timeout", f"{timeout!r} must be a number of seconds in (0, 3600]")
     return float(timeout)
 
 
@@ -191,8 +191,8 @@ def push(folder: str | Path, repo_id: str, *, private: bool = False, revision: s
         raise WeightsmithError(f"push to {endpoint}/{repo_id} failed (HTTP {status}): {hint}") from exc
     except _transport_errors() as exc:
         if _is_timeout(exc):
-            raise WeightsmithError(f"push to {endpoint}/{repo_id} failed: the server did not answer within "
-                                   f"{timeout:g} s; check HF_ENDPOINT and your network, or raise --timeout") from None
+            raise needs_option(f"push to {endpoint}/{repo_id} failed: the server did not answer within {timeout:g} s",
+                               "; check HF_ENDPOINT and your network, or raise {0}", "timeout") from None
         raise WeightsmithError(f"push to {endpoint}/{repo_id} failed: cannot reach the Hub ({exc})") from None
     result.update(url=str(url), commit_url=getattr(info, "commit_url", None), commit=getattr(info, "oid", None))
     return result

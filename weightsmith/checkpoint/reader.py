@@ -16,7 +16,7 @@ from pathlib import Path, PurePosixPath
 import torch
 from safetensors import safe_open
 
-from ..errors import WeightsmithError
+from ..errors import WeightsmithError, needs_option
 from .safetensors_file import NOT_REGULAR, TORCH_TO_ST, TensorInfo, no_duplicates, open_regular, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -117,9 +117,9 @@ class Checkpoint:
                     f"{self.path}: {len(loose)} safetensors files but no {INDEX_NAME}; add the index or keep one file")
             elif any((self.path / n).exists() for n in PICKLE_NAMES):
                 if not allow_pickle:
-                    raise WeightsmithError(
-                        f"{self.path}: only pickle (.bin) weights found; loading them runs arbitrary code. "
-                        "Pass --allow-pickle if you trust this folder, or convert it to safetensors")
+                    raise needs_option(f"{self.path}: only pickle (.bin) weights found; loading them runs arbitrary "
+                                       "code", ". Set {0} if you trust this folder, or convert it to safetensors",
+                                       "allow_pickle")
                 self._open_pickle()
             else:
                 raise WeightsmithError(f"{self.path}: no model weights (*.safetensors) found")

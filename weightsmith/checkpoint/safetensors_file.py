@@ -98,6 +98,23 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     whose every other entry has exactly a known dtype, a shape of non-negative integers and two integer offsets
     spanning exactly shape x dtype-size bytes; the tensors tile the data section with no gap, overlap or
     trailing byte. Only a regular file is opened (a FIFO is refused, never waited on)."""
+    raw, size = _read_raw_header(path)
+    header = _parse_header(path, raw)
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise WeightsmithError(f"{path}: corrupt safetensors header (__metadata__ must map names to strings, "
+                               f"got {json.dumps(metadata)[:80]})")
+    n = len(raw)
+    data_len = size - 8 - n
+    tensors = {name: _tensor_entry(path, name, entry, 8 + n, data_len) for name, entry in header.items()}
+    _check_tiling(path, tensors, data_len)
+    return tensors, dict(metadata)
+
+
+def _read_raw_header(path: Path) -> tuple[bytes, int]:
+    """The header's bytes and the file's size."""
     try:
         with os.fdopen(open_regular(path), "rb") as f:
             size = os.fstat(f.fileno()).st_size
@@ -107,11 +124,14 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
             (n,) = struct.unpack("<Q", raw_len)
             if n > MAX_HEADER or 8 + n > size:
                 raise WeightsmithError(f"{path}: corrupt safetensors header (claims {n} header bytes in a {size}-byte file)")
-            raw = f.read(n)
+            return f.read(n), size
     except FileNotFoundError:
         raise WeightsmithError(f"{path}: no such file") from None
     except OSError as exc:
         raise WeightsmithError(f"{path}: cannot read ({exc.strerror})") from None
+
+
+def _parse_header(path: Path, raw: bytes) -> dict:
     try:
         header = json.loads(raw, object_pairs_hook=no_duplicates)
     except WeightsmithError as exc:
@@ -122,37 +142,37 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         raise WeightsmithError(f"{path}: corrupt safetensors header (not JSON: {exc})") from None
     if not isinstance(header, dict):
         raise WeightsmithError(f"{path}: corrupt safetensors header (not a JSON object)")
-    metadata = header.pop("__metadata__", None)
-    if metadata is None:
-        metadata = {}
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise WeightsmithError(f"{path}: corrupt safetensors header (__metadata__ must map names to strings, "
-                               f"got {json.dumps(metadata)[:80]})")
-    data_len = size - 8 - n
-    tensors: dict[str, TensorInfo] = {}
-    for name, entry in header.items():
-        if not isinstance(entry, dict) or set(entry) != ENTRY_KEYS:
-            keys = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
-            raise WeightsmithError(f"{path}: tensor {name!r} has a malformed header entry (needs exactly dtype, "
-                                   f"shape and data_offsets; has {keys})")
-        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if not isinstance(dtype, str) or dtype not in ST_DTYPES:
-            raise WeightsmithError(f"{path}: tensor {name!r} has unknown dtype {dtype!r}")
-        if not _ints(shape):
-            raise WeightsmithError(f"{path}: tensor {name!r} has shape {json.dumps(shape)[:80]}; a shape is a list "
-                                   "of non-negative integers")
-        if not _ints(offsets, 2) or offsets[0] > offsets[1]:
-            raise WeightsmithError(f"{path}: tensor {name!r} has invalid offsets {json.dumps(offsets)[:80]}; they "
-                                   "must be two integers begin <= end")
-        info = TensorInfo(name, dtype, tuple(shape), path, offsets[0], offsets[1], 8 + n)
-        if info.end > data_len:
-            raise WeightsmithError(
-                f"{path}: tensor {name!r} ends at byte {info.end} but the file holds {data_len} data bytes (truncated file)")
-        if info.nbytes != info.numel * ST_DTYPES[dtype][1]:
-            raise WeightsmithError(
-                f"{path}: tensor {name!r} with shape {list(shape)} and dtype {dtype} needs "
-                f"{info.numel * ST_DTYPES[dtype][1]} bytes but its offsets span {info.nbytes}")
-        tensors[name] = info
+    return header
+
+
+def _tensor_entry(path: Path, name: str, entry, data_start: int, data_len: int) -> TensorInfo:
+    """One tensor's header entry, checked: exactly dtype, shape and offsets, spanning its bytes inside the data."""
+    if not isinstance(entry, dict) or set(entry) != ENTRY_KEYS:
+        keys = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
+        raise WeightsmithError(f"{path}: tensor {name!r} has a malformed header entry (needs exactly dtype, "
+                               f"shape and data_offsets; has {keys})")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in ST_DTYPES:
+        raise WeightsmithError(f"{path}: tensor {name!r} has unknown dtype {dtype!r}")
+    if not _ints(shape):
+        raise WeightsmithError(f"{path}: tensor {name!r} has shape {json.dumps(shape)[:80]}; a shape is a list "
+                               "of non-negative integers")
+    if not _ints(offsets, 2) or offsets[0] > offsets[1]:
+        raise WeightsmithError(f"{path}: tensor {name!r} has invalid offsets {json.dumps(offsets)[:80]}; they "
+                               "must be two integers begin <= end")
+    info = TensorInfo(name, dtype, tuple(shape), path, offsets[0], offsets[1], data_start)
+    if info.end > data_len:
+        raise WeightsmithError(
+            f"{path}: tensor {name!r} ends at byte {info.end} but the file holds {data_len} data bytes (truncated file)")
+    if info.nbytes != info.numel * ST_DTYPES[dtype][1]:
+        raise WeightsmithError(
+            f"{path}: tensor {name!r} with shape {list(shape)} and dtype {dtype} needs "
+            f"{info.numel * ST_DTYPES[dtype][1]} bytes but its offsets span {info.nbytes}")
+    return info
+
+
+def _check_tiling(path: Path, tensors: dict[str, TensorInfo], data_len: int) -> None:
+    """The tensors fill the data section exactly: no overlap, gap or trailing byte."""
     pos, last = 0, None
     for info in sorted(tensors.values(), key=lambda i: (i.begin, i.end)):
         if info.begin < pos:
@@ -164,7 +184,6 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     if pos != data_len:
         raise WeightsmithError(f"{path}: {data_len - pos} bytes after the last tensor's data (trailing bytes: "
                                "corrupt or appended to; re-save the file)")
-    return tensors, dict(metadata)
 
 
 def _align8(n: int) -> int:

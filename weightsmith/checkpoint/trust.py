@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
 
-from ..errors import WeightsmithError
+from ..errors import WeightsmithError, needs_option
 from .reader import Checkpoint, check_side_files, read_json
 
 # Files in which transformers looks for ``auto_map`` (custom classes imported from the folder's .py files).
@@ -54,8 +54,8 @@ def check_code(folder: str | Path, trust_remote_code: bool | None = None) -> boo
     check_side_files(Path(folder))
     reason = custom_code(folder)
     if reason and not remote_code_allowed(trust_remote_code):
-        raise WeightsmithError(f"{reason} that loading would run; pass --trust-remote-code only if you trust "
-                               "this folder's Python files")
+        raise needs_option(f"{reason} that loading would run", "; set {0} only if you trust this folder's Python "
+                                                               "files", "trust_remote_code")
     return reason is not None
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import WeightsmithError
+from ..errors import WeightsmithError, needs_option
 from .reader import INDEX_NAME, SINGLE_NAME, SIDE_FILES
 from .safetensors_file import ShardFile
 
@@ -67,13 +67,13 @@ def check_output(target: str | Path, inputs: Iterable[str | Path] = (), force: b
         if _inside(target, inp):
             raise WeightsmithError(f"output {target} is inside input {inp}; choose a folder outside every input")
         if force and _inside(inp, target):
-            raise WeightsmithError(f"--force would delete {target}, which holds input {inp}")
+            raise needs_option(f"{target} holds input {inp}", "; {0} would delete it", "force")
     if target.is_symlink():
         raise WeightsmithError(f"{target} is a symbolic link (to {os.readlink(target)}); give a real folder path")
     if target.exists() and not target.is_dir():
         raise WeightsmithError(f"{target} exists and is not a folder")
     if target.exists() and not force and not _journal(target).exists():
-        raise WeightsmithError(f"{target} already exists; pass --force to replace it")
+        raise needs_option(f"{target} already exists", "; {0} replaces it", "force")
     if _VALIDATE_ONLY:
         raise ChecksPassed(target)
     _probe_writable(target)
@@ -82,7 +82,7 @@ def check_output(target: str | Path, inputs: Iterable[str | Path] = (), force: b
         _recover(target)
         _clean_stale(target)
         if target.exists() and not force:
-            raise WeightsmithError(f"{target} already exists; pass --force to replace it")
+            raise needs_option(f"{target} already exists", "; {0} replaces it", "force")
     except BaseException:
         _unlock(target)
         raise
@@ -305,8 +305,8 @@ def _commit(tmp: Path, target: Path, force: bool) -> None:
         if not force:  # appeared while this run computed (not through weightsmith, which holds the lock)
             kept = target.parent / f"{target.name}.result-{uuid.uuid4().hex[:8]}"
             tmp.rename(kept)
-            raise WeightsmithError(f"{target} appeared while this run was writing it; nothing was replaced, the "
-                                   f"result is in {kept} (pass --force to replace)")
+            raise needs_option(f"{target} appeared while this run was writing it; nothing was replaced, the result "
+                               f"is in {kept}", " ({0} replaces it)", "force")
         if target.is_symlink() or not target.is_dir():
             raise WeightsmithError(f"{target} was replaced by a file or link while this run was writing it")
         if _renameat2(tmp, target, _RENAME_EXCHANGE):

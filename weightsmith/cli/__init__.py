@@ -6,7 +6,7 @@ import sys
 
 import typer
 
-from ..errors import WeightsmithError
+from ..errors import OptionError, WeightsmithError
 
 OFFLINE_BY_DEFAULT = "WEIGHTSMITH_OFFLINE_BY_DEFAULT"
 
@@ -37,6 +37,10 @@ def main() -> None:
     _quiet_libraries()
     try:
         app(standalone_mode=False)
+    except OptionError as exc:  # one a command did not word itself: its options are flags here
+        from .options import flag
+
+        _fail(str(exc) if exc.where else exc.render(flag))
     except WeightsmithError as exc:
         _fail(str(exc))
     except KeyboardInterrupt:

@@ -15,7 +15,7 @@ from ..errors import OptionError, WeightsmithError
 from ..options import Options, option
 from ..stage_options import MergeOptions
 from .common import DeviceOpt, ForceOpt, JsonOpt, QuietOpt, SeedOpt, console, print_json, progress_bars
-from .options import cli_wording, flag, with_options
+from .options import flag, spelled, with_options
 
 HELP_HEAD = """Merge checkpoints into one, streaming one tensor at a time.
 
@@ -276,12 +276,10 @@ def _check_given(method_name: str, given: dict) -> None:
 
 def _flag_wording(exc: OptionError, flags: MergeFlags, from_file: bool) -> WeightsmithError:
     """A bad value the command line gave is worded as its flag; one a recipe file gave (``from_file``) keeps the
-    recipe's wording (where in the file, and the parameter's name there)."""
-    if exc.param in MergeOptions.specs():
-        return cli_wording(exc, MergeOptions)
-    if exc.param is None or from_file:
+    recipe's wording (where in the file, and the parameter's name there). Options a message suggests are flags."""
+    if exc.param is not None and from_file and exc.param not in MergeOptions.specs():
         return WeightsmithError(str(exc))
-    return WeightsmithError(exc.render(lambda p: flags.flag_of(p) or RECIPE_FLAGS.get(p) or flag(p)))
+    return WeightsmithError(exc.render(lambda p: flags.flag_of(p) or RECIPE_FLAGS.get(p) or spelled(p, MergeOptions)))
 
 
 def _print(result: dict, out: Path) -> None:

@@ -55,14 +55,15 @@ def option_parameters(cls: type[Options]) -> list[inspect.Parameter]:
     return params
 
 
+def spelled(param: str, cls: type[Options] | None = None) -> str:
+    """The flag of option ``param``: as ``cls`` declares it, when it declares one, else ``--NAME-WITH-DASHES``."""
+    spec = cls.specs().get(param) if cls is not None else None
+    return spec.flag.split("/")[0] if spec is not None and spec.flag else flag(param)
+
+
 def cli_wording(exc: OptionError, cls: type[Options] | None = None) -> WeightsmithError:
     """The same error with every option spelled as its flag (as ``cls`` declares it, when it declares one)."""
-    specs = cls.specs() if cls is not None else {}
-
-    def spelled(param: str) -> str:
-        declared = specs[param].flag if param in specs else None
-        return declared.split("/")[0] if declared else flag(param)
-    return WeightsmithError(exc.render(spelled))
+    return WeightsmithError(exc.render(lambda p: spelled(p, cls)))
 
 
 def with_options(cls: type[Options], param: str = "opts") -> Callable[[Callable], Callable]:

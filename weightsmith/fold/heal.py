@@ -89,9 +89,7 @@ def heal(student: torch.nn.Module, teacher: torch.nn.Module, windows: torch.Tens
     ranks = Ranks(rank=accelerator.process_index, world=accelerator.num_processes) if launched() else Ranks()
     if batch_size % ranks.world:
         raise OptionError("batch_size", f"{batch_size} must be a multiple of the {ranks.world} processes")
-    teacher.eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
+    _freeze(teacher)
     model = student
     if lora_rank:
         params = add_lora(student, lora_rank)
@@ -132,6 +130,18 @@ def heal(student: torch.nn.Module, teacher: torch.nn.Module, windows: torch.Tens
         merge_lora(model)
     for p in model.parameters():
         p.requires_grad_(True)
+    return _heal_report(steps, lora_rank, losses, grad_norms, first_windows, ranks)
+
+
+def _freeze(teacher: torch.nn.Module) -> None:
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+
+
+def _heal_report(steps: int, lora_rank: int, losses: list[float], grad_norms: list[float], first_windows: list[int],
+                 ranks) -> dict:
+    """What ``heal`` returns: the first and last losses, and what each rank did."""
     trace = {"rank": ranks.rank, "first_windows": first_windows, "loss_first": losses[0] if losses else None,
              "grad_norm_last": grad_norms[-1] if grad_norms else None}
     return {"heal_steps": steps, "heal_lora_rank": lora_rank, "heal_loss_first": losses[0] if losses else None,

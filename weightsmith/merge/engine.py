@@ -26,7 +26,7 @@ import torch
 from ..checkpoint import Checkpoint, ShardedWriter, check_output, copy_side_files, detect_layout, output_folder, write_config
 from ..checkpoint.card import write_model_card
 from ..device import resolve_device, resolve_dtype
-from ..errors import MissingOption, OptionError, WeightsmithError
+from ..errors import MissingOption, OptionError, WeightsmithError, needs_option
 from ..progress import ProgressFn, report
 from ..stage_options import MergeOptions
 from .registry import Method, PlanCheck, check_param_names, get_method, resolve, resolve_globals
@@ -100,14 +100,14 @@ def _check_architectures(ckpts: list[Checkpoint], allow_crimes: bool) -> None:
                 ka, kb = json.loads(a.read_text()), json.loads(b.read_text())
                 for key in ("r", "target_modules", "base_model_name_or_path"):
                     if ka.get(key) != kb.get(key):
-                        raise WeightsmithError(f"{c.path}: adapter {key} {kb.get(key)!r} differs from {ref.path}'s "
-                                               f"{ka.get(key)!r}; pass --allow-crimes to merge anyway")
+                        raise needs_option(f"{c.path}: adapter {key} {kb.get(key)!r} differs from {ref.path}'s "
+                                           f"{ka.get(key)!r}", "; {0} merges them anyway", "allow_crimes")
             continue
         for key in ARCH_KEYS:
             if ref.config.get(key) != c.config.get(key) and not allow_crimes:
-                raise WeightsmithError(
+                raise needs_option(
                     f"{c.path}: config {key} = {c.config.get(key)!r} but {ref.path} has {ref.config.get(key)!r}; "
-                    "these models do not share an architecture (pass --allow-crimes to merge anyway)")
+                    "these models do not share an architecture", " ({0} merges them anyway)", "allow_crimes")
 
 
 def _depths(ref: Checkpoint) -> dict[str, float]:

@@ -102,28 +102,43 @@ def mix(sources: list[Source], base: torch.Tensor, out: torch.Tensor, weight: li
     Otherwise the weighted sum, divided by Σ wᵢ when ``normalize``. The chunk kernel uses float
     arithmetic only: torch's bool kernels (compare, where, masked ops) are several times slower on CPU.
     """
-    n, k = base.numel(), len(sources)
     if base.device.type == "cpu" and base.dtype == torch.float32 and all(s.flat.dtype == torch.float32 for s in sources):
         kernels = native_kernels()
         if kernels is not None:
             return _mix_native(kernels, sources, base, out, weight, consensus, normalize, lambda_)
-    total_weight = sum(weight) if abs(sum(weight)) >= 1e-8 else 1.0
-    unit = all(w == 1.0 for w in weight)
-    wcol = torch.tensor(weight, dtype=base.dtype, device=base.device)
-    cuts = [s.cutoff for s in sources]
-    inclusive = [_below(c.threshold, base.dtype) if c is not None and c.threshold >= 0 else None for c in cuts]
+    return _mix_torch(sources, base, out, weight, consensus, normalize, lambda_)
 
-    def trim(d: torch.Tensor, i: int, s: int, e: int) -> None:
-        """Zero, in place, the deltas of the chunk [s, e) that input i's cutoff drops (hardshrink keeps |δ| > λ)."""
-        cut = cuts[i]
+
+class _Trim:
+    """Each input's cutoff applied to a chunk of its deltas (hardshrink keeps |δ| > λ)."""
+
+    def __init__(self, sources: list[Source], dtype: torch.dtype):
+        self.cuts = [s.cutoff for s in sources]
+        self.inclusive = [_below(c.threshold, dtype) if c is not None and c.threshold >= 0 else None
+                          for c in self.cuts]
+
+    def __call__(self, d: torch.Tensor, i: int, s: int, e: int) -> None:
+        """Zero, in place, the deltas of the chunk [s, e) that input i's cutoff drops."""
+        cut = self.cuts[i]
+        if cut is None:
+            return
         if cut.threshold == math.inf:
             d.zero_()
         elif cut.threshold >= 0:
             split = e if cut.tie_end is None else min(e, max(s, cut.tie_end))
-            for part, lam in ((d[: split - s], inclusive[i]), (d[split - s:], cut.threshold)):
+            for part, lam in ((d[: split - s], self.inclusive[i]), (d[split - s:], cut.threshold)):
                 if part.numel():
                     torch.ops.aten.hardshrink.out(part, lam, out=part)
 
+
+def _mix_torch(sources: list[Source], base: torch.Tensor, out: torch.Tensor, weight: list[float], consensus: bool,
+               normalize: bool, lambda_: float) -> torch.Tensor:
+    """``mix`` in torch, chunk by chunk on each thread's range."""
+    n, k = base.numel(), len(sources)
+    total_weight = sum(weight) if abs(sum(weight)) >= 1e-8 else 1.0
+    unit = all(w == 1.0 for w in weight)
+    wcol = torch.tensor(weight, dtype=base.dtype, device=base.device)
+    trim = _Trim(sources, base.dtype)
     cpu = base.device.type == "cpu"
     chunk = CHUNK if cpu else DEVICE_CHUNK
 
@@ -136,39 +151,44 @@ def mix(sources: list[Source], base: torch.Tensor, out: torch.Tensor, weight: li
         for s in range(lo, hi, chunk):
             e = min(hi, s + chunk)
             dd = d_buf[:, : e - s]
-            total, elected, divisor = v_buf[:, : e - s]
             b = base[s:e]
             for i, src in enumerate(sources):
                 if src.is_delta:
                     dd[i].copy_(src.flat[s:e])
                 else:
                     torch.sub(src.flat[s:e], b, out=dd[i])
-                if cuts[i] is not None:
-                    trim(dd[i], i, s, e)
+                trim(dd[i], i, s, e)
             if not unit:
                 dd.mul_(wcol.unsqueeze(1))
-            torch.sum(dd, 0, out=total)
-            if consensus:
-                # elected sign ±1 (a zero sum elects +); agreeing deltas are those with δ·sign > 0
-                torch.sign(total, out=elected).add_(0.5).sign_()
-                agreeing = dd.mul_(elected).relu_()
-                mixed = torch.sum(agreeing, 0, out=total).mul_(elected)  # exact: multiplying by ±1
-                if normalize:
-                    # Σ of the agreeing inputs' weights, added in input order as the native kernel does
-                    signs = agreeing.sign_()
-                    divisor.zero_()
-                    for i in range(k):
-                        divisor.add_(signs[i], alpha=weight[i])
-                    divisor += torch.sign(divisor, out=elected).abs_().neg_().add_(1)  # none agrees: divide by 1
-                    mixed /= divisor
-            else:
-                mixed = total.div_(total_weight) if normalize else total
+            mixed = _combine(dd, v_buf[:, : e - s], weight, consensus, normalize, total_weight)
             if lambda_ != 1:
                 mixed *= lambda_
             torch.add(b, mixed, out=out[s:e])
 
     parallel_ranges(n, run, None if cpu else 1)
     return out
+
+
+def _combine(dd: torch.Tensor, buffers: torch.Tensor, weight: list[float], consensus: bool, normalize: bool,
+             total_weight: float) -> torch.Tensor:
+    """One chunk's merged delta from its (weighted, trimmed) deltas ``dd`` [k, width], in ``buffers`` [3, width]."""
+    total, elected, divisor = buffers
+    torch.sum(dd, 0, out=total)
+    if not consensus:
+        return total.div_(total_weight) if normalize else total
+    # elected sign ±1 (a zero sum elects +); agreeing deltas are those with δ·sign > 0
+    torch.sign(total, out=elected).add_(0.5).sign_()
+    agreeing = dd.mul_(elected).relu_()
+    mixed = torch.sum(agreeing, 0, out=total).mul_(elected)  # exact: multiplying by ±1
+    if normalize:
+        # Σ of the agreeing inputs' weights, added in input order as the native kernel does
+        signs = agreeing.sign_()
+        divisor.zero_()
+        for i in range(dd.shape[0]):
+            divisor.add_(signs[i], alpha=weight[i])
+        divisor += torch.sign(divisor, out=elected).abs_().neg_().add_(1)  # none agrees: divide by 1
+        mixed /= divisor
+    return mixed
 
 
 def flat_array(t: torch.Tensor) -> np.ndarray:

@@ -46,7 +46,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..errors import OptionError, WeightsmithError
+from ..errors import OptionError, WeightsmithError, needs_option
 from ..options import OptionSpec, check_value
 
 # Modules whose import registers methods (a new method module adds itself here).
@@ -275,9 +275,9 @@ def check_param_names(method: Method, recipe, where: str, compat: str | None) ->
             p = method.param(key)
             if p is None and key in method.mergekit_ignores:
                 if compat != "mergekit":
-                    raise WeightsmithError(
-                        f"{where}: model {m.path}: method {method.name!r} has no per-model parameter {key!r} "
-                        "(mergekit accepts and ignores it: pass --compat mergekit to do the same)")
+                    raise needs_option(f"{where}: model {m.path}: method {method.name!r} has no per-model parameter "
+                                       f"{key!r}", " (mergekit accepts and ignores it: {0} mergekit does the same)",
+                                       "compat")
                 ignored.add(key)
                 del m.parameters[key]
                 continue

@@ -17,7 +17,7 @@ import torch
 
 from ..checkpoint import Checkpoint, detect_layout
 from ..checkpoint.layout import num_layers
-from ..errors import WeightsmithError
+from ..errors import MissingOption, WeightsmithError, needs_option
 from .recipe import evaluate_setting, refuse_unknown
 
 SLICE_KEYS = {"sources", "base_model", "parameters"}
@@ -200,30 +200,14 @@ def plan_slice_merge(recipe, *, dtype: str | None = None, allow_crimes: bool = F
     every parameter resolved and checked, headers only."""
     from ..device import resolve_dtype
     from . import engine
-    from .registry import PlanCheck, closest, get_method, resolve
+    from .registry import PlanCheck, get_method
 
     where = "recipe"
     method = get_method(recipe.method)
     if method.whole_model or method.fn is None:
         raise WeightsmithError(f"{where}: method {method.name!r} merges whole models and cannot take 'slices'")
-    known = {p.name for p in method.params}
-    scopes = [("parameters", recipe.parameters)]
-    for i, s in enumerate(recipe.slices):
-        scopes.append((f"slices[{i}]: parameters", s.parameters))
-        scopes += [(f"slices[{i}]: sources[{j}]: parameters", src.parameters) for j, src in enumerate(s.sources)]
     compat = engine._compat(method, recipe, where)
-    ignored = set()
-    for at, scope in scopes:
-        for key in list(scope):
-            if key in known:
-                continue
-            if key in method.mergekit_ignores and compat == "mergekit":
-                ignored.add(key)
-                del scope[key]
-                continue
-            hint = " (mergekit ignores it: pass --compat mergekit to do the same)" if key in method.mergekit_ignores else ""
-            raise WeightsmithError(f"{where}: {at}: method {method.name!r} has no parameter {key!r}"
-                                   f"{closest(key, known)}; it takes {', '.join(sorted(known)) or 'none'}{hint}")
+    ignored = _check_slice_param_names(method, recipe, compat, where)
     cache: dict = {}
 
     def open_ckpt(path: str) -> Checkpoint:
@@ -234,7 +218,7 @@ def plan_slice_merge(recipe, *, dtype: str | None = None, allow_crimes: bool = F
 
     takes_base = method.base in ("required", "optional")
     if method.base == "required" and not recipe.base_model and not all(s.base_model for s in recipe.slices):
-        raise WeightsmithError(f"method {method.name!r} needs a base model (base_model: in YAML)")
+        raise MissingOption("base_model", f"method {method.name!r} needs a base model")
     tensors, layers, ref = plan_slices(recipe.slices, recipe.base_model, recipe.parameters, open_ckpt, takes_base)
     everyone = list(cache.values())
     _check_widths(everyone, allow_crimes)
@@ -248,34 +232,12 @@ def plan_slice_merge(recipe, *, dtype: str | None = None, allow_crimes: bool = F
                                    f"..{method.max_models or 'any'} model(s) besides the base per slice, got {n}")
         ordered = ([st.base] if st.base else []) + st.inputs
         infos = [open_ckpt(x.model).info(x.name) for x in ordered]
-        shapes = [tuple(i.shape) for i in infos]
-        shape, rows = shapes[0], None
-        if any(s != shape for s in shapes):
-            if all(len(s) == len(shape) and s[1:] == shape[1:] for s in shapes) and engine.VOCAB_NAMES.search(st.name):
-                rows = min(s[0] for s in shapes)
-                shape = (rows, *shape[1:])
-            else:
-                raise WeightsmithError(f"{st.name}: inputs have shapes {sorted(set(shapes))}; a slice merges "
-                                       "layers of one shape")
-        kwargs: dict = {}
-        for p in method.params:
-            if p.keyword is None:
-                continue
-            if p.scope == "global":
-                v = first_setting(st.scopes, p.name, st.name, st.t, where)
-                kwargs[p.keyword] = resolve(p, v, st.name, st.t, f"{where}: {st.name}", compat, v is not None)
-            else:
-                kwargs[p.keyword] = [resolve(p, v, x.name, st.t, f"{where}: model {x.model}: {st.name}", compat,
-                                             v is not None)
-                                     for x in st.inputs
-                                     for v in [first_setting(x.scopes, p.name, x.name, st.t, where)]]
-        kwargs.pop("trim", None)  # a stacked model has no whole task vector: TIES trims per tensor
-        if method.inplace:
-            kwargs["inplace"] = True
+        shape, rows = _slice_shape(st.name, [tuple(i.shape) for i in infos])
         float_math = infos[0].torch_dtype.is_floating_point
         compute = math_dtype or _promoted(infos)
         jobs.append(engine.TensorJob(st.name, shape, out_dtype if (out_dtype and float_math) else infos[0].torch_dtype,
-                                     kwargs, rows, float_math, compute if float_math else infos[0].torch_dtype,
+                                     _slice_kwargs(method, st, where, compat), rows, float_math,
+                                     compute if float_math else infos[0].torch_dtype,
                                      [(open_ckpt(x.model), x.name) for x in ordered], st.base is not None))
     if method.validate is not None:
         method.validate(PlanCheck(method, sorted({x.model for st in tensors for x in st.inputs}),
@@ -289,6 +251,64 @@ def plan_slice_merge(recipe, *, dtype: str | None = None, allow_crimes: bool = F
                             + [f"{', '.join(sorted(ignored))} ignored by {method.name} (as mergekit does)"] * bool(ignored),
                             card, compat,
                             stacked_config(ref.config or {}, layers))
+
+
+def _check_slice_param_names(method, recipe, compat: str | None, where: str) -> set[str]:
+    """Every parameter a slices recipe gives (top level, per slice, per source) must be the method's; keys
+    mergekit ignores are dropped under compat: mergekit (returned) and refused otherwise."""
+    from .registry import closest
+
+    known = {p.name for p in method.params}
+    scopes = [("parameters", recipe.parameters)]
+    for i, s in enumerate(recipe.slices):
+        scopes.append((f"slices[{i}]: parameters", s.parameters))
+        scopes += [(f"slices[{i}]: sources[{j}]: parameters", src.parameters) for j, src in enumerate(s.sources)]
+    ignored = set()
+    for at, scope in scopes:
+        for key in list(scope):
+            if key in known:
+                continue
+            if key in method.mergekit_ignores and compat == "mergekit":
+                ignored.add(key)
+                del scope[key]
+                continue
+            hint = " (mergekit ignores it: {0} mergekit does the same)" if key in method.mergekit_ignores else ""
+            raise needs_option(f"{where}: {at}: method {method.name!r} has no parameter {key!r}{closest(key, known)}; "
+                               f"it takes {', '.join(sorted(known)) or 'none'}", hint, "compat")
+    return ignored
+
+
+def _slice_shape(name: str, shapes: list[tuple[int, ...]]) -> tuple[tuple[int, ...], int | None]:
+    """A stacked tensor's shape, and the vocabulary rows it is cropped to (None: not cropped)."""
+    from .engine import VOCAB_NAMES
+
+    shape = shapes[0]
+    if all(s == shape for s in shapes):
+        return shape, None
+    if not (all(len(s) == len(shape) and s[1:] == shape[1:] for s in shapes) and VOCAB_NAMES.search(name)):
+        raise WeightsmithError(f"{name}: inputs have shapes {sorted(set(shapes))}; a slice merges layers of one shape")
+    rows = min(s[0] for s in shapes)
+    return (rows, *shape[1:]), rows
+
+
+def _slice_kwargs(method, st, where: str, compat: str | None) -> dict:
+    """The method's keyword arguments for one stacked tensor (a parameter without a keyword is only checked)."""
+    from .registry import resolve
+
+    kwargs: dict = {}
+    for p in method.params:
+        if p.scope == "global":
+            v = first_setting(st.scopes, p.name, st.name, st.t, where)
+            value = resolve(p, v, st.name, st.t, f"{where}: {st.name}", compat, v is not None)
+        else:
+            value = [resolve(p, v, x.name, st.t, f"{where}: model {x.model}: {st.name}", compat, v is not None)
+                     for x in st.inputs for v in [first_setting(x.scopes, p.name, x.name, st.t, where)]]
+        if p.keyword is not None:
+            kwargs[p.keyword] = value
+    kwargs.pop("trim", None)  # a stacked model has no whole task vector: TIES trims per tensor
+    if method.inplace:
+        kwargs["inplace"] = True
+    return kwargs
 
 
 def _promoted(infos) -> torch.dtype:
@@ -308,8 +328,9 @@ def _check_widths(ckpts: list[Checkpoint], allow_crimes: bool) -> None:
             if key in LAYER_KEYS:
                 continue
             if (ref.config or {}).get(key) != (c.config or {}).get(key) and not allow_crimes:
-                raise WeightsmithError(f"{c.path}: config {key} = {(c.config or {}).get(key)!r} but {ref.path} has "
-                                       f"{(ref.config or {}).get(key)!r}; pass --allow-crimes to stack anyway")
+                problem = (f"{c.path}: config {key} = {(c.config or {}).get(key)!r} but {ref.path} has "
+                           f"{(ref.config or {}).get(key)!r}")
+                raise needs_option(problem, "; {0} stacks them anyway", "allow_crimes")
 
 
 MODULE_KEYS = {"slices", "models", "parameters"}

@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 
 from ..checkpoint import check_output
-from ..errors import WeightsmithError
+from ..errors import OptionError, WeightsmithError
 from ..progress import ProgressFn, report
 from .engine import merge
 from .recipe import ModelEntry, Recipe
@@ -31,7 +31,8 @@ def greedy_soup_recipe(recipe: Recipe, out: str | Path, *, device: str = "auto",
     data, labelled = recipe.parameters.get("data"), recipe.parameters.get("labelled")
     max_tokens = recipe.parameters.get("max_tokens")
     if (data is None) == (labelled is None):
-        raise WeightsmithError("greedy_soup needs exactly one held-out set: --data TEXT (perplexity) or --labelled FILE (accuracy)")
+        raise OptionError(None, "greedy_soup needs exactly one held-out set: {0} (text, perplexity) or {1} (labelled "
+                                "file, accuracy)", ("data", "labelled"))
     held_out = Path(data or labelled)
     if not held_out.is_file():
         raise WeightsmithError(f"{held_out}: held-out data file not found")

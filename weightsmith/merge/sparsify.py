@@ -245,10 +245,48 @@ def ties_fused(tensors: list[torch.Tensor], base: torch.Tensor, weight: list[flo
         return None
     bf = mixing.flat_array(base)
     xs = tuple(mixing.flat_array(t) for t in tensors)
+    keep = [kept_count(d, n) for d in density]
+    brackets = _brackets(xs, bf, keep, n)
+    if brackets is None:
+        return None
+    low, high, threshold, tie_end, fraction = brackets
+    w = np.array(weight, dtype=np.float32)
+    flags = (normalize, np.float32(lambda_), all(v == 1.0 for v in weight))
+    out = torch.empty(n, dtype=torch.float32)
+    o = out.numpy()
+    parts: dict[int, tuple] = {}
+
+    def scan(lo: int, hi: int) -> None:
+        expected = fraction * (hi - lo)
+        cap = int(1.25 * expected + 6 * math.sqrt(expected)) + 4096
+        values = np.empty((len(xs), cap), dtype=np.float32)
+        indices = np.empty((len(xs), cap), dtype=np.int64)
+        counts = np.zeros((len(xs), 2), dtype=np.int64)
+        pending = np.empty(len(xs) * cap, dtype=np.int64)
+        waiting, overflow = kernels.ties_scan(xs, bf, o, low, high, w, *flags, lo, hi, values, indices, counts, pending)
+        parts[lo] = (values, indices, counts, pending[:waiting], overflow)
+
+    mixing.parallel_ranges(n, scan)
+    ordered = [parts[lo] for lo in sorted(parts)]
+    if any(p[4] for p in ordered):
+        return None
+    chosen = _exact_thresholds(kernels, xs, bf, ordered, keep, threshold, tie_end, mergekit)
+    if chosen is None:
+        return None
+    waiting = [p[3] for p in ordered if p[3].size]
+    mixing.run_parallel([lambda pending=pending: kernels.ties_fixup(xs, bf, o, threshold, tie_end, w, *flags, pending)
+                         for pending in waiting])
+    if chosen:
+        _settle_chosen_ties(kernels, xs, bf, o, threshold, tie_end, w, flags, chosen, n)
+    return out.reshape(base.shape)
+
+
+def _brackets(xs: tuple[np.ndarray, ...], bf: np.ndarray, keep: list[int], n: int) -> tuple | None:
+    """Each input's magnitude bracket from a sample (low, high), the thresholds and tie ends known already
+    (keep all, keep none), and the largest fraction of positions a bracket holds; None when a sample fails."""
     count = len(xs)
     low, high = np.full(count, np.inf, dtype=np.float32), np.full(count, np.inf, dtype=np.float32)
     threshold, tie_end = np.full(count, np.inf, dtype=np.float32), np.zeros(count, dtype=np.int64)
-    keep = [kept_count(d, n) for d in density]
     fraction = 0.0
     for i, x in enumerate(xs):
         if keep[i] == n:  # keep all: every magnitude is above the bracket
@@ -259,28 +297,16 @@ def ties_fused(tensors: list[torch.Tensor], base: torch.Tensor, weight: list[flo
                 return None
             low[i], high[i], f = bracket
             fraction = max(fraction, f)
-    w = np.array(weight, dtype=np.float32)
-    flags = (normalize, np.float32(lambda_), all(v == 1.0 for v in weight))
-    out = torch.empty(n, dtype=torch.float32)
-    o = out.numpy()
-    parts: dict[int, tuple] = {}
+    return low, high, threshold, tie_end, fraction
+
+
+def _exact_thresholds(kernels, xs, bf, ordered: list[tuple], keep: list[int], threshold: np.ndarray,
+                      tie_end: np.ndarray, mergekit: bool) -> dict | None:
+    """Settle each input's exact threshold and tie end (in place) from what the scan kept inside the brackets.
+    Returns the inputs whose kept ties mergekit's sort chooses (see ``_settle_chosen_ties``); None: fall back."""
+    n = bf.size
     chosen: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-
-    def scan(lo: int, hi: int) -> None:
-        expected = fraction * (hi - lo)
-        cap = int(1.25 * expected + 6 * math.sqrt(expected)) + 4096
-        values = np.empty((count, cap), dtype=np.float32)
-        indices = np.empty((count, cap), dtype=np.int64)
-        counts = np.zeros((count, 2), dtype=np.int64)
-        pending = np.empty(count * cap, dtype=np.int64)
-        waiting, overflow = kernels.ties_scan(xs, bf, o, low, high, w, *flags, lo, hi, values, indices, counts, pending)
-        parts[lo] = (values, indices, counts, pending[:waiting], overflow)
-
-    mixing.parallel_ranges(n, scan)
-    ordered = [parts[lo] for lo in sorted(parts)]
-    if any(p[4] for p in ordered):
-        return None
-    for i in range(count):
+    for i in range(len(xs)):
         if not 0 < keep[i] < n:
             continue
         above = sum(int(p[2][i, 0]) for p in ordered)
@@ -292,26 +318,22 @@ def ties_fused(tensors: list[torch.Tensor], base: torch.Tensor, weight: list[flo
         t, greater, equal = found
         kept_ties = rank - greater
         threshold[i], tie_end[i] = t, n
-        if equal > kept_ties:
-            if mergekit:
-                if not _replay_agrees(kernels):
-                    return None
-                # mergekit keeps the tied magnitudes its sort puts first: replayed, then settled below
-                keys = np.subtract(xs[i], bf)
-                order = kernels.sort_ties(np.abs(keys, out=keys), True, [t], owned=True)
-                del keys
-                if order is None:
-                    return None
-                chosen[i] = (order[0], order[0][:kept_ties])
-                continue
-            where = np.concatenate([p[1][i, : p[2][i, 1]] for p in ordered])[inside == t]  # ascending
-            tie_end[i] = where[kept_ties - 1] + 1
-    waiting = [p[3] for p in ordered if p[3].size]
-    mixing.run_parallel([lambda pending=pending: kernels.ties_fixup(xs, bf, o, threshold, tie_end, w, *flags, pending)
-                         for pending in waiting])
-    if chosen:
-        _settle_chosen_ties(kernels, xs, bf, o, threshold, tie_end, w, flags, chosen, n)
-    return out.reshape(base.shape)
+        if equal <= kept_ties:
+            continue
+        if mergekit:
+            if not _replay_agrees(kernels):
+                return None
+            # mergekit keeps the tied magnitudes its sort puts first: replayed, then settled below
+            keys = np.subtract(xs[i], bf)
+            order = kernels.sort_ties(np.abs(keys, out=keys), True, [t], owned=True)
+            del keys
+            if order is None:
+                return None
+            chosen[i] = (order[0], order[0][:kept_ties])
+            continue
+        where = np.concatenate([p[1][i, : p[2][i, 1]] for p in ordered])[inside == t]  # ascending
+        tie_end[i] = where[kept_ties - 1] + 1
+    return chosen
 
 
 def _settle_chosen_ties(kernels, xs, bf, o, threshold, tie_end, w, flags, chosen: dict, n: int) -> None:

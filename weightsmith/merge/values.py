@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import WeightsmithError
+from ..errors import WeightsmithError, needs_option
 
 
 class ValueChecks:
@@ -54,9 +54,9 @@ class ValueChecks:
         for path, t in bad:
             count = int((~torch.isfinite(t)).sum())
             if not self.allow_nonfinite:
-                raise WeightsmithError(
+                raise needs_option(
                     f"{path}: tensor {name!r} holds {count} NaN/inf value(s); the merge would spread them. Repair "
-                    "the input, or pass --allow-nonfinite to merge anyway (reported per tensor)")
+                    "the input", ", or set {0} to merge anyway (reported per tensor)", "allow_nonfinite")
             self.report.append({"model": str(path), "tensor": name, "nonfinite": count})
         nonzero = any(span is not None and span != (0, 0) for span in spans)
         kept_nonfinite = bool(bad)
@@ -65,9 +65,9 @@ class ValueChecks:
         span = _span(result)
         if not _finite(result, span):
             if not kept_nonfinite:
-                raise WeightsmithError(
-                    f"merged tensor {name!r} is not finite although its inputs are (overflow in the output dtype? "
-                    "try --dtype float32 or smaller weights)")
+                raise needs_option(
+                    f"merged tensor {name!r} is not finite although its inputs are (overflow in the output dtype? ",
+                    "try {0} float32 or smaller weights)", "dtype")
         elif nonzero and span == (0, 0) and not zero_ok:
             raise WeightsmithError(
                 f"merged tensor {name!r} is all zeros although its inputs are not (weights cancelling out?); "

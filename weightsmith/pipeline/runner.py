@@ -15,7 +15,7 @@ import yaml
 
 from .. import __version__
 from ..checkpoint import output_folder
-from ..errors import WeightsmithError
+from ..errors import WeightsmithError, reworded
 from ..progress import ProgressFn, report
 from .spec import Pipeline, StageEntry
 from .stages import STAGES, Context
@@ -58,28 +58,13 @@ def run_pipeline(pipeline: Pipeline, *, device: str = "auto", seed: int = 0, for
                  dry_run: bool = False, progress: ProgressFn | None = None, events: EventFn | None = None) -> dict:
     """Run every stage whose output is missing or stale; return the report (also written to the workdir)."""
     emit = events or (lambda e: None)
-    outputs = {pipeline.output(s.name): s.name for s in pipeline.stages}
     keys: dict[str, str] = {}
     records: list[dict] = []
     emit({"event": "pipeline_start", "pipeline": pipeline.name, "workdir": str(pipeline.workdir),
           "stages": [s.name for s in pipeline.stages], "dry_run": dry_run})
     start = time.perf_counter()
     failed: WeightsmithError | None = None
-    # First the checks, for a dry run and a real one alike: a stage whose inputs exist is run up to its output
-    # check, so a bad parameter or input folder is refused before any stage computes.
-    plans: list[tuple[StageEntry, Path, dict | None, dict]] = []
-    pending: set[Path] = set()  # outputs to be (re)written: the stages reading them are checked when they run
-    for entry in pipeline.stages:
-        keys[entry.name] = stage_key(entry, keys, outputs, seed)
-        out = pipeline.output(entry.name)
-        stamp = read_stamp(out) if out.is_dir() else None
-        fresh = stamp is not None and stamp.get("key") == keys[entry.name] and stamp.get("status") == "done"
-        record = {"name": entry.name, "stage": entry.stage, "inputs": entry.inputs, "output": str(out),
-                  "params": entry.params, "key": keys[entry.name]}
-        if not fresh or force:
-            pending.add(out)
-        record["checked"] = _dry_check(pipeline, entry, out, pending, device, seed)
-        plans.append((entry, out, stamp if fresh and not force else None, record))
+    plans = _check_all(pipeline, keys, device=device, seed=seed, force=force)
     for i, (entry, out, stamp, record) in enumerate(plans):
         report(progress, f"pipeline {pipeline.name}", i, len(pipeline.stages))
         if dry_run:
@@ -108,6 +93,34 @@ def run_pipeline(pipeline: Pipeline, *, device: str = "auto", seed: int = 0, for
                   "output": str(out)})
         records.append(record)
     report(progress, f"pipeline {pipeline.name}", len(records), len(pipeline.stages))
+    return _finish(pipeline, records, failed, dry_run=dry_run, seconds=time.perf_counter() - start, emit=emit)
+
+
+def _check_all(pipeline: Pipeline, keys: dict[str, str], *, device: str, seed: int,
+               force: bool) -> list[tuple[StageEntry, Path, dict | None, dict]]:
+    """The checks, for a dry run and a real one alike: a stage whose inputs exist is run up to its output check,
+    so a bad parameter or input folder is refused before any stage computes. Returns each stage's entry, output,
+    stamp (None: it runs) and report record; fills ``keys``."""
+    outputs = {pipeline.output(s.name): s.name for s in pipeline.stages}
+    plans: list[tuple[StageEntry, Path, dict | None, dict]] = []
+    pending: set[Path] = set()  # outputs to be (re)written: the stages reading them are checked when they run
+    for entry in pipeline.stages:
+        keys[entry.name] = stage_key(entry, keys, outputs, seed)
+        out = pipeline.output(entry.name)
+        stamp = read_stamp(out) if out.is_dir() else None
+        fresh = stamp is not None and stamp.get("key") == keys[entry.name] and stamp.get("status") == "done"
+        record = {"name": entry.name, "stage": entry.stage, "inputs": entry.inputs, "output": str(out),
+                  "params": entry.params, "key": keys[entry.name]}
+        if not fresh or force:
+            pending.add(out)
+        record["checked"] = _dry_check(pipeline, entry, out, pending, device, seed)
+        plans.append((entry, out, stamp if fresh and not force else None, record))
+    return plans
+
+
+def _finish(pipeline: Pipeline, records: list[dict], failed: WeightsmithError | None, *, dry_run: bool,
+            seconds: float, emit: EventFn) -> dict:
+    """The summary (and, after a real run, the report and the cards' evaluation); a failure is raised here."""
     if dry_run:
         summary = {"pipeline": pipeline.name, "workdir": str(pipeline.workdir), "dry_run": True, "stages": records}
         emit({"event": "pipeline_done", "dry_run": True})
@@ -115,11 +128,11 @@ def run_pipeline(pipeline: Pipeline, *, device: str = "auto", seed: int = 0, for
     from .report import annotate_cards, write_report
 
     annotate_cards(pipeline, records)
-    summary = write_report(pipeline, records, seconds=time.perf_counter() - start)
+    summary = write_report(pipeline, records, seconds=seconds)
     emit({"event": "pipeline_failed" if failed else "pipeline_done", "report": summary["files"]})
     if failed is not None:
-        raise WeightsmithError(f"stage {records[-1]['name']!r} failed: {failed} (earlier outputs kept in "
-                               f"{pipeline.workdir}; rerun to resume)")
+        raise reworded(failed, prefix=f"stage {records[-1]['name']!r} failed: ",
+                       suffix=f" (earlier outputs kept in {pipeline.workdir}; rerun to resume)")
     return summary
 
 
@@ -140,7 +153,7 @@ def _dry_check(pipeline: Pipeline, entry: StageEntry, out: Path, pending: set[Pa
             try:
                 Checkpoint(Path(p))
             except WeightsmithError as exc:
-                raise WeightsmithError(f"{entry.where('inputs')}: {exc}") from None
+                raise reworded(exc, prefix=f"{entry.where('inputs')}: ") from None
     if not spec.validates_dry:
         return True
     ctx = Context(inputs=[Path(p) for p in entry.inputs], out=out, device=device, seed=seed, force=out.exists(),
@@ -151,7 +164,7 @@ def _dry_check(pipeline: Pipeline, entry: StageEntry, out: Path, pending: set[Pa
     except ChecksPassed:
         return True
     except WeightsmithError as exc:
-        raise WeightsmithError(f"{entry.where()}: {exc}") from None
+        raise reworded(exc, prefix=f"{entry.where()}: ") from None
     raise WeightsmithError(f"{entry.where()}: stage {entry.stage!r} cannot be checked without running it")
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import yaml
 
 from ..checkpoint.textfile import read_text_file
-from ..errors import WeightsmithError
+from ..errors import WeightsmithError, needs_option
 from .stages import STAGES, accepts
 
 NAME = re.compile(r"^[A-Za-z0-9][\w.-]*$")
@@ -161,8 +161,8 @@ def _check_workdir(workdir: Path, stages: list[StageEntry]) -> None:
         for key, value in named:
             p = Path(value).resolve()
             if p not in outputs and (p == workdir or p in workdir.parents):
-                raise WeightsmithError(f"{s.where(key)}: the workdir {workdir} lies inside {value}, which the "
-                                       "stage reads; choose a workdir outside every input (--workdir)")
+                raise needs_option(f"{s.where(key)}: the workdir {workdir} lies inside {value}, which the stage "
+                                   "reads; choose a workdir outside every input", " ({0})", "workdir")
 
 
 def _parse_stage(i: int, raw, resolver: _Resolver, last_model: str | None) -> StageEntry:

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import OptionError, WeightsmithError
+from ..errors import OptionError, WeightsmithError, reworded
 from ..options import Options
 from ..progress import ProgressFn
 from .. import stage_options as so
@@ -63,7 +63,7 @@ class StageDef:
             try:
                 self.options.from_params(params)
             except OptionError as exc:
-                raise WeightsmithError(params_wording(exc, self.options, where)) from None
+                raise params_wording(exc, self.options, where) from None
 
 
 STAGES: dict[str, StageDef] = {}
@@ -79,13 +79,15 @@ def stage(name: str, **options) -> Callable:
     return register
 
 
-def params_wording(exc: OptionError, cls: type[Options], where: str = "") -> str:
-    """An option error worded for a pipeline: ``stage 'x', key 'params.y': ...`` (``where`` is the stage part)."""
-    def name(p: str) -> str:
-        return f"params.{p}" if p in cls.specs() else p
+def params_wording(exc: OptionError, cls: type[Options], where: str = "") -> WeightsmithError:
+    """An option error worded for a pipeline: ``stage 'x', key 'params.y': ...`` (``where`` is the stage part).
+    Options that are not the stage's params (``trust_remote_code``) are left for the command line to word."""
+    def name(p: str) -> str | None:
+        return f"params.{p}" if p in cls.specs() else None
 
-    key = f"key {name(exc.param)!r}" if exc.param in cls.specs() else exc.param
-    return exc.render(name, subject=", ".join(x for x in (where, key) if x) or None)
+    key = f"key 'params.{exc.param}'" if exc.param in cls.specs() else None
+    subject = ", ".join(x for x in (where, key) if x) if key else None
+    return reworded(exc, name, subject, prefix=f"{where}: " if where and not key else "")
 
 
 def _params_wording(fn: Callable, cls: type[Options]) -> Callable:
@@ -95,7 +97,7 @@ def _params_wording(fn: Callable, cls: type[Options]) -> Callable:
         try:
             return fn(ctx, **params)
         except OptionError as exc:
-            raise WeightsmithError(params_wording(exc, cls)) from None
+            raise params_wording(exc, cls) from None
     return run
 
 
@@ -224,7 +226,7 @@ def _method_param_wording(exc: OptionError, o: so.MergeStageOptions, inputs: lis
 def merge_stage(ctx: Context, **params) -> dict:
     """mergekit-style merge of the inputs: ``method`` and ``parameters`` as in a mergekit recipe;
     ``options`` go to whole-model methods (e.g. data for greedy soup)."""
-    from ..merge import merge
+    from ..merge import get_method, merge
 
     o = so.MergeStageOptions.from_params(params)
     recipe = _recipe(ctx.inputs, o)
@@ -232,8 +234,13 @@ def merge_stage(ctx: Context, **params) -> dict:
         info = merge(recipe, ctx.out, o.run_options(), device=ctx.device, seed=ctx.seed, force=ctx.force,
                      progress=ctx.progress, **(o.options or {}))
     except OptionError as exc:
-        if exc.param is None or exc.param in so.MergeStageOptions.specs():
+        specs = so.MergeStageOptions.specs()
+        if exc.param in specs:
             raise  # a stage option: worded by the stage's own wrapper
+        if exc.param is None:  # a fix that names options: the stage's, or the method's parameters
+            method = get_method(o.method)
+            raise reworded(exc, lambda p: f"params.{p}" if p in specs else f"params.parameters.{p}"
+                           if method.param(p) is not None else None) from None
         raise WeightsmithError(_method_param_wording(exc, o, ctx.inputs)) from None
     return {"method": o.method, "seconds": info.get("seconds")} if isinstance(info, dict) else {"method": o.method}
 
