@@ -8,30 +8,27 @@ import typer
 from ..stage_options import AlignOptions, PleasOptions
 from ..checkpoint.trust import remote_code
 from . import app
-from .common import DeviceOpt, ForceOpt, JsonOpt, OutOpt, QuietOpt, SeedOpt, TrustCodeOpt, console, print_json, progress_bars
+from .common import OutOpt, RunFlags, console, print_json, progress_bars
 from .options import with_options
 
 
 @app.command("align")
+@with_options(RunFlags, "run", only=('seed', 'device', 'force', 'json_out', 'quiet', 'trust_remote_code'))
 @with_options(AlignOptions)
 def align_cmd(
     model_a: Annotated[Path, typer.Argument(help="Reference model folder (its basis is kept).")],
     model_b: Annotated[Path, typer.Argument(help="Model folder to permute into A's basis.")],
     out: OutOpt,
     opts: AlignOptions,
-    seed: SeedOpt = 0,
-    device: DeviceOpt = "auto",
-    force: ForceOpt = False,
-    json_out: JsonOpt = False,
-    quiet: QuietOpt = False,
-    trust_remote_code: TrustCodeOpt = False,
+    run: RunFlags = None,
 ) -> None:
     """Permute B's units (residual stream, heads, MLP units) into A's basis; OUT computes the same function as B."""
     from ..merge.align.folders import align
 
-    with remote_code(trust_remote_code), progress_bars(not quiet) as progress:
-        report = align(model_a, model_b, out, opts, seed=seed, device=device, force=force, progress=progress)
-    if json_out:
+    with remote_code(run.trust_remote_code), progress_bars(not run.quiet) as progress:
+        report = align(model_a, model_b, out, opts, seed=run.seed, device=run.device, force=run.force,
+                       progress=progress)
+    if run.json_out:
         print_json(report)
     else:
         console.print(f"aligned {model_b} onto {model_a} ({report['method']} matching): {report['units_moved']} of "
@@ -39,25 +36,22 @@ def align_cmd(
 
 
 @app.command("pleas")
+@with_options(RunFlags, "run", only=('seed', 'device', 'force', 'json_out', 'quiet', 'trust_remote_code'))
 @with_options(PleasOptions)
 def pleas_cmd(
     model_a: Annotated[Path, typer.Argument(help="First model folder (Llama/Mistral/Qwen2).")],
     model_b: Annotated[Path, typer.Argument(help="Second model folder, same architecture, any base.")],
     out: OutOpt,
     opts: PleasOptions,
-    seed: SeedOpt = 0,
-    device: DeviceOpt = "auto",
-    force: ForceOpt = False,
-    json_out: JsonOpt = False,
-    quiet: QuietOpt = False,
-    trust_remote_code: TrustCodeOpt = False,
+    run: RunFlags = None,
 ) -> None:
     """PLeaS: merge two models (possibly from different bases) into one of --width× size."""
     from ..merge.pleas import pleas_merge
 
-    with remote_code(trust_remote_code), progress_bars(not quiet) as progress:
-        report = pleas_merge(model_a, model_b, opts, out=out, seed=seed, device=device, force=force, progress=progress)
-    if json_out:
+    with remote_code(run.trust_remote_code), progress_bars(not run.quiet) as progress:
+        report = pleas_merge(model_a, model_b, opts, out=out, seed=run.seed, device=run.device, force=run.force,
+                             progress=progress)
+    if run.json_out:
         print_json(report)
     else:
         console.print(f"PLeaS {report['width']}x: intermediate_size {report['intermediate_size']}, "

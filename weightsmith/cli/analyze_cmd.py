@@ -9,22 +9,19 @@ from rich.table import Table
 from ..stage_options import AnalyzeOptions
 from ..checkpoint.trust import remote_code
 from . import app
-from .common import DeviceOpt, ForceOpt, JsonOpt, QuietOpt, TrustCodeOpt, console, print_json, progress_bars
+from .common import RunFlags, console, print_json, progress_bars
 from .options import with_options
 
 
 @app.command("analyze")
+@with_options(RunFlags, "run", only=('device', 'force', 'json_out', 'quiet', 'trust_remote_code'))
 @with_options(AnalyzeOptions)
 def analyze_cmd(
     model: Annotated[Path, typer.Argument(help="Model folder (causal LM or encoder).")],
     opts: AnalyzeOptions,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="New folder for analysis.json and heatmap.png "
                                                                 "(written atomically).")] = None,
-    device: DeviceOpt = "auto",
-    force: ForceOpt = False,
-    json_out: JsonOpt = False,
-    quiet: QuietOpt = False,
-    trust_remote_code: TrustCodeOpt = False,
+    run: RunFlags = None,
 ) -> None:
     """Per-block angular distance (l to l+n), Block Influence and linear CKA from one forward pass.
 
@@ -33,11 +30,11 @@ def analyze_cmd(
     """
     from ..fold.analyze import analyze
 
-    with remote_code(trust_remote_code), progress_bars(not quiet and not json_out) as progress:
+    with remote_code(run.trust_remote_code), progress_bars(not run.quiet and not run.json_out) as progress:
         rep = analyze(model, opts.data, out, remove=opts.remove, seq=opts.seq_len, max_tokens=opts.max_tokens,
-                      batch_size=opts.batch_size, device=device, tokenizer=opts.tokenizer, force=force,
+                      batch_size=opts.batch_size, device=run.device, tokenizer=opts.tokenizer, force=run.force,
                       progress=progress)
-    if json_out:
+    if run.json_out:
         print_json(rep)
         return
     n = rep["num_blocks"]

@@ -11,19 +11,39 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from ..options import Options, option
+from .options import annotated
+
 err_console = Console(stderr=True)
 console = Console()
 
-DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
-SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed; same seed, same output.")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout instead of a table.")]
-ForceOpt = Annotated[bool, typer.Option("--force", help="Replace OUT if it already exists.")]
+
+
+class RunFlags(Options):
+    """The flags the commands share, declared once: a command takes those it names
+    (``@with_options(RunFlags, "run", only=(...))``), or one as a Typer annotation (``DeviceOpt``)."""
+    device: str = option("auto", pipeline=False, help="auto, cpu, cuda or cuda:N.")
+    seed: int = option(0, pipeline=False, help="Random seed; same seed, same output.")
+    force: bool = option(False, pipeline=False, help="Replace OUT if it already exists.")
+    json_out: bool = option(False, pipeline=False, flag="--json", help="Print machine-readable JSON on stdout instead "
+                                                                       "of a table.")
+    quiet: bool = option(False, pipeline=False, short="-q", help="No progress bars.")
+    allow_pickle: bool = option(False, pipeline=False, help="Allow loading .bin (pickle) weights; runs code from the "
+                                                            "file.")
+    trust_remote_code: bool = option(False, pipeline=False, help="Allow a folder's own Python code (config auto_map) "
+                                                                 "to run; refused otherwise.")
+
+
+DeviceOpt = annotated(RunFlags, "device")
+SeedOpt = annotated(RunFlags, "seed")
+JsonOpt = annotated(RunFlags, "json_out")
+ForceOpt = annotated(RunFlags, "force")
+PickleOpt = annotated(RunFlags, "allow_pickle")
+TrustCodeOpt = annotated(RunFlags, "trust_remote_code")
+QuietOpt = annotated(RunFlags, "quiet")
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder (written atomically).")]
 ShardOpt = Annotated[str, typer.Option("--out-shard-size", help="Largest output shard, e.g. 2GB or 500MB.")]
 DtypeOpt = Annotated[str | None, typer.Option("--dtype", help="Output dtype: float32, bfloat16 or float16 (default: as input).")]
-PickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Allow loading .bin (pickle) weights; runs code from the file.")]
-TrustCodeOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow a folder's own Python code (config auto_map) to run; refused otherwise.")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 
 
 @contextmanager

@@ -9,8 +9,7 @@ from rich.table import Table
 from ..stage_options import RpsOptions
 from ..checkpoint.trust import remote_code
 from . import app
-from .common import (DeviceOpt, ForceOpt, JsonOpt, OutOpt, QuietOpt, SeedOpt, TrustCodeOpt, console, human_bytes, human_count,
-                     print_json, progress_bars)
+from .common import OutOpt, RunFlags, console, human_bytes, human_count, print_json, progress_bars
 from .options import with_options
 
 compress_app = typer.Typer(help="Compress a checkpoint under a parameter budget.", no_args_is_help=True)
@@ -18,17 +17,13 @@ app.add_typer(compress_app, name="compress")
 
 
 @compress_app.command("rps")
+@with_options(RunFlags, "run", only=('device', 'seed', 'force', 'json_out', 'quiet', 'trust_remote_code'))
 @with_options(RpsOptions)
 def rps_cmd(
     model: Annotated[Path | None, typer.Argument(help="Trained model folder to project into hashed memory.")] = None,
     out: OutOpt = ...,
     opts: RpsOptions = None,
-    device: DeviceOpt = "auto",
-    seed: SeedOpt = 0,
-    force: ForceOpt = False,
-    json_out: JsonOpt = False,
-    quiet: QuietOpt = False,
-    trust_remote_code: TrustCodeOpt = False,
+    run: RunFlags = None,
 ) -> None:
     """Randomized parameter sharing (ROAST / STABLE-RPS): every compressed weight is read from one hashed memory."""
     from ..compressor.rps import compress_rps, train_rps
@@ -38,12 +33,13 @@ def rps_cmd(
         raise WeightsmithError("give either MODEL (project a trained model) or --from-config CONFIG (train from scratch)")
     if opts.from_config is not None and not opts.train:
         raise WeightsmithError("--from-config builds an untrained model; add --train --data TEXT")
-    with remote_code(trust_remote_code), progress_bars(not quiet) as progress:
+    with remote_code(run.trust_remote_code), progress_bars(not run.quiet) as progress:
+        common = {"device": run.device, "seed": run.seed, "force": run.force, "progress": progress}
         if model is not None:
-            info = compress_rps(model, out, opts, device=device, seed=seed, force=force, progress=progress)
+            info = compress_rps(model, out, opts, **common)
         else:
-            info = train_rps(opts.from_config, out, opts, device=device, seed=seed, force=force, progress=progress)
-    if json_out:
+            info = train_rps(opts.from_config, out, opts, **common)
+    if run.json_out:
         print_json(info)
         return
     table = Table("output", "mapping", "budget", "slots", "compressed params", "stored params", "resident")

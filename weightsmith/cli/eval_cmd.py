@@ -9,28 +9,24 @@ from rich.table import Table
 from ..stage_options import EvalOptions
 from ..checkpoint.trust import remote_code
 from . import app
-from .common import (DeviceOpt, JsonOpt, PickleOpt, QuietOpt, TrustCodeOpt, console, human_bytes, human_count, print_json,
-                     progress_bars, short_name)
+from .common import RunFlags, console, human_bytes, human_count, print_json, progress_bars, short_name
 from .options import with_options
 
 
 @app.command("eval")
+@with_options(RunFlags, "run", only=("device", "json_out", "allow_pickle", "quiet", "trust_remote_code"))
 @with_options(EvalOptions)
 def eval_cmd(
     models: Annotated[list[Path], typer.Argument(help="One or more model folders, compared side by side.")],
     opts: EvalOptions,
-    device: DeviceOpt = "auto",
-    json_out: JsonOpt = False,
-    allow_pickle: PickleOpt = False,
-    quiet: QuietOpt = False,
-    trust_remote_code: TrustCodeOpt = False,
+    run: RunFlags = None,
 ) -> None:
     """Perplexity, accuracy, parameters, size and tokens/s of model folders, in one table."""
     from ..eval import evaluate
 
-    with remote_code(trust_remote_code), progress_bars(not quiet) as progress:
-        rows = evaluate(models, opts, device=device, allow_pickle=allow_pickle, progress=progress)
-    if json_out:
+    with remote_code(run.trust_remote_code), progress_bars(not run.quiet) as progress:
+        rows = evaluate(models, opts, device=run.device, allow_pickle=run.allow_pickle, progress=progress)
+    if run.json_out:
         print_json([r.to_dict() for r in rows])
         return
     data, labelled = opts.data, opts.labelled

@@ -8,8 +8,7 @@ import typer
 from . import app
 from ..checkpoint.trust import remote_code
 from ..stage_options import FoldOptions
-from .common import (DeviceOpt, ForceOpt, JsonOpt, OutOpt, QuietOpt, SeedOpt, TrustCodeOpt, console, print_json,
-                     progress_bars)
+from .common import OutOpt, RunFlags, console, print_json, progress_bars
 from .options import with_options
 
 
@@ -28,17 +27,13 @@ def relaunch_cpu_ranks() -> None:
 
 
 @app.command("fold")
+@with_options(RunFlags, "run", only=('seed', 'device', 'force', 'json_out', 'quiet', 'trust_remote_code'))
 @with_options(FoldOptions)
 def fold_cmd(
     model: Annotated[Path, typer.Argument(help="Plain model folder (causal LM or encoder).")],
     out: OutOpt,
     opts: FoldOptions,
-    seed: SeedOpt = 0,
-    device: DeviceOpt = "auto",
-    force: ForceOpt = False,
-    json_out: JsonOpt = False,
-    quiet: QuietOpt = False,
-    trust_remote_code: TrustCodeOpt = False,
+    run: RunFlags = None,
 ) -> None:
     """FoldGPT: remove the least important blocks, share weights within groups of adjacent kept blocks, heal.
 
@@ -51,11 +46,11 @@ def fold_cmd(
     from ..fold.stage import fold
 
     relaunch_cpu_ranks()
-    with remote_code(trust_remote_code), progress_bars(not quiet and not json_out) as progress:
-        res = fold(model, out, opts, seed=seed, device=device, force=force, progress=progress)
+    with remote_code(run.trust_remote_code), progress_bars(not run.quiet and not run.json_out) as progress:
+        res = fold(model, out, opts, seed=run.seed, device=run.device, force=run.force, progress=progress)
     if res.get("rank", 0) != 0:  # under accelerate launch only rank 0 reports
         return
-    if json_out:
+    if run.json_out:
         print_json(res)
         return
     console.print(f"{opts.importance}: scores {res['scores']}")

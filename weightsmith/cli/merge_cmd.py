@@ -14,7 +14,7 @@ from . import app
 from ..errors import OptionError, WeightsmithError
 from ..options import Options, option
 from ..stage_options import MergeOptions
-from .common import DeviceOpt, ForceOpt, JsonOpt, QuietOpt, SeedOpt, console, print_json, progress_bars
+from .common import RunFlags, console, print_json, progress_bars
 from .options import flag, spelled, with_options
 
 HELP_HEAD = """Merge checkpoints into one, streaming one tensor at a time.
@@ -182,6 +182,7 @@ class MergeFlags(Options):
         return None
 
 
+@with_options(RunFlags, "run", only=("device", "seed", "force", "json_out", "quiet"))
 @with_options(MergeOptions, "opts")
 @with_options(MergeFlags, "flags")
 def merge_cmd(
@@ -191,32 +192,28 @@ def merge_cmd(
     list_methods_: Annotated[bool, typer.Option("--list-methods", help="List the merge methods and their parameters, then exit.")] = False,
     flags: MergeFlags = None,
     opts: MergeOptions = None,
-    device: DeviceOpt = "auto",
-    seed: SeedOpt = 0,
-    force: ForceOpt = False,
-    json_out: JsonOpt = False,
-    quiet: QuietOpt = False,
+    run: RunFlags = None,
     **refused,
 ) -> None:
     from ..merge import merge
 
     if list_methods_:
-        list_methods(json_out)
+        list_methods(run.json_out)
         return
     out = _output(out, out_pos)
-    device = _device(device, flags.cuda)
-    seed = seed if flags.random_seed is None else flags.random_seed
+    device = _device(run.device, flags.cuda)
+    seed = run.seed if flags.random_seed is None else flags.random_seed
     if flags.num_threads is not None:
         import torch
 
         torch.set_num_threads(flags.num_threads)
     r = _recipe(recipe, flags)
     try:
-        with progress_bars(not quiet) as progress:
-            result = merge(r, out, opts, device=device, seed=seed, force=force, progress=progress)
+        with progress_bars(not run.quiet) as progress:
+            result = merge(r, out, opts, device=device, seed=seed, force=run.force, progress=progress)
     except OptionError as exc:
         raise _flag_wording(exc, flags, recipe is not None) from None
-    if json_out:
+    if run.json_out:
         print_json(result)
         return
     _print(result, out)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Annotated, Any
 
 import typer
@@ -39,20 +39,27 @@ def _metavar(spec: OptionSpec) -> str | None:
     return text if text and len(text) <= 24 else None  # a long list reads better in the help text
 
 
-def option_parameters(cls: type[Options]) -> list[inspect.Parameter]:
-    """One keyword-only parameter per CLI option of ``cls``, annotated for Typer."""
-    hints = cls.hints()
+def option_parameters(cls: type[Options], only: Sequence[str] | None = None) -> list[inspect.Parameter]:
+    """One keyword-only parameter per CLI option of ``cls`` (those named in ``only``, in its order, when given),
+    annotated for Typer."""
+    fields = cls.__dataclass_fields__
     params = []
-    for f in cls.__dataclass_fields__.values():
-        spec = f.metadata.get("option")
+    for name in only if only is not None else list(fields):
+        spec = fields[name].metadata.get("option")
         if spec is None or not spec.cli:
             continue
-        required = f.name in cls.required()
-        default = ... if required else f.default
-        info = typer.Option(*_decls(f.name, spec, hints[f.name], default), help=spec.help, metavar=_metavar(spec))
-        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default,
-                                        annotation=Annotated[hints[f.name], info]))
+        default = ... if name in cls.required() else fields[name].default
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                                        annotation=annotated(cls, name)))
     return params
+
+
+def annotated(cls: type[Options], name: str) -> Any:
+    """Option ``name`` of ``cls`` as a Typer annotation (``Annotated[type, typer.Option(...)]``)."""
+    f = cls.__dataclass_fields__[name]
+    spec, kind = f.metadata["option"], cls.hints()[name]
+    default = ... if name in cls.required() else f.default
+    return Annotated[kind, typer.Option(*_decls(name, spec, kind, default), help=spec.help, metavar=_metavar(spec))]
 
 
 def spelled(param: str, cls: type[Options] | None = None) -> str:
@@ -66,11 +73,13 @@ def cli_wording(exc: OptionError, cls: type[Options] | None = None) -> Weightsmi
     return WeightsmithError(exc.render(lambda p: spelled(p, cls)))
 
 
-def with_options(cls: type[Options], param: str = "opts") -> Callable[[Callable], Callable]:
-    """Replace the command's ``param`` parameter by ``cls``'s flags; the command gets the built object."""
+def with_options(cls: type[Options], param: str = "opts", only: Sequence[str] | None = None
+                 ) -> Callable[[Callable], Callable]:
+    """Replace the command's ``param`` parameter by ``cls``'s flags (those in ``only``, when given); the command
+    gets the built object."""
     def decorate(fn: Callable) -> Callable:
         sig = inspect.signature(fn, eval_str=True)
-        generated = option_parameters(cls)
+        generated = option_parameters(cls, only)
         names = [p.name for p in generated]
         params: list[inspect.Parameter] = []
         for p in sig.parameters.values():

@@ -32,6 +32,24 @@ def refuse_unknown(keys, known, where: str) -> None:
             raise WeightsmithError(f"{where}: unknown key {key!r}{hint}; known: {', '.join(sorted(known))}")
 
 
+def model_entry(entry, known, where: str, needs: str) -> dict:
+    """A list entry of a recipe that names a model: a mapping holding 'model' and only ``known`` keys (``needs``
+    says what an entry must hold)."""
+    if isinstance(entry, dict):
+        refuse_unknown(entry, known, where)
+    if not isinstance(entry, dict) or "model" not in entry:
+        raise WeightsmithError(f"{where}: {needs}")
+    return entry
+
+
+def parameters_of(entry: dict, where: str) -> dict:
+    """An entry's ``parameters`` mapping (empty when absent)."""
+    params = entry.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise WeightsmithError(f"{where}: 'parameters' must be a mapping")
+    return dict(params)
+
+
 @dataclass
 class ModelEntry:
     path: str
@@ -114,15 +132,8 @@ def parse_recipe(text: str, source: str = "recipe") -> Recipe:
     models = []
     for i, m in enumerate(raw_models):
         where = f"{source}: models[{i}]"
-        if not isinstance(m, dict) or "model" not in m:
-            if isinstance(m, dict):
-                refuse_unknown(m, MODEL_KEYS, where)
-            raise WeightsmithError(f"{where}: each entry needs 'model: PATH'")
-        refuse_unknown(m, MODEL_KEYS, where)
-        params = m.get("parameters") or {}
-        if not isinstance(params, dict):
-            raise WeightsmithError(f"{where}: 'parameters' must be a mapping")
-        models.append(ModelEntry(_model_ref(m["model"], where), dict(params)))
+        m = model_entry(m, MODEL_KEYS, where, "each entry needs 'model: PATH'")
+        models.append(ModelEntry(_model_ref(m["model"], where), parameters_of(m, where)))
     base = data.get("base_model")
     params = data.get("parameters") or {}
     if not isinstance(params, dict):

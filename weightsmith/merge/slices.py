@@ -18,7 +18,7 @@ import torch
 from ..checkpoint import Checkpoint, detect_layout
 from ..checkpoint.layout import num_layers
 from ..errors import MissingOption, WeightsmithError, needs_option
-from .recipe import evaluate_setting, refuse_unknown
+from .recipe import evaluate_setting, model_entry, parameters_of, refuse_unknown
 
 SLICE_KEYS = {"sources", "base_model", "parameters"}
 SOURCE_KEYS = {"model", "layer_range", "parameters"}
@@ -62,28 +62,20 @@ def parse_slices(raw, source: str, model_ref) -> list[Slice]:
         sources = []
         for j, src in enumerate(raw_sources):
             at = f"{where}: sources[{j}]"
-            if not isinstance(src, dict) or "model" not in src:
-                raise WeightsmithError(f"{at}: each source needs 'model: PATH' and 'layer_range: [start, end]'")
-            refuse_unknown(src, SOURCE_KEYS, at)
+            src = model_entry(src, SOURCE_KEYS, at, "each source needs 'model: PATH' and 'layer_range: [start, end]'")
             rng = src.get("layer_range")
             if (not isinstance(rng, list) or len(rng) != 2 or not all(isinstance(x, int) and not isinstance(x, bool)
                                                                         for x in rng) or not 0 <= rng[0] < rng[1]):
                 raise WeightsmithError(f"{at}: 'layer_range' must be [start, end] with 0 <= start < end, got {rng!r}")
-            sources.append(SliceSource(model_ref(src["model"], at), (rng[0], rng[1]), _mapping(src, at)))
+            sources.append(SliceSource(model_ref(src["model"], at), (rng[0], rng[1]), parameters_of(src, at)))
         lengths = {x.layers[1] - x.layers[0] for x in sources}
         if len(lengths) > 1:
             raise WeightsmithError(f"{where}: every source of a slice must span the same number of layers, got "
                                    f"{sorted(lengths)}")
         base = model_ref(s["base_model"], f"{where}: base_model") if s.get("base_model") is not None else None
-        out.append(Slice(sources, base, _mapping(s, where)))
+        out.append(Slice(sources, base, parameters_of(s, where)))
     return out
 
-
-def _mapping(d: dict, where: str) -> dict:
-    params = d.get("parameters") or {}
-    if not isinstance(params, dict):
-        raise WeightsmithError(f"{where}: 'parameters' must be a mapping")
-    return dict(params)
 
 
 def first_setting(scopes: list[dict], key: str, tensor: str, t: float, where: str):
@@ -357,5 +349,5 @@ def single_module(data: dict, source: str) -> dict:
         raise WeightsmithError(f"{where}: give exactly one of 'slices' or 'models'")
     out = {k: v for k, v in data.items() if k != "modules"}
     out.update({k: module[k] for k in ("slices", "models") if k in module})
-    out["parameters"] = {**(data.get("parameters") or {}), **_mapping(module, where)}
+    out["parameters"] = {**(data.get("parameters") or {}), **parameters_of(module, where)}
     return out
