@@ -17,7 +17,7 @@ from weightsmith.merge.recipe import ModelEntry
 
 BASE = ["merge", "--method", "ties", "--base", "B", "--model", "M1", "--model", "M2", "--out", "O"]
 DEFAULTS = dict(device="auto", dtype=None, out_shard_size="5B", seed=0, allow_crimes=False, force=False,
-                copy_tokenizer=True, model_card=True)
+                copy_tokenizer=True, model_card=True, allow_nonfinite=False)
 
 
 @pytest.fixture
@@ -71,6 +71,11 @@ CASES = [
     (["--no-copy-tokenizer"], ("kw", "copy_tokenizer", False)),
     (["--copy-tokenizer"], ("kw", "copy_tokenizer", True)),
     (["--no-write-model-card"], ("kw", "model_card", False)),
+    (["--write-model-card"], ("kw", "model_card", True)),
+    (["--allow-nonfinite"], ("kw", "allow_nonfinite", True)),
+    (["--no-allow-crimes"], ("kw", "allow_crimes", False)),
+    (["--no-filter-wise"], ("param", "filter_wise", False)),
+    (["-j", "1"], ("kw", "device", "auto")),
     (["--lazy-unpickle"], ("kw", "device", "auto")),
     (["--unsafe-truncate-embeddings"], ("kw", "device", "auto")),
     (["--async-write"], ("kw", "device", "auto")),

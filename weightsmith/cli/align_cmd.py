@@ -13,7 +13,7 @@ from .options import with_options
 
 
 @app.command("align")
-@with_options(RunFlags, "run", only=('seed', 'device', 'force', 'json_out', 'quiet', 'trust_remote_code'))
+@with_options(RunFlags, "run", only=("seed", "device", "force", "json_out", "quiet", "trust_remote_code"))
 @with_options(AlignOptions)
 def align_cmd(
     model_a: Annotated[Path, typer.Argument(help="Reference model folder (its basis is kept).")],
@@ -36,7 +36,7 @@ def align_cmd(
 
 
 @app.command("pleas")
-@with_options(RunFlags, "run", only=('seed', 'device', 'force', 'json_out', 'quiet', 'trust_remote_code'))
+@with_options(RunFlags, "run", only=("seed", "device", "force", "json_out", "quiet", "trust_remote_code"))
 @with_options(PleasOptions)
 def pleas_cmd(
     model_a: Annotated[Path, typer.Argument(help="First model folder (Llama/Mistral/Qwen2).")],

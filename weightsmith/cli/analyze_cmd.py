@@ -14,7 +14,7 @@ from .options import with_options
 
 
 @app.command("analyze")
-@with_options(RunFlags, "run", only=('device', 'force', 'json_out', 'quiet', 'trust_remote_code'))
+@with_options(RunFlags, "run", only=("device", "force", "json_out", "quiet", "trust_remote_code"))
 @with_options(AnalyzeOptions)
 def analyze_cmd(
     model: Annotated[Path, typer.Argument(help="Model folder (causal LM or encoder).")],

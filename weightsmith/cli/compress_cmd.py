@@ -17,7 +17,7 @@ app.add_typer(compress_app, name="compress")
 
 
 @compress_app.command("rps")
-@with_options(RunFlags, "run", only=('device', 'seed', 'force', 'json_out', 'quiet', 'trust_remote_code'))
+@with_options(RunFlags, "run", only=("device", "seed", "force", "json_out", "quiet", "trust_remote_code"))
 @with_options(RpsOptions)
 def rps_cmd(
     model: Annotated[Path | None, typer.Argument(help="Trained model folder to project into hashed memory.")] = None,

@@ -27,7 +27,7 @@ def relaunch_cpu_ranks() -> None:
 
 
 @app.command("fold")
-@with_options(RunFlags, "run", only=('seed', 'device', 'force', 'json_out', 'quiet', 'trust_remote_code'))
+@with_options(RunFlags, "run", only=("seed", "device", "force", "json_out", "quiet", "trust_remote_code"))
 @with_options(FoldOptions)
 def fold_cmd(
     model: Annotated[Path, typer.Argument(help="Plain model folder (causal LM or encoder).")],
