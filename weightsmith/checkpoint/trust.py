@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
 
-from ..errors import WeightsmithError, needs_option
+from ..errors import needs_option
 from .reader import Checkpoint, check_side_files, read_json
 
 # Files in which transformers looks for ``auto_map`` (custom classes imported from the folder's .py files).
