@@ -91,15 +91,7 @@ def heal(student: torch.nn.Module, teacher: torch.nn.Module, windows: torch.Tens
         raise OptionError("batch_size", f"{batch_size} must be a multiple of the {ranks.world} processes")
     _freeze(teacher)
     model = student
-    if lora_rank:
-        params = add_lora(student, lora_rank)
-    else:
-        if blocks_only:  # embeddings and head stay as the original trained them: less to overfit on small calibration sets
-            for p in student.parameters():
-                p.requires_grad_(False)
-            for p in block_list(student).parameters():
-                p.requires_grad_(True)
-        params = [p for p in student.parameters() if p.requires_grad]
+    params = _trainable(student, lora_rank, blocks_only)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     student, opt = accelerator.prepare(student, opt)
     teacher = teacher.to(accelerator.device)
@@ -131,6 +123,18 @@ def heal(student: torch.nn.Module, teacher: torch.nn.Module, windows: torch.Tens
     for p in model.parameters():
         p.requires_grad_(True)
     return _heal_report(steps, lora_rank, losses, grad_norms, first_windows, ranks)
+
+
+def _trainable(student: torch.nn.Module, lora_rank: int, blocks_only: bool) -> list[torch.nn.Parameter]:
+    """The parameters the heal trains: LoRA adapters, or the blocks' weights (all weights without ``blocks_only``)."""
+    if lora_rank:
+        return add_lora(student, lora_rank)
+    if blocks_only:  # embeddings and head stay as the original trained them: less to overfit on small calibration sets
+        for p in student.parameters():
+            p.requires_grad_(False)
+        for p in block_list(student).parameters():
+            p.requires_grad_(True)
+    return [p for p in student.parameters() if p.requires_grad]
 
 
 def _freeze(teacher: torch.nn.Module) -> None:
