@@ -286,3 +286,19 @@ def test_a_bad_value_in_a_recipe_file_keeps_the_recipe_wording_on_the_cli(tiny_l
     assert "--" not in cli
     fixed = _cli_error(["merge", recipe, "-o", tmp_path / "out", "--density", "2"])  # the flag overrides the file
     assert fixed == "--density: 2.0 is out of range; it must be in [0, 1]"
+
+
+def test_a_fix_naming_an_option_is_worded_by_each_reader_and_braces_in_the_problem_survive():
+    from weightsmith.cli.options import flag
+    from weightsmith.errors import needs_option, reworded
+
+    err = needs_option("out{1} already exists", "; {0} replaces it", "force")
+    assert str(err) == "out{1} already exists; force replaces it"
+    assert err.render(flag) == "out{1} already exists; --force replaces it"
+    # inside a longer message (a pipeline's stage failure), the option still waits for its reader
+    outer = reworded(err, prefix="stage '{s}' failed: ")
+    assert isinstance(outer, OptionError) and outer.render(flag) == "stage '{s}' failed: out{1} already exists; " \
+                                                                   "--force replaces it"
+    # a reader that words every option leaves a plain message
+    done = reworded(MissingOption("data", "needed when {0} > 0", ("steps",)), lambda p: f"params.{p}")
+    assert type(done) is WeightsmithError and str(done) == "params.data: needed when params.steps > 0"
