@@ -483,6 +483,211 @@ EXPORT int ws_sort_ties(float *v, int32_t *ix, int64_t n, int desc, float t1, fl
     return introsort_ties(v, ix, 0, n, 2 * lg, desc, t1, t2);
 }
 
+/* ---- Half precision under compat: mergekit (bfloat16 = 1, float16 = 2) ----
+ *
+ * mergekit runs its arithmetic in the recipe's dtype; torch does each bfloat16/float16 op on CPU by widening
+ * to float, computing in float and rounding the result to the dtype (round to nearest even), and it adds
+ * the rows of a small reduction (fewer than 16) in float one after another from +0, rounding once. The
+ * kernels below do the same float operations and round at the same places, so they give mergekit's bits.
+ * Values are carried as floats that the dtype represents exactly. */
+
+static inline float bits_float(uint32_t u)
+{
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline uint32_t float_bits(float f)
+{
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    return u;
+}
+
+static inline float half_float(uint16_t h, int dtype)
+{
+    if (dtype == 1)
+        return bits_float((uint32_t)h << 16);
+    /* float16: move the exponent and mantissa into place and rescale by 2^112 (exact, subnormals too) */
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, rest = h & 0x7FFFu;
+    const float scaled = bits_float(rest << 13) * 0x1p112f;
+    const uint32_t special = 0x7F800000u | ((rest & 0x3FFu) << 13); /* inf or NaN */
+    return bits_float(sign | (rest >= 0x7C00u ? special : float_bits(scaled)));
+}
+
+/* f rounded to the dtype, nearest even, as its 16 bits. */
+static inline uint16_t float_half(float f, int dtype)
+{
+    const uint32_t u = float_bits(f);
+    if (dtype == 1) {
+        const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+        return (uint16_t)((u & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : rounded);
+    }
+    const uint32_t sign = (u >> 16) & 0x8000u, mag = u & 0x7FFFFFFFu;
+    /* below 2^-14 the result is subnormal: adding 0.5 lines the float's rounding up with the half's */
+    const uint32_t small = float_bits(bits_float(mag) + 0.5f) - 0x3F000000u;
+    const uint32_t normal = (mag + 0xC8000FFFu + ((mag >> 13) & 1u)) >> 13;
+    const uint32_t big = mag > 0x7F800000u ? 0x7E00u : 0x7C00u;
+    const uint32_t r = mag >= 0x47800000u ? big : (mag < 0x38800000u ? small : normal);
+    return (uint16_t)(sign | r);
+}
+
+static inline float round_half(float f, int dtype) { return half_float(float_half(f, dtype), dtype); }
+
+/* The histogram of |δ| = |round(x − base)| over [lo, hi) by its 15 magnitude bits, added into counts[32768]
+ * (non-finite magnitudes land in the top bins); keys[j], when given, receives |δ_j| as a float. */
+static inline __attribute__((always_inline)) void half_keys_body(const uint16_t *x, const uint16_t *base, int dtype,
+                                                                int64_t lo, int64_t hi, float *keys, int64_t *counts)
+{
+    uint16_t bins[BLOCK];
+    for (int64_t s = lo; s < hi; s += BLOCK) {
+        const int64_t n = (hi < s + BLOCK ? hi : s + BLOCK) - s;
+        for (int64_t j = 0; j < n; j++)
+            bins[j] = float_half(half_float(x[s + j], dtype) - half_float(base[s + j], dtype), dtype) & 0x7FFFu;
+        if (keys != NULL)
+            for (int64_t j = 0; j < n; j++)
+                keys[s + j] = half_float(bins[j], dtype);
+        for (int64_t j = 0; j < n; j++)
+            counts[bins[j]]++;
+    }
+}
+
+EXPORT HOT void ws_half_keys(const uint16_t *x, const uint16_t *base, int dtype, int64_t lo, int64_t hi, float *keys,
+                             int64_t *counts)
+{
+    if (dtype == 1)
+        half_keys_body(x, base, 1, lo, hi, keys, counts);
+    else
+        half_keys_body(x, base, 2, lo, hi, keys, counts);
+}
+
+/* Input i's trimmed δ over one block into d (not yet weighted): kept where lower[i] < |δ| < upper[i], or
+ * where |δ| equals one of them and the position is listed (listed: ascending flat indices, *cursor the
+ * first not yet passed); elsewhere δ·0 (a signed zero, as mergekit's δ·mask). */
+static inline __attribute__((always_inline)) void half_trim_block(const uint16_t *x, const float *b, int dtype,
+                                                                 int64_t s, int64_t n, float lower, float upper,
+                                                                 const int64_t *listed, int64_t count,
+                                                                 int64_t *cursor, float *restrict d)
+{
+    int32_t ties = 0;
+    for (int64_t j = 0; j < n; j++) {
+        const float v = round_half(half_float(x[j], dtype) - b[j], dtype);
+        const float m = fabsf(v);
+        ties += (m == lower) | (m == upper);
+        d[j] = (m > lower) & (m < upper) ? v : v * 0.0f;
+    }
+    if (ties == 0 || count == 0)
+        return;
+    int64_t c = *cursor;
+    for (int64_t j = 0; j < n && c < count; j++) {
+        while (c < count && listed[c] < s + j)
+            c++;
+        if (c < count && listed[c] == s + j)
+            d[j] = round_half(half_float(x[j], dtype) - b[j], dtype);
+    }
+    *cursor = c;
+}
+
+/* Elected-sign disjoint mean (consensus) or weighted sum of one block's weighted deltas, then ÷, ×λ and
+ * + base, each rounded as mergekit's ops; written to o in the dtype. */
+static inline __attribute__((always_inline)) void half_elect_block(const float *d, int64_t k, int64_t n,
+                                                                  const float *weight, int dtype, int consensus,
+                                                                  int normalize, float divisor_all, float lambda,
+                                                                  const float *total, float *restrict agree,
+                                                                  float *restrict divisor, const float *b,
+                                                                  uint16_t *o)
+{
+    memset(agree, 0, (size_t)n * sizeof(float));
+    memset(divisor, 0, (size_t)n * sizeof(float));
+    if (consensus) {
+        for (int64_t i = 0; i < k; i++) {
+            const float *di = d + i * BLOCK;
+            const float w = weight[i];
+            for (int64_t j = 0; j < n; j++) {
+                const float sign = round_half(total[j], dtype) >= 0.0f ? 1.0f : -1.0f;
+                const int same = di[j] * sign > 0.0f;
+                agree[j] += same ? di[j] : 0.0f;
+                divisor[j] += same ? w : 0.0f;
+            }
+        }
+    }
+    for (int64_t j = 0; j < n; j++) {
+        float mixed = round_half(consensus ? agree[j] : total[j], dtype);
+        if (normalize) {
+            float by = divisor_all;
+            if (consensus) {
+                by = round_half(divisor[j], dtype);
+                by = by == 0.0f ? 1.0f : by;
+            }
+            mixed = round_half(mixed / by, dtype);
+        }
+        if (lambda != 1.0f)
+            mixed = round_half(mixed * lambda, dtype);
+        o[j] = float_half(b[j] + mixed, dtype);
+    }
+}
+
+static inline __attribute__((always_inline)) int half_mix_body(int64_t k, const uint16_t *const *xs,
+                                                              const uint16_t *base, uint16_t *out, int dtype,
+                                                              const float *lower, const float *upper,
+                                                              const int64_t *const *listed, const int64_t *counts,
+                                                              const int64_t *start, const float *weight,
+                                                              int consensus, int normalize, float divisor_all,
+                                                              float lambda, int64_t lo, int64_t hi)
+{
+    float *d = malloc((size_t)(k > 0 ? k : 1) * BLOCK * sizeof(float));
+    float *scratch = malloc(4 * BLOCK * sizeof(float));
+    int64_t *cursor = malloc((size_t)(k > 0 ? k : 1) * sizeof(int64_t));
+    if (d == NULL || scratch == NULL || cursor == NULL) {
+        free(d);
+        free(scratch);
+        free(cursor);
+        return -1;
+    }
+    float *total = scratch, *agree = scratch + BLOCK, *divisor = scratch + 2 * BLOCK, *b = scratch + 3 * BLOCK;
+    for (int64_t i = 0; i < k; i++)
+        cursor[i] = start[i];
+    for (int64_t s = lo; s < hi; s += BLOCK) {
+        const int64_t n = (hi < s + BLOCK ? hi : s + BLOCK) - s;
+        for (int64_t j = 0; j < n; j++) {
+            b[j] = half_float(base[s + j], dtype);
+            total[j] = 0.0f;
+        }
+        for (int64_t i = 0; i < k; i++) {
+            float *restrict di = d + i * BLOCK;
+            const float w = weight[i];
+            half_trim_block(xs[i] + s, b, dtype, s, n, lower[i], upper[i], listed[i], counts[i], &cursor[i], di);
+            for (int64_t j = 0; j < n; j++) {
+                di[j] = round_half(di[j] * w, dtype);
+                total[j] += di[j];
+            }
+        }
+        half_elect_block(d, k, n, weight, dtype, consensus, normalize, divisor_all, lambda, total, agree, divisor, b,
+                         out + s);
+    }
+    free(d);
+    free(scratch);
+    free(cursor);
+    return 0;
+}
+
+/* θ_base + λ·merge(trim(δ)) over [lo, hi) in bfloat16/float16 with mergekit's rounding: δᵢ = round(xᵢ − base)
+ * trimmed as half_trim_block, × wᵢ (weights given already rounded to the dtype), then TIES' elected sign
+ * and disjoint mean (consensus) or the plain sum, ÷ the kept weights' sum (0 → 1) or divisor_all when
+ * normalize, × λ, + base. out may be base itself. Returns 0, or −1 when out of memory. */
+EXPORT HOT int ws_half_mix(int64_t k, const uint16_t *const *xs, const uint16_t *base, uint16_t *out, int dtype,
+                           const float *lower, const float *upper, const int64_t *const *listed, const int64_t *counts,
+                           const int64_t *start, const float *weight, int consensus, int normalize, float divisor_all,
+                           float lambda, int64_t lo, int64_t hi)
+{
+    if (dtype == 1)
+        return half_mix_body(k, xs, base, out, 1, lower, upper, listed, counts, start, weight, consensus, normalize,
+                             divisor_all, lambda, lo, hi);
+    return half_mix_body(k, xs, base, out, 2, lower, upper, listed, counts, start, weight, consensus, normalize,
+                         divisor_all, lambda, lo, hi);
+}
+
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "_kernels",
     "weightsmith's native merge kernels; weightsmith.merge.kernels calls them through ctypes.", -1, NULL,

@@ -8,6 +8,8 @@ code stays as the fallback.
   ``sparsify.ties_fused``), with the same arithmetic as ``mix_range``.
 - ``sort_ties``: the order torch's unstable CPU sort gives equal keys, for the keys equal to one or two
   values, replayed without a full sort (mergekit's top-k keeps tied magnitudes in that order).
+- ``half_keys`` + ``half_mix``: the task-vector merges in bfloat16/float16 rounded op for op as mergekit's
+  torch arithmetic in that dtype (``compat_native``): a histogram of the trimmed magnitudes, then one pass.
 - ``bracket_range``: the counting pass of a top-k threshold search; ``nth_equal``: where a run of
   tied magnitudes is cut; ``magnitude_histogram``: the counting passes of a whole-model top-k threshold.
 
@@ -43,6 +45,9 @@ _ties_scan = _bind("ws_ties_scan", _I64, _I64, _P, _P, _P, _P, _P, _P, _INT, _F3
                    _P, _P, _I64)
 _sort_ties = _bind("ws_sort_ties", _INT, _P, _P, _I64, _INT, _F32, _F32)
 _ties_fixup = _bind("ws_ties_fixup", _INT, _I64, _P, _P, _P, _P, _P, _P, _INT, _F32, _INT, _P, _I64)
+_half_keys = _bind("ws_half_keys", None, _P, _P, _INT, _I64, _I64, _P, _P)
+_half_mix = _bind("ws_half_mix", _INT, _I64, _P, _P, _P, _INT, _P, _P, _P, _P, _P, _P, _INT, _INT, _F32, _F32, _I64, _I64)
+HALF_CODES = {"bfloat16": 1, "float16": 2}  # the dtype codes of the half-precision kernels
 
 
 def _ptr(a: np.ndarray, dtype, size: int | None = None, writable: bool = False) -> int:
@@ -160,3 +165,37 @@ def sort_ties(keys, descending: bool, values, owned: bool = False) -> list[np.nd
             v[ix] = v.copy()
         return None
     return [ix[v == x].astype(np.int64) for x in t[:len(values)]]
+
+
+def _half(a: np.ndarray, size: int, writable: bool = False) -> int:
+    """The address of a C-contiguous 16-bit array (bfloat16/float16 bits) of at least ``size`` elements."""
+    return _ptr(a, np.uint16, size, writable)
+
+
+def half_keys(x, base, dtype: str, lo: int, hi: int, keys, counts) -> None:
+    """Add into ``counts`` (32768 bins) the histogram of |round(x − base)|'s magnitude bits over [lo, hi) in
+    ``dtype``; ``keys`` (float32, or None) receives those magnitudes. Non-finite ones fall in the top bins."""
+    _range(lo, hi)
+    _half_keys(_half(x, hi), _half(base, hi), HALF_CODES[dtype], lo, hi,
+               None if keys is None else _ptr(keys, np.float32, hi, True), _ptr(counts, np.int64, 1 << 15, True))
+
+
+def half_mix(xs, base, out, dtype: str, lower, upper, listed, start, weight, consensus, normalize, divisor_all,
+             lambda_, lo, hi) -> None:
+    """out[j] over [lo, hi): θ_base + λ·merge(trim(δ)) rounded op for op in ``dtype`` as mergekit does. Input i
+    keeps δ where lower[i] < |δ| < upper[i], and where |δ| equals one of them at the ascending flat indices
+    ``listed[i]`` (from ``start[i]`` on). ``weight``: float32, already rounded to the dtype."""
+    _range(lo, hi)
+    k = len(xs)
+    if not (len(listed) == k and lower.size == upper.size == start.size == weight.size == k):
+        raise ValueError("kernels: half_mix arguments do not match the inputs")
+    lists = (ctypes.c_void_p * k)(*(_ptr(a, np.int64) if a.size else None for a in listed))
+    counts = np.array([a.size for a in listed], dtype=np.int64)
+    if np.any(start < 0) or np.any(start > counts):
+        raise ValueError("kernels: half_mix start out of range")
+    code = _half_mix(k, (ctypes.c_void_p * k)(*(_half(x, hi) for x in xs)), _half(base, hi), _half(out, hi, True),
+                     HALF_CODES[dtype], _ptr(lower, np.float32, k), _ptr(upper, np.float32, k), lists,
+                     counts.ctypes.data, _ptr(start, np.int64, k), _ptr(weight, np.float32, k), bool(consensus),
+                     bool(normalize), float(divisor_all), float(lambda_), lo, hi)
+    if code:
+        raise MemoryError("kernels: out of memory")

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ..errors import WeightsmithError
+from . import compat_native
 from . import reference as ref
 from .mixing import Cutoff, Source, mix
 from .registry import COMPAT, REGISTRY, Method, Param, PlanCheck, get_method, merge_method, resolve_globals
@@ -81,7 +82,7 @@ def task_vectors(tensors: list[torch.Tensor], base: torch.Tensor, weight: list[f
 
 
 @merge_method("task_arithmetic", title="Task Arithmetic", url="https://arxiv.org/abs/2212.04089",
-              params=(WEIGHT, normalize_param(False), LAMBDA, INT8_MASK), reference=ref.task_arithmetic, **TASK_VECTOR)
+              params=(WEIGHT, normalize_param(False), LAMBDA, INT8_MASK), reference=compat_native.task_arithmetic, **TASK_VECTOR)
 def task_arithmetic(tensors, base, weight, normalize=False, lambda_=1.0, inplace=False):
     """Task arithmetic (Ilharco et al. 2023): θ_base + λ Σ wᵢ δᵢ."""
     return task_vectors(tensors, base, weight, normalize=normalize, lambda_=lambda_, inplace=inplace)
@@ -129,7 +130,7 @@ def _whole_model_trim(jobs, stream, progress) -> None:
                       Param("trim", str, "model", choices=("model", "tensor"), mergekit="tensor",
                             help="top-density |delta| over each whole task vector (paper) or per tensor (mergekit)"),
                       TASK_COMPAT, INT8_MASK),
-              validate=_one_density_per_model, prepass=_whole_model_trim, reference=ref.ties, **TASK_VECTOR)
+              validate=_one_density_per_model, prepass=_whole_model_trim, reference=compat_native.ties, **TASK_VECTOR)
 def ties(tensors, base, weight, density, normalize=True, lambda_=1.0, rescale=None, compat=None, inplace=False,
          threshold=None, trim="tensor"):
     """TIES: trim each δᵢ to its top-density |δ|, elect signs, disjoint mean.
@@ -215,9 +216,9 @@ def _breadcrumbs_params(consensus: bool) -> tuple[Param, ...]:
 
 
 breadcrumbs = merge_method("breadcrumbs", title="Model Breadcrumbs", url="https://arxiv.org/abs/2312.06795",
-                           params=_breadcrumbs_params(False), reference=ref.breadcrumbs, **TASK_VECTOR)(_breadcrumbs(False))
+                           params=_breadcrumbs_params(False), reference=compat_native.breadcrumbs, **TASK_VECTOR)(_breadcrumbs(False))
 breadcrumbs_ties = merge_method("breadcrumbs_ties", title="Model Breadcrumbs + TIES", url="https://arxiv.org/abs/2312.06795",
-                                params=_breadcrumbs_params(True), reference=ref.breadcrumbs_ties,
+                                params=_breadcrumbs_params(True), reference=compat_native.breadcrumbs_ties,
                                 **TASK_VECTOR)(_breadcrumbs(True))
 
 

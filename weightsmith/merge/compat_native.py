@@ -1,0 +1,210 @@
+"""The task-vector merges under ``compat: mergekit`` in bfloat16/float16, by the native kernels.
+
+mergekit does this arithmetic in the recipe's dtype with whole-tensor torch ops (``reference`` writes
+them out); here the same rounding, op for op, runs in one fused pass per tensor (``kernels.half_mix``),
+bit-equal to the reference and without its full-size temporaries (deltas, float32 sort keys and masks
+of every input, stacked chunks):
+
+1. per input, one pass over θᵢ and θ_base counts |δᵢ| = |round(θᵢ − θ_base)| by its 15 magnitude bits
+   (a half has only 32768 magnitudes), which gives the sort's cut exactly: the values at the first and
+   last kept rank and how many lie before them; it also writes the magnitudes as float32 keys;
+2. where equal magnitudes straddle a cut (nearly always in half precision), mergekit keeps those its
+   unstable sort puts first: ``kernels.sort_ties`` replays that order on the keys (a real sort where the
+   replay does not agree with this torch), and the kept tied positions are listed;
+3. one pass merges: trim, × weight, sign election, disjoint mean, ÷, × λ, + base, each rounded where
+   torch's op in the dtype rounds.
+
+Each function returns None where it does not apply (no kernels, not a half dtype, an L1 rescale, 16 or
+more inputs: torch sums those in a cascade; non-finite magnitudes), and ``reference`` then runs instead.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+from . import mixing
+from . import reference as ref
+from .sparsify import _replay_agrees
+
+HALF = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
+NONFINITE = {"bfloat16": 0x7F80, "float16": 0x7C00}  # magnitude bits from which a value is inf or NaN
+MAX_INPUTS = 15  # torch adds up to 15 rows one after another; more go through its cascade sum
+BINS = 1 << 15
+
+
+def _kernels(tensors: list[torch.Tensor], base: torch.Tensor):
+    dtype = base.dtype
+    if dtype not in HALF or base.device.type != "cpu" or not 0 < len(tensors) <= MAX_INPUTS:
+        return None
+    if any(t.dtype != dtype or t.shape != base.shape or t.device.type != "cpu" for t in tensors):
+        return None
+    return mixing.native_kernels()
+
+
+def _bits(t: torch.Tensor) -> np.ndarray:
+    """A half tensor's 16-bit patterns as a flat, contiguous uint16 array (a view when it can be)."""
+    return np.ascontiguousarray(t.detach().reshape(-1).view(torch.int16).numpy()).view(np.uint16)
+
+
+def _histogram(kernels, x: np.ndarray, b: np.ndarray, dtype: str, keys: np.ndarray, parallel: bool) -> np.ndarray:
+    parts: list[np.ndarray] = []
+
+    def count(lo: int, hi: int) -> None:
+        part = np.zeros(BINS, dtype=np.int64)
+        kernels.half_keys(x, b, dtype, lo, hi, keys, part)
+        parts.append(part)
+
+    mixing.parallel_ranges(x.size, count, None if parallel else 1)
+    return np.sum(parts, axis=0) if parts else np.zeros(BINS, dtype=np.int64)
+
+
+def _rank(order: np.ndarray, cum: np.ndarray, rank: int) -> tuple[int, int]:
+    """The bin (in sort order) holding 0-based ``rank``, and how many entries sort before that bin."""
+    i = int(np.searchsorted(cum, rank, side="right"))
+    return i, int(cum[i - 1]) if i else 0
+
+
+def _sorted_ties(kernels, keys: np.ndarray, descending: bool, values: list[np.float32]) -> list[np.ndarray]:
+    """For each value, the flat indices of the keys equal to it in the order torch's sort leaves them."""
+    ties = kernels.sort_ties(keys, descending, values, owned=True) if _replay_agrees(kernels) else None
+    if ties is None:  # keys unchanged: sort for real
+        order = torch.sort(torch.from_numpy(keys), descending=descending).indices.numpy()
+        ties = [order[keys[order] == v] for v in values]
+    return ties
+
+
+def band(kernels, x: np.ndarray, b: np.ndarray, dtype: str, start: int, count: int, descending: bool,
+         parallel: bool = True) -> tuple[float, float, np.ndarray] | None:
+    """The entries of ranks [start, start + count) of mergekit's sort of |round(x − b)| (descending or not),
+    as ``half_mix`` takes them: (lower, upper, listed); None for a non-finite magnitude."""
+    n = x.size
+    count = max(0, min(count, n - start))
+    if count == 0:
+        return math.inf, math.inf, np.empty(0, dtype=np.int64)
+    keys = np.empty(n, dtype=np.float32)
+    counts = _histogram(kernels, x, b, dtype, keys, parallel)
+    if counts[NONFINITE[dtype]:].any():
+        return None
+    order = counts[::-1] if descending else counts
+    cum = np.cumsum(order)
+    (first, before_first), (last, before_last) = _rank(order, cum, start), _rank(order, cum, start + count - 1)
+    bins = [BINS - 1 - first, BINS - 1 - last] if descending else [first, last]
+    half = torch.bfloat16 if dtype == "bfloat16" else torch.float16
+    ends = [np.float32(v) for v in torch.tensor(bins, dtype=torch.int16).view(half).float().tolist()]
+    head_from, tail_to = start - before_first, start + count - before_last  # kept ranks among each end's ties
+    if first == last:  # one run of equal magnitudes holds the whole band
+        partial = [head_from > 0 or tail_to < order[first]] * 2
+        wanted = [(ends[0], head_from, tail_to)]
+    else:
+        partial = [head_from > 0, tail_to < order[last]]
+        wanted = [e for e, p in zip([(ends[0], head_from, None), (ends[1], 0, tail_to)], partial) if p]
+    listed = []
+    if wanted:
+        ties = _sorted_ties(kernels, keys, descending, [v for v, _, _ in wanted])
+        listed = [t[a:z] for t, (_, a, z) in zip(ties, wanted)]
+    del keys
+    # the band's first end is its upper bound in a descending sort; an end whose ties are all kept moves just
+    # past its value, so that none of them needs listing
+    (lo, lo_partial), (hi, hi_partial) = sorted(zip(ends, partial), key=lambda e: e[0]) if first != last else \
+        ((ends[0], partial[0]), (ends[0], partial[0]))
+    lo = lo if lo_partial else np.nextafter(lo, np.float32(-np.inf))
+    hi = hi if hi_partial else np.nextafter(hi, np.float32(np.inf))
+    kept = np.sort(np.concatenate(listed)) if listed else np.empty(0, dtype=np.int64)
+    return float(lo), float(hi), kept.astype(np.int64)
+
+
+def task_merge(tensors, base, weight, cut: Callable | None, consensus: bool, normalize: bool, lambda_: float,
+               inplace: bool = False) -> torch.Tensor | None:
+    """``reference.task_merge`` by the kernels; ``cut(kernels, x, b, dtype, parallel)`` gives input i's
+    (lower, upper, listed) or None. None where the kernels do not apply."""
+    kernels = _kernels(tensors, base)
+    if kernels is None:
+        return None
+    dtype = HALF[base.dtype]
+    xs = [_bits(t) for t in tensors]
+    b = _bits(base)
+    n = b.size
+    cuts: list = [None] * len(xs)
+    if cut is None:
+        cuts = [(-1.0, math.inf, np.empty(0, dtype=np.int64))] * len(xs)
+    else:
+        # small tensors: one input per core; large ones one at a time (each pass on every core) to bound memory
+        alone = n > ref.PARALLEL_LIMIT or len(xs) == 1
+
+        def fill(i: int) -> None:
+            cuts[i] = cut(kernels, xs[i], b, dtype, i, alone)
+        with ThreadPoolExecutor(1 if alone else min(len(xs), mixing.worker_count(n * len(xs)))) as pool:
+            list(pool.map(fill, range(len(xs))))
+        if any(c is None for c in cuts):
+            return None
+    w = torch.tensor(weight, dtype=base.dtype)
+    divisor = w.sum(dim=0, keepdim=True)
+    divisor[divisor.abs() < 1e-8] = 1
+    out = base if inplace and base.is_contiguous() else torch.empty_like(base, memory_format=torch.contiguous_format)
+    o = _bits(out)
+    lower = np.array([c[0] for c in cuts], dtype=np.float32)
+    upper = np.array([c[1] for c in cuts], dtype=np.float32)
+    listed = [c[2] for c in cuts]
+    args = (dtype, lower, upper, listed)
+    flags = (w.float().numpy(), consensus, normalize, float(divisor), np.float32(lambda_))
+
+    def mix(lo: int, hi: int) -> None:
+        start = np.array([np.searchsorted(a, lo) for a in listed], dtype=np.int64)
+        kernels.half_mix(xs, b, o, *args, start, *flags, lo, hi)
+    mixing.parallel_ranges(n, mix)
+    return out
+
+
+def _top(density: list[float]):
+    def cut(kernels, x, b, dtype, i, parallel):
+        n, d = x.size, density[i]
+        if d >= 1:
+            return -1.0, math.inf, np.empty(0, dtype=np.int64)
+        if d <= 0 or n == 0:
+            return math.inf, math.inf, np.empty(0, dtype=np.int64)
+        return band(kernels, x, b, dtype, 0, max(1, int(d * n)), True, parallel)
+    return cut
+
+
+def _outliers(density: list[float], gamma: list[float]):
+    def cut(kernels, x, b, dtype, i, parallel):
+        n = x.size
+        if density[i] >= 1:
+            return -1.0, math.inf, np.empty(0, dtype=np.int64)
+        keep, top = int(density[i] * n), int(gamma[i] * n)
+        return band(kernels, x, b, dtype, max(0, n - keep - top), keep, False, parallel)
+    return cut
+
+
+def _plain(rescale) -> bool:
+    return rescale in (None, False, "none")
+
+
+def task_arithmetic(tensors, base, weight, normalize=False, lambda_=1.0, inplace=False, **kw):
+    fast = task_merge(tensors, base, weight, None, False, normalize, lambda_, inplace)
+    return fast if fast is not None else ref.task_arithmetic(tensors, base, weight, normalize, lambda_, **kw)
+
+
+def ties(tensors, base, weight, density, normalize=True, lambda_=1.0, rescale=None, inplace=False, **kw):
+    fast = task_merge(tensors, base, weight, _top(density), True, normalize, lambda_, inplace) if _plain(rescale) else None
+    return fast if fast is not None else ref.ties(tensors, base, weight, density, normalize, lambda_, rescale, **kw)
+
+
+def _breadcrumbs(consensus: bool):
+    plain = ref.breadcrumbs_ties if consensus else ref.breadcrumbs
+
+    def breadcrumbs(tensors, base, weight, density, gamma, normalize=False, lambda_=1.0, rescale=None, inplace=False,
+                    **kw):
+        fast = (task_merge(tensors, base, weight, _outliers(density, gamma), consensus, normalize, lambda_, inplace)
+                if _plain(rescale) else None)
+        return fast if fast is not None else plain(tensors, base, weight, density, gamma, normalize, lambda_, rescale,
+                                                   **kw)
+    return breadcrumbs
+
+
+breadcrumbs = _breadcrumbs(False)
+breadcrumbs_ties = _breadcrumbs(True)
