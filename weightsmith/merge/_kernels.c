@@ -383,53 +383,131 @@ EXPORT int ws_ties_fixup(int64_t k, const float *const *xs, const float *base, f
 /* torch.sort(stable=False) on a contiguous CPU float tensor is std::sort (libstdc++'s introsort) over
  * (key, index) pairs with comparator a > b (descending) or a < b. Its final insertion sort never reorders
  * equal keys, so the order of tied keys is fixed by the partitioning phase, and a subrange's partitioning
- * depends on that subrange alone. The loop below replays that phase step for step, except that a
+ * depends on that subrange alone. The code below replays that phase step for step, except that a
  * subrange holding no key equal to t1 or t2 is left alone: only subranges around the tied keys are
  * partitioned further, so the work is a few passes over the data instead of a sort. Keys must be finite
- * (no NaN: torch orders those by other rules). */
+ * (no NaN: torch orders those by other rules).
+ *
+ * Where the keys came from is followed either for every key (ix, permuted with them) or, when only a few
+ * keys equal t1 or t2, for those alone (a small table of where each is now and where it started), which
+ * needs no index array. */
 #define SORT_THRESHOLD 16
+#define TRACK_MAX 64
+
+struct replay {
+    float *v;
+    int32_t *ix;        /* NULL: only the tied keys are followed, in pos/id */
+    int64_t *pos, *id;  /* where each followed key is now, and its index before the sort */
+    int64_t tracked, n;
+    float t1, t2;
+    int desc;
+};
 
 static inline int before(float a, float b, int desc) { return desc ? a > b : a < b; }
 
-static inline void swap_pair(float *v, int32_t *ix, int64_t a, int64_t b)
+static inline void swap_pair(struct replay *r, int64_t a, int64_t b)
 {
-    const float tv = v[a];
-    v[a] = v[b];
-    v[b] = tv;
-    const int32_t ti = ix[a];
-    ix[a] = ix[b];
-    ix[b] = ti;
+    float *v = r->v;
+    const float va = v[a], vb = v[b];
+    v[a] = vb;
+    v[b] = va;
+    if (r->ix != NULL) {
+        const int32_t ti = r->ix[a];
+        r->ix[a] = r->ix[b];
+        r->ix[b] = ti;
+    } else if (va == r->t1 || va == r->t2 || vb == r->t1 || vb == r->t2) {
+        for (int64_t q = 0; q < r->tracked; q++)
+            r->pos[q] = r->pos[q] == a ? b : (r->pos[q] == b ? a : r->pos[q]);
+    }
 }
 
-static void median_to_first(float *v, int32_t *ix, int64_t result, int64_t a, int64_t b, int64_t c, int desc)
+static void median_to_first(struct replay *r, int64_t result, int64_t a, int64_t b, int64_t c)
 {
+    const float *v = r->v;
+    const int desc = r->desc;
     if (before(v[a], v[b], desc)) {
         if (before(v[b], v[c], desc))
-            swap_pair(v, ix, result, b);
+            swap_pair(r, result, b);
         else if (before(v[a], v[c], desc))
-            swap_pair(v, ix, result, c);
+            swap_pair(r, result, c);
         else
-            swap_pair(v, ix, result, a);
+            swap_pair(r, result, a);
     } else if (before(v[a], v[c], desc))
-        swap_pair(v, ix, result, a);
+        swap_pair(r, result, a);
     else if (before(v[b], v[c], desc))
-        swap_pair(v, ix, result, c);
+        swap_pair(r, result, c);
     else
-        swap_pair(v, ix, result, b);
+        swap_pair(r, result, b);
 }
 
-static int64_t unguarded_partition(float *v, int32_t *ix, int64_t first, int64_t last, int64_t pivot, int desc)
+/* Bit j: whether key base + j stops a scan (v <= p when le, else v >= p); keys past n read as no stop. */
+static inline uint64_t stop_mask(const float *v, int64_t base, int64_t n, float p, int le)
 {
-    const float p = v[pivot];
+    uint64_t m = 0;
+    const int64_t lo = base < 0 ? 0 : base, hi = base + 64 < n ? base + 64 : n;
+    for (int64_t j = lo; j < hi; j++)
+        m |= (uint64_t)(le ? v[j] <= p : v[j] >= p) << (j - base);
+    return m;
+}
+
+/* The first stop at or after from (n if none), through a cached 64-key mask. */
+static inline int64_t next_stop_up(const float *v, int64_t n, float p, int le, int64_t from, int64_t *base,
+                                   uint64_t *mask)
+{
+    while (from < n) {
+        if (from < *base || from >= *base + 64) {
+            *base = from & ~(int64_t)63;
+            *mask = stop_mask(v, *base, n, p, le);
+        }
+        const uint64_t m = *mask & (~(uint64_t)0 << (from - *base));
+        if (m)
+            return *base + __builtin_ctzll(m);
+        from = *base + 64;
+    }
+    return n;
+}
+
+/* The last stop at or before from (−1 if none). */
+static inline int64_t next_stop_down(const float *v, int64_t n, float p, int le, int64_t from, int64_t *base,
+                                     uint64_t *mask)
+{
+    while (from >= 0) {
+        if (from < *base || from >= *base + 64) {
+            *base = from & ~(int64_t)63;
+            *mask = stop_mask(v, *base, n, p, le);
+        }
+        const int shift = (int)(from - *base);
+        const uint64_t m = *mask & (shift == 63 ? ~(uint64_t)0 : (((uint64_t)1 << (shift + 1)) - 1));
+        if (m)
+            return *base + 63 - __builtin_clzll(m);
+        from = *base - 1;
+    }
+    return -1;
+}
+
+/* libstdc++'s unguarded partition of [first, last) around the key at pivot:
+ *     for (;;) { while (v[first] before p) ++first;  --last;  while (p before v[last]) --last;
+ *                if (!(first < last)) return first;  swap(first, last);  ++first; }
+ * with each scan reading 64-key masks instead of branching per key (keys in random order make those
+ * branches unpredictable). No key between the two scans has moved since the partition began, so a mask
+ * stays right there; a scan that reaches the key swapped last in its way stops on it, as the loop's would. */
+static int64_t unguarded_partition(struct replay *r, int64_t first, int64_t last, int64_t pivot)
+{
+    const float p = r->v[pivot];
+    const int desc = r->desc;
+    int64_t up_base = INT64_MIN / 2, down_base = INT64_MIN / 2, cap_up = r->n, cap_down = -1;
+    uint64_t up_mask = 0, down_mask = 0;
     for (;;) {
-        while (before(v[first], p, desc))
-            ++first;
-        --last;
-        while (before(p, v[last], desc))
-            --last;
+        /* the left scan stops on !(v before p), the right one on !(p before v) */
+        const int64_t f = next_stop_up(r->v, r->n, p, desc, first, &up_base, &up_mask);
+        first = f < cap_up ? f : cap_up;
+        const int64_t l = next_stop_down(r->v, r->n, p, !desc, last - 1, &down_base, &down_mask);
+        last = l > cap_down ? l : cap_down;
         if (!(first < last))
             return first;
-        swap_pair(v, ix, first, last);
+        swap_pair(r, first, last);
+        cap_down = first;
+        cap_up = last;
         ++first;
     }
 }
@@ -444,43 +522,55 @@ static int holds(const float *v, int64_t first, int64_t last, float t1, float t2
 
 /* Returns 0, or 1 where std::sort would fall back to heapsort on a subrange holding tied keys (the caller
  * then sorts for real). */
-static int introsort_ties(float *v, int32_t *ix, int64_t first, int64_t last, int depth, int desc, float t1, float t2)
+static int introsort_ties(struct replay *r, int64_t first, int64_t last, int depth)
 {
     while (last - first > SORT_THRESHOLD) {
-        if (!holds(v, first, last, t1, t2))
+        if (!holds(r->v, first, last, r->t1, r->t2))
             return 0;
         if (depth == 0)
             return 1;
         --depth;
         const int64_t mid = first + (last - first) / 2;
-        median_to_first(v, ix, first, first + 1, mid, last - 1, desc);
-        const int64_t cut = unguarded_partition(v, ix, first + 1, last, first, desc);
-        if (introsort_ties(v, ix, cut, last, depth, desc, t1, t2))
+        median_to_first(r, first, first + 1, mid, last - 1);
+        const int64_t cut = unguarded_partition(r, first + 1, last, first);
+        if (introsort_ties(r, cut, last, depth))
             return 1;
         last = cut;
     }
     return 0;
 }
 
-/* Permutes keys v[0..n) and their indices ix as std::sort's partitioning phase would, on every subrange
- * that holds a key equal to t1 or t2; the keys equal to t1 (or t2) then appear in v in the order the sort
- * leaves them; ix is filled with 0..n−1 first. Returns 0, 1 (heapsort fallback reached: not replayed), or −1
- * for a NaN key or more than 2^31 − 1 keys. */
-EXPORT int ws_sort_ties(float *v, int32_t *ix, int64_t n, int desc, float t1, float t2)
+/* Permutes keys v[0..n) as std::sort's partitioning phase would, on every subrange that holds a key equal to
+ * t1 or t2; the keys equal to t1 (or t2) then appear in v in the order the sort leaves them. With ix, ix is
+ * filled with 0..n−1 first and permuted along; without, the tied keys (at most cap) are followed in
+ * pos/id (*tracked of them: their final positions and original indices). Returns 0, 1 (heapsort fallback
+ * reached: not replayed), 2 (more than cap tied keys and no ix: nothing done) or −1 for a NaN key or more
+ * than 2^31 − 1 keys. */
+EXPORT int ws_sort_ties(float *v, int32_t *ix, int64_t n, int desc, float t1, float t2, int64_t *pos, int64_t *id,
+                        int64_t cap, int64_t *tracked)
 {
+    struct replay r = {v, ix, pos, id, 0, n, t1, t2, desc};
     if (n > INT32_MAX)
         return -1;
     for (int64_t j = 0; j < n; j++) {
         if (v[j] != v[j])
             return -1;
-        ix[j] = (int32_t)j;
+        if (ix != NULL) {
+            ix[j] = (int32_t)j;
+        } else if (v[j] == t1 || v[j] == t2) {
+            if (r.tracked == cap || r.tracked == TRACK_MAX)
+                return 2;
+            pos[r.tracked] = id[r.tracked] = j;
+            r.tracked++;
+        }
     }
+    *tracked = r.tracked;
     if (n < 2)
         return 0;
     int lg = 0;
     while (((int64_t)1 << (lg + 1)) <= n)
         lg++;
-    return introsort_ties(v, ix, 0, n, 2 * lg, desc, t1, t2);
+    return introsort_ties(&r, 0, n, 2 * lg);
 }
 
 /* ---- Half precision under compat: mergekit (bfloat16 = 1, float16 = 2) ----
@@ -570,20 +660,16 @@ static inline __attribute__((always_inline)) void half_trim_block(const uint16_t
                                                                  const int64_t *listed, int64_t count,
                                                                  int64_t *cursor, float *restrict d)
 {
-    int32_t ties = 0;
     for (int64_t j = 0; j < n; j++) {
         const float v = round_half(half_float(x[j], dtype) - b[j], dtype);
         const float m = fabsf(v);
-        ties += (m == lower) | (m == upper);
         d[j] = (m > lower) & (m < upper) ? v : v * 0.0f;
     }
-    if (ties == 0 || count == 0)
-        return;
+    /* the listed positions are all ties at a cut, kept: put their δ back */
     int64_t c = *cursor;
-    for (int64_t j = 0; j < n && c < count; j++) {
-        while (c < count && listed[c] < s + j)
-            c++;
-        if (c < count && listed[c] == s + j)
+    for (; c < count && listed[c] < s + n; c++) {
+        const int64_t j = listed[c] - s;
+        if (j >= 0)
             d[j] = round_half(half_float(x[j], dtype) - b[j], dtype);
     }
     *cursor = c;
@@ -612,20 +698,25 @@ static inline __attribute__((always_inline)) void half_elect_block(const float *
             }
         }
     }
-    for (int64_t j = 0; j < n; j++) {
-        float mixed = round_half(consensus ? agree[j] : total[j], dtype);
-        if (normalize) {
-            float by = divisor_all;
-            if (consensus) {
-                by = round_half(divisor[j], dtype);
-                by = by == 0.0f ? 1.0f : by;
-            }
-            mixed = round_half(mixed / by, dtype);
+    /* each step its own loop, so that every one of them is vector code */
+    float *restrict mixed = agree;
+    const float *sum = consensus ? agree : total;
+    for (int64_t j = 0; j < n; j++)
+        mixed[j] = round_half(sum[j], dtype);
+    if (normalize && consensus) {
+        for (int64_t j = 0; j < n; j++) {
+            const float by = round_half(divisor[j], dtype);
+            mixed[j] = round_half(mixed[j] / (by == 0.0f ? 1.0f : by), dtype);
         }
-        if (lambda != 1.0f)
-            mixed = round_half(mixed * lambda, dtype);
-        o[j] = float_half(b[j] + mixed, dtype);
+    } else if (normalize) {
+        for (int64_t j = 0; j < n; j++)
+            mixed[j] = round_half(mixed[j] / divisor_all, dtype);
     }
+    if (lambda != 1.0f)
+        for (int64_t j = 0; j < n; j++)
+            mixed[j] = round_half(mixed[j] * lambda, dtype);
+    for (int64_t j = 0; j < n; j++)
+        o[j] = float_half(b[j] + mixed[j], dtype);
 }
 
 static inline __attribute__((always_inline)) int half_mix_body(int64_t k, const uint16_t *const *xs,

@@ -20,6 +20,7 @@ more inputs: torch sums those in a cascade; non-finite magnitudes), and ``refere
 from __future__ import annotations
 
 import math
+import queue
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -68,24 +69,40 @@ def _rank(order: np.ndarray, cum: np.ndarray, rank: int) -> tuple[int, int]:
     return i, int(cum[i - 1]) if i else 0
 
 
-def _sorted_ties(kernels, keys: np.ndarray, descending: bool, values: list[np.float32]) -> list[np.ndarray]:
-    """For each value, the flat indices of the keys equal to it in the order torch's sort leaves them."""
-    ties = kernels.sort_ties(keys, descending, values, owned=True) if _replay_agrees(kernels) else None
-    if ties is None:  # keys unchanged: sort for real
+def _sorted_ties(kernels, keys: np.ndarray, descending: bool, values: list[np.float32],
+                 remake: Callable[[], np.ndarray], index: np.ndarray | None) -> list[np.ndarray]:
+    """For each value, the flat indices of the keys equal to it in the order torch's sort leaves them
+    (``keys`` is scratch; ``remake()`` writes them again for a real sort where the replay cannot tell)."""
+    ties = (kernels.sort_ties(keys, descending, values, owned=True, keep_keys=False, index=index)
+            if _replay_agrees(kernels) else None)
+    if ties is None:
+        keys = remake()
         order = torch.sort(torch.from_numpy(keys), descending=descending).indices.numpy()
         ties = [order[keys[order] == v] for v in values]
     return ties
 
 
+class Scratch:
+    """Key and index buffers reused from one input to the next (fresh memory costs a page fault a page)."""
+
+    def __init__(self, n: int):
+        self.n, self.keys, self.index = n, None, None
+
+    def take(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.keys is None:
+            self.keys, self.index = np.empty(self.n, dtype=np.float32), np.empty(self.n, dtype=np.int32)
+        return self.keys, self.index
+
+
 def band(kernels, x: np.ndarray, b: np.ndarray, dtype: str, start: int, count: int, descending: bool,
-         parallel: bool = True) -> tuple[float, float, np.ndarray] | None:
+         parallel: bool = True, scratch: Scratch | None = None) -> tuple[float, float, np.ndarray] | None:
     """The entries of ranks [start, start + count) of mergekit's sort of |round(x − b)| (descending or not),
     as ``half_mix`` takes them: (lower, upper, listed); None for a non-finite magnitude."""
     n = x.size
     count = max(0, min(count, n - start))
     if count == 0:
         return math.inf, math.inf, np.empty(0, dtype=np.int64)
-    keys = np.empty(n, dtype=np.float32)
+    keys, index = (scratch or Scratch(n)).take()
     counts = _histogram(kernels, x, b, dtype, keys, parallel)
     if counts[NONFINITE[dtype]:].any():
         return None
@@ -104,7 +121,10 @@ def band(kernels, x: np.ndarray, b: np.ndarray, dtype: str, start: int, count: i
         wanted = [e for e, p in zip([(ends[0], head_from, None), (ends[1], 0, tail_to)], partial) if p]
     listed = []
     if wanted:
-        ties = _sorted_ties(kernels, keys, descending, [v for v, _, _ in wanted])
+        def remake() -> np.ndarray:
+            _histogram(kernels, x, b, dtype, keys, parallel)
+            return keys
+        ties = _sorted_ties(kernels, keys, descending, [v for v, _, _ in wanted], remake, index)
         listed = [t[a:z] for t, (_, a, z) in zip(ties, wanted)]
     del keys
     # the band's first end is its upper bound in a descending sort; an end whose ties are all kept moves just
@@ -119,7 +139,7 @@ def band(kernels, x: np.ndarray, b: np.ndarray, dtype: str, start: int, count: i
 
 def task_merge(tensors, base, weight, cut: Callable | None, consensus: bool, normalize: bool, lambda_: float,
                inplace: bool = False) -> torch.Tensor | None:
-    """``reference.task_merge`` by the kernels; ``cut(kernels, x, b, dtype, parallel)`` gives input i's
+    """``reference.task_merge`` by the kernels; ``cut(kernels, x, b, dtype, i, parallel, scratch)`` gives input i's
     (lower, upper, listed) or None. None where the kernels do not apply."""
     kernels = _kernels(tensors, base)
     if kernels is None:
@@ -134,11 +154,18 @@ def task_merge(tensors, base, weight, cut: Callable | None, consensus: bool, nor
     else:
         # small tensors: one input per core; large ones one at a time (each pass on every core) to bound memory
         alone = n > ref.PARALLEL_LIMIT or len(xs) == 1
+        workers = 1 if alone else min(len(xs), mixing.worker_count(n * len(xs)))
+        scratch = queue.SimpleQueue()
+        for _ in range(workers):
+            scratch.put(Scratch(n))
 
         def fill(i: int) -> None:
-            cuts[i] = cut(kernels, xs[i], b, dtype, i, alone)
-        with ThreadPoolExecutor(1 if alone else min(len(xs), mixing.worker_count(n * len(xs)))) as pool:
+            mine = scratch.get()
+            cuts[i] = cut(kernels, xs[i], b, dtype, i, alone, mine)
+            scratch.put(mine)
+        with ThreadPoolExecutor(workers) as pool:
             list(pool.map(fill, range(len(xs))))
+        del scratch
         if any(c is None for c in cuts):
             return None
     w = torch.tensor(weight, dtype=base.dtype)
@@ -160,23 +187,23 @@ def task_merge(tensors, base, weight, cut: Callable | None, consensus: bool, nor
 
 
 def _top(density: list[float]):
-    def cut(kernels, x, b, dtype, i, parallel):
+    def cut(kernels, x, b, dtype, i, parallel, scratch):
         n, d = x.size, density[i]
         if d >= 1:
             return -1.0, math.inf, np.empty(0, dtype=np.int64)
         if d <= 0 or n == 0:
             return math.inf, math.inf, np.empty(0, dtype=np.int64)
-        return band(kernels, x, b, dtype, 0, max(1, int(d * n)), True, parallel)
+        return band(kernels, x, b, dtype, 0, max(1, int(d * n)), True, parallel, scratch)
     return cut
 
 
 def _outliers(density: list[float], gamma: list[float]):
-    def cut(kernels, x, b, dtype, i, parallel):
+    def cut(kernels, x, b, dtype, i, parallel, scratch):
         n = x.size
         if density[i] >= 1:
             return -1.0, math.inf, np.empty(0, dtype=np.int64)
         keep, top = int(density[i] * n), int(gamma[i] * n)
-        return band(kernels, x, b, dtype, max(0, n - keep - top), keep, False, parallel)
+        return band(kernels, x, b, dtype, max(0, n - keep - top), keep, False, parallel, scratch)
     return cut
 
 

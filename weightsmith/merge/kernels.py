@@ -43,7 +43,8 @@ _nth_equal = _bind("ws_nth_equal", _I64, _P, _P, _INT, _F32, _I64, _I64)
 _magnitude_histogram = _bind("ws_magnitude_histogram", _INT, _P, _P, _I64, _I64, ctypes.c_int32, _P)
 _ties_scan = _bind("ws_ties_scan", _I64, _I64, _P, _P, _P, _P, _P, _P, _INT, _F32, _INT, _I64, _I64, _P, _P, _I64,
                    _P, _P, _I64)
-_sort_ties = _bind("ws_sort_ties", _INT, _P, _P, _I64, _INT, _F32, _F32)
+_sort_ties = _bind("ws_sort_ties", _INT, _P, _P, _I64, _INT, _F32, _F32, _P, _P, _I64, _P)
+TRACK_MAX = 64  # tied keys the replay can follow without an index array
 _ties_fixup = _bind("ws_ties_fixup", _INT, _I64, _P, _P, _P, _P, _P, _P, _INT, _F32, _INT, _P, _I64)
 _half_keys = _bind("ws_half_keys", None, _P, _P, _INT, _I64, _I64, _P, _P)
 _half_mix = _bind("ws_half_mix", _INT, _I64, _P, _P, _P, _INT, _P, _P, _P, _P, _P, _P, _INT, _INT, _F32, _F32, _I64, _I64)
@@ -148,23 +149,40 @@ def ties_fixup(xs, base, out, threshold, tie_end, weight, normalize, lambda_, un
         raise MemoryError("kernels: out of memory")
 
 
-def sort_ties(keys, descending: bool, values, owned: bool = False) -> list[np.ndarray] | None:
+def sort_ties(keys, descending: bool, values, owned: bool = False, keep_keys: bool = True,
+              index: np.ndarray | None = None) -> list[np.ndarray] | None:
     """For each value in ``values`` (one or two), the flat indices of ``keys`` equal to it, in the order
     ``torch.sort(keys, descending, stable=False)`` puts them; None where the sort would have taken its
     heapsort fallback on those keys (then only a real sort tells), or for 2^31 keys or more.
-    ``keys``: 1-D finite float32, permuted in place when ``owned`` (else copied; restored on None)."""
+    ``keys``: 1-D finite float32, permuted in place when ``owned`` (else copied), and restored on None
+    unless ``keep_keys`` is False. Without that restore, up to ``TRACK_MAX`` tied keys are followed
+    without an index array (4 bytes a key less). ``index``: int32 scratch for that array, reused across calls
+    (fresh memory costs a page fault every 4 KB)."""
     v = keys if owned else np.array(keys, dtype=np.float32, copy=True)
-    ix = np.empty(v.size, dtype=np.int32)
     t = [np.float32(x) for x in values] + [np.float32(values[0])] * (2 - len(values))
-    code = _sort_ties(_ptr(v, np.float32, writable=True), _ptr(ix, np.int32, writable=True), v.size, bool(descending),
-                      float(t[0]), float(t[1]))
+    pos, ids, tracked = np.empty(TRACK_MAX, dtype=np.int64), np.empty(TRACK_MAX, dtype=np.int64), np.zeros(1, np.int64)
+    follow = (pos.ctypes.data, ids.ctypes.data, TRACK_MAX if not (owned and keep_keys) else 0, tracked.ctypes.data)
+    code = _sort_ties(_ptr(v, np.float32, writable=True), None, v.size, bool(descending), float(t[0]), float(t[1]),
+                      *follow)
+    ix = None
+    if code == 2:  # too many ties to follow one by one (or the keys must come back): an index array follows all
+        ix = index[:v.size] if index is not None and index.size >= v.size else np.empty(v.size, dtype=np.int32)
+        code = _sort_ties(_ptr(v, np.float32, writable=True), _ptr(ix, np.int32, writable=True), v.size,
+                          bool(descending), float(t[0]), float(t[1]), *follow)
     if code < 0 and v.size <= np.iinfo(np.int32).max:
         raise ValueError("kernels: sort_ties needs finite keys")
     if code:
-        if owned:  # put the keys back where they were
+        if owned and ix is not None:  # put the keys back where they were
             v[ix] = v.copy()
         return None
-    return [ix[v == x].astype(np.int64) for x in t[:len(values)]]
+    if ix is not None:
+        return [ix[v == x].astype(np.int64) for x in t[:len(values)]]
+    n = int(tracked[0])
+    at, started = pos[:n], ids[:n]
+    order = np.argsort(at, kind="stable")
+    at, started = at[order], started[order]
+    return [started[v[at] == x] for x in t[:len(values)]]
+
 
 
 def _half(a: np.ndarray, size: int, writable: bool = False) -> int:

@@ -325,7 +325,7 @@ def _exact_thresholds(kernels, xs, bf, ordered: list[tuple], keep: list[int], th
                 return None
             # mergekit keeps the tied magnitudes its sort puts first: replayed, then settled below
             keys = np.subtract(xs[i], bf)
-            order = kernels.sort_ties(np.abs(keys, out=keys), True, [t], owned=True)
+            order = kernels.sort_ties(np.abs(keys, out=keys), True, [t], owned=True, keep_keys=False)
             del keys
             if order is None:
                 return None
