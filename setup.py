@@ -10,4 +10,4 @@ from setuptools import Extension, setup
 # -ffp-contract=off forbids fused multiply-adds, so results stay bitwise equal to the torch kernels.
 flags = [] if sys.platform == "win32" else ["-O3", "-fno-trapping-math", "-ffp-contract=off", "-fvisibility=hidden"]
 setup(ext_modules=[Extension("weightsmith.merge._kernels", ["weightsmith/merge/_kernels.c"],
-                             extra_compile_args=flags, optional=True)])
+                             depends=["weightsmith/merge/_tie_replay.h"], extra_compile_args=flags, optional=True)])

@@ -23,6 +23,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 #define BLOCK 2048
 
@@ -394,183 +397,103 @@ EXPORT int ws_ties_fixup(int64_t k, const float *const *xs, const float *base, f
 #define SORT_THRESHOLD 16
 #define TRACK_MAX 64
 
-struct replay {
-    float *v;
-    int32_t *ix;        /* NULL: only the tied keys are followed, in pos/id */
-    int64_t *pos, *id;  /* where each followed key is now, and its index before the sort */
-    int64_t tracked, n;
-    float t1, t2;
-    int desc;
-};
-
-static inline int before(float a, float b, int desc) { return desc ? a > b : a < b; }
-
-static inline void swap_pair(struct replay *r, int64_t a, int64_t b)
-{
-    float *v = r->v;
-    const float va = v[a], vb = v[b];
-    v[a] = vb;
-    v[b] = va;
-    if (r->ix != NULL) {
-        const int32_t ti = r->ix[a];
-        r->ix[a] = r->ix[b];
-        r->ix[b] = ti;
-    } else if (va == r->t1 || va == r->t2 || vb == r->t1 || vb == r->t2) {
-        for (int64_t q = 0; q < r->tracked; q++)
-            r->pos[q] = r->pos[q] == a ? b : (r->pos[q] == b ? a : r->pos[q]);
-    }
-}
-
-static void median_to_first(struct replay *r, int64_t result, int64_t a, int64_t b, int64_t c)
-{
-    const float *v = r->v;
-    const int desc = r->desc;
-    if (before(v[a], v[b], desc)) {
-        if (before(v[b], v[c], desc))
-            swap_pair(r, result, b);
-        else if (before(v[a], v[c], desc))
-            swap_pair(r, result, c);
-        else
-            swap_pair(r, result, a);
-    } else if (before(v[a], v[c], desc))
-        swap_pair(r, result, a);
-    else if (before(v[b], v[c], desc))
-        swap_pair(r, result, c);
-    else
-        swap_pair(r, result, b);
-}
-
-/* Bit j: whether key base + j stops a scan (v <= p when le, else v >= p); keys past n read as no stop. */
-static inline uint64_t stop_mask(const float *v, int64_t base, int64_t n, float p, int le)
+/* float keys (torch's own sort keys) */
+static inline uint64_t stop_block_f32(const float *v, float p, int le)
 {
     uint64_t m = 0;
-    const int64_t lo = base < 0 ? 0 : base, hi = base + 64 < n ? base + 64 : n;
-    for (int64_t j = lo; j < hi; j++)
-        m |= (uint64_t)(le ? v[j] <= p : v[j] >= p) << (j - base);
+#if defined(__SSE2__)
+    const __m128 pv = _mm_set1_ps(p);
+    for (int q = 0; q < 16; q++) {
+        const __m128 x = _mm_loadu_ps(v + 4 * q);
+        m |= (uint64_t)_mm_movemask_ps(le ? _mm_cmple_ps(x, pv) : _mm_cmpge_ps(x, pv)) << (4 * q);
+    }
+#else
+    for (int j = 0; j < 64; j++)
+        m |= (uint64_t)(le ? v[j] <= p : v[j] >= p) << j;
+#endif
     return m;
 }
 
-/* The first stop at or after from (n if none), through a cached 64-key mask. */
-static inline int64_t next_stop_up(const float *v, int64_t n, float p, int le, int64_t from, int64_t *base,
-                                   uint64_t *mask)
+static inline int any_of16_f32(const float *v, float t1, float t2)
 {
-    while (from < n) {
-        if (from < *base || from >= *base + 64) {
-            *base = from & ~(int64_t)63;
-            *mask = stop_mask(v, *base, n, p, le);
-        }
-        const uint64_t m = *mask & (~(uint64_t)0 << (from - *base));
-        if (m)
-            return *base + __builtin_ctzll(m);
-        from = *base + 64;
+#if defined(__SSE2__)
+    const __m128 a = _mm_set1_ps(t1), b = _mm_set1_ps(t2);
+    __m128 hit = _mm_setzero_ps();
+    for (int q = 0; q < 4; q++) {
+        const __m128 x = _mm_loadu_ps(v + 4 * q);
+        hit = _mm_or_ps(hit, _mm_or_ps(_mm_cmpeq_ps(x, a), _mm_cmpeq_ps(x, b)));
     }
-    return n;
+    return _mm_movemask_ps(hit) != 0;
+#else
+    int hit = 0;
+    for (int j = 0; j < 16; j++)
+        hit |= (v[j] == t1) | (v[j] == t2);
+    return hit;
+#endif
 }
 
-/* The last stop at or before from (−1 if none). */
-static inline int64_t next_stop_down(const float *v, int64_t n, float p, int le, int64_t from, int64_t *base,
-                                     uint64_t *mask)
+#define KEY float
+#define NAME(x) x##_f32
+#include "_tie_replay.h"
+#undef KEY
+#undef NAME
+
+/* 16-bit keys: the bits of non-negative bfloat16/float16 values, which order as the values do (and as
+ * signed 16-bit integers, all being below 0x8000) */
+static inline uint64_t stop_block_u16(const uint16_t *v, uint16_t p, int le)
 {
-    while (from >= 0) {
-        if (from < *base || from >= *base + 64) {
-            *base = from & ~(int64_t)63;
-            *mask = stop_mask(v, *base, n, p, le);
-        }
-        const int shift = (int)(from - *base);
-        const uint64_t m = *mask & (shift == 63 ? ~(uint64_t)0 : (((uint64_t)1 << (shift + 1)) - 1));
-        if (m)
-            return *base + 63 - __builtin_clzll(m);
-        from = *base - 1;
+    uint64_t m = 0;
+#if defined(__SSE2__)
+    const __m128i pv = _mm_set1_epi16((int16_t)p);
+    for (int q = 0; q < 4; q++) {
+        const __m128i x0 = _mm_loadu_si128((const __m128i *)(v + 16 * q));
+        const __m128i x1 = _mm_loadu_si128((const __m128i *)(v + 16 * q + 8));
+        /* v <= p is !(v > p); v >= p is !(p > v) */
+        const __m128i g0 = le ? _mm_cmpgt_epi16(x0, pv) : _mm_cmpgt_epi16(pv, x0);
+        const __m128i g1 = le ? _mm_cmpgt_epi16(x1, pv) : _mm_cmpgt_epi16(pv, x1);
+        m |= (uint64_t)(~_mm_movemask_epi8(_mm_packs_epi16(g0, g1)) & 0xFFFF) << (16 * q);
     }
-    return -1;
+#else
+    for (int j = 0; j < 64; j++)
+        m |= (uint64_t)(le ? v[j] <= p : v[j] >= p) << j;
+#endif
+    return m;
 }
 
-/* libstdc++'s unguarded partition of [first, last) around the key at pivot:
- *     for (;;) { while (v[first] before p) ++first;  --last;  while (p before v[last]) --last;
- *                if (!(first < last)) return first;  swap(first, last);  ++first; }
- * with each scan reading 64-key masks instead of branching per key (keys in random order make those
- * branches unpredictable). No key between the two scans has moved since the partition began, so a mask
- * stays right there; a scan that reaches the key swapped last in its way stops on it, as the loop's would. */
-static int64_t unguarded_partition(struct replay *r, int64_t first, int64_t last, int64_t pivot)
+static inline int any_of16_u16(const uint16_t *v, uint16_t t1, uint16_t t2)
 {
-    const float p = r->v[pivot];
-    const int desc = r->desc;
-    int64_t up_base = INT64_MIN / 2, down_base = INT64_MIN / 2, cap_up = r->n, cap_down = -1;
-    uint64_t up_mask = 0, down_mask = 0;
-    for (;;) {
-        /* the left scan stops on !(v before p), the right one on !(p before v) */
-        const int64_t f = next_stop_up(r->v, r->n, p, desc, first, &up_base, &up_mask);
-        first = f < cap_up ? f : cap_up;
-        const int64_t l = next_stop_down(r->v, r->n, p, !desc, last - 1, &down_base, &down_mask);
-        last = l > cap_down ? l : cap_down;
-        if (!(first < last))
-            return first;
-        swap_pair(r, first, last);
-        cap_down = first;
-        cap_up = last;
-        ++first;
-    }
+#if defined(__SSE2__)
+    const __m128i a = _mm_set1_epi16((int16_t)t1), b = _mm_set1_epi16((int16_t)t2);
+    const __m128i x0 = _mm_loadu_si128((const __m128i *)v), x1 = _mm_loadu_si128((const __m128i *)(v + 8));
+    const __m128i hit = _mm_or_si128(_mm_or_si128(_mm_cmpeq_epi16(x0, a), _mm_cmpeq_epi16(x0, b)),
+                                     _mm_or_si128(_mm_cmpeq_epi16(x1, a), _mm_cmpeq_epi16(x1, b)));
+    return _mm_movemask_epi8(hit) != 0;
+#else
+    int hit = 0;
+    for (int j = 0; j < 16; j++)
+        hit |= (v[j] == t1) | (v[j] == t2);
+    return hit;
+#endif
 }
 
-static int holds(const float *v, int64_t first, int64_t last, float t1, float t2)
-{
-    for (int64_t j = first; j < last; j++)
-        if (v[j] == t1 || v[j] == t2)
-            return 1;
-    return 0;
-}
+#define KEY uint16_t
+#define NAME(x) x##_u16
+#include "_tie_replay.h"
+#undef KEY
+#undef NAME
 
-/* Returns 0, or 1 where std::sort would fall back to heapsort on a subrange holding tied keys (the caller
- * then sorts for real). */
-static int introsort_ties(struct replay *r, int64_t first, int64_t last, int depth)
-{
-    while (last - first > SORT_THRESHOLD) {
-        if (!holds(r->v, first, last, r->t1, r->t2))
-            return 0;
-        if (depth == 0)
-            return 1;
-        --depth;
-        const int64_t mid = first + (last - first) / 2;
-        median_to_first(r, first, first + 1, mid, last - 1);
-        const int64_t cut = unguarded_partition(r, first + 1, last, first);
-        if (introsort_ties(r, cut, last, depth))
-            return 1;
-        last = cut;
-    }
-    return 0;
-}
-
-/* Permutes keys v[0..n) as std::sort's partitioning phase would, on every subrange that holds a key equal to
- * t1 or t2; the keys equal to t1 (or t2) then appear in v in the order the sort leaves them. With ix, ix is
- * filled with 0..n−1 first and permuted along; without, the tied keys (at most cap) are followed in
- * pos/id (*tracked of them: their final positions and original indices). Returns 0, 1 (heapsort fallback
- * reached: not replayed), 2 (more than cap tied keys and no ix: nothing done) or −1 for a NaN key or more
- * than 2^31 − 1 keys. */
+/* The replay on float keys (torch.sort's own) or on 16-bit ones (magnitudes of half-precision values, kept
+ * below 0x8000 and finite by the caller); see sort_ties in _tie_replay.h. */
 EXPORT int ws_sort_ties(float *v, int32_t *ix, int64_t n, int desc, float t1, float t2, int64_t *pos, int64_t *id,
                         int64_t cap, int64_t *tracked)
 {
-    struct replay r = {v, ix, pos, id, 0, n, t1, t2, desc};
-    if (n > INT32_MAX)
-        return -1;
-    for (int64_t j = 0; j < n; j++) {
-        if (v[j] != v[j])
-            return -1;
-        if (ix != NULL) {
-            ix[j] = (int32_t)j;
-        } else if (v[j] == t1 || v[j] == t2) {
-            if (r.tracked == cap || r.tracked == TRACK_MAX)
-                return 2;
-            pos[r.tracked] = id[r.tracked] = j;
-            r.tracked++;
-        }
-    }
-    *tracked = r.tracked;
-    if (n < 2)
-        return 0;
-    int lg = 0;
-    while (((int64_t)1 << (lg + 1)) <= n)
-        lg++;
-    return introsort_ties(&r, 0, n, 2 * lg);
+    return sort_ties_f32(v, ix, n, desc, t1, t2, pos, id, cap, tracked);
+}
+
+EXPORT int ws_sort_ties16(uint16_t *v, int32_t *ix, int64_t n, int desc, int32_t t1, int32_t t2, int64_t *pos,
+                          int64_t *id, int64_t cap, int64_t *tracked)
+{
+    return sort_ties_u16(v, ix, n, desc, (uint16_t)t1, (uint16_t)t2, pos, id, cap, tracked);
 }
 
 /* ---- Half precision under compat: mergekit (bfloat16 = 1, float16 = 2) ----
@@ -626,9 +549,9 @@ static inline uint16_t float_half(float f, int dtype)
 static inline float round_half(float f, int dtype) { return half_float(float_half(f, dtype), dtype); }
 
 /* The histogram of |δ| = |round(x − base)| over [lo, hi) by its 15 magnitude bits, added into counts[32768]
- * (non-finite magnitudes land in the top bins); keys[j], when given, receives |δ_j| as a float. */
+ * (non-finite magnitudes land in the top bins); keys[j], when given, receives those bits (sort keys). */
 static inline __attribute__((always_inline)) void half_keys_body(const uint16_t *x, const uint16_t *base, int dtype,
-                                                                int64_t lo, int64_t hi, float *keys, int64_t *counts)
+                                                                int64_t lo, int64_t hi, uint16_t *keys, int64_t *counts)
 {
     uint16_t bins[BLOCK];
     for (int64_t s = lo; s < hi; s += BLOCK) {
@@ -636,14 +559,13 @@ static inline __attribute__((always_inline)) void half_keys_body(const uint16_t 
         for (int64_t j = 0; j < n; j++)
             bins[j] = float_half(half_float(x[s + j], dtype) - half_float(base[s + j], dtype), dtype) & 0x7FFFu;
         if (keys != NULL)
-            for (int64_t j = 0; j < n; j++)
-                keys[s + j] = half_float(bins[j], dtype);
+            memcpy(keys + s, bins, (size_t)n * sizeof(uint16_t));
         for (int64_t j = 0; j < n; j++)
             counts[bins[j]]++;
     }
 }
 
-EXPORT HOT void ws_half_keys(const uint16_t *x, const uint16_t *base, int dtype, int64_t lo, int64_t hi, float *keys,
+EXPORT HOT void ws_half_keys(const uint16_t *x, const uint16_t *base, int dtype, int64_t lo, int64_t hi, uint16_t *keys,
                              int64_t *counts)
 {
     if (dtype == 1)

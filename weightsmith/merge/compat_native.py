@@ -7,7 +7,8 @@ of every input, stacked chunks):
 
 1. per input, one pass over θᵢ and θ_base counts |δᵢ| = |round(θᵢ − θ_base)| by its 15 magnitude bits
    (a half has only 32768 magnitudes), which gives the sort's cut exactly: the values at the first and
-   last kept rank and how many lie before them; it also writes the magnitudes as float32 keys;
+   last kept rank and how many lie before them; it also writes those 16 bits as sort keys (non-negative
+   halves order as their bits);
 2. where equal magnitudes straddle a cut (nearly always in half precision), mergekit keeps those its
    unstable sort puts first: ``kernels.sort_ties`` replays that order on the keys (a real sort where the
    replay does not agree with this torch), and the kept tied positions are listed;
@@ -69,17 +70,40 @@ def _rank(order: np.ndarray, cum: np.ndarray, rank: int) -> tuple[int, int]:
     return i, int(cum[i - 1]) if i else 0
 
 
-def _sorted_ties(kernels, keys: np.ndarray, descending: bool, values: list[np.float32],
+def _sorted_ties(kernels, keys: np.ndarray, dtype: str, descending: bool, values: list[int],
                  remake: Callable[[], np.ndarray], index: np.ndarray | None) -> list[np.ndarray]:
-    """For each value, the flat indices of the keys equal to it in the order torch's sort leaves them
-    (``keys`` is scratch; ``remake()`` writes them again for a real sort where the replay cannot tell)."""
+    """For each value (16-bit magnitude), the flat indices of the keys equal to it in the order torch's sort
+    of the magnitudes (as floats, as mergekit sorts them) leaves them. ``keys`` is scratch; ``remake()``
+    writes them again for a real sort where the replay cannot tell."""
     ties = (kernels.sort_ties(keys, descending, values, owned=True, keep_keys=False, index=index)
-            if _replay_agrees(kernels) else None)
+            if _replay16_agrees(kernels) else None)
     if ties is None:
         keys = remake()
-        order = torch.sort(torch.from_numpy(keys), descending=descending).indices.numpy()
+        floats = torch.from_numpy(keys.view(np.int16)).view(HALF_TYPES[dtype]).float()
+        order = torch.sort(floats, descending=descending).indices.numpy()
         ties = [order[keys[order] == v] for v in values]
     return ties
+
+
+HALF_TYPES = {name: t for t, name in HALF.items()}
+_AGREES: dict[str, bool] = {}
+
+
+def _replay16_agrees(kernels) -> bool:
+    """Whether the replay on 16-bit keys gives this torch's sort order of tied float keys (checked once on a
+    small tensor full of ties, both directions); if not, ``_sorted_ties`` sorts."""
+    if "ok" not in _AGREES:
+        x = torch.randint(0, 40, (20_000,), generator=torch.Generator().manual_seed(0)).float()
+        bits = x.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+        picks = [int(bits[x == v][0]) for v in (7.0, 23.0)]
+        ok = True
+        for desc in (True, False):
+            order = torch.sort(x, descending=desc).indices.numpy()
+            got = kernels.sort_ties(bits, desc, picks)
+            ok = ok and got is not None and all(np.array_equal(order[x.numpy()[order] == v], t)
+                                                for v, t in zip((7.0, 23.0), got))
+        _AGREES["ok"] = ok and _replay_agrees(kernels)
+    return _AGREES["ok"]
 
 
 class Scratch:
@@ -90,7 +114,7 @@ class Scratch:
 
     def take(self) -> tuple[np.ndarray, np.ndarray]:
         if self.keys is None:
-            self.keys, self.index = np.empty(self.n, dtype=np.float32), np.empty(self.n, dtype=np.int32)
+            self.keys, self.index = np.empty(self.n, dtype=np.uint16), np.empty(self.n, dtype=np.int32)
         return self.keys, self.index
 
 
@@ -110,21 +134,20 @@ def band(kernels, x: np.ndarray, b: np.ndarray, dtype: str, start: int, count: i
     cum = np.cumsum(order)
     (first, before_first), (last, before_last) = _rank(order, cum, start), _rank(order, cum, start + count - 1)
     bins = [BINS - 1 - first, BINS - 1 - last] if descending else [first, last]
-    half = torch.bfloat16 if dtype == "bfloat16" else torch.float16
-    ends = [np.float32(v) for v in torch.tensor(bins, dtype=torch.int16).view(half).float().tolist()]
+    ends = [np.float32(v) for v in torch.tensor(bins, dtype=torch.int16).view(HALF_TYPES[dtype]).float().tolist()]
     head_from, tail_to = start - before_first, start + count - before_last  # kept ranks among each end's ties
     if first == last:  # one run of equal magnitudes holds the whole band
         partial = [head_from > 0 or tail_to < order[first]] * 2
-        wanted = [(ends[0], head_from, tail_to)]
+        wanted = [(bins[0], head_from, tail_to)]
     else:
         partial = [head_from > 0, tail_to < order[last]]
-        wanted = [e for e, p in zip([(ends[0], head_from, None), (ends[1], 0, tail_to)], partial) if p]
+        wanted = [e for e, p in zip([(bins[0], head_from, None), (bins[1], 0, tail_to)], partial) if p]
     listed = []
     if wanted:
         def remake() -> np.ndarray:
             _histogram(kernels, x, b, dtype, keys, parallel)
             return keys
-        ties = _sorted_ties(kernels, keys, descending, [v for v, _, _ in wanted], remake, index)
+        ties = _sorted_ties(kernels, keys, dtype, descending, [v for v, _, _ in wanted], remake, index)
         listed = [t[a:z] for t, (_, a, z) in zip(ties, wanted)]
     del keys
     # the band's first end is its upper bound in a descending sort; an end whose ties are all kept moves just

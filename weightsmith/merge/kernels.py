@@ -44,6 +44,7 @@ _magnitude_histogram = _bind("ws_magnitude_histogram", _INT, _P, _P, _I64, _I64,
 _ties_scan = _bind("ws_ties_scan", _I64, _I64, _P, _P, _P, _P, _P, _P, _INT, _F32, _INT, _I64, _I64, _P, _P, _I64,
                    _P, _P, _I64)
 _sort_ties = _bind("ws_sort_ties", _INT, _P, _P, _I64, _INT, _F32, _F32, _P, _P, _I64, _P)
+_sort_ties16 = _bind("ws_sort_ties16", _INT, _P, _P, _I64, _INT, ctypes.c_int32, ctypes.c_int32, _P, _P, _I64, _P)
 TRACK_MAX = 64  # tied keys the replay can follow without an index array
 _ties_fixup = _bind("ws_ties_fixup", _INT, _I64, _P, _P, _P, _P, _P, _P, _INT, _F32, _INT, _P, _I64)
 _half_keys = _bind("ws_half_keys", None, _P, _P, _INT, _I64, _I64, _P, _P)
@@ -154,21 +155,26 @@ def sort_ties(keys, descending: bool, values, owned: bool = False, keep_keys: bo
     """For each value in ``values`` (one or two), the flat indices of ``keys`` equal to it, in the order
     ``torch.sort(keys, descending, stable=False)`` puts them; None where the sort would have taken its
     heapsort fallback on those keys (then only a real sort tells), or for 2^31 keys or more.
-    ``keys``: 1-D finite float32, permuted in place when ``owned`` (else copied), and restored on None
-    unless ``keep_keys`` is False. Without that restore, up to ``TRACK_MAX`` tied keys are followed
-    without an index array (4 bytes a key less). ``index``: int32 scratch for that array, reused across calls
-    (fresh memory costs a page fault every 4 KB)."""
-    v = keys if owned else np.array(keys, dtype=np.float32, copy=True)
-    t = [np.float32(x) for x in values] + [np.float32(values[0])] * (2 - len(values))
+    ``keys``: 1-D finite float32, or uint16 bits of non-negative finite bfloat16/float16 values (which sort
+    as those values), permuted in place when ``owned`` (else copied), and restored on None unless
+    ``keep_keys`` is False. Without that restore, up to ``TRACK_MAX`` tied keys are followed without an
+    index array (4 bytes a key less). ``index``: int32 scratch for that array, reused across calls (fresh
+    memory costs a page fault every 4 KB)."""
+    half = keys.dtype == np.uint16
+    v = keys if owned else np.array(keys, dtype=keys.dtype if half else np.float32, copy=True)
+    t = [(int if half else np.float32)(x) for x in values]
+    t += [t[0]] * (2 - len(t))
     pos, ids, tracked = np.empty(TRACK_MAX, dtype=np.int64), np.empty(TRACK_MAX, dtype=np.int64), np.zeros(1, np.int64)
     follow = (pos.ctypes.data, ids.ctypes.data, TRACK_MAX if not (owned and keep_keys) else 0, tracked.ctypes.data)
-    code = _sort_ties(_ptr(v, np.float32, writable=True), None, v.size, bool(descending), float(t[0]), float(t[1]),
-                      *follow)
-    ix = None
+
+    def replay(ix) -> int:
+        fn, cast = (_sort_ties16, int) if half else (_sort_ties, float)
+        return fn(_ptr(v, v.dtype, writable=True), None if ix is None else _ptr(ix, np.int32, writable=True), v.size,
+                  bool(descending), cast(t[0]), cast(t[1]), *follow)
+    code, ix = replay(None), None
     if code == 2:  # too many ties to follow one by one (or the keys must come back): an index array follows all
         ix = index[:v.size] if index is not None and index.size >= v.size else np.empty(v.size, dtype=np.int32)
-        code = _sort_ties(_ptr(v, np.float32, writable=True), _ptr(ix, np.int32, writable=True), v.size,
-                          bool(descending), float(t[0]), float(t[1]), *follow)
+        code = replay(ix)
     if code < 0 and v.size <= np.iinfo(np.int32).max:
         raise ValueError("kernels: sort_ties needs finite keys")
     if code:
@@ -192,10 +198,10 @@ def _half(a: np.ndarray, size: int, writable: bool = False) -> int:
 
 def half_keys(x, base, dtype: str, lo: int, hi: int, keys, counts) -> None:
     """Add into ``counts`` (32768 bins) the histogram of |round(x − base)|'s magnitude bits over [lo, hi) in
-    ``dtype``; ``keys`` (float32, or None) receives those magnitudes. Non-finite ones fall in the top bins."""
+    ``dtype``; ``keys`` (uint16, or None) receives those bits. Non-finite magnitudes fall in the top bins."""
     _range(lo, hi)
     _half_keys(_half(x, hi), _half(base, hi), HALF_CODES[dtype], lo, hi,
-               None if keys is None else _ptr(keys, np.float32, hi, True), _ptr(counts, np.int64, 1 << 15, True))
+               None if keys is None else _half(keys, hi, True), _ptr(counts, np.int64, 1 << 15, True))
 
 
 def half_mix(xs, base, out, dtype: str, lower, upper, listed, start, weight, consensus, normalize, divisor_all,
