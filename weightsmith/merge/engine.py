@@ -379,11 +379,11 @@ def _whole_model(method: Method, recipe: Recipe, out: str | Path, opts: MergeOpt
     for p in method.params:
         if recipe.parameters.get(p.name) is not None:
             p.check(recipe.parameters[p.name], "recipe")
-    if not opts.copy_tokenizer or not opts.model_card:
-        raise WeightsmithError(f"method {method.name!r} always writes its tokenizer and model card")
     return method.whole_model_fn()(recipe, out, device=device, dtype=opts.dtype,
                                    out_shard_size=shard_bytes(opts.out_shard_size, 4), seed=seed,
-                                   allow_crimes=opts.allow_crimes, force=force, progress=progress, **extra)
+                                   allow_crimes=opts.allow_crimes, force=force, progress=progress,
+                                   copy_tokenizer=opts.copy_tokenizer, model_card=opts.model_card,
+                                   allow_nonfinite=opts.allow_nonfinite, **extra)
 
 
 class _Inputs:

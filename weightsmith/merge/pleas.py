@@ -31,6 +31,7 @@ from ..stage_options import PLEAS_INPUTS, PleasOptions
 from .align.activation_matching import METRICS, activation_similarity, assign
 from .align.capture import capture, features, forward
 from .align.spec import Layer, PermSpec, spec_for
+from .values import check_whole_models
 
 MERGED, ONLY_A, ONLY_B = 0, 1, 2
 INPUTS = PLEAS_INPUTS
@@ -427,11 +428,14 @@ def pleas_modules(model_a: nn.Module, model_b: nn.Module, batches, *, width: flo
 
 def pleas_merge(model_a: str | Path, model_b: str | Path, opts: PleasOptions | None = None, *, out: str | Path,
                 dtype: str | None = None, recipe: str | None = None, seed: int = 0, device: str = "auto",
-                force: bool = False, progress: ProgressFn | None = None, **values) -> dict:
+                force: bool = False, progress: ProgressFn | None = None, copy_tokenizer: bool = True,
+                model_card: bool = True, allow_nonfinite: bool = False, **values) -> dict:
     """PLeaS-merge two model folders (Llama/Mistral/Qwen2 causal LMs) into ``out``; ``data`` is calibration text
     (the fine-tuning data, or generic text for the data-free variant). The MLP intermediate widens to
     ``width``× (config ``intermediate_size`` changes, so stock ``from_pretrained`` loads the result).
-    ``values`` override fields of ``opts`` (a :class:`PleasOptions`)."""
+    The merge value checks apply (``values.check_whole_models``: NaN/inf inputs refused unless
+    ``allow_nonfinite``, non-finite or all-zero results refused). ``copy_tokenizer``/``model_card``: write
+    model A's tokenizer files and the model card. ``values`` override fields of ``opts`` (a :class:`PleasOptions`)."""
     from ..checkpoint import Checkpoint, check_output, output_folder
     from ..checkpoint.card import write_model_card
     from ..device import resolve_device, resolve_dtype
@@ -442,10 +446,15 @@ def pleas_merge(model_a: str | Path, model_b: str | Path, opts: PleasOptions | N
     dev = resolve_device(device)
     torch.manual_seed(seed)
     a, b = load_pair(model_a, model_b, dev)
+    nonfinite, check_merged = check_whole_models([(Path(model_a), a.state_dict()), (Path(model_b), b.state_dict())],
+                                                 allow_nonfinite)
     spec = spec_for(a)
     batches = lm_batches(model_a, o.data, max_tokens=o.max_tokens, seq_len=o.seq_len, batch_size=o.batch_size)
     merged, report = pleas_modules(a, b, batches, width=o.width, least_squares=o.least_squares, inputs=o.inputs,
                                    metric=o.metric, ridge=o.ridge, seed=seed, device=dev, spec=spec, progress=progress)
+    check_merged(merged.state_dict())
+    if nonfinite:
+        report["nonfinite"] = nonfinite
     config = dict(Checkpoint(model_a).config)
     widths = {report["units"][g] for g, grp in spec.groups.items() if grp.partial}
     if len(widths) > 1:
@@ -460,13 +469,15 @@ def pleas_merge(model_a: str | Path, model_b: str | Path, opts: PleasOptions | N
         if dtype is not None:
             merged.to(resolve_dtype(dtype))
             config["torch_dtype"] = config["dtype"] = str(resolve_dtype(dtype)).removeprefix("torch.")
-        save_like(merged, model_a, folder, config, o.out_shard_size, keep_dtype=dtype is None)
-        write_model_card(folder, stage="merge", method="pleas", inputs=[str(model_a), str(model_b)], recipe=recipe,
-                         parameters={**o.to_dict(exclude=("out_shard_size",)), "seed": seed},
-                         notes="PLeaS (Nasery et al. 2024, https://arxiv.org/abs/2407.02447): activation-matched "
-                               "permutations, partial merging of the best-matched MLP units, layer-wise least squares "
-                               f"on both models' activations. Parameters: {report['size_vs_a']}× model A.",
-                         tags=["pleas"])
+        save_like(merged, model_a, folder, config, o.out_shard_size, keep_dtype=dtype is None,
+                  side_files=copy_tokenizer)
+        if model_card:
+            write_model_card(folder, stage="merge", method="pleas", inputs=[str(model_a), str(model_b)], recipe=recipe,
+                             parameters={**o.to_dict(exclude=("out_shard_size",)), "seed": seed},
+                             notes="PLeaS (Nasery et al. 2024, https://arxiv.org/abs/2407.02447): activation-matched "
+                                   "permutations, partial merging of the best-matched MLP units, layer-wise least "
+                                   f"squares on both models' activations. Parameters: {report['size_vs_a']}× model A.",
+                             tags=["pleas"])
     return report
 
 
@@ -475,7 +486,8 @@ RECIPE_PARAMS = tuple(n for n in PleasOptions.specs() if n != "out_shard_size")
 
 def merge_recipe(recipe, out: str | Path, *, device: str = "auto", dtype: str | None = None,
                  out_shard_size: str | int = "5GB", seed: int = 0, force: bool = False,
-                 progress: ProgressFn | None = None, **_) -> dict:
+                 progress: ProgressFn | None = None, copy_tokenizer: bool = True, model_card: bool = True,
+                 allow_nonfinite: bool = False, **_) -> dict:
     """``weightsmith merge`` entry point (method ``pleas``): two models, ``data`` and ``width`` parameters."""
     params = {k: v for k, v in recipe.parameters.items() if v is not None}
     unknown = set(params) - set(RECIPE_PARAMS)
@@ -491,7 +503,8 @@ def merge_recipe(recipe, out: str | Path, *, device: str = "auto", dtype: str | 
     a, b = (m.path for m in recipe.models)
     rep = pleas_merge(a, b, PleasOptions(**params, out_shard_size=str(out_shard_size)), out=out, device=device,
                       dtype=dtype or recipe.dtype, seed=seed, force=force, progress=progress,
-                      recipe=recipe.text or recipe.to_yaml())
+                      recipe=recipe.text or recipe.to_yaml(), copy_tokenizer=copy_tokenizer, model_card=model_card,
+                      allow_nonfinite=allow_nonfinite)
     return {**rep, "inputs": [a, b], "method": "pleas",
             "notes": [f"width {rep['width']}: intermediate_size {rep['intermediate_size']}, "
                       f"{rep['size_vs_a']}x the parameters of {Path(a).name}"],

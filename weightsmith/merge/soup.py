@@ -24,10 +24,13 @@ def _score(path: Path, data, labelled, max_tokens, device) -> float:
 
 def greedy_soup_recipe(recipe: Recipe, out: str | Path, *, device: str = "auto", dtype: str | None = None,
                        out_shard_size: str | int = "5GB", seed: int = 0, allow_crimes: bool = False,
-                       force: bool = False, progress: ProgressFn | None = None, **_) -> dict:
+                       force: bool = False, progress: ProgressFn | None = None, copy_tokenizer: bool = True,
+                       model_card: bool = True, allow_nonfinite: bool = False, **_) -> dict:
     """Greedy soup of ``recipe.models`` scored on ``parameters.data`` (or ``labelled``); returns the trace.
 
-    Its parameters are declared (and their names and values checked) in ``methods``' registration."""
+    Every soup is an engine merge, so the merge value checks apply (``allow_nonfinite`` goes to each);
+    ``copy_tokenizer`` and ``model_card`` apply to the final one. Its parameters are declared (and their
+    names and values checked) in ``methods``' registration."""
     data, labelled = recipe.parameters.get("data"), recipe.parameters.get("labelled")
     max_tokens = recipe.parameters.get("max_tokens")
     if (data is None) == (labelled is None):
@@ -63,7 +66,8 @@ def greedy_soup_recipe(recipe: Recipe, out: str | Path, *, device: str = "auto",
     with tempfile.TemporaryDirectory(prefix="weightsmith-soup-") as tmp:
         for i, p in enumerate(ranked[1:]):
             cand = Path(tmp) / f"candidate-{i}"
-            merge(soup_recipe(soup + [p]), cand, device=device, dtype=dtype, allow_crimes=allow_crimes)
+            merge(soup_recipe(soup + [p]), cand, device=device, dtype=dtype, allow_crimes=allow_crimes,
+                  allow_nonfinite=allow_nonfinite)
             score = _score(cand, data, labelled, max_tokens, device)
             kept = better(score, best)
             if kept:
@@ -76,6 +80,7 @@ def greedy_soup_recipe(recipe: Recipe, out: str | Path, *, device: str = "auto",
     rows = [{"model": Path(t["ingredient"]).name, f"own {metric}": t["score"], f"soup {metric}": t["soup_score"],
              "kept": "yes" if t["kept"] else "no"} for t in trace]
     result = merge(final, out, device=device, dtype=dtype, out_shard_size=out_shard_size, seed=seed,
-                   allow_crimes=allow_crimes, force=force, progress=progress, metrics=rows)
+                   allow_crimes=allow_crimes, force=force, progress=progress, metrics=rows,
+                   copy_tokenizer=copy_tokenizer, model_card=model_card, allow_nonfinite=allow_nonfinite)
     result.update(method="greedy_soup", inputs=paths, soup=soup, trace=trace, metric=metric, score=best)
     return result

@@ -47,32 +47,63 @@ class ValueChecks:
         """``merge()`` of one tensor's ``inputs`` (one per source, in order), refused or reported as above.
         ``zero_ok``: the recipe itself asks for zeros (``zero_requested``), so an all-zero result is no error.
         ``paths`` names the inputs where a job reads its own list of sources (layer slices).
-        The inputs are checked before ``merge`` runs (methods may overwrite them). One ``aminmax`` pass per
-        tensor answers both questions: NaN propagates into it, inf shows as a bound, all-zero is [0, 0]."""
-        spans = [_span(t) for t in inputs]
-        bad = [(path, t) for path, t, span in zip([Path(p) for p in paths] if paths is not None else self.sources, inputs, spans) if not _finite(t, span)]
-        for path, t in bad:
-            count = int((~torch.isfinite(t)).sum())
-            if not self.allow_nonfinite:
-                raise needs_option(
-                    f"{path}: tensor {name!r} holds {count} NaN/inf value(s); the merge would spread them. Repair "
-                    "the input", ", or set {0} to merge anyway (reported per tensor)", "allow_nonfinite")
-            self.report.append({"model": str(path), "tensor": name, "nonfinite": count})
-        nonzero = any(span is not None and span != (0, 0) for span in spans)
-        kept_nonfinite = bool(bad)
-        del bad
+        The inputs are checked before ``merge`` runs (methods may overwrite them)."""
+        kept_nonfinite, nonzero = check_inputs(name, inputs, [Path(p) for p in paths] if paths is not None
+                                               else self.sources, self.allow_nonfinite, self.report)
         result = merge()
-        span = _span(result)
-        if not _finite(result, span):
-            if not kept_nonfinite:
-                raise needs_option(
-                    f"merged tensor {name!r} is not finite although its inputs are (overflow in the output dtype? ",
-                    "try {0} float32 or smaller weights)", "dtype")
-        elif nonzero and span == (0, 0) and not zero_ok:
-            raise WeightsmithError(
-                f"merged tensor {name!r} is all zeros although its inputs are not (weights cancelling out?); "
-                "check the recipe's weights")
+        check_result(name, result, kept_nonfinite, nonzero, zero_ok)
         return result
+
+
+def check_inputs(name: str, inputs: list[torch.Tensor], paths: list[Path], allow_nonfinite: bool,
+                 report: list[dict]) -> tuple[bool, bool]:
+    """One tensor's inputs (``paths[i]`` holds ``inputs[i]``): NaN/inf refused naming the model, or counted into
+    ``report`` with ``allow_nonfinite``. Returns (some input is non-finite, some input is not all zeros).
+    One ``aminmax`` pass per tensor answers both: NaN propagates into it, inf shows as a bound, all-zero
+    is [0, 0]."""
+    spans = [_span(t) for t in inputs]
+    bad = [(path, t) for path, t, span in zip(paths, inputs, spans) if not _finite(t, span)]
+    for path, t in bad:
+        count = int((~torch.isfinite(t)).sum())
+        if not allow_nonfinite:
+            raise needs_option(
+                f"{path}: tensor {name!r} holds {count} NaN/inf value(s); the merge would spread them. Repair "
+                "the input", ", or set {0} to merge anyway (reported per tensor)", "allow_nonfinite")
+        report.append({"model": str(path), "tensor": name, "nonfinite": count})
+    return bool(bad), any(span is not None and span != (0, 0) for span in spans)
+
+
+def check_result(name: str, result: torch.Tensor, kept_nonfinite: bool, nonzero: bool, zero_ok: bool = False) -> None:
+    """A merged tensor: non-finite refused unless its inputs were (and allowed), all zeros refused when its
+    inputs were not all zero unless the recipe asks for zeros (``zero_ok``)."""
+    span = _span(result)
+    if not _finite(result, span):
+        if not kept_nonfinite:
+            raise needs_option(
+                f"merged tensor {name!r} is not finite although its inputs are (overflow in the output dtype? ",
+                "try {0} float32 or smaller weights)", "dtype")
+    elif nonzero and span == (0, 0) and not zero_ok:
+        raise WeightsmithError(
+            f"merged tensor {name!r} is all zeros although its inputs are not (weights cancelling out?); "
+            "check the recipe's weights")
+
+
+def check_whole_models(inputs: list[tuple[Path, dict[str, torch.Tensor]]], allow_nonfinite: bool = False):
+    """The same checks for merges that build a whole model at once (PLeaS): ``inputs`` are (folder, state dict)
+    pairs, checked now, name by name; returns (report, check) where ``check(result_state)`` checks every
+    merged tensor against its name's inputs."""
+    report: list[dict] = []
+    flags: dict[str, tuple[bool, bool]] = {}
+    for name in dict.fromkeys(n for _, state in inputs for n in state):
+        pairs = [(path, state[name]) for path, state in inputs if name in state and state[name].is_floating_point()]
+        if pairs:
+            flags[name] = check_inputs(name, [t for _, t in pairs], [p for p, _ in pairs], allow_nonfinite, report)
+
+    def check(result: dict[str, torch.Tensor]) -> None:
+        for name, t in result.items():
+            if t.is_floating_point():
+                check_result(name, t, *flags.get(name, (False, False)))
+    return report, check
 
 
 def _span(t: torch.Tensor) -> tuple[float, float] | None:

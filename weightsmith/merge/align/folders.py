@@ -52,9 +52,9 @@ def load_pair(model_a: str | Path, model_b: str | Path, device) -> tuple[torch.n
 
 
 def save_like(model: torch.nn.Module, source: str | Path, folder: Path, config: dict, out_shard_size: str,
-              keep_dtype: bool = True) -> None:
+              keep_dtype: bool = True, side_files: bool = True) -> None:
     """Save ``model``'s weights (in the dtypes ``source`` stores them unless ``keep_dtype`` is off), with
-    ``config`` and ``source``'s side files."""
+    ``config`` and (unless ``side_files`` is off) ``source``'s side files (tokenizer, ...)."""
     ckpt = Checkpoint(source)
     stored = {n: ckpt.info(n).torch_dtype for n in ckpt.names()} if keep_dtype else {}
     state = {k: v.detach().to("cpu", stored.get(k, v.dtype)).contiguous() for k, v in model.state_dict().items()}
@@ -62,7 +62,8 @@ def save_like(model: torch.nn.Module, source: str | Path, folder: Path, config: 
         state.pop("lm_head.weight", None)
     save_state_dict(state, folder, out_shard_size)
     write_config(folder, config)
-    copy_side_files(source, folder)
+    if side_files:
+        copy_side_files(source, folder)
 
 
 def align(model_a: str | Path, model_b: str | Path, out: str | Path, opts: AlignOptions | None = None, *,
