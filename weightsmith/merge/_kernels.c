@@ -397,26 +397,22 @@ EXPORT int ws_ties_fixup(int64_t k, const float *const *xs, const float *base, f
 #define SORT_THRESHOLD 16
 #define TRACK_MAX 64
 
-/* float keys (torch's own sort keys) */
+/* The vector scans of the replay (SSE2, on every x86-64); elsewhere _tie_replay.h has scalar ones. */
+#if defined(__SSE2__)
+#define REPLAY_SIMD 1
 static inline uint64_t stop_block_f32(const float *v, float p, int le)
 {
     uint64_t m = 0;
-#if defined(__SSE2__)
     const __m128 pv = _mm_set1_ps(p);
     for (int q = 0; q < 16; q++) {
         const __m128 x = _mm_loadu_ps(v + 4 * q);
         m |= (uint64_t)_mm_movemask_ps(le ? _mm_cmple_ps(x, pv) : _mm_cmpge_ps(x, pv)) << (4 * q);
     }
-#else
-    for (int j = 0; j < 64; j++)
-        m |= (uint64_t)(le ? v[j] <= p : v[j] >= p) << j;
-#endif
     return m;
 }
 
 static inline int any_of16_f32(const float *v, float t1, float t2)
 {
-#if defined(__SSE2__)
     const __m128 a = _mm_set1_ps(t1), b = _mm_set1_ps(t2);
     __m128 hit = _mm_setzero_ps();
     for (int q = 0; q < 4; q++) {
@@ -424,26 +420,13 @@ static inline int any_of16_f32(const float *v, float t1, float t2)
         hit = _mm_or_ps(hit, _mm_or_ps(_mm_cmpeq_ps(x, a), _mm_cmpeq_ps(x, b)));
     }
     return _mm_movemask_ps(hit) != 0;
-#else
-    int hit = 0;
-    for (int j = 0; j < 16; j++)
-        hit |= (v[j] == t1) | (v[j] == t2);
-    return hit;
-#endif
 }
 
-#define KEY float
-#define NAME(x) x##_f32
-#include "_tie_replay.h"
-#undef KEY
-#undef NAME
-
-/* 16-bit keys: the bits of non-negative bfloat16/float16 values, which order as the values do (and as
- * signed 16-bit integers, all being below 0x8000) */
+/* 16-bit keys are the bits of non-negative bfloat16/float16 values, which order as the values do, and as
+ * signed 16-bit integers (all below 0x8000) */
 static inline uint64_t stop_block_u16(const uint16_t *v, uint16_t p, int le)
 {
     uint64_t m = 0;
-#if defined(__SSE2__)
     const __m128i pv = _mm_set1_epi16((int16_t)p);
     for (int q = 0; q < 4; q++) {
         const __m128i x0 = _mm_loadu_si128((const __m128i *)(v + 16 * q));
@@ -453,29 +436,25 @@ static inline uint64_t stop_block_u16(const uint16_t *v, uint16_t p, int le)
         const __m128i g1 = le ? _mm_cmpgt_epi16(x1, pv) : _mm_cmpgt_epi16(pv, x1);
         m |= (uint64_t)(~_mm_movemask_epi8(_mm_packs_epi16(g0, g1)) & 0xFFFF) << (16 * q);
     }
-#else
-    for (int j = 0; j < 64; j++)
-        m |= (uint64_t)(le ? v[j] <= p : v[j] >= p) << j;
-#endif
     return m;
 }
 
 static inline int any_of16_u16(const uint16_t *v, uint16_t t1, uint16_t t2)
 {
-#if defined(__SSE2__)
     const __m128i a = _mm_set1_epi16((int16_t)t1), b = _mm_set1_epi16((int16_t)t2);
     const __m128i x0 = _mm_loadu_si128((const __m128i *)v), x1 = _mm_loadu_si128((const __m128i *)(v + 8));
     const __m128i hit = _mm_or_si128(_mm_or_si128(_mm_cmpeq_epi16(x0, a), _mm_cmpeq_epi16(x0, b)),
                                      _mm_or_si128(_mm_cmpeq_epi16(x1, a), _mm_cmpeq_epi16(x1, b)));
     return _mm_movemask_epi8(hit) != 0;
-#else
-    int hit = 0;
-    for (int j = 0; j < 16; j++)
-        hit |= (v[j] == t1) | (v[j] == t2);
-    return hit;
-#endif
 }
+#endif
 
+/* one replay per key type: float (torch.sort's own keys) and 16-bit (half-precision magnitudes) */
+#define KEY float
+#define NAME(x) x##_f32
+#include "_tie_replay.h"
+#undef KEY
+#undef NAME
 #define KEY uint16_t
 #define NAME(x) x##_u16
 #include "_tie_replay.h"

@@ -1,8 +1,26 @@
 /* The replay of std::sort's partitioning phase (see _kernels.c), written once for any key type: the
- * includer defines KEY, NAME(x) (a suffixed name) and, for that key type,
+ * includer defines KEY and NAME(x) (a suffixed name), and with REPLAY_SIMD its own vector versions of
  *     uint64_t NAME(stop_block)(const KEY *v, KEY p, int le)     bit j: v[j] <= p (le) or v[j] >= p, j < 64
  *     int NAME(any_of16)(const KEY *v, KEY t1, KEY t2)           whether one of v[0..16) equals t1 or t2
- * (vector code where there is some). Keys must not be NaN. */
+ * (without, the scalar ones below). Keys must not be NaN. */
+
+#if !defined(REPLAY_SIMD)
+static inline uint64_t NAME(stop_block)(const KEY *v, KEY p, int le)
+{
+    uint64_t m = 0;
+    for (int j = 0; j < 64; j++)
+        m |= (uint64_t)(le ? v[j] <= p : v[j] >= p) << j;
+    return m;
+}
+
+static inline int NAME(any_of16)(const KEY *v, KEY t1, KEY t2)
+{
+    int hit = 0;
+    for (int j = 0; j < 16; j++)
+        hit |= (v[j] == t1) | (v[j] == t2);
+    return hit;
+}
+#endif
 
 struct NAME(replay) {
     KEY *v;
