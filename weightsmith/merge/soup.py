@@ -27,10 +27,8 @@ def greedy_soup_recipe(recipe: Recipe, out: str | Path, *, device: str = "auto",
                        force: bool = False, progress: ProgressFn | None = None, copy_tokenizer: bool = True,
                        model_card: bool = True, allow_nonfinite: bool = False, **_) -> dict:
     """Greedy soup of ``recipe.models`` scored on ``parameters.data`` (or ``labelled``); returns the trace.
-
-    Every soup is an engine merge, so the merge value checks apply (``allow_nonfinite`` goes to each);
-    ``copy_tokenizer`` and ``model_card`` apply to the final one. Its parameters are declared (and their
-    names and values checked) in ``methods``' registration."""
+    Each soup is an engine merge (value checks included, ``allow_nonfinite`` passed on); ``copy_tokenizer``
+    and ``model_card`` apply to the last. Parameters are declared and checked in ``methods``' registration."""
     data, labelled = recipe.parameters.get("data"), recipe.parameters.get("labelled")
     max_tokens = recipe.parameters.get("max_tokens")
     if (data is None) == (labelled is None):
