@@ -161,3 +161,21 @@ def test_sixteen_bit_replay_equals_torch_sort(seed):
             got = kernels.sort_ties(bits, desc, codes)
             for v, t in zip(picks, got):
                 assert np.array_equal(order[x.numpy()[order] == v], t)
+
+
+@pytest.mark.parametrize("dtype", HALVES)
+def test_whole_model_trim_is_applied_not_ignored(dtype):
+    """trim: model under compat: mergekit in half precision cuts at the engine's whole-model thresholds
+    (|δ| >= t), native and reference alike; a per-tensor trim would keep a different set."""
+    base, models = tied(20_000, seed=6, dtype=dtype)
+    kw = {"weight": [1.0, 0.6, -0.3], "density": [0.3, 0.3, 0.3], "normalize": True, "lambda_": 1.0}
+    threshold = [0.004, -1.0, float("inf")]  # a cut, keep all, keep none
+    want = reference.ties([m.clone() for m in models], base.clone(), threshold=threshold, **kw)
+    got = cn.ties([m.clone() for m in models], base.clone(), threshold=threshold, **kw)
+    assert same_bits(got, want) == 0
+    per_tensor = reference.ties([m.clone() for m in models], base.clone(), **kw)
+    assert same_bits(got, per_tensor) > 0
+    # input 0 alone: exactly the entries with |δ| >= 0.004 survive
+    alone = cn.ties([models[0].clone()], base.clone(), weight=[1.0], density=[0.3], normalize=False, threshold=[0.004])
+    delta = (models[0].float() - base.float()).to(dtype).float()
+    assert torch.equal(alone.float() != base.float(), delta.abs() >= 0.004)

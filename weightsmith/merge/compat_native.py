@@ -239,9 +239,19 @@ def task_arithmetic(tensors, base, weight, normalize=False, lambda_=1.0, inplace
     return fast if fast is not None else ref.task_arithmetic(tensors, base, weight, normalize, lambda_, **kw)
 
 
-def ties(tensors, base, weight, density, normalize=True, lambda_=1.0, rescale=None, inplace=False, **kw):
-    fast = task_merge(tensors, base, weight, _top(density), True, normalize, lambda_, inplace) if _plain(rescale) else None
-    return fast if fast is not None else ref.ties(tensors, base, weight, density, normalize, lambda_, rescale, **kw)
+def _at_least(threshold: list[float]):
+    """``trim: model``: keep |δ| >= each input's whole-model threshold (−1 keeps all, inf none)."""
+    def cut(kernels, x, b, dtype, i, parallel, scratch):
+        return float(np.nextafter(np.float32(threshold[i]), np.float32(-np.inf))), math.inf, np.empty(0, dtype=np.int64)
+    return cut
+
+
+def ties(tensors, base, weight, density, normalize=True, lambda_=1.0, rescale=None, inplace=False, threshold=None,
+         **kw):
+    cut = _top(density) if threshold is None else _at_least(threshold)
+    fast = task_merge(tensors, base, weight, cut, True, normalize, lambda_, inplace) if _plain(rescale) else None
+    return fast if fast is not None else ref.ties(tensors, base, weight, density, normalize, lambda_, rescale,
+                                                  threshold=threshold, **kw)
 
 
 def _breadcrumbs(consensus: bool):

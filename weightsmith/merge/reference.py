@@ -126,7 +126,12 @@ def task_arithmetic(tensors, base, weight, normalize=False, lambda_=1.0, **_):
     return task_merge(tensors, base, weight, None, False, normalize, lambda_)
 
 
-def ties(tensors, base, weight, density, normalize=True, lambda_=1.0, rescale=None, **_):
+def ties(tensors, base, weight, density, normalize=True, lambda_=1.0, rescale=None, threshold=None, **_):
+    """``threshold``: each input's whole-model cut (``trim: model``, found by the engine's pre-pass), which
+    keeps |δ| >= it (compared in float32) instead of each tensor's top ``density``."""
+    if threshold is not None:
+        return task_merge(tensors, base, weight, lambda d, i: _rescaled(d, d.abs().float() >= threshold[i],
+                                                                        _rescale(rescale)), True, normalize, lambda_)
     return task_merge(tensors, base, weight, lambda d, i: magnitude(d, density[i], _rescale(rescale)),
                       True, normalize, lambda_)
 
