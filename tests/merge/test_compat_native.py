@@ -179,3 +179,20 @@ def test_whole_model_trim_is_applied_not_ignored(dtype):
     alone = cn.ties([models[0].clone()], base.clone(), weight=[1.0], density=[0.3], normalize=False, threshold=[0.004])
     delta = (models[0].float() - base.float()).to(dtype).float()
     assert torch.equal(alone.float() != base.float(), delta.abs() >= 0.004)
+
+
+@pytest.mark.parametrize("dtype", HALVES)
+@pytest.mark.parametrize("name", ["dare_linear", "dare_ties"])
+def test_dare_takes_the_references_draws_and_merges_natively(dtype, name, monkeypatch):
+    """DARE's masks are drawn by torch exactly as the reference draws them (same generators, same order), the
+    kernels merge the sparsified deltas: bit-equal to the reference, and it did not fall back."""
+    base, models = tied(30_000, seed=8, dtype=dtype)
+    kw = {"weight": [1.0, 0.6, -0.3], "density": [0.3, 0.55, 0.8], "normalize": True, "lambda_": 0.9, "rescale": "l1"}
+
+    def gens():
+        return [torch.Generator().manual_seed(100 + i) for i in range(3)]
+    want = getattr(reference, name)([m.clone() for m in models], base.clone(), generators=gens(), **kw)
+    plain = []
+    monkeypatch.setattr(reference, "task_merge", lambda *a, **k: plain.append(1))
+    got = getattr(cn, name)([m.clone() for m in models], base.clone(), generators=gens(), **kw)
+    assert not plain and same_bits(got, want) == 0

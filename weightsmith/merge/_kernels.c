@@ -621,6 +621,7 @@ static inline __attribute__((always_inline)) void half_elect_block(const float *
 }
 
 static inline __attribute__((always_inline)) int half_mix_body(int64_t k, const uint16_t *const *xs,
+                                                              const uint8_t *is_delta,
                                                               const uint16_t *base, uint16_t *out, int dtype,
                                                               const float *lower, const float *upper,
                                                               const int64_t *const *listed, const int64_t *counts,
@@ -649,7 +650,11 @@ static inline __attribute__((always_inline)) int half_mix_body(int64_t k, const 
         for (int64_t i = 0; i < k; i++) {
             float *restrict di = d + i * BLOCK;
             const float w = weight[i];
-            half_trim_block(xs[i] + s, b, dtype, s, n, lower[i], upper[i], listed[i], counts[i], &cursor[i], di);
+            if (is_delta[i])
+                for (int64_t j = 0; j < n; j++)
+                    di[j] = half_float(xs[i][s + j], dtype);
+            else
+                half_trim_block(xs[i] + s, b, dtype, s, n, lower[i], upper[i], listed[i], counts[i], &cursor[i], di);
             for (int64_t j = 0; j < n; j++) {
                 di[j] = round_half(di[j] * w, dtype);
                 total[j] += di[j];
@@ -664,20 +669,21 @@ static inline __attribute__((always_inline)) int half_mix_body(int64_t k, const 
     return 0;
 }
 
-/* θ_base + λ·merge(trim(δ)) over [lo, hi) in bfloat16/float16 with mergekit's rounding: δᵢ = round(xᵢ − base)
- * trimmed as half_trim_block, × wᵢ (weights given already rounded to the dtype), then TIES' elected sign
+/* θ_base + λ·merge(trim(δ)) over [lo, hi) in bfloat16/float16 with mergekit's rounding: δᵢ = xᵢ itself where
+ * is_delta[i] (sparsified by the caller), else round(xᵢ − base) trimmed as half_trim_block, × wᵢ (weights given already rounded to the dtype), then TIES' elected sign
  * and disjoint mean (consensus) or the plain sum, ÷ the kept weights' sum (0 → 1) or divisor_all when
  * normalize, × λ, + base. out may be base itself. Returns 0, or −1 when out of memory. */
-EXPORT HOT int ws_half_mix(int64_t k, const uint16_t *const *xs, const uint16_t *base, uint16_t *out, int dtype,
-                           const float *lower, const float *upper, const int64_t *const *listed, const int64_t *counts,
-                           const int64_t *start, const float *weight, int consensus, int normalize, float divisor_all,
-                           float lambda, int64_t lo, int64_t hi)
+EXPORT HOT int ws_half_mix(int64_t k, const uint16_t *const *xs, const uint8_t *is_delta, const uint16_t *base,
+                           uint16_t *out, int dtype, const float *lower, const float *upper,
+                           const int64_t *const *listed, const int64_t *counts, const int64_t *start,
+                           const float *weight, int consensus, int normalize, float divisor_all, float lambda,
+                           int64_t lo, int64_t hi)
 {
     if (dtype == 1)
-        return half_mix_body(k, xs, base, out, 1, lower, upper, listed, counts, start, weight, consensus, normalize,
-                             divisor_all, lambda, lo, hi);
-    return half_mix_body(k, xs, base, out, 2, lower, upper, listed, counts, start, weight, consensus, normalize,
-                         divisor_all, lambda, lo, hi);
+        return half_mix_body(k, xs, is_delta, base, out, 1, lower, upper, listed, counts, start, weight, consensus,
+                             normalize, divisor_all, lambda, lo, hi);
+    return half_mix_body(k, xs, is_delta, base, out, 2, lower, upper, listed, counts, start, weight, consensus,
+                         normalize, divisor_all, lambda, lo, hi);
 }
 
 static struct PyModuleDef module = {

@@ -161,36 +161,25 @@ def band(kernels, x: np.ndarray, b: np.ndarray, dtype: str, start: int, count: i
 
 
 def task_merge(tensors, base, weight, cut: Callable | None, consensus: bool, normalize: bool, lambda_: float,
-               inplace: bool = False) -> torch.Tensor | None:
+               inplace: bool = False, sparsify: Callable | None = None) -> torch.Tensor | None:
     """``reference.task_merge`` by the kernels; ``cut(kernels, x, b, dtype, i, parallel, scratch)`` gives input i's
-    (lower, upper, listed) or None. None where the kernels do not apply."""
+    (lower, upper, listed) or None. ``sparsify(δ, i)`` instead sparsifies each δᵢ = θᵢ − θ_base with torch, as the
+    reference does (DARE's draws), and the kernels merge the results. None where the kernels do not apply."""
     kernels = _kernels(tensors, base)
     if kernels is None:
         return None
     dtype = HALF[base.dtype]
+    if sparsify is not None:
+        if not all(torch.isfinite(t).all() for t in (base, *tensors)):
+            return None
+        tensors = _sparsified(tensors, base, sparsify)
     xs = [_bits(t) for t in tensors]
     b = _bits(base)
     n = b.size
-    cuts: list = [None] * len(xs)
-    if cut is None:
-        cuts = [(-1.0, math.inf, np.empty(0, dtype=np.int64))] * len(xs)
-    else:
-        # small tensors: one input per core; large ones one at a time (each pass on every core) to bound memory
-        alone = n > ref.PARALLEL_LIMIT or len(xs) == 1
-        workers = 1 if alone else min(len(xs), mixing.worker_count(n * len(xs)))
-        scratch = queue.SimpleQueue()
-        for _ in range(workers):
-            scratch.put(Scratch(n))
-
-        def fill(i: int) -> None:
-            mine = scratch.get()
-            cuts[i] = cut(kernels, xs[i], b, dtype, i, alone, mine)
-            scratch.put(mine)
-        with ThreadPoolExecutor(workers) as pool:
-            list(pool.map(fill, range(len(xs))))
-        del scratch
-        if any(c is None for c in cuts):
-            return None
+    keep_all = (-1.0, math.inf, np.empty(0, dtype=np.int64))
+    cuts = [keep_all] * len(xs) if cut is None else _cuts(kernels, xs, b, dtype, cut)
+    if cuts is None:
+        return None
     w = torch.tensor(weight, dtype=base.dtype)
     divisor = w.sum(dim=0, keepdim=True)
     divisor[divisor.abs() < 1e-8] = 1
@@ -199,14 +188,41 @@ def task_merge(tensors, base, weight, cut: Callable | None, consensus: bool, nor
     lower = np.array([c[0] for c in cuts], dtype=np.float32)
     upper = np.array([c[1] for c in cuts], dtype=np.float32)
     listed = [c[2] for c in cuts]
-    args = (dtype, lower, upper, listed)
+    is_delta = np.full(len(xs), sparsify is not None, dtype=np.bool_)
+    args = (is_delta, b, o, dtype, lower, upper, listed)
     flags = (w.float().numpy(), consensus, normalize, float(divisor), np.float32(lambda_))
 
     def mix(lo: int, hi: int) -> None:
         start = np.array([np.searchsorted(a, lo) for a in listed], dtype=np.int64)
-        kernels.half_mix(xs, b, o, *args, start, *flags, lo, hi)
+        kernels.half_mix(xs, *args, start, *flags, lo, hi)
     mixing.parallel_ranges(n, mix)
     return out
+
+
+def _cuts(kernels, xs: list[np.ndarray], b: np.ndarray, dtype: str, cut: Callable) -> list | None:
+    """Every input's cut: small tensors one input per core, large ones one at a time (each pass on every core)
+    to bound the memory; None if any input has a non-finite magnitude."""
+    n = b.size
+    alone = n > ref.PARALLEL_LIMIT or len(xs) == 1
+    workers = 1 if alone else min(len(xs), mixing.worker_count(n * len(xs)))
+    scratch = queue.SimpleQueue()
+    for _ in range(workers):
+        scratch.put(Scratch(n))
+    cuts: list = [None] * len(xs)
+
+    def fill(i: int) -> None:
+        mine = scratch.get()
+        cuts[i] = cut(kernels, xs[i], b, dtype, i, alone, mine)
+        scratch.put(mine)
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(fill, range(len(xs))))
+    return None if any(c is None for c in cuts) else cuts
+
+
+def _sparsified(tensors, base, sparsify: Callable) -> list[torch.Tensor]:
+    """δᵢ = θᵢ − θ_base sparsified in torch, in place of each θᵢ, as ``reference.task_merge`` does it (one input
+    at a time: the draws' temporaries are as large as the tensor)."""
+    return [sparsify(t.sub_(base), i).contiguous() for i, t in enumerate(tensors)]
 
 
 def _top(density: list[float]):
@@ -268,3 +284,22 @@ def _breadcrumbs(consensus: bool):
 
 breadcrumbs = _breadcrumbs(False)
 breadcrumbs_ties = _breadcrumbs(True)
+
+
+def _dare(consensus: bool):
+    plain = ref.dare_ties if consensus else ref.dare_linear
+
+    def dare(tensors, base, weight, density, normalize=False, lambda_=1.0, rescale="l1", generators=None,
+             inplace=False, **kw):
+        gens = generators or [None] * len(tensors)
+
+        def drop(d: torch.Tensor, i: int) -> torch.Tensor:
+            return ref.bernoulli(d, density[i], ref._rescale(rescale), gens[i])
+        fast = task_merge(tensors, base, weight, None, consensus, normalize, lambda_, inplace, sparsify=drop)
+        return fast if fast is not None else plain(tensors, base, weight, density, normalize, lambda_, rescale,
+                                                   generators, **kw)
+    return dare
+
+
+dare_linear = _dare(False)
+dare_ties = _dare(True)

@@ -48,7 +48,8 @@ _sort_ties16 = _bind("ws_sort_ties16", _INT, _P, _P, _I64, _INT, ctypes.c_int32,
 TRACK_MAX = 64  # tied keys the replay can follow without an index array
 _ties_fixup = _bind("ws_ties_fixup", _INT, _I64, _P, _P, _P, _P, _P, _P, _INT, _F32, _INT, _P, _I64)
 _half_keys = _bind("ws_half_keys", None, _P, _P, _INT, _I64, _I64, _P, _P)
-_half_mix = _bind("ws_half_mix", _INT, _I64, _P, _P, _P, _INT, _P, _P, _P, _P, _P, _P, _INT, _INT, _F32, _F32, _I64, _I64)
+_half_mix = _bind("ws_half_mix", _INT, _I64, _P, _P, _P, _P, _INT, _P, _P, _P, _P, _P, _P, _INT, _INT, _F32, _F32, _I64,
+                  _I64)
 HALF_CODES = {"bfloat16": 1, "float16": 2}  # the dtype codes of the half-precision kernels
 
 
@@ -204,20 +205,22 @@ def half_keys(x, base, dtype: str, lo: int, hi: int, keys, counts) -> None:
                None if keys is None else _half(keys, hi, True), _ptr(counts, np.int64, 1 << 15, True))
 
 
-def half_mix(xs, base, out, dtype: str, lower, upper, listed, start, weight, consensus, normalize, divisor_all,
-             lambda_, lo, hi) -> None:
-    """out[j] over [lo, hi): θ_base + λ·merge(trim(δ)) rounded op for op in ``dtype`` as mergekit does. Input i
-    keeps δ where lower[i] < |δ| < upper[i], and where |δ| equals one of them at the ascending flat indices
-    ``listed[i]`` (from ``start[i]`` on). ``weight``: float32, already rounded to the dtype."""
+def half_mix(xs, is_delta, base, out, dtype: str, lower, upper, listed, start, weight, consensus, normalize,
+             divisor_all, lambda_, lo, hi) -> None:
+    """out[j] over [lo, hi): θ_base + λ·merge(trim(δ)) rounded op for op in ``dtype`` as mergekit does. Input i is
+    δ itself where ``is_delta[i]`` (already sparsified), else θ, whose δ = round(θ − base) is kept where
+    lower[i] < |δ| < upper[i], and where |δ| equals one of them at the ascending flat indices ``listed[i]``
+    (from ``start[i]`` on). ``weight``: float32, already rounded to the dtype."""
     _range(lo, hi)
     k = len(xs)
-    if not (len(listed) == k and lower.size == upper.size == start.size == weight.size == k):
+    if not (len(listed) == k and lower.size == upper.size == start.size == weight.size == is_delta.size == k):
         raise ValueError("kernels: half_mix arguments do not match the inputs")
     lists = (ctypes.c_void_p * k)(*(_ptr(a, np.int64) if a.size else None for a in listed))
     counts = np.array([a.size for a in listed], dtype=np.int64)
     if np.any(start < 0) or np.any(start > counts):
         raise ValueError("kernels: half_mix start out of range")
-    code = _half_mix(k, (ctypes.c_void_p * k)(*(_half(x, hi) for x in xs)), _half(base, hi), _half(out, hi, True),
+    code = _half_mix(k, (ctypes.c_void_p * k)(*(_half(x, hi) for x in xs)), _ptr(is_delta, np.bool_, k),
+                     _half(base, hi), _half(out, hi, True),
                      HALF_CODES[dtype], _ptr(lower, np.float32, k), _ptr(upper, np.float32, k), lists,
                      counts.ctypes.data, _ptr(start, np.int64, k), _ptr(weight, np.float32, k), bool(consensus),
                      bool(normalize), float(divisor_all), float(lambda_), lo, hi)

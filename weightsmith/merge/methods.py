@@ -188,9 +188,9 @@ def _dare_params(consensus: bool) -> tuple[Param, ...]:
 
 
 dare_linear = merge_method("dare_linear", title="DARE (linear)", url="https://arxiv.org/abs/2311.03099",
-                           params=_dare_params(False), random=True, reference=ref.dare_linear, **TASK_VECTOR)(_dare(False))
+                           params=_dare_params(False), random=True, reference=compat_native.dare_linear, **TASK_VECTOR)(_dare(False))
 dare_ties = merge_method("dare_ties", title="DARE TIES", url="https://arxiv.org/abs/2311.03099",
-                         params=_dare_params(True), random=True, reference=ref.dare_ties, **TASK_VECTOR)(_dare(True))
+                         params=_dare_params(True), random=True, reference=compat_native.dare_ties, **TASK_VECTOR)(_dare(True))
 
 
 def _breadcrumbs(consensus: bool):
