@@ -451,14 +451,18 @@ static inline int any_of16_u16(const uint16_t *v, uint16_t t1, uint16_t t2)
 
 /* one replay per key type: float (torch.sort's own keys) and 16-bit (half-precision magnitudes) */
 #define KEY float
+#define KEY_NAN(x) ((x) != (x))
 #define NAME(x) x##_f32
 #include "_tie_replay.h"
 #undef KEY
+#undef KEY_NAN
 #undef NAME
 #define KEY uint16_t
+#define KEY_NAN(x) 0
 #define NAME(x) x##_u16
 #include "_tie_replay.h"
 #undef KEY
+#undef KEY_NAN
 #undef NAME
 
 /* The replay on float keys (torch.sort's own) or on 16-bit ones (magnitudes of half-precision values, kept

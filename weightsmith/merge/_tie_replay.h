@@ -1,5 +1,6 @@
 /* The replay of std::sort's partitioning phase (see _kernels.c), written once for any key type: the
- * includer defines KEY and NAME(x) (a suffixed name), and with REPLAY_SIMD its own vector versions of
+ * includer defines KEY, KEY_NAN(x) (whether key x is a NaN) and NAME(x) (a suffixed name), and with
+ * REPLAY_SIMD its own vector versions of
  *     uint64_t NAME(stop_block)(const KEY *v, KEY p, int le)     bit j: v[j] <= p (le) or v[j] >= p, j < 64
  *     int NAME(any_of16)(const KEY *v, KEY t1, KEY t2)           whether one of v[0..16) equals t1 or t2
  * (without, the scalar ones below). Keys must not be NaN. */
@@ -187,7 +188,7 @@ static int NAME(sort_ties)(KEY *v, int32_t *ix, int64_t n, int desc, KEY t1, KEY
         return -1;
     int nan = 0;
     for (int64_t j = 0; j < n; j++)
-        nan |= v[j] != v[j];
+        nan |= KEY_NAN(v[j]);
     if (nan)
         return -1;
     for (int64_t j = 0; ix != NULL && j < n; j++)
