@@ -7,7 +7,7 @@
  * - ws_ties_scan + ws_ties_fixup: a whole TIES merge before its thresholds are known (sparsify.ties_fused),
  *   with the same arithmetic as ws_mix_range.
  * - ws_bracket_range: the counting pass of a top-k threshold search; ws_nth_equal: where a run of tied
- *   magnitudes is cut; ws_magnitude_histogram: the counting passes of a whole-model top-k threshold.
+ *   magnitudes is cut; ws_magnitude_histogram(s): the counting passes of a whole-model top-k threshold.
  * - ws_sort_ties: the order in which torch's (unstable) CPU sort leaves equal keys, for the keys equal to
  *   one or two given values, without sorting the rest (mergekit keeps tied magnitudes at a top-k cut in
  *   that order).
@@ -227,40 +227,71 @@ static inline uint32_t magnitude_bits(float x, float base)
     return bits;
 }
 
+/* One input's block into its four interleaved histograms (so runs of one bin do not wait on each other's
+ * increments): by the top 16 bits when high < 0, else the low 16 bits of the entries whose top bits are high. */
+static inline void histogram_block(const float *x, const float *b, int64_t n, int32_t high, uint32_t *part)
+{
+    const int64_t bins = high < 0 ? (1 << 15) : (1 << 16);
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4) {
+        for (int r = 0; r < 4; r++) {
+            const uint32_t bits = magnitude_bits(x[j + r], b[j + r]);
+            if (high < 0)
+                part[r * bins + (bits >> 16)]++;
+            else if ((int32_t)(bits >> 16) == high)
+                part[r * bins + (bits & 0xFFFFu)]++;
+        }
+    }
+    for (; j < n; j++) {
+        const uint32_t bits = magnitude_bits(x[j], b[j]);
+        if (high < 0)
+            part[bits >> 16]++;
+        else if ((int32_t)(bits >> 16) == high)
+            part[bits & 0xFFFFu]++;
+    }
+}
+
+static void flush_histograms(int64_t k, const int32_t *high, uint32_t *part, int64_t *const *counts)
+{
+    for (int64_t i = 0; i < k; i++) {
+        const int64_t bins = high[i] < 0 ? (1 << 15) : (1 << 16);
+        uint32_t *p = part + i * 4 * (1 << 16);
+        for (int64_t b = 0; b < bins; b++) {
+            counts[i][b] += (int64_t)p[b] + p[bins + b] + p[2 * bins + b] + p[3 * bins + b];
+            p[b] = p[bins + b] = p[2 * bins + b] = p[3 * bins + b] = 0;
+        }
+    }
+}
+
+/* The histograms of k inputs' |x_i − base| at once (each block of base read once for all of them), added into
+ * counts[i] as ws_magnitude_histogram does for one. Returns 0, or −1 when out of memory. */
+EXPORT int ws_magnitude_histograms(int64_t k, const float *const *xs, const float *base, int64_t lo, int64_t hi,
+                                   const int32_t *high, int64_t *const *counts)
+{
+    const int64_t flush = (int64_t)1 << 30; /* a uint32 lane takes at most a quarter of this many */
+    uint32_t *part = calloc((size_t)(k > 0 ? k : 1) * 4 * (1 << 16), sizeof(uint32_t));
+    if (part == NULL)
+        return -1;
+    int64_t since = 0;
+    for (int64_t s = lo; s < hi; s += BLOCK) {
+        const int64_t n = (hi < s + BLOCK ? hi : s + BLOCK) - s;
+        for (int64_t i = 0; i < k; i++)
+            histogram_block(xs[i] + s, base + s, n, high[i], part + i * 4 * (1 << 16));
+        since += n;
+        if (since >= flush) {
+            flush_histograms(k, high, part, counts);
+            since = 0;
+        }
+    }
+    flush_histograms(k, high, part, counts);
+    free(part);
+    return 0;
+}
+
 EXPORT int ws_magnitude_histogram(const float *x, const float *base, int64_t lo, int64_t hi, int32_t high,
                                   int64_t *counts)
 {
-    /* four interleaved histograms, so runs of one bin do not wait on each other's increments */
-    const int64_t bins = high < 0 ? (1 << 15) : (1 << 16), flush = (int64_t)1 << 30;
-    uint32_t *part = calloc(4 * (size_t)bins, sizeof(uint32_t));
-    if (part == NULL)
-        return -1;
-    for (int64_t s = lo; s < hi; s += flush) {
-        const int64_t e = hi - s < flush ? hi : s + flush;
-        int64_t j = s;
-        for (; j + 4 <= e; j += 4) {
-            for (int r = 0; r < 4; r++) {
-                const uint32_t bits = magnitude_bits(x[j + r], base[j + r]);
-                if (high < 0)
-                    part[r * bins + (bits >> 16)]++;
-                else if ((int32_t)(bits >> 16) == high)
-                    part[r * bins + (bits & 0xFFFFu)]++;
-            }
-        }
-        for (; j < e; j++) {
-            const uint32_t bits = magnitude_bits(x[j], base[j]);
-            if (high < 0)
-                part[bits >> 16]++;
-            else if ((int32_t)(bits >> 16) == high)
-                part[bits & 0xFFFFu]++;
-        }
-        for (int64_t b = 0; b < bins; b++) {
-            counts[b] += (int64_t)part[b] + part[bins + b] + part[2 * bins + b] + part[3 * bins + b];
-            part[b] = part[bins + b] = part[2 * bins + b] = part[3 * bins + b] = 0;
-        }
-    }
-    free(part);
-    return 0;
+    return ws_magnitude_histograms(1, &x, base, lo, hi, &high, &counts);
 }
 
 /* One pass of a TIES merge before its thresholds are known, over [lo, hi).

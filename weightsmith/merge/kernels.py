@@ -40,7 +40,7 @@ def _bind(name: str, restype, *argtypes):
 _mix_range = _bind("ws_mix_range", _INT, _I64, _P, _P, _P, _P, _P, _P, _P, _I64, _I64, _INT, _INT, _F32, _F32, _INT)
 _bracket_range = _bind("ws_bracket_range", None, _P, _P, _INT, _F32, _F32, _I64, _I64, _P, _I64, _P)
 _nth_equal = _bind("ws_nth_equal", _I64, _P, _P, _INT, _F32, _I64, _I64)
-_magnitude_histogram = _bind("ws_magnitude_histogram", _INT, _P, _P, _I64, _I64, ctypes.c_int32, _P)
+_magnitude_histograms = _bind("ws_magnitude_histograms", _INT, _I64, _P, _P, _I64, _I64, _P, _P)
 _ties_scan = _bind("ws_ties_scan", _I64, _I64, _P, _P, _P, _P, _P, _P, _INT, _F32, _INT, _I64, _I64, _P, _P, _I64,
                    _P, _P, _I64)
 _sort_ties = _bind("ws_sort_ties", _INT, _P, _P, _I64, _INT, _F32, _F32, _P, _P, _I64, _P)
@@ -109,9 +109,18 @@ def nth_equal(x, base, has_base, value, count) -> int:
 def magnitude_histogram(x, base, lo, hi, high, counts) -> None:
     """Add into ``counts`` the histogram of |x − base|'s float32 bits over [lo, hi): by the top 16 bits when
     ``high`` < 0 (32768 bins), else by the low 16 bits of the entries whose top 16 bits equal ``high``."""
+    magnitude_histograms([x], base, lo, hi, [high], [counts])
+
+
+def magnitude_histograms(xs, base, lo, hi, highs, counts) -> None:
+    """``magnitude_histogram`` for several inputs over one base at once (the base is read once)."""
     _range(lo, hi)
-    if _magnitude_histogram(_ptr(x, np.float32, hi), _ptr(base, np.float32, hi), lo, hi, int(high),
-                            _ptr(counts, np.int64, 1 << 15 if high < 0 else 1 << 16, True)):
+    k = len(xs)
+    if not len(highs) == len(counts) == k:
+        raise ValueError("kernels: magnitude_histograms arguments do not match the inputs")
+    high = np.array(highs, dtype=np.int32)
+    sinks = (ctypes.c_void_p * k)(*(_ptr(c, np.int64, 1 << 15 if h < 0 else 1 << 16, True) for c, h in zip(counts, high)))
+    if _magnitude_histograms(k, _inputs(xs, hi), _ptr(base, np.float32, hi), lo, hi, high.ctypes.data, sinks):
         raise MemoryError("kernels: out of memory")
 
 

@@ -72,27 +72,35 @@ def magnitude_histogram(x: torch.Tensor, base: torch.Tensor, high: int, counts: 
     """Add into ``counts`` the histogram of |x − base|'s float32 bits: by their top 16 bits when ``high`` < 0,
     else by their low 16 bits among the entries whose top 16 bits equal ``high``. Non-negative floats order
     as their bit patterns, so the two histograms pin an order statistic down exactly."""
-    xf, bf = x.reshape(-1), base.reshape(-1)
-    native = xf.device.type == "cpu" and xf.dtype == bf.dtype == torch.float32
+    magnitude_histograms([x], base, [high], [counts])
+
+
+def magnitude_histograms(xs: list[torch.Tensor], base: torch.Tensor, highs: list[int], counts: list[np.ndarray]) -> None:
+    """``magnitude_histogram`` of several inputs against one base; the native kernel reads the base once."""
+    bf = base.reshape(-1)
+    flat = [x.reshape(-1) for x in xs]
+    native = bf.device.type == "cpu" and all(t.dtype == torch.float32 for t in (bf, *flat))
     kernels = mixing.native_kernels() if native else None
     if kernels is not None:
-        xa, ba = mixing.flat_array(xf), mixing.flat_array(bf)
-        parts: list[np.ndarray] = []
+        xa, ba = [mixing.flat_array(x) for x in flat], mixing.flat_array(bf)
+        parts: list[list[np.ndarray]] = []
 
         def count(lo: int, hi: int) -> None:
-            part = np.zeros_like(counts)
-            kernels.magnitude_histogram(xa, ba, lo, hi, high, part)
+            part = [np.zeros_like(c) for c in counts]
+            kernels.magnitude_histograms(xa, ba, lo, hi, highs, part)
             parts.append(part)
 
-        mixing.parallel_ranges(xa.size, count)
+        mixing.parallel_ranges(ba.size, count)
         for part in parts:
-            counts += part
+            for c, p in zip(counts, part):
+                c += p
         return
     step = 1 << 22
-    for s in range(0, xf.numel(), step):
-        bits = (xf[s:s + step].float() - bf[s:s + step].float()).abs_().view(torch.int32)
-        index = bits >> 16 if high < 0 else bits[(bits >> 16) == high] & 0xFFFF
-        counts += torch.bincount(index, minlength=counts.size).cpu().numpy()
+    for xf, high, c in zip(flat, highs, counts):
+        for s in range(0, xf.numel(), step):
+            bits = (xf[s:s + step].float() - bf[s:s + step].float()).abs_().view(torch.int32)
+            index = bits >> 16 if high < 0 else bits[(bits >> 16) == high] & 0xFFFF
+            c += torch.bincount(index, minlength=c.size).cpu().numpy()
 
 
 def _bin_of_rank(counts: np.ndarray, k: int) -> tuple[int, int]:
@@ -116,14 +124,12 @@ def whole_model_thresholds(tensors: Callable[[], Iterable[tuple[torch.Tensor, li
         return thresholds
     high = {i: np.zeros(HIGH_BINS, dtype=np.int64) for i in todo}
     for base, xs in tensors():
-        for i in todo:
-            magnitude_histogram(xs[i], base, -1, high[i])
+        magnitude_histograms([xs[i] for i in todo], base, [-1] * len(todo), [high[i] for i in todo])
         del base, xs  # before the next tensor is read
     bins = {i: _bin_of_rank(high[i], keep[i]) for i in todo}
     low = {i: np.zeros(LOW_BINS, dtype=np.int64) for i in todo}
     for base, xs in tensors():
-        for i in todo:
-            magnitude_histogram(xs[i], base, bins[i][0], low[i])
+        magnitude_histograms([xs[i] for i in todo], base, [bins[i][0] for i in todo], [low[i] for i in todo])
         del base, xs
     for i in todo:
         top, above = bins[i]
