@@ -56,7 +56,7 @@ def test_nonfinite_inputs_are_refused_by_whole_model_merges(method, pair, tmp_pa
     a, b, data = pair
     poison(b)
     recipe = _pleas(a, b, data) if method == "pleas" else _soup(a, b, data)
-    with pytest.raises(WeightsmithError, match=rf"{b}: tensor '{TENSOR}' holds 1 NaN/inf.*--allow-nonfinite"):
+    with pytest.raises(WeightsmithError, match=rf"{b}: tensor '{TENSOR}' holds 1 NaN/inf.*set allow_nonfinite"):
         merge(recipe, tmp_path / "out", device="cpu")
     assert not (tmp_path / "out").exists()
 
