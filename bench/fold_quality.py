@@ -76,7 +76,8 @@ def embed(model, tok, sentences, pooling, batch=64):
 
 
 def minilm_table(heal_steps: int, importances: list[str], sentences: int, seq: int, calib_sentences: int,
-                 gate_steps: int) -> None:
+                 gate_steps: int, heal_lr: float, heal_batch: int, docstrings: bool, relax_rank: int,
+                 blocks: tuple[int, ...] = (1, 2)) -> None:
     from weightsmith.fold.english import english_sentences, write_calibration
     from weightsmith.fold.pooling import read_pooling
 
@@ -89,26 +90,31 @@ def minilm_table(heal_steps: int, importances: list[str], sentences: int, seq: i
     iu = torch.triu_indices(len(held), len(held), 1)
     ref_sim = (ref @ ref.T)[iu[0], iu[1]]
     with tempfile.TemporaryDirectory() as tmp:
-        data = write_calibration(Path(tmp) / "calib.txt", calib_sentences)
+        data = write_calibration(Path(tmp) / "calib.txt", calib_sentences, docstrings=docstrings)
         print(f"\nall-MiniLM-L6-v2 ({pooling.source}); calibration: {calib_sentences} sentences of the even "
-              f"pydoc topics, seq {seq}; held out: {len(held)} sentences of the odd topics")
+              f"pydoc topics{' + the stdlib docstring sentences (heal only)' if docstrings else ''}, importance on "
+              f"16,384 tokens in windows of {seq}; heal: batches of {heal_batch} sentences, lr {heal_lr:g}; "
+              f"held out: {len(held)} sentences of the odd topics")
         print("| importance | removed | share | heal steps | importance s | heal s | mean cosine | min cosine | "
               "Spearman of pairwise sims |")
         print("|---|---|---|---|---|---|---|---|---|")
-        runs = [(imp, 1 / 6, "1") for imp in importances] + [(importances[0], 2 / 6, "2")]
-        for importance, remove, share in runs:
+        runs = [(imp, 1 / 6, "1", 0) for imp in importances] if 1 in blocks else []
+        runs += [(importances[0], 2 / 6, "2", 0)] if 2 in blocks else []
+        runs += [(importances[0], 2 / 6, "2", relax_rank)] if relax_rank and 2 in blocks else []
+        for importance, remove, share, rank in runs:
             for steps in (0, heal_steps):
                 if steps and importance not in (importances[0], "bi") and share == "1":
                     continue
-                out = Path(tmp) / f"m-{importance}-{share}-{steps}"
+                out = Path(tmp) / f"m-{importance}-{share}-{rank}-{steps}"
                 res = fold(path, out, data=data, remove=remove, share=share, importance=importance, heal_steps=steps,
-                           device="cpu", model=original, seed=0, gate_steps=gate_steps, seq=seq, heal_lr=1e-4,
-                           batch_size=16)
+                           device="cpu", model=original, seed=0, gate_steps=gate_steps, seq=seq, heal_lr=heal_lr,
+                           batch_size=heal_batch, relax_rank=rank, heal_max_tokens=1_000_000)
                 got = embed(weightsmith.load(out), tok, held, pooling)
                 cos = (got * ref).sum(-1)
                 rho = spearman((got @ got.T)[iu[0], iu[1]], ref_sim)
                 sec = res["seconds"]
-                print(f"| {importance} | {res['removed']} | {share} | {steps} | {sec['importance']:.1f} | "
+                label = share + (f" + relax r={rank}" if rank else "")
+                print(f"| {importance} | {res['removed']} | {label} | {steps} | {sec['importance']:.1f} | "
                       f"{sec.get('heal', 0):.0f} | {cos.mean():.4f} | {cos.min():.4f} | {rho:.4f} |", flush=True)
 
 
@@ -126,7 +132,12 @@ def main() -> None:
     ap.add_argument("--importances", default="loss,bi,angular,gates", help="MiniLM rows; the first one also folds 2 blocks")
     ap.add_argument("--sentences", type=int, default=300, help="held-out MiniLM sentences")
     ap.add_argument("--calib-sentences", type=int, default=805, help="MiniLM calibration sentences")
-    ap.add_argument("--seq", type=int, default=32, help="MiniLM calibration window (heal batches are 16 of them)")
+    ap.add_argument("--seq", type=int, default=128, help="MiniLM calibration window of the importance")
+    ap.add_argument("--minilm-heal-lr", type=float, default=2e-4)
+    ap.add_argument("--minilm-heal-batch", type=int, default=32, help="sentences per MiniLM heal step")
+    ap.add_argument("--no-docstrings", action="store_true", help="heal MiniLM on the pydoc calibration sentences only")
+    ap.add_argument("--minilm-blocks", default="1,2", help="MiniLM rows: one block removed (1), two with --share 2 (2)")
+    ap.add_argument("--minilm-relax-rank", type=int, default=0, help="also fold two blocks with --share 2 + this relax rank")
     ap.add_argument("--gate-steps", type=int, default=100)
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -134,7 +145,9 @@ def main() -> None:
         lm_table(args.size, args.heal_steps, args.remove, args.lora_rank, args.lora_lr, args.lora_only)
     if not args.skip_minilm:
         minilm_table(args.minilm_heal_steps, args.importances.split(","), args.sentences, args.seq,
-                     args.calib_sentences, args.gate_steps)
+                     args.calib_sentences, args.gate_steps, args.minilm_heal_lr, args.minilm_heal_batch,
+                     not args.no_docstrings, args.minilm_relax_rank,
+                     tuple(int(b) for b in args.minilm_blocks.split(",")))
 
 
 if __name__ == "__main__":
