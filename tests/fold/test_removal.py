@@ -28,7 +28,7 @@ def test_probe_loss_equals_the_loss_of_the_folded_lm(zoo):
     probe = RemovalProbe(model, windows, batch_size=4)
     for removed in ([0], [2], [3], [1, 2], [0, 3]):
         folded = fold_model(model, cfg, removed, [1] * (4 - len(removed)))
-        batches = windows.split(4)[::2 if len(removed) > 1 else 1]  # sets of 2+ are ranked on every other batch
+        batches = windows[::2 if len(removed) > 1 else 1].split(4)  # sets of 2+ are ranked on every other window
         with torch.no_grad():
             direct = sum(folded(input_ids=b, labels=b).loss.item() * b.shape[0] for b in batches) / sum(map(len, batches))
         assert probe.loss(removed) == pytest.approx(direct, rel=1e-5)
@@ -56,8 +56,8 @@ def test_probe_distance_equals_the_pooled_distance_of_the_folded_encoder(zoo):
             folded = fold_model(model, cfg, removed, [1] * (6 - len(removed)))
             got = pooling(folded(input_ids=windows).last_hidden_state)
             dist = 1 - F.cosine_similarity(got, ref, dim=-1)
-            if len(removed) > 1:  # sets of 2+ are ranked on every other batch of 4
-                dist = torch.cat(dist.split(4)[::2])
+            if len(removed) > 1:  # sets of 2+ are ranked on every other window
+                dist = dist[::2]
             assert probe.loss(removed) == pytest.approx(dist.mean().item(), rel=1e-4, abs=1e-6)
     assert probe.loss([]) == 0.0
 
@@ -92,4 +92,13 @@ def test_multi_block_choice_is_no_worse_than_any_span_or_the_greedy_pick(zoo):
     first = min(range(4), key=lambda i: probe.loss({i}))
     greedy = min(probe.loss({first, j}) for j in range(4) if j != first)
     assert scores["loss_removed"] == pytest.approx(probe.loss(chosen, every=1))  # reported on all batches
-    assert probe.loss(chosen) <= min(spans + [greedy]) + 1e-9  # ranked on every other batch, as the candidates
+    assert probe.loss(chosen) <= min(spans + [greedy]) + 1e-9  # ranked on every other window, as the candidates
+
+
+def test_sets_are_ranked_on_the_same_windows_whatever_the_batch_size(zoo):
+    model = weightsmith.load(zoo.model("base"))
+    windows = lm_windows(zoo)
+    a, b = RemovalProbe(model, windows, batch_size=4), RemovalProbe(model, windows, batch_size=3)
+    for removed in ([1, 2], [0, 3]):
+        assert a.loss(removed) == pytest.approx(b.loss(removed), rel=1e-5)
+    assert a.loss([1, 2]) != pytest.approx(a.loss([1, 2], every=1), rel=1e-4)  # a strict subset of the windows

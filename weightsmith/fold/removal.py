@@ -9,8 +9,8 @@ sentence-transformers pooling) to the original model's.
 
 k blocks: the best of every contiguous span of k blocks and of a beam search that takes out one block at
 a time (width ``beam``; width 1 is greedy), extending sets only with the k + beam blocks whose removal
-alone costs least. Sets of two or more blocks are compared on every other recorded batch (they are only
-ranked against each other), which keeps a two-block search within 3x one forward pass. Every set
+alone costs least. Sets of two or more blocks are compared on every other recorded window (they are only
+ranked against each other; the same windows whatever the batch size), which keeps a two-block search within 3x one forward pass. Every set
 evaluated is cached.
 """
 from __future__ import annotations
@@ -101,15 +101,13 @@ class RemovalProbe:
 
     @torch.no_grad()
     def loss(self, removed, every: int | None = None) -> float:
-        """Calibration loss with the blocks in ``removed`` taken out (cached), on every ``every``-th batch
-        (default: all for one block, every other one for sets of two or more)."""
-        every = every or (2 if len(removed) > 1 and len(self.batches) > 1 else 1)
+        """Calibration loss with the blocks in ``removed`` taken out (cached), on every ``every``-th window
+        (default: all of them for one block, every other one for sets of two or more)."""
+        every = every or (2 if len(removed) > 1 and sum(b.shape[0] for b in self.batches) > 1 else 1)
         key = frozenset(removed)
         if (key, every) in self.cache:
             return self.cache[key, every]
         first = min(key)
-        batches = range(0, len(self.batches), every)
-        norm = sum(self.weights[bi] for bi in batches)
         slot: list[torch.Tensor] = [None]
         for i in range(self.n):
             if i in key or i < first - 1:
@@ -118,26 +116,31 @@ class RemovalProbe:
                 self.blocks[i].forward = _replay(slot, self.tails[i])
         was_training = self.model.training
         self.model.eval()
-        total = 0.0
+        total, count, offset = 0.0, 0, 0
         try:
-            for bi in batches:
-                x = self.batches[bi]
-                state = self.states[bi][first]
-                slot[0] = state.to(self.device)
-                out = self._forward(x)
-                if self.causal:
-                    total += self.weights[bi] * out.loss.item()
-                else:
-                    got = self.pooling(out.last_hidden_state.float())
-                    total += self.weights[bi] * (1 - F.cosine_similarity(got, self.reference[bi], dim=-1)).mean().item()
-            total /= norm
+            for bi, x in enumerate(self.batches):
+                rows = [r for r in range(x.shape[0]) if (offset + r) % every == 0]
+                offset += x.shape[0]
+                if rows:
+                    total += len(rows) * self._removed_loss(bi, rows, first, slot)
+                    count += len(rows)
         finally:
             for b in self.blocks:
                 b.__dict__.pop("forward", None)
             self.model.train(was_training)
-        self.cache[key, every] = total
+        self.cache[key, every] = total / count
         self.evaluated += 1
-        return total
+        return total / count
+
+    def _removed_loss(self, bi: int, rows: list[int], first: int, slot: list) -> float:
+        """Mean loss of windows ``rows`` of batch ``bi``, replaying the recorded input of block ``first``."""
+        x = self.batches[bi][rows]
+        slot[0] = self.states[bi][first][rows].to(self.device)
+        out = self._forward(x)
+        if self.causal:
+            return out.loss.item()
+        got = self.pooling(out.last_hidden_state.float())
+        return (1 - F.cosine_similarity(got, self.reference[bi][rows], dim=-1)).mean().item()
 
     def choose(self, k: int, beam: int = 2) -> tuple[list[int], dict]:
         """The ``k`` blocks whose removal costs the least calibration loss, and the losses behind it."""
