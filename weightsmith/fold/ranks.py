@@ -16,8 +16,8 @@ import torch
 from ..errors import WeightsmithError
 
 
-def launched() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 or os.environ.get("LOCAL_RANK") is not None
+def launched(environ=os.environ) -> bool:
+    return int(environ.get("WORLD_SIZE", "1")) > 1 or environ.get("LOCAL_RANK") is not None
 
 
 def _requested_processes(launcher_argv: list[str]) -> int | None:
@@ -51,7 +51,7 @@ def cpu_ranks_command(environ, launcher_argv: list[str], argv: list[str]) -> lis
     """The ``torch.distributed.run`` command that starts the N gloo ranks ``accelerate launch --cpu
     --num_processes N`` asked for but did not start (accelerate starts CPU ranks only under mpirun and runs
     one plain process otherwise); None when this process is not such a launch."""
-    if int(environ.get("WORLD_SIZE", "1")) > 1 or environ.get("LOCAL_RANK") is not None:
+    if launched(environ):
         return None
     if environ.get("ACCELERATE_USE_CPU", "").lower() != "true" or "MASTER_ADDR" not in environ:
         return None

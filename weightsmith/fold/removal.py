@@ -10,8 +10,8 @@ sentence-transformers pooling) to the original model's.
 k blocks: the best of every contiguous span of k blocks and of a beam search that takes out one block at
 a time (width ``beam``; width 1 is greedy), extending sets only with the k + beam blocks whose removal
 alone costs least. Sets of two or more blocks are compared on every other recorded window (they are only
-ranked against each other; the same windows whatever the batch size), which keeps a two-block search within 3x one forward pass. Every set
-evaluated is cached.
+ranked against each other; the same windows whatever the batch size), which keeps a two-block search
+within 3x one forward pass. Every set evaluated is cached.
 """
 from __future__ import annotations
 
@@ -119,11 +119,12 @@ class RemovalProbe:
         total, count, offset = 0.0, 0, 0
         try:
             for bi, x in enumerate(self.batches):
-                rows = [r for r in range(x.shape[0]) if (offset + r) % every == 0]
+                rows = slice((-offset) % every, None, every)  # the batch's windows at global multiples of every
                 offset += x.shape[0]
-                if rows:
-                    total += len(rows) * self._removed_loss(bi, rows, first, slot)
-                    count += len(rows)
+                n = len(range(x.shape[0])[rows])
+                if n:
+                    total += n * self._removed_loss(bi, rows, first, slot)
+                    count += n
         finally:
             for b in self.blocks:
                 b.__dict__.pop("forward", None)
@@ -132,7 +133,7 @@ class RemovalProbe:
         self.evaluated += 1
         return total / count
 
-    def _removed_loss(self, bi: int, rows: list[int], first: int, slot: list) -> float:
+    def _removed_loss(self, bi: int, rows: slice, first: int, slot: list) -> float:
         """Mean loss of windows ``rows`` of batch ``bi``, replaying the recorded input of block ``first``."""
         x = self.batches[bi][rows]
         slot[0] = self.states[bi][first][rows].to(self.device)
