@@ -5,7 +5,11 @@ loops on the same folded model, batch and sequence length:
                 backward, clip, AdamW), so the ratio is what heal's machinery costs;
   plain LM:     a bare LM fine-tune (student forward with labels, backward, AdamW), no teacher at all.
 
-    .venv/bin/python bench/heal_speed.py [--model zoo|minilm] [--steps 30] [--batch-size 8] [--seq 128]
+With --sentences (MiniLM): the heal as an encoder is healed, one calibration sentence per input, against the
+same distillation as a bare loop that pads each batch to its longest sentence (as a tokenizer call with
+padding=True does); the rates count real tokens, not padding.
+
+    .venv/bin/python bench/heal_speed.py [--model zoo|minilm] [--sentences] [--steps 30] [--batch-size 8] [--seq 128]
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from weightsmith.fold.data import calibration_windows
 from weightsmith.fold.heal import heal
 from weightsmith.fold.plan import fold_model
 from weightsmith.fold.pooling import read_pooling
+from weightsmith.training import Sentences, calibration_sentences
 from weightsmith.zoo import build, minilm_path
 
 
@@ -69,11 +74,50 @@ def plain_loop(student, teacher, windows, steps, batch, distil, pooling):
     return steps * batch * windows.shape[1] / (time.perf_counter() - t0)
 
 
+def plain_sentences_loop(student, teacher, data, steps, batch, pooling):
+    """The encoder distillation as a bare loop on whole batches padded to their longest sentence."""
+    from weightsmith.fold.heal import _mse
+
+    for p in student.parameters():
+        p.requires_grad_(False)
+    params = list(block_list(student).parameters())
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(0)
+    student.eval()
+    t0, real = None, 0
+    for step in range(steps + 3):
+        if step == 3:
+            t0, real = time.perf_counter(), 0
+        x, mask = data.batch(torch.randint(0, len(data), (batch,), generator=gen).tolist())
+        real += int(mask.sum())
+        with torch.no_grad():
+            t = teacher(input_ids=x, attention_mask=mask, output_hidden_states=True)
+        s = student(input_ids=x, attention_mask=mask, output_hidden_states=True)
+        loss = sum(_mse(s.hidden_states[-1 - i], t.hidden_states[-1 - i], mask) for i in range(2)) / 2
+        loss = loss + (1 - F.cosine_similarity(pooling(s.last_hidden_state, mask),
+                                               pooling(t.last_hidden_state, mask))).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+    return real / (time.perf_counter() - t0)
+
+
+def sentence_tokens(data, steps, batch, warmup=0) -> int:
+    """Real tokens in the batches heal draws (its generator, seed 0) for ``steps`` steps after ``warmup``."""
+    gen = torch.Generator().manual_seed(0)
+    draws = [torch.randint(0, len(data), (batch,), generator=gen) for _ in range(warmup + steps)][warmup:]
+    return sum(len(data.ids[i]) for d in draws for i in d.tolist())
+
+
 def heal_rate(student, teacher, windows, steps, batch, pooling):
     heal(student, teacher, windows, steps=3, batch_size=batch, pooling=pooling)  # warm-up, as the loops get
     t0 = time.perf_counter()
     heal(student, teacher, windows, steps=steps, batch_size=batch, pooling=pooling)
-    return steps * batch * windows.shape[1] / (time.perf_counter() - t0)
+    tokens = sentence_tokens(windows, steps, batch) if isinstance(windows, Sentences) else steps * batch * windows.shape[1]
+    return tokens / (time.perf_counter() - t0)
 
 
 def main() -> None:
@@ -83,6 +127,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--size", default="tiny")
+    ap.add_argument("--sentences", action="store_true", help="MiniLM: heal on single padded sentences")
     args = ap.parse_args()
     torch.set_num_threads(1)
     if args.model == "zoo":
@@ -96,6 +141,10 @@ def main() -> None:
         data = write_calibration(mkdtemp() + "/calib.txt")
     teacher, _ = folded_pair(path, removed)
     pooling = None if is_causal_lm(teacher) else read_pooling(path)
+    if args.sentences:
+        if pooling is None:
+            raise SystemExit("--sentences is for an encoder (--model minilm)")
+        return sentence_rates(path, removed, teacher, data, args, pooling)
     windows = calibration_windows(load_tokenizer(path), data, seq=args.seq, max_tokens=64 * args.seq,
                                   causal=is_causal_lm(teacher))
     rates = {}
@@ -115,6 +164,23 @@ def main() -> None:
     for name in ("plain distil", "plain LM"):
         print(f"| {name} | {rates[name][0]:,.0f} | {h / rates[name][0]:.2f} |")
 
+
+def sentence_rates(path, removed, teacher, data, args, pooling) -> None:
+    sentences = calibration_sentences(load_tokenizer(path), data, seq_len=args.seq, max_tokens=1_000_000)
+    rates = {}
+    for name in ("heal", "padded batches", "heal"):
+        _, student = folded_pair(path, removed)
+        rate = (heal_rate(student, teacher, sentences, args.steps, args.batch_size, pooling) if name == "heal" else
+                plain_sentences_loop(student, teacher, sentences, args.steps, args.batch_size, pooling))
+        rates.setdefault(name, []).append(rate)
+    h = sum(rates["heal"]) / len(rates["heal"])
+    print(f"minilm ({path.name}) with block(s) {removed} removed, batches of {args.batch_size} sentences "
+          f"({len(sentences)} calibration sentences), {args.steps} steps, 1 thread; real tokens/s")
+    print("| loop | real tokens/s | heal / loop |")
+    print("|---|---|---|")
+    print(f"| weightsmith heal (length groups) | {h:,.0f} | 1.00 |")
+    p = rates["padded batches"][0]
+    print(f"| bare loop, each batch padded to its longest | {p:,.0f} | {h / p:.2f} |")
 
 if __name__ == "__main__":
     main()

@@ -75,6 +75,23 @@ class Sentences:
         return x, mask
 
 
+    def groups(self, idx: list[int], waste: float = 1.3) -> list[list[int]]:
+        """``idx`` split into groups of similar lengths (longest first), each padded to at most ``waste`` times
+        its real tokens: one padded batch of short and long inputs is mostly padding."""
+        order = sorted(idx, key=lambda i: -len(self.ids[i]))
+        out: list[list[int]] = []
+        real = 0
+        for i in order:
+            n = len(self.ids[i])
+            if out and (len(out[-1]) + 1) * len(self.ids[out[-1][0]]) <= waste * (real + n):
+                out[-1].append(i)
+                real += n
+            else:
+                out.append([i])
+                real = n
+        return out
+
+
 def calibration_sentences(tokenizer, data: str | Path, *, seq_len: int, max_tokens: int) -> Sentences:
     """The lines of the text file(s) at ``data`` as separate encoder inputs, up to ``max_tokens`` tokens."""
     from .eval import load_texts

@@ -108,3 +108,57 @@ def test_masked_heal_loss_of_a_padded_batch_is_the_loss_of_each_sentence_alone()
         assert padded.item() == pytest.approx(sum(each).item() / sum(a.shape[1] for a in alone), rel=1e-4)
         assert padded.item() != pytest.approx(distill_loss(student, teacher, enc["input_ids"], mse_weight=1,
                                                            pooled_weight=0, **kw).item(), rel=1e-3)
+
+
+def test_sentences_group_by_length_within_the_padding_bound():
+    from weightsmith.training import Sentences
+
+    lengths = [3, 40, 7, 8, 39, 12, 5, 30, 31, 9, 10, 2]
+    data = Sentences([[1] * n for n in lengths], 0)
+    idx = [5, 0, 11, 3, 1, 8, 2, 6, 9, 4, 10, 7, 3]  # a repeat, as a random batch may hold
+    groups = data.groups(idx)
+    assert sorted(i for g in groups for i in g) == sorted(idx)
+    for g in groups:
+        real = sum(lengths[i] for i in g)
+        assert len(g) * max(lengths[i] for i in g) <= 1.3 * real
+    padded = sum(len(g) * max(lengths[i] for i in g) for g in groups)
+    assert padded < 0.6 * len(idx) * max(lengths)  # one batch padded to the longest would be mostly padding
+    assert len(data.groups(idx, waste=100)) == 1
+
+
+def test_heal_parts_of_similar_length_add_up_to_the_whole_padded_batch():
+    """The heal runs a batch of sentences as groups of similar length: the parts' weighted losses and their
+    accumulated gradients equal those of the one padded batch."""
+    from weightsmith.checkpoint import read_json
+    from weightsmith.fold.heal import _parts, distill_loss
+    from weightsmith.fold.plan import fold_model
+    from weightsmith.training import Sentences
+
+    path = minilm_path()
+    teacher, pooling, tok = weightsmith.load(path), read_pooling(path), load_tokenizer(path)
+    student = fold_model(teacher, read_json(path / "config.json", "config"), [2], [1] * 5)
+    kw = dict(causal=False, tail=2, lm_weight=0, kd_weight=0, temperature=2.0, pooling=pooling, mse_weight=1.0,
+              pooled_weight=1.0)
+    texts = SENTENCES + ["A much longer sentence, so that the batch holds inputs of very different lengths, "
+                         "which is what the grouping is for.", "Short one."]
+    data = Sentences([tok(t)["input_ids"] for t in texts], tok.pad_token_id)
+    idx = torch.tensor([0, 3, 1, 4, 2, 3])
+    parts = _parts(data, idx)
+    assert len(parts) > 1
+    assert sum(p[2] for p in parts) == pytest.approx(1) and sum(p[3] for p in parts) == pytest.approx(1)
+
+    def grads(loss):
+        student.zero_grad()
+        loss.backward()
+        return torch.cat([p.grad.reshape(-1) for p in student.parameters() if p.grad is not None])
+    x, mask = data.batch(idx.tolist())
+    whole = distill_loss(student, teacher, x, mask, **kw)
+    g_whole = grads(whole)
+    total, g_parts = 0.0, 0
+    for x, mask, rows, tokens in parts:
+        part = distill_loss(student, teacher, x, mask, rows=rows, tokens=tokens, **kw)
+        total += part.item()
+        g_parts = g_parts + grads(part)
+    assert total == pytest.approx(whole.item(), rel=1e-4)
+    assert torch.allclose(g_parts, g_whole, rtol=1e-3, atol=1e-6)
+    assert not torch.allclose(grads(distill_loss(student, teacher, *data.batch([0, 3]), **kw)), g_whole, rtol=1e-2)

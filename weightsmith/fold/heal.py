@@ -4,7 +4,8 @@ loss = lm_weight * LM loss + kd_weight * T^2 KL(teacher || student at temperatur
        + mse_weight * mean over the last ``tail`` hidden states of MSE(student, teacher)
 Only the blocks train by default. The student's i-th hidden state from the end is matched to the teacher's i-th from the end.
 Encoders (no logits) heal on what they are for: the hidden-state term plus pooled_weight * (1 - cos) of the
-sentence embedding (the folder's sentence-transformers pooling) to the original's. Runs through
+sentence embedding (the folder's sentence-transformers pooling) to the original's; each step's sentences
+run in groups of similar length (gradients accumulated), not as one batch padded to its longest. Runs through
 ``accelerate``: under ``accelerate launch`` each rank trains on its own slice of every batch (data-parallel).
 
 With ``lora_rank`` the blocks stay frozen and peft LoRA adapters on their linear layers train instead.
@@ -12,6 +13,8 @@ Layers that share one weight (a fold group) share one adapter too, so merging th
 the weights afterwards is exact and keeps the sharing: the folded model comes out in the same format.
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -107,15 +110,20 @@ def heal(student: torch.nn.Module, teacher: torch.nn.Module, windows: torch.Tens
         idx = torch.randint(0, len(windows), (batch_size,), generator=gen)[ranks.rank * per_rank:(ranks.rank + 1) * per_rank]
         if step == 0:
             first_windows = idx.tolist()
-        x, mask = windows.batch(idx.tolist()) if isinstance(windows, Sentences) else (windows[idx], None)
-        x, mask = x.to(accelerator.device), None if mask is None else mask.to(accelerator.device)
-        loss = distill_loss(student, teacher, x, mask, causal=causal, tail=tail, lm_weight=lm_weight, kd_weight=kd_weight,
-                            mse_weight=mse_weight, pooled_weight=pooled_weight, temperature=temperature, pooling=pool)
         opt.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
+        loss = 0.0
+        parts = _parts(windows, idx)
+        for j, (x, mask, rows, tokens) in enumerate(parts):
+            x, mask = x.to(accelerator.device), None if mask is None else mask.to(accelerator.device)
+            with accelerator.no_sync(student) if j + 1 < len(parts) else contextlib.nullcontext():
+                part = distill_loss(student, teacher, x, mask, causal=causal, tail=tail, lm_weight=lm_weight,
+                                    kd_weight=kd_weight, mse_weight=mse_weight, pooled_weight=pooled_weight,
+                                    temperature=temperature, pooling=pool, rows=rows, tokens=tokens)
+                accelerator.backward(part)
+            loss += part.item()
         grad_norms.append(float(accelerator.clip_grad_norm_(params, 1.0)))
         opt.step()
-        losses.append(loss.item())
+        losses.append(loss)
         report(progress, "heal", step + 1, steps)
     student.eval()
     if lora_rank:
@@ -123,6 +131,17 @@ def heal(student: torch.nn.Module, teacher: torch.nn.Module, windows: torch.Tens
     for p in model.parameters():
         p.requires_grad_(True)
     return _heal_report(steps, lora_rank, losses, grad_norms, first_windows, ranks)
+
+
+def _parts(windows: torch.Tensor | Sentences, idx: torch.Tensor) -> list[tuple]:
+    """One step's batch as (inputs, mask, share of its rows, share of its real tokens) parts: token windows whole;
+    sentences in groups of similar length (``Sentences.groups``), so that little of the work is padding. The
+    parts' losses, weighted by those shares, add up to the loss of the whole batch padded at once."""
+    if not isinstance(windows, Sentences):
+        return [(windows[idx], None, 1.0, 1.0)]
+    groups = windows.groups(idx.tolist())
+    total = sum(len(windows.ids[i]) for g in groups for i in g)
+    return [(*windows.batch(g), len(g) / len(idx), sum(len(windows.ids[i]) for i in g) / total) for g in groups]
 
 
 def _trainable(student: torch.nn.Module, lora_rank: int, blocks_only: bool) -> list[torch.nn.Parameter]:
@@ -163,18 +182,22 @@ def _mse(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None) -> torch.T
 
 def distill_loss(student: torch.nn.Module, teacher: torch.nn.Module, x: torch.Tensor, mask: torch.Tensor | None = None,
                  *, causal: bool, tail: int, lm_weight: float, kd_weight: float, mse_weight: float,
-                 pooled_weight: float, temperature: float, pooling: Pooling) -> torch.Tensor:
-    """The heal objective on one batch (see the module docstring); ``mask``: the padding of encoder inputs."""
+                 pooled_weight: float, temperature: float, pooling: Pooling, rows: float = 1.0,
+                 tokens: float = 1.0) -> torch.Tensor:
+    """The heal objective on one batch (see the module docstring); ``mask``: the padding of encoder inputs.
+    A part of a larger batch passes its share of the batch's ``rows`` and real ``tokens``, which weigh the
+    per-sentence and per-token means, so that the parts' losses add up to the whole batch's."""
     extra = {} if mask is None else {"attention_mask": mask}
     with torch.no_grad():
         t_out = teacher(input_ids=x, output_hidden_states=True, **extra)
     s_out = student(input_ids=x, output_hidden_states=True, labels=x if causal and lm_weight else None, **extra)
     k = min(tail, len(s_out.hidden_states) - 1)
-    loss = mse_weight * sum(_mse(s_out.hidden_states[-1 - i], t_out.hidden_states[-1 - i], mask) for i in range(k)) / k
+    loss = tokens * mse_weight * sum(_mse(s_out.hidden_states[-1 - i], t_out.hidden_states[-1 - i], mask)
+                                     for i in range(k)) / k
     if causal:
         t = temperature
         kd = F.kl_div(F.log_softmax(s_out.logits / t, -1), F.log_softmax(t_out.logits / t, -1),
                       log_target=True, reduction="batchmean") * t * t / x.shape[1]
         return loss + kd_weight * kd + (lm_weight * s_out.loss if lm_weight else 0)
     s_emb, t_emb = pooling(s_out.last_hidden_state.float(), mask), pooling(t_out.last_hidden_state.float(), mask)
-    return loss + pooled_weight * (1 - F.cosine_similarity(s_emb, t_emb, dim=-1)).mean()
+    return loss + rows * pooled_weight * (1 - F.cosine_similarity(s_emb, t_emb, dim=-1)).mean()

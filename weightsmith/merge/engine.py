@@ -291,10 +291,12 @@ def _read(ckpt: Checkpoint, job: TensorJob, device: torch.device, name: str | No
     """The tensor (in the job's compute dtype for float math) on ``device``, cropped to the job's rows,
     which the method may overwrite: on CPU a tensor already in that dtype (or non-float) is a private
     copy-on-write mapping of the file, so reading it copies nothing and the file never changes;
-    otherwise an owned copy. ``name``: the tensor's name in ``ckpt`` when not the job's."""
+    otherwise an owned copy (on CPU converted from that mapping in one pass). ``name``: the tensor's name in ``ckpt`` when not the job's."""
     name = name or job.name
     if device.type == "cpu" and (not job.float_math or ckpt.info(name).torch_dtype == job.compute):
         return ckpt.map(name, job.rows)
+    if device.type == "cpu":  # converted straight from the mapped file: one pass, no intermediate copy
+        return ckpt.map(name, job.rows).to(job.compute)
     return ckpt.read(name, job.rows, job.compute if job.float_math else None, device)
 
 
