@@ -16,7 +16,7 @@ ALIGN_METHODS = ("weight", "activation")
 MATCH_METRICS = ("euclidean", "correlation")
 PLEAS_INPUTS = ("merged", "original")
 FOLD_IMPORTANCE = ("loss", "gates", "bi", "angular")
-SHARE_INITS = ("average", "first", "middle")
+SHARE_INITS = ("average", "first", "middle", "best")
 
 _METRIC_HELP = "Activation similarity: euclidean (−Σ‖a−b‖², as the PLeaS reference code) or correlation."
 
@@ -131,7 +131,8 @@ class FoldOptions(Options):
     share: str = option("1", help="Group size for weight sharing among kept blocks, or a comma list of sizes "
                                   "(1 = no sharing).")
     share_init: str = option("average", choices=SHARE_INITS, help="Shared weights start from the group's average, "
-                                                                   "first or middle block.")
+                             "first or middle block, or (best) the member whose weights cost least calibration loss, "
+                             "measured.")
     importance: str = option("loss", choices=FOLD_IMPORTANCE, help="loss (calibration loss measured with blocks "
                              "taken out), gates (FoldGPT hard-concrete gates), bi (ShortGPT Block Influence) or "
                              "angular (min angular-distance span).")

@@ -111,16 +111,9 @@ def heal(student: torch.nn.Module, teacher: torch.nn.Module, windows: torch.Tens
         if step == 0:
             first_windows = idx.tolist()
         opt.zero_grad(set_to_none=True)
-        loss = 0.0
-        parts = _parts(windows, idx)
-        for j, (x, mask, rows, tokens) in enumerate(parts):
-            x, mask = x.to(accelerator.device), None if mask is None else mask.to(accelerator.device)
-            with accelerator.no_sync(student) if j + 1 < len(parts) else contextlib.nullcontext():
-                part = distill_loss(student, teacher, x, mask, causal=causal, tail=tail, lm_weight=lm_weight,
-                                    kd_weight=kd_weight, mse_weight=mse_weight, pooled_weight=pooled_weight,
-                                    temperature=temperature, pooling=pool, rows=rows, tokens=tokens)
-                accelerator.backward(part)
-            loss += part.item()
+        loss = _accumulate(accelerator, student, teacher, _parts(windows, idx), causal=causal, tail=tail,
+                           lm_weight=lm_weight, kd_weight=kd_weight, mse_weight=mse_weight,
+                           pooled_weight=pooled_weight, temperature=temperature, pooling=pool)
         grad_norms.append(float(accelerator.clip_grad_norm_(params, 1.0)))
         opt.step()
         losses.append(loss)
@@ -131,6 +124,19 @@ def heal(student: torch.nn.Module, teacher: torch.nn.Module, windows: torch.Tens
     for p in model.parameters():
         p.requires_grad_(True)
     return _heal_report(steps, lora_rank, losses, grad_norms, first_windows, ranks)
+
+
+def _accumulate(accelerator, student, teacher, parts: list[tuple], **loss_kw) -> float:
+    """Backward through each part of one step's batch (the gradients add up; ranks reduce them once, after the
+    last part); returns the batch's loss."""
+    loss = 0.0
+    for j, (x, mask, rows, tokens) in enumerate(parts):
+        x, mask = x.to(accelerator.device), None if mask is None else mask.to(accelerator.device)
+        with accelerator.no_sync(student) if j + 1 < len(parts) else contextlib.nullcontext():
+            part = distill_loss(student, teacher, x, mask, rows=rows, tokens=tokens, **loss_kw)
+            accelerator.backward(part)
+        loss += part.item()
+    return loss
 
 
 def _parts(windows: torch.Tensor | Sentences, idx: torch.Tensor) -> list[tuple]:

@@ -1,7 +1,8 @@
 """Fold plans (FoldGPT): which blocks go, how the kept ones group, and the folded model built from them.
 
 Kept blocks are split into groups of adjacent blocks; a group shares one set of block weights,
-initialised from the group average, its first or its middle member; every block keeps its own norms.
+initialised from the group average, its first or its middle member, or the member measured to cost least
+(``share_init.best_members``); every block keeps its own norms.
 """
 from __future__ import annotations
 
@@ -38,7 +39,9 @@ def groups_from_sizes(sizes: list[int]) -> list[list[int]]:
     return out
 
 
-def _share_source(members: list[torch.Tensor], init: str) -> torch.Tensor:
+def _share_source(members: list[torch.Tensor], init: str, pick: int = 0) -> torch.Tensor:
+    if init == "best":
+        return members[pick].clone()
     if init == "average":
         return torch.stack([m.float() for m in members]).mean(0).to(members[0].dtype)
     if init == "first":
@@ -50,12 +53,17 @@ def _share_source(members: list[torch.Tensor], init: str) -> torch.Tensor:
 
 @torch.no_grad()
 def fold_model(model: torch.nn.Module, config: dict, removed: list[int], sizes: list[int], *,
-               share_init: str = "average", relax_rank: int = 0, extra: dict | None = None) -> torch.nn.Module:
-    """A new model holding the kept blocks of ``model``, grouped by ``sizes``, shared weights tied."""
+               share_init: str = "average", relax_rank: int = 0, extra: dict | None = None,
+               picks: list[int] | None = None) -> torch.nn.Module:
+    """A new model holding the kept blocks of ``model``, grouped by ``sizes``, shared weights tied.
+    ``share_init="best"`` takes ``picks``: for each group, the position of the member whose weights it shares
+    (``share_init.best_members`` measures them)."""
     blocks = block_list(model)
     n = len(blocks)
     kept = [i for i in range(n) if i not in set(removed)]
     groups = groups_from_sizes(sizes)
+    if share_init == "best" and (picks is None or len(picks) != len(groups)):
+        raise WeightsmithError(f"share_init 'best' needs one measured member for each of the {len(groups)} groups")
     if sum(sizes) != len(kept):
         raise WeightsmithError(f"group sizes {sizes} do not cover the {len(kept)} kept blocks")
     prefix = block_prefix(model)
@@ -65,12 +73,14 @@ def fold_model(model: torch.nn.Module, config: dict, removed: list[int], sizes: 
         for k, v in blocks[old_i].state_dict().items():
             if k not in keys:
                 state[f"{prefix}{new_i}.{k}"] = v.clone()
-    for group in groups:
+    for g, group in enumerate(groups):
         for k in keys:
             members = [blocks[kept[j]].state_dict()[k] for j in group]
-            state[f"{prefix}{group[0]}.{k}"] = _share_source(members, share_init)
+            state[f"{prefix}{group[0]}.{k}"] = _share_source(members, share_init, picks[g] if picks else 0)
     fold_map = {"source_layers": n, "kept": kept, "removed": sorted(removed), "groups": groups,
                 "block_prefix": prefix, "share_init": share_init, "relax_rank": relax_rank, **(extra or {})}
+    if share_init == "best":
+        fold_map["share_members"] = [kept[group[p]] for group, p in zip(groups, picks)]
     cfg = folded_config(config, kept, fold_map)
     folded = assemble(cfg, state, device=next(model.parameters()).device,
                       dtype=next(model.parameters()).dtype, fresh_relax=bool(relax_rank))

@@ -92,8 +92,12 @@ def fold(model_path: str | Path, out: str | Path, opts: FoldOptions | None = Non
                                          pooling=job.pooling)
     removed, scores = ranks.from_rank0((removed, scores))
     clock.lap("importance")
+    picks = None
+    if opts.share_init == "best":  # measured on rank 0, like the removal
+        picks = _measured_picks(teacher, config, removed, job, opts, dev, progress, scores) if ranks.rank == 0 else None
+        picks, scores = ranks.from_rank0((picks, scores))
     folded = fold_model(teacher, config, removed, job.sizes, share_init=opts.share_init, relax_rank=opts.relax_rank,
-                        extra={"importance": opts.importance, "scores": scores})
+                        extra={"importance": opts.importance, "scores": scores}, picks=picks)
     clock.lap("fold")
     healed = {}
     if opts.heal_steps:
@@ -116,6 +120,19 @@ def fold(model_path: str | Path, out: str | Path, opts: FoldOptions | None = Non
     result["seconds"] = clock.laps
     result["rank"], result["processes"] = ranks.rank, ranks.world
     return result
+
+
+def _measured_picks(teacher, config: dict, removed: list[int], job: "_Job", opts: FoldOptions, device, progress,
+                    scores: dict) -> list[int]:
+    """``share_init="best"``: each group's member measured on the calibration windows (losses into ``scores``)."""
+    from .share_init import best_members
+
+    trial = fold_model(teacher, config, removed, job.sizes, share_init="first")
+    fm = trial.config.weightsmith
+    picks, losses = best_members(teacher, trial, fm["kept"], fm["groups"], job.windows, batch_size=opts.batch_size,
+                                 device=device, pooling=job.pooling, progress=progress)
+    scores["share_member_losses"] = losses
+    return picks
 
 
 def _check_inputs(model_path: Path, opts: FoldOptions) -> dict:
