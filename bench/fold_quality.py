@@ -77,7 +77,7 @@ def embed(model, tok, sentences, pooling, batch=64):
 
 def minilm_table(heal_steps: int, importances: list[str], sentences: int, seq: int, calib_sentences: int,
                  gate_steps: int, heal_lr: float, heal_batch: int, docstrings: bool, relax_rank: int,
-                 blocks: tuple[int, ...] = (1, 2)) -> None:
+                 blocks: tuple[int, ...] = (1, 2), share_init: str = "best") -> None:
     from weightsmith.fold.english import english_sentences, write_calibration
     from weightsmith.fold.pooling import read_pooling
 
@@ -108,12 +108,13 @@ def minilm_table(heal_steps: int, importances: list[str], sentences: int, seq: i
                 out = Path(tmp) / f"m-{importance}-{share}-{rank}-{steps}"
                 res = fold(path, out, data=data, remove=remove, share=share, importance=importance, heal_steps=steps,
                            device="cpu", model=original, seed=0, gate_steps=gate_steps, seq=seq, heal_lr=heal_lr,
-                           batch_size=heal_batch, relax_rank=rank, heal_max_tokens=1_000_000)
+                           batch_size=heal_batch, relax_rank=rank, heal_max_tokens=1_000_000,
+                           share_init=share_init)
                 got = embed(weightsmith.load(out), tok, held, pooling)
                 cos = (got * ref).sum(-1)
                 rho = spearman((got @ got.T)[iu[0], iu[1]], ref_sim)
                 sec = res["seconds"]
-                label = share + (f" + relax r={rank}" if rank else "")
+                label = share + (f" + relax r={rank}" if rank else "") + (f", init {share_init}" if share == "2" else "")
                 print(f"| {importance} | {res['removed']} | {label} | {steps} | {sec['importance']:.1f} | "
                       f"{sec.get('heal', 0):.0f} | {cos.mean():.4f} | {cos.min():.4f} | {rho:.4f} |", flush=True)
 
@@ -138,6 +139,7 @@ def main() -> None:
     ap.add_argument("--no-docstrings", action="store_true", help="heal MiniLM on the pydoc calibration sentences only")
     ap.add_argument("--minilm-blocks", default="1,2", help="MiniLM rows: one block removed (1), two with --share 2 (2)")
     ap.add_argument("--minilm-relax-rank", type=int, default=0, help="also fold two blocks with --share 2 + this relax rank")
+    ap.add_argument("--minilm-share-init", default="best", help="share init of the two-block MiniLM rows")
     ap.add_argument("--gate-steps", type=int, default=100)
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -147,7 +149,7 @@ def main() -> None:
         minilm_table(args.minilm_heal_steps, args.importances.split(","), args.sentences, args.seq,
                      args.calib_sentences, args.gate_steps, args.minilm_heal_lr, args.minilm_heal_batch,
                      not args.no_docstrings, args.minilm_relax_rank,
-                     tuple(int(b) for b in args.minilm_blocks.split(",")))
+                     tuple(int(b) for b in args.minilm_blocks.split(",")), args.minilm_share_init)
 
 
 if __name__ == "__main__":

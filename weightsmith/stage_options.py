@@ -130,9 +130,9 @@ class FoldOptions(Options):
     remove: float = option(0.25, lo=0, hi=1, hi_open=True, help="Fraction of blocks to remove.")
     share: str = option("1", help="Group size for weight sharing among kept blocks, or a comma list of sizes "
                                   "(1 = no sharing).")
-    share_init: str = option("average", choices=SHARE_INITS, help="Shared weights start from the group's average, "
-                             "first or middle block, or (best) the member whose weights cost least calibration loss, "
-                             "measured.")
+    share_init: str = option("best", choices=SHARE_INITS, help="Shared weights start from the member whose weights "
+                             "cost least calibration loss, measured (best), or the group's average, first or middle "
+                             "block.")
     importance: str = option("loss", choices=FOLD_IMPORTANCE, help="loss (calibration loss measured with blocks "
                              "taken out), gates (FoldGPT hard-concrete gates), bi (ShortGPT Block Influence) or "
                              "angular (min angular-distance span).")

@@ -52,6 +52,8 @@ def best_members(teacher: torch.nn.Module, folded: torch.nn.Module, kept: list[i
                  stride: int = 2, progress: ProgressFn | None = None) -> tuple[list[int], list[list[float]]]:
     """For each group, the position in the group of the member whose weights it should share, and the loss of
     each member tried. ``folded``: the fold with every group at its first member's weights (changed in place)."""
+    if all(len(g) < 2 for g in groups):  # nothing shared: nothing to measure
+        return [0] * len(groups), [[] for _ in groups]
     pooling = pooling or Pooling()
     windows = windows[::stride]
     reference = reference_embeddings(teacher, windows, batch_size=batch_size, device=device, pooling=pooling)
