@@ -38,16 +38,20 @@ def folded_pair(path, removed):
     return teacher, fold_model(teacher, cfg, removed, [1] * (n - len(removed)))
 
 
-def plain_loop(student, teacher, windows, steps, batch, distil, pooling):
-    causal = is_causal_lm(teacher)
+def bare_setup(student):
+    """What both bare loops train: the blocks' weights only, AdamW, dropout off; and their batch generator."""
     for p in student.parameters():
         p.requires_grad_(False)
     params = list(block_list(student).parameters())
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(0)
     student.eval()
+    return params, torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0), torch.Generator().manual_seed(0)
+
+
+def plain_loop(student, teacher, windows, steps, batch, distil, pooling):
+    causal = is_causal_lm(teacher)
+    params, opt, gen = bare_setup(student)
     t0 = None
     for step in range(steps + 3):
         if step == 3:
@@ -78,14 +82,7 @@ def plain_sentences_loop(student, teacher, data, steps, batch, pooling):
     """The encoder distillation as a bare loop on whole batches padded to their longest sentence."""
     from weightsmith.fold.heal import _mse
 
-    for p in student.parameters():
-        p.requires_grad_(False)
-    params = list(block_list(student).parameters())
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(0)
-    student.eval()
+    params, opt, gen = bare_setup(student)
     t0, real = None, 0
     for step in range(steps + 3):
         if step == 3:
@@ -105,10 +102,10 @@ def plain_sentences_loop(student, teacher, data, steps, batch, pooling):
     return real / (time.perf_counter() - t0)
 
 
-def sentence_tokens(data, steps, batch, warmup=0) -> int:
-    """Real tokens in the batches heal draws (its generator, seed 0) for ``steps`` steps after ``warmup``."""
+def sentence_tokens(data, steps, batch) -> int:
+    """Real tokens in the batches heal draws (its generator, seed 0) in ``steps`` steps."""
     gen = torch.Generator().manual_seed(0)
-    draws = [torch.randint(0, len(data), (batch,), generator=gen) for _ in range(warmup + steps)][warmup:]
+    draws = [torch.randint(0, len(data), (batch,), generator=gen) for _ in range(steps)]
     return sum(len(data.ids[i]) for d in draws for i in d.tolist())
 
 

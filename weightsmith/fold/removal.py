@@ -36,6 +36,19 @@ def _replay(state, tail):
     return forward
 
 
+def calibration_forward(model: torch.nn.Module, x: torch.Tensor, causal: bool):
+    """The model's output on the windows ``x``, with the LM loss for a causal LM."""
+    return model(input_ids=x, labels=x, use_cache=False) if causal else model(input_ids=x)
+
+
+def window_loss(out, causal: bool, pooling: Pooling, reference: torch.Tensor | None) -> torch.Tensor:
+    """The calibration loss of one batch's output: its LM loss, or (encoders) the mean 1 - cos of its pooled
+    embeddings to the original's ``reference``."""
+    if causal:
+        return out.loss
+    return (1 - F.cosine_similarity(pooling(out.last_hidden_state.float()), reference, dim=-1)).mean()
+
+
 class RemovalProbe:
     """Calibration loss of ``model`` with any set of blocks removed, on ``windows`` (no padding)."""
 
@@ -94,10 +107,7 @@ class RemovalProbe:
         self.cache[frozenset(), 1] = base
 
     def _forward(self, x: torch.Tensor):
-        x = x.to(self.device)
-        if self.causal:
-            return self.model(input_ids=x, labels=x, use_cache=False)
-        return self.model(input_ids=x)
+        return calibration_forward(self.model, x.to(self.device), self.causal)
 
     @torch.no_grad()
     def loss(self, removed, every: int | None = None) -> float:
@@ -137,11 +147,8 @@ class RemovalProbe:
         """Mean loss of windows ``rows`` of batch ``bi``, replaying the recorded input of block ``first``."""
         x = self.batches[bi][rows]
         slot[0] = self.states[bi][first][rows].to(self.device)
-        out = self._forward(x)
-        if self.causal:
-            return out.loss.item()
-        got = self.pooling(out.last_hidden_state.float())
-        return (1 - F.cosine_similarity(got, self.reference[bi][rows], dim=-1)).mean().item()
+        reference = None if self.causal else self.reference[bi][rows]
+        return window_loss(self._forward(x), self.causal, self.pooling, reference).item()
 
     def choose(self, k: int, beam: int = 2) -> tuple[list[int], dict]:
         """The ``k`` blocks whose removal costs the least calibration loss, and the losses behind it."""

@@ -9,12 +9,12 @@ sentence embedding to the original's for encoders.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ..progress import ProgressFn, report
 from .blocks import block_list, is_causal_lm
 from .format import shared_keys
 from .pooling import Pooling
+from .removal import calibration_forward, window_loss
 
 
 @torch.no_grad()
@@ -23,14 +23,11 @@ def calibration_loss(model: torch.nn.Module, windows: torch.Tensor, reference: l
     """Mean calibration loss of ``model`` on ``windows``; encoders compare to the ``reference`` embeddings
     (one tensor a batch, from ``reference_embeddings``)."""
     model.eval()
+    causal = reference is None
     total = 0.0
     for bi, s in enumerate(range(0, windows.shape[0], batch_size)):
         x = windows[s:s + batch_size].to(device)
-        if reference is None:
-            loss = model(input_ids=x, labels=x, use_cache=False).loss
-        else:
-            got = pooling(model(input_ids=x).last_hidden_state.float())
-            loss = (1 - F.cosine_similarity(got, reference[bi].to(device), dim=-1)).mean()
+        loss = window_loss(calibration_forward(model, x, causal), causal, pooling, None if causal else reference[bi])
         total += loss.item() * x.shape[0]
     return total / windows.shape[0]
 
@@ -42,7 +39,7 @@ def reference_embeddings(model: torch.nn.Module, windows: torch.Tensor, *, batch
     if is_causal_lm(model):
         return None
     model.eval()
-    return [pooling(model(input_ids=windows[s:s + batch_size].to(device)).last_hidden_state.float())
+    return [pooling(calibration_forward(model, windows[s:s + batch_size].to(device), False).last_hidden_state.float())
             for s in range(0, windows.shape[0], batch_size)]
 
 
