@@ -77,7 +77,7 @@ def embed(model, tok, sentences, pooling, batch=64):
 
 def minilm_table(heal_steps: int, importances: list[str], sentences: int, seq: int, calib_sentences: int,
                  gate_steps: int, heal_lr: float, heal_batch: int, docstrings: bool, relax_rank: int,
-                 blocks: tuple[int, ...] = (1, 2), share_init: str = "best") -> None:
+                 blocks: tuple[int, ...] = (1, 2), share_init: str = "best", packages: bool = False) -> None:
     from weightsmith.fold.english import english_sentences, write_calibration
     from weightsmith.fold.pooling import read_pooling
 
@@ -90,9 +90,10 @@ def minilm_table(heal_steps: int, importances: list[str], sentences: int, seq: i
     iu = torch.triu_indices(len(held), len(held), 1)
     ref_sim = (ref @ ref.T)[iu[0], iu[1]]
     with tempfile.TemporaryDirectory() as tmp:
-        data = write_calibration(Path(tmp) / "calib.txt", calib_sentences, docstrings=docstrings)
+        data = write_calibration(Path(tmp) / "calib.txt", calib_sentences, docstrings=docstrings, packages=packages)
         print(f"\nall-MiniLM-L6-v2 ({pooling.source}); calibration: {calib_sentences} sentences of the even "
-              f"pydoc topics{' + the stdlib docstring sentences (heal only)' if docstrings else ''}, importance on "
+              f"pydoc topics{' + the stdlib docstring sentences (heal only)' if docstrings else ''}"
+              f"{' + those of its packages (heal only)' if packages else ''}, importance on "
               f"16,384 tokens in windows of {seq}; heal: batches of {heal_batch} sentences, lr {heal_lr:g}; "
               f"held out: {len(held)} sentences of the odd topics")
         print("| importance | removed | share | heal steps | importance s | heal s | mean cosine | min cosine | "
@@ -137,6 +138,8 @@ def main() -> None:
     ap.add_argument("--minilm-heal-lr", type=float, default=4e-4)
     ap.add_argument("--minilm-heal-batch", type=int, default=128, help="sentences per MiniLM heal step")
     ap.add_argument("--no-docstrings", action="store_true", help="heal MiniLM on the pydoc calibration sentences only")
+    ap.add_argument("--packages", action="store_true",
+                    help="heal MiniLM on the docstring sentences of the stdlib's packages too (about twice the text)")
     ap.add_argument("--minilm-blocks", default="1,2", help="MiniLM rows: one block removed (1), two with --share 2 (2)")
     ap.add_argument("--minilm-relax-rank", type=int, default=0, help="also fold two blocks with --share 2 + this relax rank")
     ap.add_argument("--minilm-share-init", default="best", help="share init of the two-block MiniLM rows")
@@ -149,7 +152,7 @@ def main() -> None:
         minilm_table(args.minilm_heal_steps, args.importances.split(","), args.sentences, args.seq,
                      args.calib_sentences, args.gate_steps, args.minilm_heal_lr, args.minilm_heal_batch,
                      not args.no_docstrings, args.minilm_relax_rank,
-                     tuple(int(b) for b in args.minilm_blocks.split(",")), args.minilm_share_init)
+                     tuple(int(b) for b in args.minilm_blocks.split(",")), args.minilm_share_init, args.packages)
 
 
 if __name__ == "__main__":
