@@ -77,7 +77,8 @@ def embed(model, tok, sentences, pooling, batch=64):
 
 def minilm_table(heal_steps: int, importances: list[str], sentences: int, seq: int, calib_sentences: int,
                  gate_steps: int, heal_lr: float, heal_batch: int, docstrings: bool, relax_rank: int,
-                 blocks: tuple[int, ...] = (1, 2), share_init: str = "best", packages: bool = False) -> None:
+                 blocks: tuple[int, ...] = (1, 2), share_init: str = "best", packages: bool = False,
+                 relax_only: bool = False) -> None:
     from weightsmith.fold.english import english_sentences, write_calibration
     from weightsmith.fold.pooling import read_pooling
 
@@ -100,7 +101,7 @@ def minilm_table(heal_steps: int, importances: list[str], sentences: int, seq: i
               "Spearman of pairwise sims |")
         print("|---|---|---|---|---|---|---|---|---|")
         runs = [(imp, 1 / 6, "1", 0) for imp in importances] if 1 in blocks else []
-        runs += [(importances[0], 2 / 6, "2", 0)] if 2 in blocks else []
+        runs += [(importances[0], 2 / 6, "2", 0)] if 2 in blocks and not (relax_only and relax_rank) else []
         runs += [(importances[0], 2 / 6, "2", relax_rank)] if relax_rank and 2 in blocks else []
         for importance, remove, share, rank in runs:
             for steps in (0, heal_steps):
@@ -142,6 +143,8 @@ def main() -> None:
                     help="heal MiniLM on the docstring sentences of the stdlib's packages too (about twice the text)")
     ap.add_argument("--minilm-blocks", default="1,2", help="MiniLM rows: one block removed (1), two with --share 2 (2)")
     ap.add_argument("--minilm-relax-rank", type=int, default=0, help="also fold two blocks with --share 2 + this relax rank")
+    ap.add_argument("--minilm-relax-only", action="store_true",
+                    help="with --minilm-relax-rank, fold the two blocks only with the relaxation")
     ap.add_argument("--minilm-share-init", default="best", help="share init of the two-block MiniLM rows")
     ap.add_argument("--gate-steps", type=int, default=100)
     args = ap.parse_args()
@@ -152,7 +155,8 @@ def main() -> None:
         minilm_table(args.minilm_heal_steps, args.importances.split(","), args.sentences, args.seq,
                      args.calib_sentences, args.gate_steps, args.minilm_heal_lr, args.minilm_heal_batch,
                      not args.no_docstrings, args.minilm_relax_rank,
-                     tuple(int(b) for b in args.minilm_blocks.split(",")), args.minilm_share_init, args.packages)
+                     tuple(int(b) for b in args.minilm_blocks.split(",")), args.minilm_share_init, args.packages,
+                     args.minilm_relax_only)
 
 
 if __name__ == "__main__":

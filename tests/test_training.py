@@ -102,3 +102,28 @@ def test_encoder_windows_are_wrapped_in_cls_and_sep(tmp_path):
     assert w.shape == (8, 16)
     assert (w[:, 0] == tok.cls_token_id).all() and (w[:, -1] == tok.sep_token_id).all()
     assert not ((w[:, 1:-1] == tok.cls_token_id) | (w[:, 1:-1] == tok.sep_token_id)).any()
+
+
+def test_a_long_calibration_text_is_read_without_the_tokenizers_length_warning(tmp_path, capfd, caplog):
+    """A calibration file is one long text: its stream is cut into windows, so the tokenizer's warning about
+    sequences longer than the model's maximum would only mislead."""
+    from weightsmith.eval import load_tokenizer
+    from weightsmith.eval.metrics import tokenize
+    from weightsmith.zoo import minilm_path
+
+    tok = load_tokenizer(minilm_path())
+    text = "the model reads this sentence again and again. " * 600
+    (tmp_path / "calib.txt").write_text(text)
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_warning()  # the suite silences transformers (conftest): let it speak here
+    try:
+        with caplog.at_level("WARNING"):
+            windows = calibration_windows(tok, tmp_path / "calib.txt", seq_len=128, max_tokens=4096, causal=False)
+            stream = tokenize(tok, [text])
+    finally:
+        hf_logging.set_verbosity(level)
+    assert windows.shape == (4096 // 128, 128) and stream.numel() > tok.model_max_length
+    said = capfd.readouterr().err + caplog.text
+    assert "longer than the specified maximum" not in said

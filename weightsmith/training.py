@@ -22,7 +22,7 @@ def token_stream(tokenizer, texts: list[str], max_tokens: int, sep: int | None) 
     for t in texts:
         if ids and sep is not None:
             ids.append(sep)
-        ids.extend(tokenizer(t, add_special_tokens=False)["input_ids"])
+        ids.extend(tokenizer(t, add_special_tokens=False, verbose=False)["input_ids"])
         if len(ids) >= max_tokens:
             break
     return ids

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,14 +17,9 @@ from ..progress import ProgressFn, track
 
 def tokenize(tokenizer, texts: list[str], max_tokens: int | None = None) -> torch.Tensor:
     """One token stream: texts joined by the EOS token, cut to ``max_tokens``."""
-    sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    ids: list[int] = []
-    for i, t in enumerate(texts):
-        if i:
-            ids.extend(sep)
-        ids.extend(tokenizer(t, add_special_tokens=False)["input_ids"])
-        if max_tokens and len(ids) >= max_tokens:
-            break
+    from ..training import token_stream
+
+    ids = token_stream(tokenizer, texts, max_tokens or sys.maxsize, tokenizer.eos_token_id)
     if len(ids) < 2:
         raise WeightsmithError("evaluation data has fewer than 2 tokens")
     return torch.tensor(ids[:max_tokens] if max_tokens else ids, dtype=torch.long)
