@@ -3,7 +3,10 @@ sharing), each shared tensor stored once, optionally with per-block low-rank res
 Recursive Transformers). config.json carries the fold map under ``"weightsmith": {"format": "folded"}``.
 
 Storage: block ``i`` of a group keeps its own norms; the group's shared tensors are stored only under
-the group's first block; ``<linear>.lora_A``/``lora_B`` hold block i's relaxation (W_i = W_shared + B A).
+the group's first block; ``<linear>.lora_A``/``lora_B`` hold block i's relaxation (W_i = W_shared + B A)
+and, where the layer has a bias, ``<linear>.lora_bias`` its bias residual (b_i = b_shared + lora_bias), so
+that a full-rank relaxation gives back every block exactly. Folders written before the bias residual
+existed load with it zero.
 """
 from __future__ import annotations
 
@@ -22,7 +25,8 @@ from .pooling import copy_sentence_transformers_files
 
 
 class RelaxedLinear(torch.nn.Linear):
-    """A linear layer whose (shared) weight gets this block's own low-rank residual: W + B A."""
+    """A linear layer whose (shared) weight gets this block's own low-rank residual, W + B A, and whose
+    (shared) bias gets this block's own residual vector."""
 
     def __init__(self, base: torch.nn.Linear, rank: int):
         torch.nn.Module.__init__(self)
@@ -31,9 +35,12 @@ class RelaxedLinear(torch.nn.Linear):
         dt, dev = base.weight.dtype, base.weight.device
         self.lora_A = torch.nn.Parameter(torch.zeros(rank, base.in_features, dtype=dt, device=dev))
         self.lora_B = torch.nn.Parameter(torch.zeros(base.out_features, rank, dtype=dt, device=dev))
+        if base.bias is not None:
+            self.lora_bias = torch.nn.Parameter(torch.zeros(base.out_features, dtype=dt, device=dev))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x) + (x @ self.lora_A.T) @ self.lora_B.T
+        out = super().forward(x) + (x @ self.lora_A.T) @ self.lora_B.T
+        return out + self.lora_bias if self.bias is not None else out
 
 
 def block_prefix(model: torch.nn.Module) -> str:
@@ -95,7 +102,8 @@ def assemble(config: dict, tensors: dict[str, torch.Tensor], device: torch.devic
         raise WeightsmithError(f"folded weights hold tensor {unexpected[0]!r} that the model has no place for")
     state = model.state_dict(keep_vars=True)
     loaded = {state[k].data_ptr() for k in tensors}
-    really_missing = [k for k in missing if state[k].data_ptr() not in loaded and not (fresh_relax and "lora_" in k)]
+    really_missing = [k for k in missing if state[k].data_ptr() not in loaded and not (fresh_relax and "lora_" in k)
+                      and not k.endswith(".lora_bias")]  # older folders: no bias residual, i.e. zero
     if really_missing:
         raise WeightsmithError(f"folded weights lack tensor {really_missing[0]!r}")
     model.config.weightsmith = fold
@@ -128,7 +136,8 @@ def load(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtyp
 
 
 def _plain_sources(config: dict, names: list[str]) -> dict[str, list[str]]:
-    """Plain tensor name -> stored names it is made of ([shared] or [shared, lora_A, lora_B])."""
+    """Plain tensor name -> stored names it is made of: [shared], a weight's [shared, lora_A, lora_B] or a
+    bias's [shared, lora_bias]."""
     fold = config["weightsmith"]
     prefix = fold["block_prefix"]
     first = {j: g[0] for g in fold["groups"] for j in g}
@@ -146,7 +155,9 @@ def _plain_sources(config: dict, names: list[str]) -> dict[str, list[str]]:
             src = own if own in names else f"{prefix}{first[j]}.{key}"
             mod = key.rpartition(".")[0]
             lora = [f"{prefix}{j}.{mod}.lora_A", f"{prefix}{j}.{mod}.lora_B"]
-            out[own] = [src] + (lora if key.endswith("weight") and lora[0] in names else [])
+            residual = [f"{prefix}{j}.{mod}.lora_bias"]
+            out[own] = [src] + (lora if key.endswith("weight") and lora[0] in names else
+                                residual if key.endswith("bias") and residual[0] in names else [])
     return out
 
 
@@ -167,6 +178,8 @@ def export_plain(path: str | Path, out: str | Path, max_shard_size: str = "5GB",
             t = ckpt.get(src[0])
             if len(src) == 3:
                 t = (t.float() + ckpt.get(src[2]).float() @ ckpt.get(src[1]).float()).to(t.dtype)
+            elif len(src) == 2:
+                t = (t.float() + ckpt.get(src[1]).float()).to(t.dtype)
             writer.write(name, t)
         writer.close()
         write_config(tmp, plain_cfg)

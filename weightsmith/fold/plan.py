@@ -91,7 +91,8 @@ def fold_model(model: torch.nn.Module, config: dict, removed: list[int], sizes: 
 
 @torch.no_grad()
 def relax_init(folded: torch.nn.Module, original_blocks, kept: list[int], groups: list[list[int]], rank: int) -> None:
-    """Relaxed Recursive Transformers: block j's B A = truncated SVD of (W_j original - W_shared)."""
+    """Relaxed Recursive Transformers: block j's B A = truncated SVD of (W_j original - W_shared), and its bias
+    residual = b_j original - b_shared (exact: at full rank every block is given back)."""
     from .format import RelaxedLinear
 
     new_blocks = block_list(folded)
@@ -108,3 +109,6 @@ def relax_init(folded: torch.nn.Module, original_blocks, kept: list[int], groups
                     mod.lora_A.zero_()
                     mod.lora_B[:, :r] = (u[:, :r] * s[:r]).to(mod.lora_B.dtype)
                     mod.lora_A[:r] = vh[:r].to(mod.lora_A.dtype)
+                    if mod.bias is not None:
+                        bias = original_blocks[kept[j]].get_submodule(name).bias
+                        mod.lora_bias.copy_(bias.float() - mod.bias.float())
