@@ -48,15 +48,11 @@ def english_sentences(split: str) -> list[str]:
 
 @functools.lru_cache(maxsize=None)
 def _split(split: str, stdlib: Path) -> tuple[str, ...]:
-    return tuple(_uncached(split))
-
-
-def _uncached(split: str) -> list[str]:
+    """One split's sentences, read once per standard-library folder."""
     if split == "docstrings":
-        return _docstring_sentences(sorted(_stdlib().glob("*.py")), set(english_sentences("heldout")))
+        return _docstring_sentences(sorted(stdlib.glob("*.py")), set(english_sentences("heldout")))
     if split == "packages":
-        files = [f for f in sorted(_stdlib().glob("*/**/*.py"))
-                 if not NOT_PACKAGES & set(f.relative_to(_stdlib()).parts)]
+        files = [f for f in sorted(stdlib.glob("*/**/*.py")) if not NOT_PACKAGES & set(f.relative_to(stdlib).parts)]
         return _docstring_sentences(files, set(english_sentences("heldout")) | set(english_sentences("docstrings")))
     from pydoc_data.topics import topics
 
@@ -67,14 +63,14 @@ def _uncached(split: str) -> list[str]:
             if s not in seen:
                 seen.add(s)
                 out.append(s)
-    return out
+    return tuple(out)
 
 
 def _stdlib() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
-def _docstring_sentences(files: list[Path], exclude: set[str]) -> list[str]:
+def _docstring_sentences(files: list[Path], exclude: set[str]) -> tuple[str, ...]:
     out, seen = [], set(exclude)
     for file in files:
         try:
@@ -87,7 +83,7 @@ def _docstring_sentences(files: list[Path], exclude: set[str]) -> list[str]:
                     if s not in seen:
                         seen.add(s)
                         out.append(s)
-    return out
+    return tuple(out)
 
 
 def write_calibration(path: str | Path, max_sentences: int | None = None, docstrings: bool = False,
