@@ -118,7 +118,8 @@ def test_planted_ties_at_the_cut_keep_mergekits_choice(dtype, monkeypatch):
         assert int((kept != 0).sum()) == int(kw["density"][i] * n)
 
 
-def test_large_tensors_are_cut_one_input_at_a_time(monkeypatch):
+def test_large_tensors_follow_only_the_tied_keys(monkeypatch):
+    """Above PARALLEL_LIMIT the cuts run side by side with no index array: the same bits."""
     monkeypatch.setattr(reference, "PARALLEL_LIMIT", 1000)
     base, models = tied(30_000, seed=4, dtype=torch.bfloat16)
     kw = {**CASES["ties"], "weight": [1.0, 0.6, -0.3]}
@@ -145,8 +146,9 @@ def test_where_the_kernels_do_not_apply_the_reference_runs():
 
 @pytest.mark.parametrize("seed", range(4))
 def test_sixteen_bit_replay_equals_torch_sort(seed):
-    """The replay on 16-bit keys (halves' bits) against torch.sort of the same values as floats: many ties
-    (an index array follows every key) and a handful (only the tied keys are followed), both directions."""
+    """The replay on 16-bit keys (halves' bits) against torch.sort of the same values as floats, both
+    directions, with every key followed by an index array and with the tied keys alone followed in a list
+    (``lean``: up to a quarter of the keys tied), on few and on many ties."""
     kernels = mixing.native_kernels()
     g = torch.Generator().manual_seed(seed)
     for _ in range(12):
@@ -158,9 +160,13 @@ def test_sixteen_bit_replay_equals_torch_sort(seed):
         codes = [int(bits[(x == v).numpy()][0]) for v in picks]
         for desc in (True, False):
             order = torch.sort(x, descending=desc).indices.numpy()
-            got = kernels.sort_ties(bits, desc, codes)
-            for v, t in zip(picks, got):
-                assert np.array_equal(order[x.numpy()[order] == v], t)
+            want = [order[x.numpy()[order] == v] for v in picks]
+            for lean in (False, True):
+                got = kernels.sort_ties(bits, desc, codes, lean=lean)
+                assert all(np.array_equal(w, t) for w, t in zip(want, got))
+            kept = bits.copy()
+            got = kernels.sort_ties(kept, desc, codes, owned=True)  # index array; the keys come back
+            assert all(np.array_equal(w, t) for w, t in zip(want, got))
 
 
 @pytest.mark.parametrize("dtype", HALVES)

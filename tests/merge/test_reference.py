@@ -7,6 +7,7 @@ including inputs whose magnitudes tie at the top-k cut.
 """
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -45,6 +46,23 @@ def test_tie_order_replay_equals_torch_sort(seed, backend):
         count = int(torch.randint(1, n - start + 1, (1,), generator=g))
         for desc in (True, False):
             assert torch.equal(sparsify._sorted_band(x, start, count, desc), sorted_band(x, start, count, desc))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_float_replay_follows_the_ties_by_index_or_by_list(seed):
+    """Float keys: the index-array replay, the tied-keys list (lean) and torch.sort give one order of ties."""
+    kernels = mixing.native_kernels()
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(10):
+        n = int(torch.randint(17, 60_000, (1,), generator=g))
+        x = torch.randint(0, int(torch.randint(2, 2000, (1,), generator=g)), (n,), generator=g).float()
+        picks = sorted({float(x[int(torch.randint(0, n, (1,), generator=g))]) for _ in range(2)})
+        for desc in (True, False):
+            order = torch.sort(x, descending=desc).indices.numpy()
+            want = [order[x.numpy()[order] == v] for v in picks]
+            for got in (kernels.sort_ties(x.numpy(), desc, picks, lean=True),
+                        kernels.sort_ties(x.numpy().copy(), desc, picks, owned=True)):
+                assert all(np.array_equal(w, t) for w, t in zip(want, got))
 
 
 def test_the_replay_is_checked_against_this_torch():

@@ -1,6 +1,7 @@
 """The ``weightsmith`` command: one sub-command per stage, each a thin layer over a library function."""
 from __future__ import annotations
 
+import gc
 import os
 import sys
 
@@ -19,8 +20,14 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-# Each module registers its commands on ``app``.
-from . import inspect_cmd, eval_cmd, export_cmd, zoo_cmd, push_cmd, analyze_cmd, compress_cmd, fold_cmd, run_cmd, merge_cmd, align_cmd  # noqa: E402,F401
+# Each module registers its commands on ``app`` (imported without collections in between, as the package is).
+_collecting = gc.isenabled()
+gc.disable()
+try:
+    from . import inspect_cmd, eval_cmd, export_cmd, zoo_cmd, push_cmd, analyze_cmd, compress_cmd, fold_cmd, run_cmd, merge_cmd, align_cmd  # noqa: E402,F401,E501
+finally:
+    if _collecting:
+        gc.enable()
 
 
 def _quiet_libraries() -> None:
@@ -35,6 +42,8 @@ def _quiet_libraries() -> None:
 
 def main() -> None:
     _quiet_libraries()
+    # What the imports built lives as long as the process: later collections need not walk it again.
+    gc.freeze()
     try:
         app(standalone_mode=False)
     except OptionError as exc:  # one a command did not word itself: its options are flags here

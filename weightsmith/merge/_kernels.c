@@ -422,11 +422,10 @@ EXPORT int ws_ties_fixup(int64_t k, const float *const *xs, const float *base, f
  * partitioned further, so the work is a few passes over the data instead of a sort. Keys must be finite
  * (no NaN: torch orders those by other rules).
  *
- * Where the keys came from is followed either for every key (ix, permuted with them) or, when only a few
- * keys equal t1 or t2, for those alone (a small table of where each is now and where it started), which
- * needs no index array. */
+ * Where the keys came from is followed either for every key (ix, permuted with them) or for the tied keys
+ * alone (a list of where each is now and where it started, sorted by position), which needs no index array:
+ * 16 bytes a tied key instead of 4 bytes a key, and nothing to swap but the keys. */
 #define SORT_THRESHOLD 16
-#define TRACK_MAX 64
 
 /* The vector scans of the replay (SSE2, on every x86-64); elsewhere _tie_replay.h has scalar ones. */
 #if defined(__SSE2__)
@@ -498,16 +497,26 @@ static inline int any_of16_u16(const uint16_t *v, uint16_t t1, uint16_t t2)
 
 /* The replay on float keys (torch.sort's own) or on 16-bit ones (magnitudes of half-precision values, kept
  * below 0x8000 and finite by the caller); see sort_ties in _tie_replay.h. */
-EXPORT int ws_sort_ties(float *v, int32_t *ix, int64_t n, int desc, float t1, float t2, int64_t *pos, int64_t *id,
-                        int64_t cap, int64_t *tracked)
+EXPORT int ws_sort_ties(float *v, int32_t *ix, int64_t n, int desc, float t1, float t2)
 {
-    return sort_ties_f32(v, ix, n, desc, t1, t2, pos, id, cap, tracked);
+    return sort_ties_f32(v, ix, n, desc, t1, t2);
 }
 
-EXPORT int ws_sort_ties16(uint16_t *v, int32_t *ix, int64_t n, int desc, int32_t t1, int32_t t2, int64_t *pos,
-                          int64_t *id, int64_t cap, int64_t *tracked)
+EXPORT int ws_sort_ties16(uint16_t *v, int32_t *ix, int64_t n, int desc, int32_t t1, int32_t t2)
 {
-    return sort_ties_u16(v, ix, n, desc, (uint16_t)t1, (uint16_t)t2, pos, id, cap, tracked);
+    return sort_ties_u16(v, ix, n, desc, (uint16_t)t1, (uint16_t)t2);
+}
+
+EXPORT int ws_sort_ties_list(float *v, int64_t n, int desc, float t1, float t2, int32_t *pos, int32_t *id,
+                             int32_t *tmp, int64_t cap, int64_t *count)
+{
+    return sort_ties_list_f32(v, n, desc, t1, t2, pos, id, tmp, cap, count);
+}
+
+EXPORT int ws_sort_ties_list16(uint16_t *v, int64_t n, int desc, int32_t t1, int32_t t2, int32_t *pos,
+                               int32_t *id, int32_t *tmp, int64_t cap, int64_t *count)
+{
+    return sort_ties_list_u16(v, n, desc, (uint16_t)t1, (uint16_t)t2, pos, id, tmp, cap, count);
 }
 
 /* ---- Half precision under compat: mergekit (bfloat16 = 1, float16 = 2) ----

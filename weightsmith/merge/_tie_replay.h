@@ -25,9 +25,8 @@ static inline int NAME(any_of16)(const KEY *v, KEY t1, KEY t2)
 
 struct NAME(replay) {
     KEY *v;
-    int32_t *ix;        /* NULL: only the tied keys are followed, in pos/id */
-    int64_t *pos, *id;  /* where each followed key is now, and its index before the sort */
-    int64_t tracked, n;
+    int32_t *ix;        /* every key's index before the sort, permuted with the keys */
+    int64_t n;
     KEY t1, t2;
     int desc;
 };
@@ -40,33 +39,72 @@ static inline void NAME(swap_pair)(struct NAME(replay) *r, int64_t a, int64_t b)
     const KEY va = v[a], vb = v[b];
     v[a] = vb;
     v[b] = va;
-    if (r->ix != NULL) {
-        const int32_t ti = r->ix[a];
-        r->ix[a] = r->ix[b];
-        r->ix[b] = ti;
-    } else if (va == r->t1 || va == r->t2 || vb == r->t1 || vb == r->t2) {
-        for (int64_t q = 0; q < r->tracked; q++)
-            r->pos[q] = r->pos[q] == a ? b : (r->pos[q] == b ? a : r->pos[q]);
+    const int32_t ti = r->ix[a];
+    r->ix[a] = r->ix[b];
+    r->ix[b] = ti;
+}
+
+/* Which of a, b, c holds the median of the three keys, as libstdc++'s __move_median_to_first picks it (the
+ * key there is then swapped to the front of the range). */
+static inline int64_t NAME(median_of)(const KEY *v, int64_t a, int64_t b, int64_t c, int desc)
+{
+    if (NAME(before)(v[a], v[b], desc)) {
+        if (NAME(before)(v[b], v[c], desc))
+            return b;
+        if (NAME(before)(v[a], v[c], desc))
+            return c;
+        return a;
     }
+    if (NAME(before)(v[a], v[c], desc))
+        return a;
+    if (NAME(before)(v[b], v[c], desc))
+        return c;
+    return b;
 }
 
 static void NAME(median_to_first)(struct NAME(replay) *r, int64_t result, int64_t a, int64_t b, int64_t c)
 {
-    const KEY *v = r->v;
-    const int desc = r->desc;
-    if (NAME(before)(v[a], v[b], desc)) {
-        if (NAME(before)(v[b], v[c], desc))
-            NAME(swap_pair)(r, result, b);
-        else if (NAME(before)(v[a], v[c], desc))
-            NAME(swap_pair)(r, result, c);
-        else
-            NAME(swap_pair)(r, result, a);
-    } else if (NAME(before)(v[a], v[c], desc))
-        NAME(swap_pair)(r, result, a);
-    else if (NAME(before)(v[b], v[c], desc))
-        NAME(swap_pair)(r, result, c);
-    else
-        NAME(swap_pair)(r, result, b);
+    NAME(swap_pair)(r, result, NAME(median_of)(r->v, a, b, c, r->desc));
+}
+
+/* The tied keys alone, followed through a partition without an index array: pos/id list them sorted by
+ * where they are (and where they started). The two scans of a partition move monotonically, so a cursor from
+ * each end of the list meets every tied key a swap takes; the list is rewritten in order into tp/tid: from
+ * the front, the keys the left scan passed or brought in; from the back, those of the right scan; between
+ * them, those no swap moved. A cursor moves only when a swap takes a tied key: the keys it passes then
+ * (before x, after y) are those the scans passed without moving them. */
+struct NAME(follow) {
+    int32_t *pos, *id, *tp, *tid;
+    int64_t lc, rc;  /* the entries [lc, rc] not reached by a scan yet */
+    int64_t a, b;    /* the next entry written from the front (a) and from the back (b) of tp/tid */
+};
+
+static inline void NAME(swap_followed)(struct NAME(replay) *r, struct NAME(follow) *f, int64_t x, int64_t y)
+{
+    KEY *v = r->v;
+    const KEY vx = v[x], vy = v[y];
+    v[x] = vy;
+    v[y] = vx;
+    const int tie_x = (vx == r->t1) | (vx == r->t2), tie_y = (vy == r->t1) | (vy == r->t2);
+    if (__builtin_expect(!(tie_x | tie_y), 1))
+        return;  /* the cursors catch up at the next swap that moves a tied key, or at the end */
+    const int32_t *pos = f->pos, *id = f->id;
+    while (pos[f->lc] < x) {  /* passed by the left scan: they stay */
+        f->tp[f->a] = pos[f->lc];
+        f->tid[f->a++] = id[f->lc++];
+    }
+    while (pos[f->rc] > y) {  /* passed by the right scan */
+        f->tp[f->b] = pos[f->rc];
+        f->tid[f->b--] = id[f->rc--];
+    }
+    if (tie_y) {  /* the tied key at y comes to x */
+        f->tp[f->a] = (int32_t)x;
+        f->tid[f->a++] = id[f->rc--];
+    }
+    if (tie_x) {  /* and the one at x goes to y */
+        f->tp[f->b] = (int32_t)y;
+        f->tid[f->b--] = id[f->lc++];
+    }
 }
 
 /* Bit j: whether key base + j stops a scan (v <= p when le, else v >= p); keys outside [0, n) do not. */
@@ -81,65 +119,50 @@ static inline uint64_t NAME(stop_mask)(const KEY *v, int64_t base, int64_t n, KE
     return m;
 }
 
-/* The first stop at or after from (n if none), through a cached 64-key mask. */
-static inline int64_t NAME(next_stop_up)(const KEY *v, int64_t n, KEY p, int le, int64_t from, int64_t *base,
-                                         uint64_t *mask)
-{
-    while (from < n) {
-        if (from < *base || from >= *base + 64) {
-            *base = from & ~(int64_t)63;
-            *mask = NAME(stop_mask)(v, *base, n, p, le);
-        }
-        const uint64_t m = *mask & (~(uint64_t)0 << (from - *base));
-        if (m)
-            return *base + __builtin_ctzll(m);
-        from = *base + 64;
-    }
-    return n;
-}
-
-/* The last stop at or before from (−1 if none). */
-static inline int64_t NAME(next_stop_down)(const KEY *v, int64_t n, KEY p, int le, int64_t from, int64_t *base,
-                                           uint64_t *mask)
-{
-    while (from >= 0) {
-        if (from < *base || from >= *base + 64) {
-            *base = from & ~(int64_t)63;
-            *mask = NAME(stop_mask)(v, *base, n, p, le);
-        }
-        const int shift = (int)(from - *base);
-        const uint64_t m = *mask & (shift == 63 ? ~(uint64_t)0 : (((uint64_t)1 << (shift + 1)) - 1));
-        if (m)
-            return *base + 63 - __builtin_clzll(m);
-        from = *base - 1;
-    }
-    return -1;
-}
-
 /* libstdc++'s unguarded partition of [first, last) around the key at pivot:
  *     for (;;) { while (v[first] before p) ++first;  --last;  while (p before v[last]) --last;
  *                if (!(first < last)) return first;  swap(first, last);  ++first; }
- * with each scan reading 64-key masks instead of branching per key (keys in random order make those
- * branches unpredictable). No key between the two scans has moved since the partition began, so a mask
- * stays right there; a scan that reaches the key swapped last in its way stops on it, as the loop's would. */
-static int64_t NAME(unguarded_partition)(struct NAME(replay) *r, int64_t first, int64_t last, int64_t pivot)
+ * Its swaps pair the i-th key from the left that stops the left scan with the i-th key from the right that
+ * stops the right one, as long as the first lies before the second. Here each scan keeps a 64-key mask of
+ * its stops in its current block and takes them off bit by bit, so a swap costs a few bit operations and no
+ * branch on a key. No key between the two scans has moved since the partition began, so a mask stays right
+ * there; a key a swap placed in a scan's way stops that scan (cap_up, cap_down), as in the loop above. */
+static int64_t NAME(unguarded_partition)(struct NAME(replay) *r, int64_t first, int64_t last, int64_t pivot,
+                                         struct NAME(follow) *fl)
 {
-    const KEY p = r->v[pivot];
-    const int desc = r->desc;
-    int64_t up_base = INT64_MIN / 2, down_base = INT64_MIN / 2, cap_up = r->n, cap_down = -1;
-    uint64_t up_mask = 0, down_mask = 0;
+    KEY *v = r->v;
+    const KEY p = v[pivot];
+    const int64_t n = r->n;
+    const int left_le = r->desc, right_le = !r->desc;  /* the left scan stops on !(v before p), the right on !(p before v) */
+    int64_t cap_up = n, cap_down = -1;
+    int64_t lb = first & ~(int64_t)63;
+    uint64_t ml = NAME(stop_mask)(v, lb, n, p, left_le) & (~(uint64_t)0 << (first - lb));
+    int64_t rb = (last - 1) & ~(int64_t)63;
+    const int top = (int)(last - 1 - rb);
+    uint64_t mr = NAME(stop_mask)(v, rb, n, p, right_le) & (top == 63 ? ~(uint64_t)0 : (((uint64_t)1 << (top + 1)) - 1));
     for (;;) {
-        /* the left scan stops on !(v before p), the right one on !(p before v) */
-        const int64_t f = NAME(next_stop_up)(r->v, r->n, p, desc, first, &up_base, &up_mask);
-        first = f < cap_up ? f : cap_up;
-        const int64_t l = NAME(next_stop_down)(r->v, r->n, p, !desc, last - 1, &down_base, &down_mask);
-        last = l > cap_down ? l : cap_down;
-        if (!(first < last))
-            return first;
-        NAME(swap_pair)(r, first, last);
-        cap_down = first;
-        cap_up = last;
-        ++first;
+        while (ml == 0 && lb + 64 <= cap_up) {
+            lb += 64;
+            ml = NAME(stop_mask)(v, lb, n, p, left_le);
+        }
+        while (mr == 0 && rb - 1 >= cap_down && rb > 0) {
+            rb -= 64;
+            mr = NAME(stop_mask)(v, rb, n, p, right_le);
+        }
+        int64_t f = ml ? lb + __builtin_ctzll(ml) : cap_up;
+        int64_t l = mr ? rb + 63 - __builtin_clzll(mr) : cap_down;
+        f = f < cap_up ? f : cap_up;
+        l = l > cap_down ? l : cap_down;
+        if (!(f < l))
+            return f;
+        if (fl == NULL)
+            NAME(swap_pair)(r, f, l);
+        else
+            NAME(swap_followed)(r, fl, f, l);
+        ml &= ml - 1;
+        mr &= ~((uint64_t)1 << (l - rb));
+        cap_up = l;
+        cap_down = f;
     }
 }
 
@@ -166,7 +189,7 @@ static int NAME(introsort_ties)(struct NAME(replay) *r, int64_t first, int64_t l
         --depth;
         const int64_t mid = first + (last - first) / 2;
         NAME(median_to_first)(r, first, first + 1, mid, last - 1);
-        const int64_t cut = NAME(unguarded_partition)(r, first + 1, last, first);
+        const int64_t cut = NAME(unguarded_partition)(r, first + 1, last, first, NULL);
         if (NAME(introsort_ties)(r, cut, last, depth))
             return 1;
         last = cut;
@@ -174,38 +197,127 @@ static int NAME(introsort_ties)(struct NAME(replay) *r, int64_t first, int64_t l
     return 0;
 }
 
-/* Permutes keys v[0..n) as std::sort's partitioning phase would, on every subrange that holds a key equal to
- * t1 or t2; the keys equal to t1 (or t2) then appear in v in the order the sort leaves them. With ix, ix is
- * filled with 0..n−1 first and permuted along; without, the tied keys (at most cap) are followed in
- * pos/id (*tracked of them: their final positions and original indices). Returns 0, 1 (heapsort fallback
- * reached: not replayed), 2 (more than cap tied keys and no ix: nothing done) or −1 for a NaN key or more
- * than 2^31 − 1 keys. */
-static int NAME(sort_ties)(KEY *v, int32_t *ix, int64_t n, int desc, KEY t1, KEY t2, int64_t *pos, int64_t *id,
-                           int64_t cap, int64_t *tracked)
+static int NAME(finite)(const KEY *v, int64_t n)
 {
-    struct NAME(replay) r = {v, ix, pos, id, 0, n, t1, t2, desc};
-    if (n > INT32_MAX)
-        return -1;
     int nan = 0;
     for (int64_t j = 0; j < n; j++)
         nan |= KEY_NAN(v[j]);
-    if (nan)
-        return -1;
-    for (int64_t j = 0; ix != NULL && j < n; j++)
-        ix[j] = (int32_t)j;
-    for (int64_t j = 0; ix == NULL && j < n; j++) {
-        if (v[j] == t1 || v[j] == t2) {
-            if (r.tracked == cap || r.tracked == TRACK_MAX)
-                return 2;
-            pos[r.tracked] = id[r.tracked] = j;
-            r.tracked++;
-        }
-    }
-    *tracked = r.tracked;
-    if (n < 2)
-        return 0;
+    return !nan;
+}
+
+static int NAME(depth_limit)(int64_t n)
+{
     int lg = 0;
     while (((int64_t)1 << (lg + 1)) <= n)
         lg++;
-    return NAME(introsort_ties)(&r, 0, n, 2 * lg);
+    return 2 * lg;
+}
+
+/* Permutes keys v[0..n) as std::sort's partitioning phase would, on every subrange that holds a key equal to
+ * t1 or t2; the keys equal to t1 (or t2) then appear in v in the order the sort leaves them, and ix (filled
+ * with 0..n−1 first, permuted along) says where each came from. Returns 0, 1 (heapsort fallback reached: not
+ * replayed) or −1 for a NaN key or more than 2^31 − 1 keys. */
+static int NAME(sort_ties)(KEY *v, int32_t *ix, int64_t n, int desc, KEY t1, KEY t2)
+{
+    struct NAME(replay) r = {v, ix, n, t1, t2, desc};
+    if (n > INT32_MAX || !NAME(finite)(v, n))
+        return -1;
+    for (int64_t j = 0; j < n; j++)
+        ix[j] = (int32_t)j;
+    if (n < 2)
+        return 0;
+    return NAME(introsort_ties)(&r, 0, n, NAME(depth_limit)(n));
+}
+
+/* The first entry of pos[s, e) (sorted) at or after position x. */
+static int64_t NAME(lower_bound)(const int32_t *pos, int64_t s, int64_t e, int64_t x)
+{
+    while (s < e) {
+        const int64_t mid = s + (e - s) / 2;
+        if (pos[mid] < x)
+            s = mid + 1;
+        else
+            e = mid;
+    }
+    return s;
+}
+
+/* The partitioning of sort_ties with the tied keys followed in a list (pos/id, entries [s, e): those in
+ * [first, last), sorted by position) instead of an index array. */
+static int NAME(introsort_list)(struct NAME(replay) *r, int32_t *pos, int32_t *id, int32_t *tp, int32_t *tid,
+                                int64_t first, int64_t last, int64_t s, int64_t e, int depth)
+{
+    while (last - first > SORT_THRESHOLD) {
+        if (s == e)
+            return 0;
+        if (depth == 0)
+            return 1;
+        --depth;
+        const int64_t mid = first + (last - first) / 2;
+        const int64_t m = NAME(median_of)(r->v, first + 1, mid, last - 1, r->desc);
+        /* the median goes to the front; the list stays sorted by position */
+        KEY *v = r->v;
+        const KEY vf = v[first];
+        v[first] = v[m];
+        v[m] = vf;
+        const int64_t im = NAME(lower_bound)(pos, s, e, m);
+        const int tie_first = pos[s] == first, tie_m = im < e && pos[im] == m;
+        if (tie_first && tie_m) {
+            const int32_t t = id[s];
+            id[s] = id[im];
+            id[im] = t;
+        } else if (tie_first) {  /* first's entry moves up to m's place in the order */
+            const int32_t t = id[s];
+            memmove(pos + s, pos + s + 1, (size_t)(im - s - 1) * sizeof(int32_t));
+            memmove(id + s, id + s + 1, (size_t)(im - s - 1) * sizeof(int32_t));
+            pos[im - 1] = (int32_t)m;
+            id[im - 1] = t;
+        } else if (tie_m) {  /* m's entry moves to the front */
+            const int32_t t = id[im];
+            memmove(pos + s + 1, pos + s, (size_t)(im - s) * sizeof(int32_t));
+            memmove(id + s + 1, id + s, (size_t)(im - s) * sizeof(int32_t));
+            pos[s] = (int32_t)first;
+            id[s] = t;
+        }
+        /* the pivot's entry (at first) stays; the others go through the partition */
+        const int64_t s1 = s + (pos[s] == first);
+        struct NAME(follow) fl = {pos, id, tp, tid, s1, e - 1, 0, e - s1 - 1};
+        const int64_t cut = NAME(unguarded_partition)(r, first + 1, last, first, &fl);
+        const int64_t rest = fl.rc - fl.lc + 1;  /* not reached by either scan: they stay */
+        memcpy(tp + fl.a, pos + fl.lc, (size_t)rest * sizeof(int32_t));
+        memcpy(tid + fl.a, id + fl.lc, (size_t)rest * sizeof(int32_t));
+        memcpy(pos + s1, tp, (size_t)(e - s1) * sizeof(int32_t));
+        memcpy(id + s1, tid, (size_t)(e - s1) * sizeof(int32_t));
+        const int64_t split = NAME(lower_bound)(pos, s1, e, cut);
+        if (NAME(introsort_list)(r, pos, id, tp, tid, cut, last, split, e, depth))
+            return 1;
+        last = cut;
+        e = split;
+    }
+    return 0;
+}
+
+/* sort_ties without an index array: the keys equal to t1 or t2 (at most cap; *count says how many there
+ * are) are listed in pos/id, which end sorted by where the sort leaves them, with where each started; tmp
+ * holds 2·cap int32. Returns as sort_ties does, or 2 (more than cap tied keys: nothing done). */
+static int NAME(sort_ties_list)(KEY *v, int64_t n, int desc, KEY t1, KEY t2, int32_t *pos, int32_t *id,
+                                int32_t *tmp, int64_t cap, int64_t *count)
+{
+    struct NAME(replay) r = {v, NULL, n, t1, t2, desc};
+    if (n > INT32_MAX || !NAME(finite)(v, n))
+        return -1;
+    int64_t m = 0;
+    for (int64_t j = 0; j < n; j++) {
+        if (v[j] == t1 || v[j] == t2) {
+            if (m < cap)
+                pos[m] = id[m] = (int32_t)j;
+            m++;
+        }
+    }
+    *count = m;
+    if (m > cap)
+        return 2;
+    if (n < 2)
+        return 0;
+    return NAME(introsort_list)(&r, pos, id, tmp, tmp + cap, 0, n, 0, m, NAME(depth_limit)(n));
 }

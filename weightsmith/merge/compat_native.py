@@ -71,12 +71,13 @@ def _rank(order: np.ndarray, cum: np.ndarray, rank: int) -> tuple[int, int]:
 
 
 def _sorted_ties(kernels, keys: np.ndarray, dtype: str, descending: bool, values: list[int],
-                 remake: Callable[[], np.ndarray], index: np.ndarray | None) -> list[np.ndarray]:
+                 remake: Callable[[], np.ndarray], index: np.ndarray | None, count: int) -> list[np.ndarray]:
     """For each value (16-bit magnitude), the flat indices of the keys equal to it in the order torch's sort
     of the magnitudes (as floats, as mergekit sorts them) leaves them. ``keys`` is scratch; ``remake()``
-    writes them again for a real sort where the replay cannot tell."""
-    ties = (kernels.sort_ties(keys, descending, values, owned=True, keep_keys=False, index=index)
-            if _replay16_agrees(kernels) else None)
+    writes them again for a real sort where the replay cannot tell; ``count``: how many keys hold the values."""
+    lean = keys.size > ref.PARALLEL_LIMIT  # large tensors: no index array (cuts run side by side)
+    ties = (kernels.sort_ties(keys, descending, values, owned=True, keep_keys=False, index=index, count=count,
+                              lean=lean) if _replay16_agrees(kernels) else None)
     if ties is None:
         keys = remake()
         floats = torch.from_numpy(keys.view(np.int16)).view(HALF_TYPES[dtype]).float()
@@ -107,15 +108,23 @@ def _replay16_agrees(kernels) -> bool:
 
 
 class Scratch:
-    """Key and index buffers reused from one input to the next (fresh memory costs a page fault a page)."""
+    """Key and index buffers reused from one input to the next, and from one tensor to the next through
+    ``mixing.borrow_scratch`` (fresh memory costs a page fault and a zeroed page every 4 KB)."""
 
     def __init__(self, n: int):
         self.n, self.keys, self.index = n, None, None
 
     def take(self) -> tuple[np.ndarray, np.ndarray]:
-        if self.keys is None:
+        if self.keys is None or self.keys.size < self.n:
+            self.keys, self.index = None, None  # the old buffers go before the larger ones come
             self.keys, self.index = np.empty(self.n, dtype=np.uint16), np.empty(self.n, dtype=np.int32)
-        return self.keys, self.index
+        return self.keys[:self.n], self.index[:self.n]
+
+
+def _borrow(n: int) -> Scratch:
+    s = mixing.borrow_scratch(lambda: Scratch(n))
+    s.n = n
+    return s
 
 
 def band(kernels, x: np.ndarray, b: np.ndarray, dtype: str, start: int, count: int, descending: bool,
@@ -147,7 +156,9 @@ def band(kernels, x: np.ndarray, b: np.ndarray, dtype: str, start: int, count: i
         def remake() -> np.ndarray:
             _histogram(kernels, x, b, dtype, keys, parallel)
             return keys
-        ties = _sorted_ties(kernels, keys, dtype, descending, [v for v, _, _ in wanted], remake, index)
+        values = [v for v, _, _ in wanted]
+        ties = _sorted_ties(kernels, keys, dtype, descending, values, remake, index,
+                            sum(int(counts[v]) for v in set(values)))
         listed = [t[a:z] for t, (_, a, z) in zip(ties, wanted)]
     del keys
     # the band's first end is its upper bound in a descending sort; an end whose ties are all kept moves just
@@ -200,22 +211,29 @@ def task_merge(tensors, base, weight, cut: Callable | None, consensus: bool, nor
 
 
 def _cuts(kernels, xs: list[np.ndarray], b: np.ndarray, dtype: str, cut: Callable) -> list | None:
-    """Every input's cut: small tensors one input per core, large ones one at a time (each pass on every core)
-    to bound the memory; None if any input has a non-finite magnitude."""
+    """Every input's cut, one input per core (the replay of a sort is sequential); a single input spreads its
+    counting pass over the cores instead. Each concurrent cut holds 2 bytes a key and an index array of 4
+    (large tensors: 16 bytes a tied key instead, while under a quarter of the keys are tied). None if any
+    input has a non-finite magnitude."""
     n = b.size
-    alone = n > ref.PARALLEL_LIMIT or len(xs) == 1
-    workers = 1 if alone else min(len(xs), mixing.worker_count(n * len(xs)))
+    workers = min(len(xs), mixing.worker_count(n * len(xs)))
+    alone = workers == 1
     scratch = queue.SimpleQueue()
-    for _ in range(workers):
-        scratch.put(Scratch(n))
+    mine = [_borrow(n) for _ in range(workers)]
+    for s in mine:
+        scratch.put(s)
     cuts: list = [None] * len(xs)
 
     def fill(i: int) -> None:
-        mine = scratch.get()
-        cuts[i] = cut(kernels, xs[i], b, dtype, i, alone, mine)
-        scratch.put(mine)
-    with ThreadPoolExecutor(workers) as pool:
-        list(pool.map(fill, range(len(xs))))
+        own = scratch.get()
+        cuts[i] = cut(kernels, xs[i], b, dtype, i, alone, own)
+        scratch.put(own)
+    try:
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(fill, range(len(xs))))
+    finally:
+        for s in mine:
+            mixing.give_back_scratch(s)
     return None if any(c is None for c in cuts) else cuts
 
 

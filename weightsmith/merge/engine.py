@@ -29,6 +29,7 @@ from ..device import resolve_device, resolve_dtype
 from ..errors import MissingOption, OptionError, WeightsmithError, needs_option
 from ..progress import ProgressFn, report
 from ..stage_options import MergeOptions
+from . import mixing
 from .registry import Method, PlanCheck, check_param_names, get_method, resolve, resolve_globals
 from .recipe import Recipe
 from .values import ValueChecks, zero_requested
@@ -421,29 +422,32 @@ def execute(plan: MergePlan, inputs: _Inputs, writer: ShardedWriter, checks: Val
     the current one's math, unless that would raise the peak memory (``_Inputs.prefetchable``)."""
     label = f"merge {plan.recipe.method}"
     report(progress, label, 0, len(plan.jobs))
-    with ThreadPoolExecutor(max_workers=1) as reader, ThreadPoolExecutor(max_workers=1) as writing:
-        pending = reader.submit(inputs.load, plan.jobs[0]) if plan.jobs else None
-        written = None
-        for i, job in enumerate(plan.jobs):
-            loaded = pending.result()
-            nxt = plan.jobs[i + 1] if i + 1 < len(plan.jobs) else None
-            pending = None
-            if nxt is not None:
-                pending = (reader.submit(inputs.load, nxt) if inputs.prefetchable(job, nxt)
-                           else _Ready(inputs.load, nxt))
-            base, tensors = inputs.split(job, loaded)
-            paths = [c.path for c, _ in job.inputs] if job.inputs is not None else None
-            result = checks.run(job.name, loaded,
-                                lambda: run_job(plan, job, tensors, base, seed).to(job.dtype).cpu(),
-                                paths, zero_requested(job.kwargs))
-            del loaded, tensors, base
+    try:
+        with ThreadPoolExecutor(max_workers=1) as reader, ThreadPoolExecutor(max_workers=1) as writing:
+            pending = reader.submit(inputs.load, plan.jobs[0]) if plan.jobs else None
+            written = None
+            for i, job in enumerate(plan.jobs):
+                loaded = pending.result()
+                nxt = plan.jobs[i + 1] if i + 1 < len(plan.jobs) else None
+                pending = None
+                if nxt is not None:
+                    pending = (reader.submit(inputs.load, nxt) if inputs.prefetchable(job, nxt)
+                               else _Ready(inputs.load, nxt))
+                base, tensors = inputs.split(job, loaded)
+                paths = [c.path for c, _ in job.inputs] if job.inputs is not None else None
+                result = checks.run(job.name, loaded,
+                                    lambda: run_job(plan, job, tensors, base, seed).to(job.dtype).cpu(),
+                                    paths, zero_requested(job.kwargs))
+                del loaded, tensors, base
+                if written is not None:
+                    written.result()
+                written = writing.submit(writer.write, job.name, result)
+                del result
+                report(progress, label, i + 1, len(plan.jobs))
             if written is not None:
                 written.result()
-            written = writing.submit(writer.write, job.name, result)
-            del result
-            report(progress, label, i + 1, len(plan.jobs))
-        if written is not None:
-            written.result()
+    finally:
+        mixing.release_scratch()
 
 
 def _write_beside(plan: MergePlan, tmp: Path, opts: MergeOptions) -> None:

@@ -43,9 +43,11 @@ _nth_equal = _bind("ws_nth_equal", _I64, _P, _P, _INT, _F32, _I64, _I64)
 _magnitude_histograms = _bind("ws_magnitude_histograms", _INT, _I64, _P, _P, _I64, _I64, _P, _P)
 _ties_scan = _bind("ws_ties_scan", _I64, _I64, _P, _P, _P, _P, _P, _P, _INT, _F32, _INT, _I64, _I64, _P, _P, _I64,
                    _P, _P, _I64)
-_sort_ties = _bind("ws_sort_ties", _INT, _P, _P, _I64, _INT, _F32, _F32, _P, _P, _I64, _P)
-_sort_ties16 = _bind("ws_sort_ties16", _INT, _P, _P, _I64, _INT, ctypes.c_int32, ctypes.c_int32, _P, _P, _I64, _P)
-TRACK_MAX = 64  # tied keys the replay can follow without an index array
+_sort_ties = _bind("ws_sort_ties", _INT, _P, _P, _I64, _INT, _F32, _F32)
+_sort_ties16 = _bind("ws_sort_ties16", _INT, _P, _P, _I64, _INT, ctypes.c_int32, ctypes.c_int32)
+_sort_ties_list = _bind("ws_sort_ties_list", _INT, _P, _I64, _INT, _F32, _F32, _P, _P, _P, _I64, _P)
+_sort_ties_list16 = _bind("ws_sort_ties_list16", _INT, _P, _I64, _INT, ctypes.c_int32, ctypes.c_int32, _P, _P, _P,
+                          _I64, _P)
 _ties_fixup = _bind("ws_ties_fixup", _INT, _I64, _P, _P, _P, _P, _P, _P, _INT, _F32, _INT, _P, _I64)
 _half_keys = _bind("ws_half_keys", None, _P, _P, _INT, _I64, _I64, _P, _P)
 _half_mix = _bind("ws_half_mix", _INT, _I64, _P, _P, _P, _P, _INT, _P, _P, _P, _P, _P, _P, _INT, _INT, _F32, _F32, _I64,
@@ -161,44 +163,55 @@ def ties_fixup(xs, base, out, threshold, tie_end, weight, normalize, lambda_, un
 
 
 def sort_ties(keys, descending: bool, values, owned: bool = False, keep_keys: bool = True,
-              index: np.ndarray | None = None) -> list[np.ndarray] | None:
+              index: np.ndarray | None = None, count: int | None = None,
+              lean: bool = False) -> list[np.ndarray] | None:
     """For each value in ``values`` (one or two), the flat indices of ``keys`` equal to it, in the order
     ``torch.sort(keys, descending, stable=False)`` puts them; None where the sort would have taken its
     heapsort fallback on those keys (then only a real sort tells), or for 2^31 keys or more.
     ``keys``: 1-D finite float32, or uint16 bits of non-negative finite bfloat16/float16 values (which sort
     as those values), permuted in place when ``owned`` (else copied), and restored on None unless
-    ``keep_keys`` is False. Without that restore, up to ``TRACK_MAX`` tied keys are followed without an
-    index array (4 bytes a key less). ``index``: int32 scratch for that array, reused across calls (fresh
-    memory costs a page fault every 4 KB)."""
+    ``keep_keys`` is False. Without that restore, the tied keys alone are followed (16 bytes each) while
+    they are at most 1/256 of the keys (with ``lean``: a quarter); else an index array follows every key
+    (4 bytes each; faster where many keys are tied: the list is rewritten at every partition).
+    ``index``: int32 scratch for that array, reused across calls (fresh memory costs a page fault every
+    4 KB). ``count``: how many keys equal the values, where the caller knows (saves a counting pass)."""
     half = keys.dtype == np.uint16
     v = keys if owned else np.array(keys, dtype=keys.dtype if half else np.float32, copy=True)
     t = [(int if half else np.float32)(x) for x in values]
     t += [t[0]] * (2 - len(t))
-    pos, ids, tracked = np.empty(TRACK_MAX, dtype=np.int64), np.empty(TRACK_MAX, dtype=np.int64), np.zeros(1, np.int64)
-    follow = (pos.ctypes.data, ids.ctypes.data, TRACK_MAX if not (owned and keep_keys) else 0, tracked.ctypes.data)
-
-    def replay(ix) -> int:
-        fn, cast = (_sort_ties16, int) if half else (_sort_ties, float)
-        return fn(_ptr(v, v.dtype, writable=True), None if ix is None else _ptr(ix, np.int32, writable=True), v.size,
-                  bool(descending), cast(t[0]), cast(t[1]), *follow)
-    code, ix = replay(None), None
-    if code == 2:  # too many ties to follow one by one (or the keys must come back): an index array follows all
-        ix = index[:v.size] if index is not None and index.size >= v.size else np.empty(v.size, dtype=np.int32)
-        code = replay(ix)
-    if code < 0 and v.size <= np.iinfo(np.int32).max:
-        raise ValueError("kernels: sort_ties needs finite keys")
+    cast = int if half else float
+    ends = (bool(descending), cast(t[0]), cast(t[1]))
+    if not (owned and keep_keys):
+        found = np.zeros(1, np.int64)
+        fn = _sort_ties_list16 if half else _sort_ties_list
+        most = v.size // 4 if lean else v.size // 256
+        cap = most if count is None else count
+        while cap <= most:
+            pos, ids, tmp = (np.empty(cap, np.int32), np.empty(cap, np.int32), np.empty(2 * cap, np.int32))
+            code = fn(_ptr(v, v.dtype, writable=True), v.size, *ends, _ptr(pos, np.int32, writable=True),
+                      _ptr(ids, np.int32, writable=True), _ptr(tmp, np.int32, writable=True), cap, found.ctypes.data)
+            if code != 2:
+                _check_replay(code, v.size)
+                if code:
+                    return None
+                m = int(found[0])
+                pos, ids = pos[:m], ids[:m]
+                return [ids[v[pos] == x].astype(np.int64) for x in t[:len(values)]]
+            cap = int(found[0])  # a count that was wrong, or too many ties for the list: counted now
+    ix = index[:v.size] if index is not None and index.size >= v.size else np.empty(v.size, dtype=np.int32)
+    fn = _sort_ties16 if half else _sort_ties
+    code = fn(_ptr(v, v.dtype, writable=True), _ptr(ix, np.int32, writable=True), v.size, *ends)
+    _check_replay(code, v.size)
     if code:
-        if owned and ix is not None:  # put the keys back where they were
+        if owned:  # put the keys back where they were
             v[ix] = v.copy()
         return None
-    if ix is not None:
-        return [ix[v == x].astype(np.int64) for x in t[:len(values)]]
-    n = int(tracked[0])
-    at, started = pos[:n], ids[:n]
-    order = np.argsort(at, kind="stable")
-    at, started = at[order], started[order]
-    return [started[v[at] == x] for x in t[:len(values)]]
+    return [ix[v == x].astype(np.int64) for x in t[:len(values)]]
 
+
+def _check_replay(code: int, n: int) -> None:
+    if code < 0 and n <= np.iinfo(np.int32).max:
+        raise ValueError("kernels: sort_ties needs finite keys")
 
 
 def _half(a: np.ndarray, size: int, writable: bool = False) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -47,6 +48,27 @@ def native_kernels() -> ModuleType | None:
     if os.environ.get("WEIGHTSMITH_NATIVE", "1") == "0":
         return None
     return _import_kernels()
+
+
+_SCRATCH: list = []  # buffers a finished tensor's kernels leave to the next one, until the merge ends
+_SCRATCH_LOCK = threading.Lock()
+
+
+def borrow_scratch(make: Callable[[], object]) -> object:
+    """A buffer a finished tensor gave back (``make()`` when none is left): reused memory needs no page faults."""
+    with _SCRATCH_LOCK:
+        return _SCRATCH.pop() if _SCRATCH else make()
+
+
+def give_back_scratch(buffer: object) -> None:
+    with _SCRATCH_LOCK:
+        _SCRATCH.append(buffer)
+
+
+def release_scratch() -> None:
+    """Drop the buffers kept between tensors (a merge calls this when it is done)."""
+    with _SCRATCH_LOCK:
+        _SCRATCH.clear()
 
 
 @cache
