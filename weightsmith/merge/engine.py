@@ -13,6 +13,7 @@ written in ``out_dtype`` (else ``dtype``).
 """
 from __future__ import annotations
 
+import collections
 import re
 import shutil
 import time
@@ -41,6 +42,7 @@ ARCH_KEYS = ("model_type", "architectures", "hidden_size", "num_hidden_layers", 
              "num_key_value_heads", "intermediate_size", "n_embd", "n_layer", "n_head")
 VOCAB_NAMES = re.compile(r"(embed_tokens|lm_head|wte|word_embeddings|embed_out|output)\.weight$")
 PREFETCH_BYTES = 256 * 2**20
+IN_FLIGHT = 2  # tensors merged at once on CPU
 
 
 class _Ready:
@@ -406,9 +408,9 @@ class _Inputs:
     def footprint(self, job: TensorJob) -> int:
         return job.compute.itemsize * len(job.inputs or self.sources) * torch.Size(job.shape).numel()
 
-    def prefetchable(self, current: TensorJob, nxt: TensorJob) -> bool:
-        """Whether holding both jobs' inputs at once keeps the peak within PREFETCH_BYTES of the largest job's."""
-        return self.footprint(current) + self.footprint(nxt) <= self.largest + PREFETCH_BYTES
+    def fits(self, held: list[TensorJob]) -> bool:
+        """Whether holding these jobs' inputs at once keeps the peak within PREFETCH_BYTES of the largest job's."""
+        return sum(self.footprint(j) for j in held) <= self.largest + PREFETCH_BYTES
 
     def split(self, job: TensorJob, inputs: list[torch.Tensor]) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
         """(base or None, the other tensors) of a job's loaded inputs."""
@@ -418,36 +420,61 @@ class _Inputs:
 
 def execute(plan: MergePlan, inputs: _Inputs, writer: ShardedWriter, checks: ValueChecks, *, seed: int,
             progress: ProgressFn | None = None) -> None:
-    """Merge every job of ``plan`` into ``writer``. Reading the next tensor and writing the last result overlap
-    the current one's math, unless that would raise the peak memory (``_Inputs.prefetchable``)."""
+    """Merge every job of ``plan`` into ``writer``, results written in the plan's order. Reading the next
+    tensor, writing the last result and, on CPU, the math of two tensors overlap (one tensor's sort replays
+    and reductions leave cores idle that the next one's fill), unless that would raise the peak memory:
+    the inputs held at once stay within PREFETCH_BYTES of the largest job's (``_Inputs.fits``)."""
     label = f"merge {plan.recipe.method}"
-    report(progress, label, 0, len(plan.jobs))
+    jobs = plan.jobs
+    report(progress, label, 0, len(jobs))
+    in_flight = IN_FLIGHT if inputs.device.type == "cpu" else 1
+    order = {job.name: i for i, job in enumerate(jobs)}
+
+    def compute(job: TensorJob, loaded: list[torch.Tensor]) -> torch.Tensor:
+        base, tensors = inputs.split(job, loaded)
+        paths = [c.path for c, _ in job.inputs] if job.inputs is not None else None
+        return checks.run(job.name, loaded, lambda: run_job(plan, job, tensors, base, seed).to(job.dtype).cpu(),
+                          paths, zero_requested(job.kwargs))
     try:
-        with ThreadPoolExecutor(max_workers=1) as reader, ThreadPoolExecutor(max_workers=1) as writing:
-            pending = reader.submit(inputs.load, plan.jobs[0]) if plan.jobs else None
+        with ThreadPoolExecutor(max_workers=1) as reader, ThreadPoolExecutor(max_workers=1) as writing, \
+                ThreadPoolExecutor(max_workers=in_flight) as math:
+            running: collections.deque = collections.deque()  # (job, future of its result), in plan order
             written = None
-            for i, job in enumerate(plan.jobs):
-                loaded = pending.result()
-                nxt = plan.jobs[i + 1] if i + 1 < len(plan.jobs) else None
-                pending = None
-                if nxt is not None:
-                    pending = (reader.submit(inputs.load, nxt) if inputs.prefetchable(job, nxt)
-                               else _Ready(inputs.load, nxt))
-                base, tensors = inputs.split(job, loaded)
-                paths = [c.path for c, _ in job.inputs] if job.inputs is not None else None
-                result = checks.run(job.name, loaded,
-                                    lambda: run_job(plan, job, tensors, base, seed).to(job.dtype).cpu(),
-                                    paths, zero_requested(job.kwargs))
-                del loaded, tensors, base
+            done = 0
+
+            def finish_oldest() -> None:
+                nonlocal written, done
+                job, future = running.popleft()
+                result = future.result()
                 if written is not None:
                     written.result()
                 written = writing.submit(writer.write, job.name, result)
-                del result
-                report(progress, label, i + 1, len(plan.jobs))
+                done += 1
+                report(progress, label, done, len(jobs))
+
+            pending = reader.submit(inputs.load, jobs[0]) if jobs else None
+            for i, job in enumerate(jobs):
+                if isinstance(pending, _Ready):  # read only once it fits beside what is still running
+                    while running and not inputs.fits([j for j, _ in running] + [job]):
+                        finish_oldest()
+                loaded = pending.result()
+                nxt = jobs[i + 1] if i + 1 < len(jobs) else None
+                # wait for older tensors while this one would not fit beside them (with the next one read ahead)
+                while running and (len(running) >= in_flight or not inputs.fits([j for j, _ in running] + [job])):
+                    finish_oldest()
+                pending = None
+                if nxt is not None:
+                    pending = (reader.submit(inputs.load, nxt) if inputs.fits([j for j, _ in running] + [job, nxt])
+                               else _Ready(inputs.load, nxt))
+                running.append((job, math.submit(compute, job, loaded)))
+                del loaded
+            while running:
+                finish_oldest()
             if written is not None:
                 written.result()
     finally:
         mixing.release_scratch()
+    checks.report.sort(key=lambda r: order.get(r["tensor"], len(order)))  # tensors finish in any order
 
 
 def _write_beside(plan: MergePlan, tmp: Path, opts: MergeOptions) -> None:
