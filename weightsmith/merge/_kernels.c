@@ -497,26 +497,27 @@ static inline int any_of16_u16(const uint16_t *v, uint16_t t1, uint16_t t2)
 
 /* The replay on float keys (torch.sort's own) or on 16-bit ones (magnitudes of half-precision values, kept
  * below 0x8000 and finite by the caller); see sort_ties in _tie_replay.h. */
-EXPORT int ws_sort_ties(float *v, int32_t *ix, int64_t n, int desc, float t1, float t2)
+EXPORT int ws_sort_ties(float *v, int32_t *ix, int64_t n, int desc, float t1, float t2, int64_t b1, int64_t b2)
 {
-    return sort_ties_f32(v, ix, n, desc, t1, t2);
+    return sort_ties_f32(v, ix, n, desc, t1, t2, b1, b2);
 }
 
-EXPORT int ws_sort_ties16(uint16_t *v, int32_t *ix, int64_t n, int desc, int32_t t1, int32_t t2)
+EXPORT int ws_sort_ties16(uint16_t *v, int32_t *ix, int64_t n, int desc, int32_t t1, int32_t t2, int64_t b1,
+                          int64_t b2)
 {
-    return sort_ties_u16(v, ix, n, desc, (uint16_t)t1, (uint16_t)t2);
+    return sort_ties_u16(v, ix, n, desc, (uint16_t)t1, (uint16_t)t2, b1, b2);
 }
 
-EXPORT int ws_sort_ties_list(float *v, int64_t n, int desc, float t1, float t2, int32_t *pos, int32_t *id,
-                             int32_t *tmp, int64_t cap, int64_t *count)
+EXPORT int ws_sort_ties_list(float *v, int64_t n, int desc, float t1, float t2, int64_t b1, int64_t b2,
+                             int32_t *pos, int32_t *id, int32_t *tmp, int64_t cap, int64_t *count)
 {
-    return sort_ties_list_f32(v, n, desc, t1, t2, pos, id, tmp, cap, count);
+    return sort_ties_list_f32(v, n, desc, t1, t2, b1, b2, pos, id, tmp, cap, count);
 }
 
-EXPORT int ws_sort_ties_list16(uint16_t *v, int64_t n, int desc, int32_t t1, int32_t t2, int32_t *pos,
-                               int32_t *id, int32_t *tmp, int64_t cap, int64_t *count)
+EXPORT int ws_sort_ties_list16(uint16_t *v, int64_t n, int desc, int32_t t1, int32_t t2, int64_t b1, int64_t b2,
+                               int32_t *pos, int32_t *id, int32_t *tmp, int64_t cap, int64_t *count)
 {
-    return sort_ties_list_u16(v, n, desc, (uint16_t)t1, (uint16_t)t2, pos, id, tmp, cap, count);
+    return sort_ties_list_u16(v, n, desc, (uint16_t)t1, (uint16_t)t2, b1, b2, pos, id, tmp, cap, count);
 }
 
 /* ---- Half precision under compat: mergekit (bfloat16 = 1, float16 = 2) ----

@@ -29,6 +29,7 @@ struct NAME(replay) {
     int64_t n;
     KEY t1, t2;
     int desc;
+    int64_t b1, b2;     /* where the caller cuts the sorted keys (−1: nowhere given): see straddles */
 };
 
 static inline int NAME(before)(KEY a, KEY b, int desc) { return desc ? a > b : a < b; }
@@ -166,6 +167,16 @@ static int64_t NAME(unguarded_partition)(struct NAME(replay) *r, int64_t first, 
     }
 }
 
+/* Whether the order of the tied keys inside [first, last) can matter: a cut through it (b with first < b < last)
+ * keeps some of them and drops the others. A subrange on one side of every cut keeps all its keys or none,
+ * whatever their order, so it needs no further partitioning. With no cuts given, every subrange may matter. */
+static inline int NAME(straddles)(const struct NAME(replay) *r, int64_t first, int64_t last)
+{
+    if (r->b1 < 0 && r->b2 < 0)
+        return 1;
+    return (first < r->b1 && r->b1 < last) || (first < r->b2 && r->b2 < last);
+}
+
 static int NAME(holds)(const KEY *v, int64_t first, int64_t last, KEY t1, KEY t2)
 {
     for (; first + 16 <= last; first += 16)
@@ -182,7 +193,7 @@ static int NAME(holds)(const KEY *v, int64_t first, int64_t last, KEY t1, KEY t2
 static int NAME(introsort_ties)(struct NAME(replay) *r, int64_t first, int64_t last, int depth)
 {
     while (last - first > SORT_THRESHOLD) {
-        if (!NAME(holds)(r->v, first, last, r->t1, r->t2))
+        if (!NAME(straddles)(r, first, last) || !NAME(holds)(r->v, first, last, r->t1, r->t2))
             return 0;
         if (depth == 0)
             return 1;
@@ -214,12 +225,13 @@ static int NAME(depth_limit)(int64_t n)
 }
 
 /* Permutes keys v[0..n) as std::sort's partitioning phase would, on every subrange that holds a key equal to
- * t1 or t2; the keys equal to t1 (or t2) then appear in v in the order the sort leaves them, and ix (filled
- * with 0..n−1 first, permuted along) says where each came from. Returns 0, 1 (heapsort fallback reached: not
+ * t1 or t2 and that a cut b1 or b2 passes through (see straddles); the keys equal to t1 (or t2) then appear
+ * in v in the order the sort leaves them, as far as the cuts can tell, and ix (filled with 0..n−1 first,
+ * permuted along) says where each came from. Returns 0, 1 (heapsort fallback reached: not
  * replayed) or −1 for a NaN key or more than 2^31 − 1 keys. */
-static int NAME(sort_ties)(KEY *v, int32_t *ix, int64_t n, int desc, KEY t1, KEY t2)
+static int NAME(sort_ties)(KEY *v, int32_t *ix, int64_t n, int desc, KEY t1, KEY t2, int64_t b1, int64_t b2)
 {
-    struct NAME(replay) r = {v, ix, n, t1, t2, desc};
+    struct NAME(replay) r = {v, ix, n, t1, t2, desc, b1, b2};
     if (n > INT32_MAX || !NAME(finite)(v, n))
         return -1;
     for (int64_t j = 0; j < n; j++)
@@ -248,7 +260,7 @@ static int NAME(introsort_list)(struct NAME(replay) *r, int32_t *pos, int32_t *i
                                 int64_t first, int64_t last, int64_t s, int64_t e, int depth)
 {
     while (last - first > SORT_THRESHOLD) {
-        if (s == e)
+        if (s == e || !NAME(straddles)(r, first, last))
             return 0;
         if (depth == 0)
             return 1;
@@ -300,10 +312,10 @@ static int NAME(introsort_list)(struct NAME(replay) *r, int32_t *pos, int32_t *i
 /* sort_ties without an index array: the keys equal to t1 or t2 (at most cap; *count says how many there
  * are) are listed in pos/id, which end sorted by where the sort leaves them, with where each started; tmp
  * holds 2·cap int32. Returns as sort_ties does, or 2 (more than cap tied keys: nothing done). */
-static int NAME(sort_ties_list)(KEY *v, int64_t n, int desc, KEY t1, KEY t2, int32_t *pos, int32_t *id,
-                                int32_t *tmp, int64_t cap, int64_t *count)
+static int NAME(sort_ties_list)(KEY *v, int64_t n, int desc, KEY t1, KEY t2, int64_t b1, int64_t b2, int32_t *pos,
+                                int32_t *id, int32_t *tmp, int64_t cap, int64_t *count)
 {
-    struct NAME(replay) r = {v, NULL, n, t1, t2, desc};
+    struct NAME(replay) r = {v, NULL, n, t1, t2, desc, b1, b2};
     if (n > INT32_MAX || !NAME(finite)(v, n))
         return -1;
     int64_t m = 0;

@@ -71,13 +71,15 @@ def _rank(order: np.ndarray, cum: np.ndarray, rank: int) -> tuple[int, int]:
 
 
 def _sorted_ties(kernels, keys: np.ndarray, dtype: str, descending: bool, values: list[int],
-                 remake: Callable[[], np.ndarray], index: np.ndarray | None, count: int) -> list[np.ndarray]:
+                 remake: Callable[[], np.ndarray], index: np.ndarray | None, count: int,
+                 cuts: tuple[int, int]) -> list[np.ndarray]:
     """For each value (16-bit magnitude), the flat indices of the keys equal to it in the order torch's sort
-    of the magnitudes (as floats, as mergekit sorts them) leaves them. ``keys`` is scratch; ``remake()``
-    writes them again for a real sort where the replay cannot tell; ``count``: how many keys hold the values."""
+    of the magnitudes (as floats, as mergekit sorts them) leaves them, as far as a split of the sorted keys at
+    ``cuts`` can tell. ``keys`` is scratch; ``remake()`` writes them again for a real sort where the replay
+    cannot tell; ``count``: how many keys hold the values."""
     lean = keys.size > ref.PARALLEL_LIMIT  # large tensors: no index array (cuts run side by side)
     ties = (kernels.sort_ties(keys, descending, values, owned=True, keep_keys=False, index=index, count=count,
-                              lean=lean) if _replay16_agrees(kernels) else None)
+                              lean=lean, cuts=cuts) if _replay16_agrees(kernels) else None)
     if ties is None:
         keys = remake()
         floats = torch.from_numpy(keys.view(np.int16)).view(HALF_TYPES[dtype]).float()
@@ -158,7 +160,7 @@ def band(kernels, x: np.ndarray, b: np.ndarray, dtype: str, start: int, count: i
             return keys
         values = [v for v, _, _ in wanted]
         ties = _sorted_ties(kernels, keys, dtype, descending, values, remake, index,
-                            sum(int(counts[v]) for v in set(values)))
+                            sum(int(counts[v]) for v in set(values)), (start, start + count))
         listed = [t[a:z] for t, (_, a, z) in zip(ties, wanted)]
     del keys
     # the band's first end is its upper bound in a descending sort; an end whose ties are all kept moves just

@@ -43,11 +43,11 @@ _nth_equal = _bind("ws_nth_equal", _I64, _P, _P, _INT, _F32, _I64, _I64)
 _magnitude_histograms = _bind("ws_magnitude_histograms", _INT, _I64, _P, _P, _I64, _I64, _P, _P)
 _ties_scan = _bind("ws_ties_scan", _I64, _I64, _P, _P, _P, _P, _P, _P, _INT, _F32, _INT, _I64, _I64, _P, _P, _I64,
                    _P, _P, _I64)
-_sort_ties = _bind("ws_sort_ties", _INT, _P, _P, _I64, _INT, _F32, _F32)
-_sort_ties16 = _bind("ws_sort_ties16", _INT, _P, _P, _I64, _INT, ctypes.c_int32, ctypes.c_int32)
-_sort_ties_list = _bind("ws_sort_ties_list", _INT, _P, _I64, _INT, _F32, _F32, _P, _P, _P, _I64, _P)
-_sort_ties_list16 = _bind("ws_sort_ties_list16", _INT, _P, _I64, _INT, ctypes.c_int32, ctypes.c_int32, _P, _P, _P,
-                          _I64, _P)
+_sort_ties = _bind("ws_sort_ties", _INT, _P, _P, _I64, _INT, _F32, _F32, _I64, _I64)
+_sort_ties16 = _bind("ws_sort_ties16", _INT, _P, _P, _I64, _INT, ctypes.c_int32, ctypes.c_int32, _I64, _I64)
+_sort_ties_list = _bind("ws_sort_ties_list", _INT, _P, _I64, _INT, _F32, _F32, _I64, _I64, _P, _P, _P, _I64, _P)
+_sort_ties_list16 = _bind("ws_sort_ties_list16", _INT, _P, _I64, _INT, ctypes.c_int32, ctypes.c_int32, _I64, _I64,
+                          _P, _P, _P, _I64, _P)
 _ties_fixup = _bind("ws_ties_fixup", _INT, _I64, _P, _P, _P, _P, _P, _P, _INT, _F32, _INT, _P, _I64)
 _half_keys = _bind("ws_half_keys", None, _P, _P, _INT, _I64, _I64, _P, _P)
 _half_mix = _bind("ws_half_mix", _INT, _I64, _P, _P, _P, _P, _INT, _P, _P, _P, _P, _P, _P, _INT, _INT, _F32, _F32, _I64,
@@ -163,8 +163,8 @@ def ties_fixup(xs, base, out, threshold, tie_end, weight, normalize, lambda_, un
 
 
 def sort_ties(keys, descending: bool, values, owned: bool = False, keep_keys: bool = True,
-              index: np.ndarray | None = None, count: int | None = None,
-              lean: bool = False) -> list[np.ndarray] | None:
+              index: np.ndarray | None = None, count: int | None = None, lean: bool = False,
+              cuts: tuple[int, int] | None = None) -> list[np.ndarray] | None:
     """For each value in ``values`` (one or two), the flat indices of ``keys`` equal to it, in the order
     ``torch.sort(keys, descending, stable=False)`` puts them; None where the sort would have taken its
     heapsort fallback on those keys (then only a real sort tells), or for 2^31 keys or more.
@@ -174,13 +174,17 @@ def sort_ties(keys, descending: bool, values, owned: bool = False, keep_keys: bo
     they are at most 1/256 of the keys (with ``lean``: a quarter); else an index array follows every key
     (4 bytes each; faster where many keys are tied: the list is rewritten at every partition).
     ``index``: int32 scratch for that array, reused across calls (fresh memory costs a page fault every
-    4 KB). ``count``: how many keys equal the values, where the caller knows (saves a counting pass)."""
+    4 KB). ``count``: how many keys equal the values, where the caller knows (saves a counting pass).
+    ``cuts``: the sorted positions the caller will split the keys at (keys before each and from it on): tied
+    keys then come in the sort's order only as far as those splits tell (a run of them on one side of every
+    cut is listed in any order), which spares partitioning the ranges no cut passes through."""
     half = keys.dtype == np.uint16
     v = keys if owned else np.array(keys, dtype=keys.dtype if half else np.float32, copy=True)
     t = [(int if half else np.float32)(x) for x in values]
     t += [t[0]] * (2 - len(t))
     cast = int if half else float
-    ends = (bool(descending), cast(t[0]), cast(t[1]))
+    b1, b2 = cuts if cuts is not None else (-1, -1)
+    ends = (bool(descending), cast(t[0]), cast(t[1]), int(b1), int(b2))
     if not (owned and keep_keys):
         found = np.zeros(1, np.int64)
         fn = _sort_ties_list16 if half else _sort_ties_list

@@ -331,7 +331,8 @@ def _exact_thresholds(kernels, xs, bf, ordered: list[tuple], keep: list[int], th
                 return None
             # mergekit keeps the tied magnitudes its sort puts first: replayed, then settled below
             keys = np.subtract(xs[i], bf)
-            order = kernels.sort_ties(np.abs(keys, out=keys), True, [t], owned=True, keep_keys=False)
+            order = kernels.sort_ties(np.abs(keys, out=keys), True, [t], owned=True, keep_keys=False,
+                                      cuts=(keep[i], -1))  # the kept ones: sorted positions before keep[i]
             del keys
             if order is None:
                 return None
@@ -532,7 +533,8 @@ def _sorted_band(mag: torch.Tensor, start: int, count: int, descending: bool, sc
     elif a != b:
         m |= ahead(b) & ~ahead(a) & (keys != a)  # strictly between the two cut keys
     owned = scratch or flat.data_ptr() != mag.data_ptr()
-    ties = kernels.sort_ties(keys, descending, [a] if a == b else [a, b], owned=owned)
+    ties = kernels.sort_ties(keys, descending, [a] if a == b else [a, b], owned=owned,
+                             cuts=(start, start + count))
     if ties is None:  # the sort's heapsort fallback (keys restored): only a real sort tells
         m[:] = False
         return sort()
