@@ -120,16 +120,31 @@ static inline uint64_t NAME(stop_mask)(const KEY *v, int64_t base, int64_t n, KE
     return m;
 }
 
+#ifndef REPLAY_REVERSE64
+#define REPLAY_REVERSE64
+/* x with its bits in the opposite order */
+static inline uint64_t reverse64(uint64_t x)
+{
+    x = __builtin_bswap64(x);
+    x = ((x >> 4) & 0x0F0F0F0F0F0F0F0FULL) | ((x & 0x0F0F0F0F0F0F0F0FULL) << 4);
+    x = ((x >> 2) & 0x3333333333333333ULL) | ((x & 0x3333333333333333ULL) << 2);
+    return ((x >> 1) & 0x5555555555555555ULL) | ((x & 0x5555555555555555ULL) << 1);
+}
+#endif
+
 /* libstdc++'s unguarded partition of [first, last) around the key at pivot:
  *     for (;;) { while (v[first] before p) ++first;  --last;  while (p before v[last]) --last;
  *                if (!(first < last)) return first;  swap(first, last);  ++first; }
  * Its swaps pair the i-th key from the left that stops the left scan with the i-th key from the right that
  * stops the right one, as long as the first lies before the second. Here each scan keeps a 64-key mask of
- * its stops in its current block and takes them off bit by bit, so a swap costs a few bit operations and no
- * branch on a key. No key between the two scans has moved since the partition began, so a mask stays right
- * there; a key a swap placed in a scan's way stops that scan (cap_up, cap_down), as in the loop above. */
-static int64_t NAME(unguarded_partition)(struct NAME(replay) *r, int64_t first, int64_t last, int64_t pivot,
-                                         struct NAME(follow) *fl)
+ * its stops in its current block and takes them off bit by bit (the right scan's mask bit-reversed, so that
+ * both take their lowest bit: the next stop never waits on the position of the last), so a swap costs a
+ * few bit operations and no branch on a key. No key between the two scans has moved since the partition
+ * began, so a mask stays right there; a key a swap placed in a scan's way stops that scan (cap_up,
+ * cap_down), as in the loop above. Inlined into each caller, with fl (the tied-key list, or NULL) fixed. */
+static inline __attribute__((always_inline)) int64_t NAME(unguarded_partition)(struct NAME(replay) *r, int64_t first,
+                                                                              int64_t last, int64_t pivot,
+                                                                              struct NAME(follow) *fl)
 {
     KEY *v = r->v;
     const KEY p = v[pivot];
@@ -140,7 +155,9 @@ static int64_t NAME(unguarded_partition)(struct NAME(replay) *r, int64_t first, 
     uint64_t ml = NAME(stop_mask)(v, lb, n, p, left_le) & (~(uint64_t)0 << (first - lb));
     int64_t rb = (last - 1) & ~(int64_t)63;
     const int top = (int)(last - 1 - rb);
-    uint64_t mr = NAME(stop_mask)(v, rb, n, p, right_le) & (top == 63 ? ~(uint64_t)0 : (((uint64_t)1 << (top + 1)) - 1));
+    /* bit j of mr: position rb + 63 − j */
+    uint64_t mr = reverse64(NAME(stop_mask)(v, rb, n, p, right_le) &
+                            (top == 63 ? ~(uint64_t)0 : (((uint64_t)1 << (top + 1)) - 1)));
     for (;;) {
         while (ml == 0 && lb + 64 <= cap_up) {
             lb += 64;
@@ -148,10 +165,10 @@ static int64_t NAME(unguarded_partition)(struct NAME(replay) *r, int64_t first, 
         }
         while (mr == 0 && rb - 1 >= cap_down && rb > 0) {
             rb -= 64;
-            mr = NAME(stop_mask)(v, rb, n, p, right_le);
+            mr = reverse64(NAME(stop_mask)(v, rb, n, p, right_le));
         }
         int64_t f = ml ? lb + __builtin_ctzll(ml) : cap_up;
-        int64_t l = mr ? rb + 63 - __builtin_clzll(mr) : cap_down;
+        int64_t l = mr ? rb + 63 - __builtin_ctzll(mr) : cap_down;
         f = f < cap_up ? f : cap_up;
         l = l > cap_down ? l : cap_down;
         if (!(f < l))
@@ -161,7 +178,7 @@ static int64_t NAME(unguarded_partition)(struct NAME(replay) *r, int64_t first, 
         else
             NAME(swap_followed)(r, fl, f, l);
         ml &= ml - 1;
-        mr &= ~((uint64_t)1 << (l - rb));
+        mr &= mr - 1;
         cap_up = l;
         cap_down = f;
     }
@@ -319,11 +336,16 @@ static int NAME(sort_ties_list)(KEY *v, int64_t n, int desc, KEY t1, KEY t2, int
     if (n > INT32_MAX || !NAME(finite)(v, n))
         return -1;
     int64_t m = 0;
-    for (int64_t j = 0; j < n; j++) {
-        if (v[j] == t1 || v[j] == t2) {
-            if (m < cap)
-                pos[m] = id[m] = (int32_t)j;
-            m++;
+    for (int64_t s = 0; s < n; s += 16) {
+        const int64_t e = s + 16 < n ? s + 16 : n;
+        if (e - s == 16 && !NAME(any_of16)(v + s, t1, t2))
+            continue;  /* most blocks of 16 hold no tied key */
+        for (int64_t j = s; j < e; j++) {
+            if (v[j] == t1 || v[j] == t2) {
+                if (m < cap)
+                    pos[m] = id[m] = (int32_t)j;
+                m++;
+            }
         }
     }
     *count = m;
