@@ -8,6 +8,7 @@ import sys
 import typer
 
 from ..errors import OptionError, WeightsmithError
+from ..startup import without_collections
 
 OFFLINE_BY_DEFAULT = "WEIGHTSMITH_OFFLINE_BY_DEFAULT"
 
@@ -21,13 +22,8 @@ app = typer.Typer(
 )
 
 # Each module registers its commands on ``app`` (imported without collections in between, as the package is).
-_collecting = gc.isenabled()
-gc.disable()
-try:
+with without_collections():
     from . import inspect_cmd, eval_cmd, export_cmd, zoo_cmd, push_cmd, analyze_cmd, compress_cmd, fold_cmd, run_cmd, merge_cmd, align_cmd  # noqa: E402,F401,E501
-finally:
-    if _collecting:
-        gc.enable()
 
 
 def _quiet_libraries() -> None:
