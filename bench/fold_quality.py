@@ -78,7 +78,7 @@ def embed(model, tok, sentences, pooling, batch=64):
 def minilm_table(heal_steps: int, importances: list[str], sentences: int, seq: int, calib_sentences: int,
                  gate_steps: int, heal_lr: float, heal_batch: int, docstrings: bool, relax_rank: int,
                  blocks: tuple[int, ...] = (1, 2), share_init: str = "best", packages: bool = False,
-                 relax_only: bool = False) -> None:
+                 relax_only: bool = False, pooled_weight: float = 1.0, splice: float = 0.0) -> None:
     from weightsmith.fold.english import english_sentences, write_calibration
     from weightsmith.fold.pooling import read_pooling
 
@@ -95,7 +95,8 @@ def minilm_table(heal_steps: int, importances: list[str], sentences: int, seq: i
         print(f"\nall-MiniLM-L6-v2 ({pooling.source}); calibration: {calib_sentences} sentences of the even "
               f"pydoc topics{' + the stdlib docstring sentences (heal only)' if docstrings else ''}"
               f"{' + those of its packages (heal only)' if packages else ''}, importance on "
-              f"16,384 tokens in windows of {seq}; heal: batches of {heal_batch} sentences, lr {heal_lr:g}; "
+              f"16,384 tokens in windows of {seq}; heal: batches of {heal_batch} sentences, lr {heal_lr:g}, pooled "
+              f"weight {pooled_weight:g}, splice {splice:g}; "
               f"held out: {len(held)} sentences of the odd topics")
         print("| importance | removed | share | heal steps | importance s | heal s | mean cosine | min cosine | "
               "Spearman of pairwise sims |")
@@ -111,7 +112,7 @@ def minilm_table(heal_steps: int, importances: list[str], sentences: int, seq: i
                 res = fold(path, out, data=data, remove=remove, share=share, importance=importance, heal_steps=steps,
                            device="cpu", model=original, seed=0, gate_steps=gate_steps, seq=seq, heal_lr=heal_lr,
                            batch_size=heal_batch, relax_rank=rank, heal_max_tokens=1_000_000,
-                           share_init=share_init)
+                           share_init=share_init, heal_pooled_weight=pooled_weight, heal_splice=splice)
                 got = embed(weightsmith.load(out), tok, held, pooling)
                 cos = (got * ref).sum(-1)
                 rho = spearman((got @ got.T)[iu[0], iu[1]], ref_sim)
@@ -147,6 +148,8 @@ def main() -> None:
                     help="with --minilm-relax-rank, fold the two blocks only with the relaxation")
     ap.add_argument("--minilm-share-init", default="best", help="share init of the two-block MiniLM rows")
     ap.add_argument("--gate-steps", type=int, default=100)
+    ap.add_argument("--minilm-heal-pooled-weight", type=float, default=1.0, help="fold's --heal-pooled-weight")
+    ap.add_argument("--minilm-heal-splice", type=float, default=0.0, help="fold's --heal-splice")
     args = ap.parse_args()
     torch.set_num_threads(1)
     if not args.skip_lm:
@@ -156,7 +159,7 @@ def main() -> None:
                      args.calib_sentences, args.gate_steps, args.minilm_heal_lr, args.minilm_heal_batch,
                      not args.no_docstrings, args.minilm_relax_rank,
                      tuple(int(b) for b in args.minilm_blocks.split(",")), args.minilm_share_init, args.packages,
-                     args.minilm_relax_only)
+                     args.minilm_relax_only, args.minilm_heal_pooled_weight, args.minilm_heal_splice)
 
 
 if __name__ == "__main__":

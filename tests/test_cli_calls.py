@@ -78,14 +78,14 @@ def test_fold_every_flag():
         invoke("fold", "m", "-o", "out", "--data", "d.txt", "--remove", "0.5", "--share", "1,2", "--share-init",
                "middle", "--importance", "gates", "--gate-steps", "7", "--relax-rank", "4", "--heal-steps", "3",
                "--heal-lr", "0.01", "--heal-tail", "1", "--heal-lora", "8", "--seq-len", "32", "--max-tokens", "100",
-               "--heal-max-tokens", "300",
+               "--heal-max-tokens", "300", "--heal-pooled-weight", "5", "--heal-splice", "0.25",
                "--batch-size", "2", "--out-shard-size", "1GB", "--seed", "5", "--device", "cpu", "--force",
                "--quiet", "--trust-remote-code", "--json")
     fn.assert_called_once_with(Path("m"), Path("out"),
                                FoldOptions(data=Path("d.txt"), remove=0.5, share="1,2", share_init="middle",
                                            importance="gates", gate_steps=7, relax_rank=4, heal_steps=3, heal_lr=0.01,
                                            heal_tail=1, heal_lora=8, seq_len=32, max_tokens=100, heal_max_tokens=300,
-                                           batch_size=2,
+                                           heal_pooled_weight=5.0, heal_splice=0.25, batch_size=2,
                                            out_shard_size="1GB"),
                                seed=5, device="cpu", force=True, progress=None)
 

@@ -142,6 +142,11 @@ class FoldOptions(Options):
     heal_steps: int = option(0, lo=0, help="Heal fine-tune steps with tail-layer distillation; 0 = no heal.")
     heal_lr: float = option(3e-4, lo=0, lo_open=True, help="Heal learning rate.")
     heal_tail: int = option(2, lo=1, help="Last hidden states matched to the original's in the heal.")
+    heal_pooled_weight: float = option(1.0, lo=0, help="Encoders: weight of the pooled sentence embedding's cosine "
+                                                      "distance in the heal loss (the hidden states' MSE weighs 1).")
+    heal_splice: float = option(0.0, lo=0, hi=1, help="Encoders: share of each heal batch replaced by new inputs, "
+                                                     "the start of one calibration sentence joined to the end of "
+                                                     "another.")
     heal_lora: int = option(0, lo=0, help="Heal with peft LoRA adapters of this rank on the blocks' linear layers "
                                           "(merged back after; layers sharing a weight share an adapter); 0 = "
                                           "fine-tune the blocks' weights.")

@@ -59,9 +59,36 @@ class Sentences:
     input ([CLS] line [SEP], truncated to the window); a batch is padded to its longest input."""
     ids: list[list[int]]
     pad_id: int
+    head: int = 1  # special tokens before each input's text ([CLS]) and after it ([SEP])
+    tail: int = 1
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def spliced(self, idx: list[int], share: float, gen: torch.Generator) -> Sentences:
+        """The inputs at ``idx``, where each one with probability ``share`` is replaced by a new input: the
+        start of its text (a random cut) followed by the end of another random input's text (a random cut),
+        inside the special tokens, no longer than the longer of the two (the start is cut shorter to fit). Distilling on such inputs as well
+        shows the student the teacher's function off the calibration sentences themselves."""
+        out = []
+        draws = torch.rand(len(idx), generator=gen).tolist()
+        for i, u in zip(idx, draws):
+            a = self.ids[i]
+            if u >= share:
+                out.append(a)
+                continue
+            b = self.ids[int(torch.randint(0, len(self.ids), (1,), generator=gen))]
+            body_a, body_b = a[self.head:len(a) - self.tail], b[self.head:len(b) - self.tail]
+            if not body_a or not body_b:
+                out.append(a)
+                continue
+            cut_a = int(torch.randint(1, len(body_a) + 1, (1,), generator=gen))
+            cut_b = int(torch.randint(0, len(body_b), (1,), generator=gen))
+            limit, end = max(len(body_a), len(body_b)), body_b[cut_b:]
+            start = body_a[:max(1, min(cut_a, limit - len(end)))]
+            body = start + end[max(0, len(start) + len(end) - limit):]
+            out.append(a[:self.head] + body + a[len(a) - self.tail:])
+        return Sentences(out, self.pad_id, self.head, self.tail)
 
     def batch(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """(input_ids, attention_mask) of the inputs at ``idx``."""
@@ -104,7 +131,18 @@ def calibration_sentences(tokenizer, data: str | Path, *, seq_len: int, max_toke
             total += len(ids[-1])
     if not ids:
         raise OptionError(None, f"{data}: no line of text to calibrate on")
-    return Sentences(ids, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+    return Sentences(ids, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
+                     *special_counts(tokenizer))
+
+
+def special_counts(tokenizer) -> tuple[int, int]:
+    """How many special tokens the tokenizer puts before and after a text (1 and 1 for BERT's [CLS] ... [SEP])."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a")["input_ids"]
+    for head in range(len(full) - len(plain) + 1):
+        if full[head:head + len(plain)] == plain:
+            return head, len(full) - head - len(plain)
+    return 0, 0
 
 
 def random_windows(tokens: torch.Tensor, batch_size: int, seq_len: int, gen: torch.Generator) -> torch.Tensor:

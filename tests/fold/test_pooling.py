@@ -1,6 +1,7 @@
 """Sentence-transformers pooling: read from the folder, equal to sentence-transformers' own encode, carried
 into folded and exported folders so they still load there; bad pooling files are refused."""
 import json
+import random
 import shutil
 
 import pytest
@@ -162,3 +163,81 @@ def test_heal_parts_of_similar_length_add_up_to_the_whole_padded_batch():
     assert total == pytest.approx(whole.item(), rel=1e-4)
     assert torch.allclose(g_parts, g_whole, rtol=1e-3, atol=1e-6)
     assert not torch.allclose(grads(distill_loss(student, teacher, *data.batch([0, 3]), **kw)), g_whole, rtol=1e-2)
+
+
+def test_spliced_sentences_join_the_start_of_one_input_to_the_end_of_another():
+    from weightsmith.training import Sentences, special_counts
+
+    tok = load_tokenizer(minilm_path())
+    assert special_counts(tok) == (1, 1)
+    texts = SENTENCES + ["A much longer sentence, so that the inputs have very different lengths to cut."]
+    data = Sentences([tok(t)["input_ids"] for t in texts], tok.pad_token_id, *special_counts(tok))
+    idx = [0, 1, 2, 3, 0, 2] * 20
+    assert data.spliced(idx, 0.0, torch.Generator().manual_seed(0)).ids == [data.ids[i] for i in idx]
+    out = data.spliced(idx, 1.0, torch.Generator().manual_seed(0)).ids
+    assert out == data.spliced(idx, 1.0, torch.Generator().manual_seed(0)).ids  # the generator decides
+    bodies = [ids[1:-1] for ids in data.ids]
+    new = 0
+    for i, ids in zip(idx, out):
+        assert ids[0] == tok.cls_token_id and ids[-1] == tok.sep_token_id
+        body = ids[1:-1]
+        a = bodies[i]
+        cuts = [c for c in range(1, min(len(a) + 1, len(body))) if body[:c] == a[:c]]
+        assert cuts, "a spliced input starts with its own sentence's first token"
+        assert any(any(len(b) >= len(body) - c and body[c:] == b[len(b) - len(body) + c:] for b in bodies)
+                   for c in cuts), "and ends with the end of another one"
+        assert len(body) <= max(map(len, bodies))
+        new += ids not in data.ids
+    assert new > len(idx) / 2
+    mixed = data.spliced(idx, 0.5, torch.Generator().manual_seed(1)).ids
+    assert 0.25 < sum(m != data.ids[i] for i, m in zip(idx, mixed)) / len(idx) < 0.75
+
+
+def test_special_counts_of_a_tokenizer_without_specials(zoo):
+    from weightsmith.training import special_counts
+
+    assert special_counts(load_tokenizer(zoo.model("base"))) == (0, 0)
+
+
+def test_encoder_heal_options_are_refused_for_a_causal_lm(zoo, tmp_path):
+    from weightsmith.errors import OptionError
+    from weightsmith.fold import fold
+    from weightsmith.fold.heal import heal
+
+    base, calib = zoo.model("base"), zoo.data("general", "calib")
+    for key, value in (("heal_splice", 0.5), ("heal_pooled_weight", 3.0)):
+        with pytest.raises(OptionError, match=f"^{key}: {value} applies to encoders"):
+            fold(base, tmp_path / key, data=calib, remove=0.25, importance="bi", heal_steps=1, seq=32, max_tokens=256,
+                 device="cpu", **{key: value})
+        assert not (tmp_path / key).exists()
+    model = weightsmith.load(base)
+    with pytest.raises(OptionError, match="^heal_splice: 0.5 needs sentences"):
+        heal(model, model, torch.zeros((4, 8), dtype=torch.long), steps=1, splice=0.5)
+
+
+def test_heal_passes_the_splice_and_pooled_weight_to_its_loss(tmp_path, monkeypatch):
+    """The fold's encoder heal options reach the loss: every input the loss sees is a spliced one at splice 1,
+    and pooled_weight is the weight of the pooled term."""
+    from weightsmith.fold import fold
+
+    seen = []
+    import weightsmith.fold.heal as heal_mod
+    real = heal_mod.distill_loss
+
+    def spy(student, teacher, x, mask=None, **kw):
+        seen.append((x.clone(), kw["pooled_weight"]))
+        return real(student, teacher, x, mask, **kw)
+
+    monkeypatch.setattr(heal_mod, "distill_loss", spy)
+    lines = tmp_path / "lines.txt"
+    words = "river stone cloud paper window garden engine silver market letter forest candle bridge orange".split()
+    rng = random.Random(0)
+    texts = [" ".join(rng.sample(words, 8)) + "." for _ in range(40)]
+    lines.write_text("\n".join(texts))
+    tok = load_tokenizer(minilm_path())
+    originals = {tuple(tok(t)["input_ids"]) for t in texts}
+    fold(minilm_path(), tmp_path / "o", data=lines, remove=0.17, importance="bi", heal_steps=2, batch_size=8,
+         max_tokens=400, device="cpu", heal_splice=1.0, heal_pooled_weight=4.0)
+    rows = [tuple(r[m.bool()].tolist()) for x, _ in seen for r, m in zip(x, x != tok.pad_token_id)]
+    assert {w for _, w in seen} == {4.0}
+    assert len(rows) == 16 and sum(r not in originals for r in rows) >= 12

@@ -5,7 +5,9 @@ loss = lm_weight * LM loss + kd_weight * T^2 KL(teacher || student at temperatur
 Only the blocks train by default. The student's i-th hidden state from the end is matched to the teacher's i-th from the end.
 Encoders (no logits) heal on what they are for: the hidden-state term plus pooled_weight * (1 - cos) of the
 sentence embedding (the folder's sentence-transformers pooling) to the original's; each step's sentences
-run in groups of similar length (gradients accumulated), not as one batch padded to its longest. Runs through
+run in groups of similar length (gradients accumulated), not as one batch padded to its longest. With
+``splice`` a share of each batch is new inputs, the start of one sentence joined to the end of another, so
+the student matches the original off the calibration sentences too (distillation's function matching). Runs through
 ``accelerate``: under ``accelerate launch`` each rank trains on its own slice of every batch (data-parallel).
 
 With ``lora_rank`` the blocks stay frozen and peft LoRA adapters on their linear layers train instead.
@@ -73,12 +75,13 @@ def merge_lora(model: torch.nn.Module) -> int:
 def heal(student: torch.nn.Module, teacher: torch.nn.Module, windows: torch.Tensor | Sentences, *, steps: int = 200,
          lr: float = 3e-4, batch_size: int = 8, tail: int = 2, lm_weight: float = 1.0, kd_weight: float = 1.0,
          mse_weight: float = 1.0, pooled_weight: float = 1.0, temperature: float = 2.0, blocks_only: bool = True,
-         lora_rank: int = 0, seed: int = 0, device: str | torch.device = "cpu", pooling: Pooling | None = None,
-         progress: ProgressFn | None = None) -> dict:
+         lora_rank: int = 0, splice: float = 0.0, seed: int = 0, device: str | torch.device = "cpu",
+         pooling: Pooling | None = None, progress: ProgressFn | None = None) -> dict:
     """Train ``student`` in place (AdamW, 10% linear warmup, then cosine decay to 0.1·lr); returns the first
     and last losses and what each rank did.
 
-    ``windows``: [n, seq] token windows, or (encoders) ``Sentences``, separate inputs padded per batch.
+    ``windows``: [n, seq] token windows, or (encoders) ``Sentences``, separate inputs padded per batch;
+    ``splice``: the share of each batch of sentences replaced by spliced ones (``Sentences.spliced``).
 
     Every rank draws the same global batch of ``batch_size`` windows and trains on its own equal slice;
     the gradients are averaged across ranks (DDP), so N processes take the steps one process would.
@@ -87,6 +90,8 @@ def heal(student: torch.nn.Module, teacher: torch.nn.Module, windows: torch.Tens
 
     from .ranks import Ranks, launched
 
+    if splice and not isinstance(windows, Sentences):
+        raise OptionError("heal_splice", f"{splice} needs sentences (encoders); token windows cannot be spliced")
     dev = torch.device(device)
     accelerator = Accelerator(cpu=dev.type == "cpu")
     ranks = Ranks(rank=accelerator.process_index, world=accelerator.num_processes) if launched() else Ranks()
@@ -107,11 +112,13 @@ def heal(student: torch.nn.Module, teacher: torch.nn.Module, windows: torch.Tens
     for step in range(steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, max(1, steps // 10))
-        idx = torch.randint(0, len(windows), (batch_size,), generator=gen)[ranks.rank * per_rank:(ranks.rank + 1) * per_rank]
+        idx = torch.randint(0, len(windows), (batch_size,), generator=gen)
+        data = windows.spliced(idx.tolist(), splice, gen) if splice else windows
+        idx = (torch.arange(batch_size) if splice else idx)[ranks.rank * per_rank:(ranks.rank + 1) * per_rank]
         if step == 0:
             first_windows = idx.tolist()
         opt.zero_grad(set_to_none=True)
-        loss = _accumulate(accelerator, student, teacher, _parts(windows, idx), causal=causal, tail=tail,
+        loss = _accumulate(accelerator, student, teacher, _parts(data, idx), causal=causal, tail=tail,
                            lm_weight=lm_weight, kd_weight=kd_weight, mse_weight=mse_weight,
                            pooled_weight=pooled_weight, temperature=temperature, pooling=pool)
         grad_norms.append(float(accelerator.clip_grad_norm_(params, 1.0)))

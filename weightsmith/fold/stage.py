@@ -103,7 +103,8 @@ def fold(model_path: str | Path, out: str | Path, opts: FoldOptions | None = Non
     if opts.heal_steps:
         from .heal import heal
         healed = heal(folded, teacher, job.heal_data(opts), steps=opts.heal_steps, lr=opts.heal_lr,
-                      tail=opts.heal_tail, batch_size=opts.batch_size, lora_rank=opts.heal_lora, seed=seed, device=dev,
+                      tail=opts.heal_tail, pooled_weight=opts.heal_pooled_weight, splice=opts.heal_splice,
+                      batch_size=opts.batch_size, lora_rank=opts.heal_lora, seed=seed, device=dev,
                       pooling=job.pooling, progress=progress)
         clock.lap("heal")
     fold_map = copy.deepcopy(folded.config.weightsmith)
@@ -192,6 +193,11 @@ def _prepare(model_path: Path, teacher: torch.nn.Module, opts: FoldOptions) -> _
         raise OptionError("remove", f"{opts.remove} would remove all {n} blocks")
     sizes = parse_share(opts.share, n - k)
     causal = is_causal_lm(teacher)
+    encoder_only = [name for name, v, default in (("heal_pooled_weight", opts.heal_pooled_weight, 1.0),
+                                                    ("heal_splice", opts.heal_splice, 0.0)) if v != default]
+    if causal and encoder_only:
+        raise OptionError(encoder_only[0], f"{getattr(opts, encoder_only[0])} applies to encoders (sentence "
+                                           "embeddings); this model is a causal LM")
     pooling = None if causal else read_pooling(model_path)
     seq = model_seq(teacher, opts.seq_len)
     tok = load_tokenizer(model_path)
