@@ -112,11 +112,12 @@ def heal(student: torch.nn.Module, teacher: torch.nn.Module, windows: torch.Tens
     for step in range(steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, max(1, steps // 10))
-        idx = torch.randint(0, len(windows), (batch_size,), generator=gen)
-        data = windows.spliced(idx.tolist(), splice, gen) if splice else windows
-        idx = (torch.arange(batch_size) if splice else idx)[ranks.rank * per_rank:(ranks.rank + 1) * per_rank]
+        drawn = torch.randint(0, len(windows), (batch_size,), generator=gen)
+        data = windows.spliced(drawn.tolist(), splice, gen) if splice else windows
+        mine = slice(ranks.rank * per_rank, (ranks.rank + 1) * per_rank)
+        idx = (torch.arange(batch_size) if splice else drawn)[mine]  # spliced: positions in the new batch
         if step == 0:
-            first_windows = idx.tolist()
+            first_windows = drawn[mine].tolist()
         opt.zero_grad(set_to_none=True)
         loss = _accumulate(accelerator, student, teacher, _parts(data, idx), causal=causal, tail=tail,
                            lm_weight=lm_weight, kd_weight=kd_weight, mse_weight=mse_weight,
