@@ -99,13 +99,8 @@ def fold(model_path: str | Path, out: str | Path, opts: FoldOptions | None = Non
     folded = fold_model(teacher, config, removed, job.sizes, share_init=opts.share_init, relax_rank=opts.relax_rank,
                         extra={"importance": opts.importance, "scores": scores}, picks=picks)
     clock.lap("fold")
-    healed = {}
+    healed = _heal(folded, teacher, job, opts, seed=seed, device=dev, progress=progress) if opts.heal_steps else {}
     if opts.heal_steps:
-        from .heal import heal
-        healed = heal(folded, teacher, job.heal_data(opts), steps=opts.heal_steps, lr=opts.heal_lr,
-                      tail=opts.heal_tail, pooled_weight=opts.heal_pooled_weight, splice=opts.heal_splice,
-                      batch_size=opts.batch_size, lora_rank=opts.heal_lora, seed=seed, device=dev,
-                      pooling=job.pooling, progress=progress)
         clock.lap("heal")
     fold_map = copy.deepcopy(folded.config.weightsmith)
     fold_map.update(heal_steps=opts.heal_steps)
@@ -134,6 +129,16 @@ def _measured_picks(teacher, config: dict, removed: list[int], job: "_Job", opts
                                  device=device, pooling=job.pooling, progress=progress)
     scores["share_member_losses"] = losses
     return picks
+
+
+def _heal(folded: torch.nn.Module, teacher: torch.nn.Module, job: _Job, opts: FoldOptions, *, seed: int, device,
+          progress: ProgressFn | None) -> dict:
+    """The heal of ``folded`` from ``teacher`` as ``opts`` says; returns its report."""
+    from .heal import heal
+
+    return heal(folded, teacher, job.heal_data(opts), steps=opts.heal_steps, lr=opts.heal_lr, tail=opts.heal_tail,
+                pooled_weight=opts.heal_pooled_weight, splice=opts.heal_splice, batch_size=opts.batch_size,
+                lora_rank=opts.heal_lora, seed=seed, device=device, pooling=job.pooling, progress=progress)
 
 
 def _check_inputs(model_path: Path, opts: FoldOptions) -> dict:
