@@ -68,8 +68,9 @@ class Sentences:
     def spliced(self, idx: list[int], share: float, gen: torch.Generator) -> Sentences:
         """The inputs at ``idx``, where each one with probability ``share`` is replaced by a new input: the
         start of its text (a random cut) followed by the end of another random input's text (a random cut),
-        inside the special tokens, no longer than the longer of the two (the start is cut shorter to fit). Distilling on such inputs as well
-        shows the student the teacher's function off the calibration sentences themselves."""
+        inside the special tokens, no longer than the longer of the two (the start is cut shorter to fit).
+        Distilling on such inputs as well shows the student the teacher's function off the calibration
+        sentences themselves."""
         out = []
         draws = torch.rand(len(idx), generator=gen).tolist()
         for i, u in zip(idx, draws):

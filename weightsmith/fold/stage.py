@@ -99,8 +99,9 @@ def fold(model_path: str | Path, out: str | Path, opts: FoldOptions | None = Non
     folded = fold_model(teacher, config, removed, job.sizes, share_init=opts.share_init, relax_rank=opts.relax_rank,
                         extra={"importance": opts.importance, "scores": scores}, picks=picks)
     clock.lap("fold")
-    healed = _heal(folded, teacher, job, opts, seed=seed, device=dev, progress=progress) if opts.heal_steps else {}
+    healed = {}
     if opts.heal_steps:
+        healed = _heal(folded, teacher, job, opts, seed=seed, device=dev, progress=progress)
         clock.lap("heal")
     fold_map = copy.deepcopy(folded.config.weightsmith)
     fold_map.update(heal_steps=opts.heal_steps)
@@ -198,8 +199,7 @@ def _prepare(model_path: Path, teacher: torch.nn.Module, opts: FoldOptions) -> _
         raise OptionError("remove", f"{opts.remove} would remove all {n} blocks")
     sizes = parse_share(opts.share, n - k)
     causal = is_causal_lm(teacher)
-    encoder_only = [name for name, v, default in (("heal_pooled_weight", opts.heal_pooled_weight, 1.0),
-                                                    ("heal_splice", opts.heal_splice, 0.0)) if v != default]
+    encoder_only = [n for n in ("heal_pooled_weight", "heal_splice") if getattr(opts, n) != FoldOptions.default(n)]
     if causal and encoder_only:
         raise OptionError(encoder_only[0], f"{getattr(opts, encoder_only[0])} applies to encoders (sentence "
                                            "embeddings); this model is a causal LM")
