@@ -150,8 +150,9 @@ def main() -> None:
     ap.add_argument("--gate-steps", type=int, default=100)
     ap.add_argument("--minilm-heal-pooled-weight", type=float, default=1.0, help="fold's --heal-pooled-weight")
     ap.add_argument("--minilm-heal-splice", type=float, default=0.0, help="fold's --heal-splice")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 keeps runs comparable side by side)")
     args = ap.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     if not args.skip_lm:
         lm_table(args.size, args.heal_steps, args.remove, args.lora_rank, args.lora_lr, args.lora_only)
     if not args.skip_minilm:
