@@ -199,7 +199,8 @@ def _prepare(model_path: Path, teacher: torch.nn.Module, opts: FoldOptions) -> _
         raise OptionError("remove", f"{opts.remove} would remove all {n} blocks")
     sizes = parse_share(opts.share, n - k)
     causal = is_causal_lm(teacher)
-    encoder_only = [n for n in ("heal_pooled_weight", "heal_splice") if getattr(opts, n) != FoldOptions.default(n)]
+    encoder_only = [name for name in ("heal_pooled_weight", "heal_splice")
+                    if getattr(opts, name) != FoldOptions.default(name)]
     if causal and encoder_only:
         raise OptionError(encoder_only[0], f"{getattr(opts, encoder_only[0])} applies to encoders (sentence "
                                            "embeddings); this model is a causal LM")
