@@ -145,12 +145,14 @@ def _entry(plan: dict, base: Checkpoint, target: str, where: str) -> list:
 
 def _delta(lora: Checkpoint, spec: tuple, shape: tuple, where: str) -> torch.Tensor:
     a_name, b_name, scale, kind = spec
-    a, b = lora.get(a_name).float(), lora.get(b_name).float()
+    a, b = lora.get(a_name), lora.get(b_name)
+    stored = a.dtype
+    a, b = a.float(), b.float()
     delta = (b @ a).T * scale if kind in ("embedding", "transposed") else (b @ a) * scale
     if tuple(delta.shape) != tuple(shape):
         raise WeightsmithError(f"{where}: adapter {a_name!r} makes a {list(delta.shape)} change to a {list(shape)} "
                                "weight; the adapter was trained on another model")
-    return delta
+    return delta.to(stored)  # in the adapter's dtype, which the addition then promotes to, as in peft
 
 
 def _write(base: Checkpoint, lora: Checkpoint, plan: dict, folder: Path) -> None:
@@ -167,7 +169,7 @@ def _write(base: Checkpoint, lora: Checkpoint, plan: dict, folder: Path) -> None
                 if tuple(t.shape) != shape:
                     raise WeightsmithError(f"{name}: the adapter's copy has shape {list(t.shape)}, the base's {list(shape)}")
             if lora_spec is not None:
-                t = t + _delta(lora, lora_spec, shape, name).to(dtype)
+                t = (t + _delta(lora, lora_spec, shape, name)).to(dtype)
             if bias is not None:
                 t = t + (lora.get(bias[0]).float() * bias[1]).to(dtype)
         writer.write(name, t)

@@ -164,18 +164,29 @@ def hub_cache() -> str:
     return constants.HF_HUB_CACHE
 
 
+def hub_timeout() -> float:
+    """Seconds to wait for the Hub to connect or answer: ``HF_HUB_DOWNLOAD_TIMEOUT`` when set, else push's."""
+    try:
+        value = float(os.environ.get("HF_HUB_DOWNLOAD_TIMEOUT") or DEFAULT_TIMEOUT)
+    except ValueError:
+        raise WeightsmithError(f"HF_HUB_DOWNLOAD_TIMEOUT={os.environ['HF_HUB_DOWNLOAD_TIMEOUT']!r} is not a number "
+                               "of seconds") from None
+    return value if 0 < value <= 3600 else DEFAULT_TIMEOUT
+
+
 def hub_snapshot(ref: ModelRef, *, allow_pickle: bool = False, what: str = "model",
-                 timeout: float = DEFAULT_TIMEOUT) -> Path:
+                 timeout: float | None = None) -> Path:
     """The cache snapshot folder of a Hub reference: from the cache alone when offline, else after downloading
     the files a stage reads that the cache lacks."""
     from .trust import remote_code_allowed
 
+    timeout = hub_timeout() if timeout is None else timeout
     where = f"{what} {ref.text}"
     try:
         if user_offline():
             return _cached(ref, allow_pickle, where)
         with online(timeout):
-            return _download(ref, allow_pickle, remote_code_allowed(), where)
+            return _download(ref, allow_pickle, remote_code_allowed(), where, timeout)
     except WeightsmithError:
         raise
     except Exception as exc:  # noqa: BLE001 - huggingface_hub's and the transport's errors, worded below
@@ -218,16 +229,16 @@ def _check_complete(folder: Path, ref: ModelRef, where: str) -> None:
                                f"the Hub is off; fetch it once online: weightsmith download {ref.text}")
 
 
-def _download(ref: ModelRef, allow_pickle: bool, code: bool, where: str) -> Path:
+def _download(ref: ModelRef, allow_pickle: bool, code: bool, where: str, timeout: float) -> Path:
     from huggingface_hub import HfApi, snapshot_download
 
     api = HfApi(endpoint=endpoint())
-    info = api.model_info(ref.repo_id, revision=ref.revision)
+    info = api.model_info(ref.repo_id, revision=ref.revision, timeout=timeout)
     files = [s.rfilename for s in info.siblings or []]
     _check_repo_files(files, allow_pickle, where)
     # the commit the branch or tag pointed to just now: every file comes from that one commit
     folder = snapshot_download(ref.repo_id, revision=ref.revision or "main", cache_dir=hub_cache(),
-                               endpoint=endpoint(), allow_patterns=_patterns(allow_pickle, code))
+                               endpoint=endpoint(), allow_patterns=_patterns(allow_pickle, code), etag_timeout=timeout)
     return Path(folder)
 
 
