@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 
-from ..errors import WeightsmithError
+from ..errors import needs_option
 
 OFFLINE_BY_DEFAULT = "WEIGHTSMITH_OFFLINE_BY_DEFAULT"
 TRUE = ("1", "true", "yes", "on")
@@ -37,7 +37,7 @@ def online(timeout: float = DEFAULT_TIMEOUT):
     from huggingface_hub import constants
 
     if user_offline():
-        raise WeightsmithError("HF_HUB_OFFLINE is set (or --offline given); the Hub cannot be reached")
+        raise needs_option("HF_HUB_OFFLINE is set", " (or {0} given); the Hub cannot be reached", "offline")
     saved = constants.HF_HUB_OFFLINE
     constants.HF_HUB_OFFLINE = False
     restore = _set_timeouts(timeout)
