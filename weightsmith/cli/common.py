@@ -65,6 +65,9 @@ def model_folder(ref: Path | str, run: RunFlags | None = None, allow_pickle: boo
 
     if run is not None:
         go_offline(run.offline)
+        if run.quiet:  # huggingface_hub's own download bars, as every other bar
+            from huggingface_hub.utils import disable_progress_bars
+            disable_progress_bars()
     return resolve_model(ref, allow_pickle=allow_pickle or bool(run is not None and run.allow_pickle))
 
 
