@@ -73,5 +73,6 @@ def _fail(message: str) -> None:
     from .common import err_console
 
     message = " ".join(message.split())  # one line, whatever the message held
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")  # bytes argv could not decode, as \xNN
     err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True, markup=True)
     sys.exit(2)
