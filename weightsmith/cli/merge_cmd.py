@@ -252,7 +252,7 @@ def _device(device: str, cuda: bool | None) -> str:
 def _recipe(path: Path | None, flags: MergeFlags):
     """The recipe file with the flags' method, base and parameters over it, or the recipe the flags describe."""
     from ..merge import load_recipe
-    from ..merge.recipe import _model_ref, recipe_from_flags
+    from ..merge.recipe import _ref_text, recipe_from_flags
 
     try:
         per_model, params = flags.per_model(), flags.parameters()
@@ -266,7 +266,7 @@ def _recipe(path: Path | None, flags: MergeFlags):
         if any(v and len(v) > 1 for v in per_model.values()):
             raise WeightsmithError("with a recipe, per-model flags may be given once (applied to all models)")
         r.method = flags.method or r.method
-        r.base_model = _model_ref(str(flags.base), "base_model") if flags.base else r.base_model
+        r.base_model = _ref_text(str(flags.base), "base_model") if flags.base else r.base_model
         given = {**{k: v for k, v in params.items() if v is not None}, **{k: v[0] for k, v in per_model.items() if v}}
         _check_given(r.method, given)
         r.parameters.update(given)
