@@ -16,7 +16,7 @@ from weightsmith.merge import all_methods
 from weightsmith.merge.recipe import ModelEntry
 
 BASE = ["merge", "--method", "ties", "--base", "B", "--model", "M1", "--model", "M2", "--out", "O"]
-DEFAULTS = dict(device="auto", dtype=None, out_shard_size="5B", seed=0, allow_crimes=False, force=False,
+DEFAULTS = dict(device="auto", dtype=None, out_shard_size=5 * 10**9, seed=0, allow_crimes=False, force=False,
                 copy_tokenizer=True, model_card=True, allow_nonfinite=False)
 
 
@@ -65,7 +65,7 @@ CASES = [
     (["--device", "cpu"], ("kw", "device", "cpu")),
     (["--no-cuda"], ("kw", "device", "cpu")),
     (["--cuda"], ("kw", "device", "cuda")),
-    (["--out-shard-size", "1B"], ("kw", "out_shard_size", "1B")),
+    (["--out-shard-size", "1B"], ("kw", "out_shard_size", 10**9)),
     (["--seed", "7"], ("kw", "seed", 7)),
     (["--random-seed", "8"], ("kw", "seed", 8)),
     (["--allow-crimes"], ("kw", "allow_crimes", True)),

@@ -31,21 +31,7 @@ from .reader import INDEX_NAME, SINGLE_NAME, SIDE_FILES
 from .safetensors_file import ShardFile
 
 DEFAULT_SHARD_SIZE = 5 * 10**9
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
-def parse_size(text: str | int) -> int:
-    """'2GB' -> 2e9, '300MiB' -> 300*2**20, 1000 -> 1000."""
-    if isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
-    if not m or m.group(2).upper() not in _UNITS:
-        raise WeightsmithError(f"size {text!r} not understood; write e.g. 5GB, 300MB, 2GiB or a byte count")
-    n = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
-    if n <= 0:
-        raise WeightsmithError(f"size {text!r} must be positive")
-    return n
+from ..options import parse_size  # noqa: E402,F401  (the one size grammar; re-exported)
 
 
 def _inside(a: Path, b: Path) -> bool:
