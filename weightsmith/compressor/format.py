@@ -64,6 +64,9 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     ckpt = Checkpoint(path)
     if MEMORY_NAME not in ckpt:
         raise WeightsmithError(f"{path}: tensor {MEMORY_NAME!r} is missing; the folder is damaged")
+    from ..loading import check_layer_count
+
+    check_layer_count(path, config, ckpt.names())
     cls = _model_class(config)
     hf_config = cls.config_class.from_dict(config)
     with init_empty_weights(include_buffers=False):  # dense weights never allocated; rotary buffers are

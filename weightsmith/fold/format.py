@@ -129,10 +129,17 @@ def save(model: torch.nn.Module, folder: Path, config: dict, max_shard_size: str
 
 
 def load(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> torch.nn.Module:
+    from ..loading import check_layer_count
+
     path = Path(path)
     config = read_json(path / "config.json", "config.json")
     ckpt = Checkpoint(path)
-    return assemble(config, ckpt.state_dict(), device=device, dtype=dtype)
+    members = {j for group in config["weightsmith"]["groups"] for j in group[1:]}
+    check_layer_count(path, config, ckpt.names(), skip=members)
+    try:
+        return assemble(config, ckpt.state_dict(), device=device, dtype=dtype)
+    except WeightsmithError as exc:
+        raise WeightsmithError(f"{path}: {exc}") from None
 
 
 def _plain_sources(config: dict, names: list[str]) -> dict[str, list[str]]:
