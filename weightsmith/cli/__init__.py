@@ -66,6 +66,10 @@ def main() -> None:
         if "Abort" in kinds:
             sys.exit(1)
         raise
+    finally:
+        writer = sys.modules.get("weightsmith.checkpoint.writer")  # loaded by every command that locks an output
+        if writer is not None:
+            writer.release_locks()
 
 
 def _fail(message: str) -> None:
