@@ -30,6 +30,7 @@ import torch
 from ..errors import WeightsmithError, needs_option
 from .reader import INDEX_NAME, SINGLE_NAME, SIDE_FILES
 from .safetensors_file import ShardFile
+from .values import finite, nonfinite_count
 
 DEFAULT_SHARD_SIZE = 5 * 10**9
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -112,20 +113,25 @@ def validate_only() -> Iterator[None]:
 
 
 @contextmanager
-def output_folder(target: str | Path, inputs: Iterable[str | Path] = (), force: bool = False) -> Iterator[Path]:
+def output_folder(target: str | Path, inputs: Iterable[str | Path] = (), force: bool = False, *,
+                  stage: str | None = None, values_checked: bool = False) -> Iterator[Path]:
     """Yield a temp folder ``TARGET.tmp-PID-*``; on success it replaces ``target`` atomically.
 
     A replace exchanges the two folders in one system call (Linux ``renameat2``); elsewhere it is journalled
     so the next run finishes it. Write errors (full or read-only disk) become one-line ``WeightsmithError``s.
+    Every tensor written into it passes the publish check (``ShardedWriter.write``): a NaN/inf refuses the
+    whole output, naming the tensor and ``stage``; ``values_checked``: the stage checked every value itself
+    (merge's value checks, which let ``allow_nonfinite`` through).
     """
     target = check_output(target, list(inputs), force)
+    tmp = target.parent / f"{target.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        tmp = target.parent / f"{target.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
             tmp.mkdir()
             (tmp / MARKER).write_text("weightsmith\n")
         except OSError as exc:
             raise _write_error(target, exc) from None
+        _PUBLISHING[tmp] = (target, stage or "the stage", values_checked)
         try:
             yield tmp
             _commit(tmp, target, force)
@@ -138,7 +144,19 @@ def output_folder(target: str | Path, inputs: Iterable[str | Path] = (), force: 
             _remove_own(tmp)
             raise
     finally:
+        _PUBLISHING.pop(tmp, None)
         _unlock(target)
+
+
+def check_publishable(folder: Path, name: str, tensor: torch.Tensor) -> None:
+    """The publish check of a tensor written into an output folder: finite, or the stage writes nothing."""
+    folder = Path(folder)
+    publishing = next((v for tmp, v in _PUBLISHING.items() if tmp == folder or tmp in folder.parents), None)
+    if publishing is None or publishing[2] or finite(tensor):
+        return
+    target, stage, _ = publishing
+    raise WeightsmithError(f"{stage} produced tensor {name!r} holding {nonfinite_count(tensor)} NaN/inf value(s); "
+                           f"a non-finite model is never published, so {target} was not written")
 
 
 TMP_MARK = ".tmp-"
@@ -147,6 +165,7 @@ LOCK_MARK = ".weightsmith-lock"
 MARKER = ".weightsmith-output"  # written into every output folder: what --force may replace
 _TMP_NAME = re.compile(r"\.(?:tmp|old)-(\d+)-[0-9a-f]{8}")
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.ENOTDIR}
+_PUBLISHING: dict[Path, tuple[Path, str, bool]] = {}  # temp folder -> (target, stage, values checked) while written
 _LOCKS: dict[Path, tuple[int, int, Path]] = {}  # resolved target -> (lock file fd, lock folder fd, target)
 
 
@@ -484,6 +503,7 @@ class ShardedWriter:
             shard = self.where[name]
         except KeyError:
             raise WeightsmithError(f"tensor {name!r} is not in the output plan") from None
+        check_publishable(self.folder, name, tensor)
         shard.write(name, tensor)
 
     def close(self) -> None:

@@ -105,7 +105,7 @@ def export_plain(path: str | Path, out: str | Path, max_shard_size: str = "5GB",
     plain = [n for n in ckpt.names() if n != MEMORY_NAME]
     plan = [(n, ckpt.get(n).dtype, tuple(ckpt.get(n).shape)) for n in plain]
     plan += [(n, out_dtype, tuple(s.shape)) for n, s in dense.items()]
-    with output_folder(out, inputs=[path], force=force) as tmp:
+    with output_folder(out, inputs=[path], force=force, stage="export") as tmp:
         writer = ShardedWriter(tmp, plan, max_shard_size)
         for n in plain:
             writer.write(n, ckpt.get(n))

@@ -179,7 +179,7 @@ def export_plain(path: str | Path, out: str | Path, max_shard_size: str = "5GB",
     sources = _plain_sources(config, ckpt.names())
     plan = [(n, _torch_dtype(ckpt, s[0]), tuple(ckpt.info(s[0]).shape)) for n, s in sources.items()]
     plain_cfg = {k: v for k, v in config.items() if k != "weightsmith"}
-    with output_folder(out, inputs=[path], force=force) as tmp:
+    with output_folder(out, inputs=[path], force=force, stage="export") as tmp:
         writer = ShardedWriter(tmp, plan, max_shard_size)
         for name, src in track(progress, "export", list(sources.items())):
             t = ckpt.get(src[0])

@@ -363,7 +363,7 @@ def merge(recipe: Recipe, out: str | Path, opts: MergeOptions | None = None, *, 
             for job in jobs:
                 yield [_read(c, job, dev) for c in sources]
         plan.method.prepass([j for j in plan.jobs if j.float_math], stream, progress)
-    with output_folder(out, recipe.inputs, force) as tmp:
+    with output_folder(out, recipe.inputs, force, stage="merge", values_checked=True) as tmp:
         widest = max((j.dtype.itemsize for j in plan.jobs), default=4)
         shard = "1000TB" if plan.adapter else shard_bytes(opts.out_shard_size, widest)
         writer = ShardedWriter(tmp, [(j.name, j.dtype, j.shape) for j in plan.jobs], shard)
