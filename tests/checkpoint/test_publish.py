@@ -88,3 +88,29 @@ def test_the_check_covers_every_writer_inside_an_output_folder_and_only_there(tm
     with output_folder(tmp_path / "out", values_checked=True) as tmp:  # what merge's own checks let through
         save_state_dict(bad, tmp)
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+# a stage's config.json that does not fit the tensors it wrote: (config edit, tensor to drop, words)
+MISFITS = {
+    "one-layer-too-many": ({"num_hidden_layers": 3}, None, "none for layer 2"),
+    "wider-mlp-than-written": ({"intermediate_size": 96}, None, "has shape [64, 32] but config.json makes it [96, 32]"),
+    "head-not-written": ({}, "lm_head.weight", "'lm_head.weight' but the folder lacks it"),
+    "folded-group-past-the-blocks": ({"num_hidden_layers": 4, "weightsmith": {
+        "format": "folded", "groups": [[0, 1], [2, 3]], "block_prefix": "model.layers."}}, None, "none for layer 2"),
+}
+
+
+@pytest.mark.parametrize("case", list(MISFITS))
+def test_a_config_that_does_not_fit_the_written_tensors_is_never_published(case, models, tmp_path):
+    from weightsmith.checkpoint import Checkpoint, write_config
+
+    changes, dropped, words = MISFITS[case]
+    ckpt = Checkpoint(models[0])
+    state = {n: t for n, t in ckpt.state_dict().items() if n != dropped}
+    with pytest.raises(WeightsmithError) as err:
+        with output_folder(tmp_path / "out", stage="a stage") as tmp:
+            save_state_dict(state, tmp)
+            write_config(tmp, {**ckpt.config, **changes})
+    assert f"a stage wrote a model that is not exactly its tensors, so {tmp_path / 'out'} was not written" in str(
+        err.value) and words in str(err.value), err.value
+    assert list(tmp_path.iterdir()) == []

@@ -134,6 +134,7 @@ def output_folder(target: str | Path, inputs: Iterable[str | Path] = (), force: 
         _PUBLISHING[tmp] = (target, stage or "the stage", values_checked)
         try:
             yield tmp
+            _check_shapes(tmp, target, stage or "the stage")
             _commit(tmp, target, force)
         except OSError as exc:
             _remove_own(tmp)
@@ -146,6 +147,17 @@ def output_folder(target: str | Path, inputs: Iterable[str | Path] = (), force: 
     finally:
         _PUBLISHING.pop(tmp, None)
         _unlock(target)
+
+
+def _check_shapes(tmp: Path, target: Path, stage: str) -> None:
+    """The publish check of a finished output: its config.json fits its tensors (``exact.check_folder``)."""
+    from .exact import check_folder
+
+    try:
+        check_folder(tmp, target)
+    except WeightsmithError as exc:
+        raise WeightsmithError(f"{stage} wrote a model that is not exactly its tensors, so {target} was not "
+                               f"written: {exc}") from None
 
 
 def check_publishable(folder: Path, name: str, tensor: torch.Tensor) -> None:
