@@ -191,3 +191,15 @@ def test_run_replaces_without_force_only_the_folder_of_the_same_stage(tiny_llama
         proc = cli(capsys, monkeypatch, "run", _pipeline(tmp_path, "other", stage), "--quiet", *dry)
         refused(proc, "stage 'other'", "not written by this stage", "--force")
     assert snapshot(tmp_path / "other") == before
+
+
+def test_the_folders_made_for_an_output_go_when_it_is_never_written(tmp_path):
+    from weightsmith.checkpoint.writer import release_locks
+
+    out = tmp_path / "runs" / "today" / "out"
+    check_output(out)  # a stage checks its output, then stops on an error before writing it
+    assert (tmp_path / "runs" / "today" / ".out.weightsmith-lock").is_dir()
+    release_locks()
+    assert list(tmp_path.iterdir()) == []
+    written(out)
+    assert (out / "v.txt").read_text() == "ours" and sorted(p.name for p in out.parent.iterdir()) == ["out"]

@@ -80,8 +80,12 @@ def check_output(target: str | Path, inputs: Iterable[str | Path] = (), force: b
     if _VALIDATE_ONLY:
         raise ChecksPassed(target)
     _probe_writable(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _lock(target)
+    created = _make_parents(target)
+    try:
+        _lock(target, created)
+    except BaseException:
+        _remove_empty(created)
+        raise
     try:
         _recover(target)
         _clean_stale(target)
@@ -178,7 +182,8 @@ MARKER = ".weightsmith-output"  # written into every output folder: what --force
 _TMP_NAME = re.compile(r"\.(?:tmp|old)-(\d+)-[0-9a-f]{8}")
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.ENOTDIR}
 _PUBLISHING: dict[Path, tuple[Path, str, bool]] = {}  # temp folder -> (target, stage, values checked) while written
-_LOCKS: dict[Path, tuple[int, int, Path]] = {}  # resolved target -> (lock file fd, lock folder fd, target)
+# resolved target -> (lock file fd, lock folder fd, target, the folders above it created for it)
+_LOCKS: dict[Path, tuple[int, int, Path, list[Path]]] = {}
 
 
 def written_by_weightsmith(folder: Path) -> bool:
@@ -256,7 +261,7 @@ def _is_write_error(exc: OSError, tmp: Path) -> bool:
         (Path(exc.filename) == tmp or tmp in Path(exc.filename).parents)
 
 
-def _lock(target: Path) -> None:
+def _lock(target: Path, created: list[Path]) -> None:
     """Take OUT's lock file (flock, not waiting): a second run to OUT fails at once, naming the holder's pid."""
     key = target.resolve()
     if key in _LOCKS:
@@ -292,7 +297,31 @@ def _lock(target: Path) -> None:
         os.close(fd)
         os.close(dfd)
         raise WeightsmithError(f"cannot lock {target}: {exc.strerror} ({_lock_dir(target)})") from None
-    _LOCKS[key] = (fd, dfd, target)
+    _LOCKS[key] = (fd, dfd, target, created)
+
+
+def _make_parents(target: Path) -> list[Path]:
+    """Create the missing folders above ``target`` (its lock folder goes beside it); returns them, outermost first."""
+    missing = []
+    folder = target.parent
+    while not (folder.exists() or folder.is_symlink()):
+        missing.append(folder)
+        folder = folder.parent
+    missing.reverse()
+    for p in missing:
+        try:
+            p.mkdir(exist_ok=True)
+        except OSError as exc:
+            raise _write_error(target, exc) from None
+    return missing
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for p in reversed(folders):
+        try:
+            p.rmdir()
+        except OSError:
+            return
 
 
 def _probe_writable(target: Path) -> None:
@@ -312,7 +341,7 @@ def _unlock(target: Path) -> None:
     held = _LOCKS.pop(target.resolve(), None)
     if held is None:
         return
-    fd, dfd, target = held
+    fd, dfd, target, created = held
     try:
         os.unlink("lock", dir_fd=dfd)
         os.rmdir(_lock_dir(target))  # not empty while a journal waits for the next run
@@ -320,13 +349,14 @@ def _unlock(target: Path) -> None:
         pass
     os.close(fd)
     os.close(dfd)
+    _remove_empty(created)  # the folders made for an output that was never written
 
 
 @atexit.register
 def release_locks() -> None:
     """Release every output lock this process holds (at exit, and when the command line stops on a signal)."""
-    for _, _, target in list(_LOCKS.values()):
-        _unlock(target)
+    for held in list(_LOCKS.values()):
+        _unlock(held[2])
 
 
 def _pid_alive(pid: int) -> bool:
