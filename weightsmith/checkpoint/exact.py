@@ -167,6 +167,13 @@ def check_folder(folder: Path, shown: Path) -> None:
     config = read_json(folder / "config.json", "config.json")
     fmt = (config.get("weightsmith") or {}).get("format", "plain")
     ckpt = Checkpoint(folder)
+    try:
+        _check_written(config, fmt, ckpt, shown)
+    finally:
+        ckpt.close()
+
+
+def _check_written(config: dict, fmt: str, ckpt, shown: Path) -> None:
     if fmt == "folded":
         members = {j for group in config["weightsmith"].get("groups", []) for j in group[1:]}
         check_layer_count(shown, config, ckpt.names(), skip=members)
@@ -179,4 +186,3 @@ def check_folder(folder: Path, shown: Path) -> None:
         except Exception:  # noqa: BLE001 - the reader words what transformers refuses
             return
         check_tensors(cls, cfg, ckpt, shown)
-
