@@ -337,7 +337,7 @@ def merge(recipe: Recipe, out: str | Path, opts: MergeOptions | None = None, *, 
             for job in jobs:
                 yield [_read(c, job, dev) for c in sources]
         plan.method.prepass([j for j in plan.jobs if j.float_math], stream, progress)
-    with output_folder(out, recipe.inputs, force) as tmp:
+    with output_folder(out, recipe.inputs, force, stage="merge", values_checked=True) as tmp:
         shard = "1000TB" if plan.adapter else parse_size(opts.out_shard_size)
         writer = ShardedWriter(tmp, [(j.name, j.dtype, j.shape) for j in plan.jobs], shard)
         execute(plan, _Inputs(plan, sources, uses_base, dev), writer, checks, seed=seed, progress=progress)
