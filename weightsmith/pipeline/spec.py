@@ -60,6 +60,9 @@ class Pipeline:
         return self.workdir / name
 
 
+MODEL_PARAMS = ("base_model", "tokenizer")  # parameters that name a model: a folder, a Hub name or model+adapter
+
+
 class _Resolver:
     def __init__(self, base: Path, workdir: Path, zoo_size: str, variables: dict):
         self.base, self.workdir, self.zoo_size, self.vars = base, workdir, zoo_size, variables
@@ -92,7 +95,8 @@ class _Resolver:
                                    "${stages.NAME.output} or ${workdir}")
         return REF.sub(sub, value)
 
-    def path(self, value: str, where: str, used: list[str]) -> str:
+    def path(self, value: str, where: str, used: list[str], model: bool = False) -> str:
+        """A file or folder the stage reads; a ``model`` may also be a Hub name or ``model+adapter``."""
         value = self.text(value, where, used)
         if value.startswith("zoo:"):
             ref = value[4:]
@@ -109,18 +113,18 @@ class _Resolver:
             ref = parse_ref(value) if not local.exists() else None
         except WeightsmithError:
             ref = None  # not a reference: reported as the missing folder it names
-        if ref is None or ref.repo_id is None and ref.lora is None:
+        if not model or ref is None or ref.repo_id is None and ref.lora is None:
             return str(local)
         return str(resolve_model(rooted(value, self.base), what=where))  # a Hub name, or model+adapter
 
-    def value(self, value, where: str, used: list[str], as_path: bool):
+    def value(self, value, where: str, used: list[str], as_path: bool, model: bool = False):
         if isinstance(value, str):
             text = self.text(value, where, used)  # a ${vars.X} may itself hold a zoo: reference
-            return self.path(text, where, used) if as_path or text.startswith("zoo:") else text
+            return self.path(text, where, used, model) if as_path or text.startswith("zoo:") else text
         if isinstance(value, list):
-            return [self.value(v, where, used, as_path) for v in value]
+            return [self.value(v, where, used, as_path, model) for v in value]
         if isinstance(value, dict):
-            return {k: self.value(v, f"{where}.{k}", used, as_path) for k, v in value.items()}
+            return {k: self.value(v, f"{where}.{k}", used, as_path, model) for k, v in value.items()}
         return value
 
 
@@ -208,7 +212,7 @@ def _parse_stage(i: int, raw, resolver: _Resolver, last_model: str | None) -> St
     key = given[0] if given else "inputs"
     if not refs or not all(isinstance(r, str) for r in refs):
         raise WeightsmithError(f"{where}, key '{key}': list model folders as strings")
-    inputs = [resolver.path(r, f"{where}, key '{key}'", used) for r in refs]
+    inputs = [resolver.path(r, f"{where}, key '{key}'", used, model=True) for r in refs]
     if len(inputs) < spec.min_inputs or (spec.max_inputs is not None and len(inputs) > spec.max_inputs):
         want = (f"{spec.min_inputs}" if spec.max_inputs == spec.min_inputs else
                 f"{spec.min_inputs} or more" if spec.max_inputs is None else f"{spec.min_inputs} to {spec.max_inputs}")
@@ -241,7 +245,8 @@ def _check_params(spec, params, where: str, resolver: _Resolver, used: list[str]
             raise WeightsmithError(f"{where}, key 'params.{key}': required by stage {spec.name!r}")
     out = {}
     for key, value in params.items():
-        value = resolver.value(value, f"{where}, key 'params.{key}'", used, as_path=key in spec.paths)
+        value = resolver.value(value, f"{where}, key 'params.{key}'", used, as_path=key in spec.paths,
+                               model=key in MODEL_PARAMS)
         if not accepts(hints.get(key, object), value):
             raise WeightsmithError(f"{where}, key 'params.{key}': {value!r} is not a "
                                    f"{getattr(hints.get(key), '__name__', None) or hints.get(key)}")
