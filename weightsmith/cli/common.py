@@ -83,7 +83,9 @@ def with_tokenizer(opts, run: RunFlags):
 def progress_bars(enabled: bool = True):
     """Yield a ``progress(label, done, total)`` callback drawing one rich bar per label (stderr); when stderr is not a
     terminal (CI, nohup, a log file), plain lines for long work instead (``plain_progress``)."""
-    if not enabled:
+    import os
+
+    if not enabled or os.environ.get("WEIGHTSMITH_PROGRESS") == "0":
         yield None
         return
     if not err_console.is_terminal and not _force_bars():
