@@ -9,7 +9,8 @@ import pytest
 from typer.testing import CliRunner
 
 from weightsmith.cli import app
-from weightsmith.stage_options import AlignOptions, AnalyzeOptions, EvalOptions, FoldOptions, PleasOptions, RpsOptions
+from weightsmith.stage_options import (AlignOptions, AnalyzeOptions, EvalOptions, ExtractLoraOptions, FoldOptions, PleasOptions,
+                                      RpsOptions)
 
 
 @pytest.fixture(autouse=True)
@@ -218,3 +219,28 @@ def test_zoo_build_flags(flags, size, force, tmp_path):
     with mock.patch("weightsmith.zoo.build", return_value=zoo) as fn:
         invoke("zoo", "build", *flags, "--json")
     fn.assert_called_once_with(size, progress=None, force=force)
+
+
+# -- extract-lora ----------------------------------------------------------------------------------------------
+
+def test_extract_lora_defaults():
+    with mock.patch("weightsmith.compressor.lora_extract.extract_lora", return_value={}) as fn:
+        invoke("extract-lora", "ft", "--base", "b", "-o", "out", "--json")
+    fn.assert_called_once_with(Path("ft"), Path("out"), ExtractLoraOptions(base=Path("b")), device="auto", seed=0,
+                               force=False, progress=None)
+
+
+def test_extract_lora_every_flag_in_mergekit_spelling():
+    with mock.patch("weightsmith.compressor.lora_extract.extract_lora", return_value={}) as fn:
+        invoke("extract-lora", "--model", "ft", "--base-model", "b", "--out-path", "out", "--max-rank", "16",
+               "--rank", "auto", "--energy", "0.9", "--sv-epsilon", "0.01", "--no-distribute-scale", "--embed-lora",
+               "--save-module", "lm_head", "--save-module", "norm", "-i", "layers", "-e", "mlp", "-e", "k_proj",
+               "--skip-undecomposable", "--svd", "exact", "--data", "d.txt", "--max-tokens", "99", "--tokenizer",
+               "tok", "--device", "cpu", "--seed", "3", "--force", "--quiet", "--json")
+    fn.assert_called_once_with(
+        Path("ft"), Path("out"),
+        ExtractLoraOptions(base=Path("b"), max_rank=16, rank="auto", energy=0.9, sv_epsilon=0.01,
+                           distribute_scale=False, embed_lora=True, save_module=["lm_head", "norm"],
+                           include_regex=["layers"], exclude_regex=["mlp", "k_proj"], skip_undecomposable=True,
+                           svd="exact", data=Path("d.txt"), max_tokens=99, tokenizer=Path("tok")),
+        device="cpu", seed=3, force=True, progress=None)
