@@ -200,6 +200,27 @@ class ExportOptions(Options):
     out_shard_size: str = out_shard_size_option()
 
 
+class MoeOptions(Options):
+    """``weightsmith moe``: a Mixtral / Qwen2-MoE model from dense experts, as a mergekit-moe config describes it."""
+    out_shard_size: str = option("5B", help="Largest output shard: parameters as mergekit (5B = 5 billion, 500M) or "
+                                            "bytes (2GB, 500MB).")
+    copy_tokenizer: bool = option(True, help="Save the base's tokenizer (padded with BOS, as mergekit) to the output.")
+    model_card: bool = option(True, flag="--write-model-card/--no-write-model-card",
+                              help="Write README.md and the config beside the model.")
+    allow_all_same: bool = option(False, flag="--i-understand-this-is-not-useful-without-training",
+                                  help="Build even when every expert is the same model (for training afterwards).")
+    hidden_dtype: str = option("bfloat16", choices=DTYPES, help="dtype the base runs in for hidden gates "
+                                                                 "(bfloat16, as mergekit-moe).")
+    explain: Path | None = option(None, path=True, pipeline=False, help="Instead of building: this MoE folder's "
+                                  "routing of each prompt in the data (one prompt per line or record).")
+    data: Path | None = option(None, path=True, pipeline=False, help="Prompts for the explanation (text, .jsonl with "
+                                                                     "'text').")
+
+    def check(self) -> None:
+        if self.explain is not None and self.data is None:
+            raise MissingOption("data", "an explanation routes prompts: give them by {0}", ("explain",))
+
+
 class ExtractLoraOptions(Options):
     """``weightsmith extract-lora``: a fine-tune minus its base as a PEFT LoRA adapter (truncated SVD per layer)."""
     base: Path = option(path=True, aliases=("--base-model",), help="Base model folder the fine-tune started from.")
@@ -232,4 +253,4 @@ class ExtractLoraOptions(Options):
 STAGE_OPTIONS: dict[str, type[Options]] = {"eval": EvalOptions, "analyze": AnalyzeOptions, "compress": RpsOptions,
                                            "align": AlignOptions, "pleas": PleasOptions, "export": ExportOptions,
                                            "fold": FoldOptions, "merge": MergeStageOptions,
-                                           "extract-lora": ExtractLoraOptions}
+                                           "extract-lora": ExtractLoraOptions, "moe": MoeOptions}

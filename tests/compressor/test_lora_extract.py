@@ -13,39 +13,15 @@ from weightsmith.compressor.lora_extract import decompose, energy_rank, extract_
 from weightsmith.errors import WeightsmithError
 from weightsmith.stage_options import ExtractLoraOptions
 
+from standins import finetune, qwen2, word_tokenizer
+
 pytest.importorskip("mergekit")
-
-
-def _finetune(base: Path, out: Path, rank: int | None = None, seed: int = 1) -> Path:
-    """``base`` with every tensor moved: by dense noise, or (rank) by a planted rank-``rank`` product."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(base)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if rank is None or p.dim() == 1:
-                p.add_(0.02 * torch.randn(p.shape, generator=g))
-            else:
-                p.add_(0.1 * torch.randn(p.shape[0], rank, generator=g) @ torch.randn(rank, p.shape[1], generator=g))
-    model.save_pretrained(out)
-    return out
-
-
-def _qwen2(path: Path) -> Path:
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True)
-    Qwen2ForCausalLM(cfg).eval().save_pretrained(path)
-    return path
 
 
 @pytest.fixture
 def pair(tiny_llama, tmp_path):
     base = tiny_llama("base")
-    return base, _finetune(base, tmp_path / "ft")
+    return base, finetune(base, tmp_path / "ft")
 
 
 def _mergekit(ft: Path, base: Path, out: Path, *args: str) -> Path:
@@ -87,7 +63,7 @@ def test_same_adapter_as_mergekit_extract_lora(case, arch, pair, tmp_path):
     """Same module set, ranks and config; B·A equal to float32 SVD round-off (1e-5 of the delta's scale: two
     LAPACK calls on the same float32 matrix agree to ~1e-6 relative, singular vector signs aside, which B·A
     cancels); full-rank modules bit-equal."""
-    base, ft = pair if arch == "llama" else (b := _qwen2(tmp_path / "qbase"), _finetune(b, tmp_path / "qft"))
+    base, ft = pair if arch == "llama" else (b := qwen2(tmp_path / "qbase"), finetune(b, tmp_path / "qft"))
     mk_args, ours = CASES[case]
     ref = _deltas(_mergekit(ft, base, tmp_path / "mk", *mk_args))
     extract_lora(ft, tmp_path / "ws", base=base, **ours)
@@ -111,7 +87,7 @@ def test_peft_loads_the_adapter_and_merges_to_base_plus_ba(arch, pair, tmp_path)
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    base, ft = pair if arch == "llama" else (b := _qwen2(tmp_path / "qbase"), _finetune(b, tmp_path / "qft"))
+    base, ft = pair if arch == "llama" else (b := qwen2(tmp_path / "qbase"), finetune(b, tmp_path / "qft"))
     extract_lora(ft, tmp_path / "ad", base=base, max_rank=64)
     merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(tmp_path / "ad"))
     merged = merged.merge_and_unload().state_dict()
@@ -125,7 +101,7 @@ def test_peft_loads_the_adapter_and_merges_to_base_plus_ba(arch, pair, tmp_path)
 
 def test_rank_auto_finds_planted_ranks(tiny_llama, tmp_path):
     base = tiny_llama("base")
-    ft = _finetune(base, tmp_path / "ft", rank=3)
+    ft = finetune(base, tmp_path / "ft", rank=3)
     info = extract_lora(ft, tmp_path / "ad", base=base, rank="auto", energy=0.999999)
     assert set(info["ranks"].values()) == {3}
     cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
@@ -155,10 +131,10 @@ def test_refuses_a_base_of_another_shape(pair, tiny_llama, tmp_path):
     assert not (tmp_path / "ad").exists()
 
 
-def test_eval_rows_put_base_plus_adapter_between_base_and_finetune(pair, tmp_path):
+def test_eval_rows_put_base_plus_adapter_between_base_andfinetune(pair, tmp_path):
     """At full rank base + adapter is the fine-tune, so its perplexity is the fine-tune's."""
     base, ft = pair
-    _tokenizer(ft)
+    word_tokenizer(ft)
     text = tmp_path / "held.txt"
     text.write_text(" ".join(f"_tok_{i * 7 % 125 + 3}" for i in range(300)))
     rows = extract_lora(ft, tmp_path / "ad", base=base, max_rank=64, data=text)["eval"]
@@ -182,14 +158,3 @@ def test_cli_refuses_an_output_inside_an_input(pair, monkeypatch, capsys):
     err = capsys.readouterr().err.strip()
     assert exit_.value.code == 2 and err.startswith("error:") and "inside" in err and "\n" not in err
     assert snapshot(ft) == before
-
-
-def _tokenizer(folder: Path) -> None:
-    import tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>"] + [f"_tok_{i}" for i in range(3, 128)])}
-    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
-                            eos_token="</s>").save_pretrained(folder)

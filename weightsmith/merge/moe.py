@@ -1,0 +1,270 @@
+"""`weightsmith moe`: a Mixtral or Qwen2-MoE checkpoint assembled from dense models, as mergekit-moe builds it:
+attention, norms and embeddings from the base, each expert's MLP from its model, routers from prompts.
+Streamed layer by layer: memory holds one layer's MLPs of every expert (plus the prompts' states)."""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..checkpoint import Checkpoint, ShardedWriter, check_output, output_folder, write_config
+from ..checkpoint.card import write_model_card
+from ..checkpoint.trust import open_model
+from ..device import resolve_device, resolve_dtype
+from ..errors import WeightsmithError
+from ..progress import ProgressFn, track
+from ..stage_options import MoeOptions
+from .engine import shard_bytes
+from .moe_config import RANDOM_MODES, Expert, MoeConfig, check_moe_config, output_architecture, parse_moe_config
+from .moe_router import degenerate_layers, gate_vectors, load_prompt_tokenizer
+
+MLP = ("gate_proj", "up_proj", "down_proj")
+QWEN_MLP_ORDER = ("down_proj", "gate_proj", "up_proj")  # mergekit's Qwen2 weight order, which its noise draws follow
+
+
+@dataclass
+class Plan:
+    """Everything decided before a tensor is read."""
+    cfg: MoeConfig
+    arch: str
+    base: Checkpoint
+    experts: list[Checkpoint]
+    shared: list[Checkpoint]
+    layers: int
+    out_dtype: torch.dtype | None
+    out_config: dict
+
+
+def load_moe_config(path: str | Path) -> MoeConfig:
+    """Parse the YAML file; relative model paths are taken relative to it when they exist there."""
+    from ..checkpoint.textfile import read_text_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsmithError(f"{path}: MoE config file not found")
+    cfg = parse_moe_config(read_text_file(path, "MoE config"), str(path))
+    root = path.resolve().parent
+
+    def fix(p: str) -> str:
+        return p if Path(p).is_absolute() or Path(p).exists() or not (root / p).exists() else str(root / p)
+    cfg.base_model = fix(cfg.base_model)
+    for e in cfg.experts + cfg.shared_experts:
+        e.source_model = fix(e.source_model)
+    return cfg
+
+
+def _mlp_name(layer: int, proj: str) -> str:
+    return f"model.layers.{layer}.mlp.{proj}.weight"
+
+
+def _check_tensors(base: Checkpoint, models: list[Checkpoint], layers: int) -> None:
+    for layer in range(layers):
+        for proj in MLP:
+            name = _mlp_name(layer, proj)
+            shape = base.info(name).shape if name in base else None
+            for m in models:
+                if name not in m:
+                    raise WeightsmithError(f"{m.path}: tensor {name!r} is missing; experts need the base's MLP layout")
+                if shape is not None and m.info(name).shape != shape:
+                    raise WeightsmithError(f"tensor {name!r}: shape {tuple(m.info(name).shape)} in {m.path} but "
+                                           f"{tuple(shape)} in the base; experts must match the base's size")
+
+
+def _out_dtype(cfg: MoeConfig, base: Checkpoint) -> torch.dtype | None:
+    name = cfg.dtype or base.config.get("dtype") or base.config.get("torch_dtype")
+    return resolve_dtype(name) if isinstance(name, str) else None
+
+
+def plan_moe(cfg: MoeConfig, source: str, allow_all_same: bool) -> Plan:
+    check_moe_config(cfg, source, allow_all_same)
+    opened = {p: open_model(p) for p in dict.fromkeys(cfg.models())}
+    for p, ck in opened.items():
+        if ck.config is None:
+            raise WeightsmithError(f"{p}: no config.json; experts and base must be transformers model folders")
+    arch = output_architecture(cfg, [opened[p].config.get("model_type") for p in cfg.models()], source)
+    base = opened[cfg.base_model]
+    layers = int(base.config["num_hidden_layers"])
+    experts = [opened[e.source_model] for e in cfg.experts]
+    shared = [opened[e.source_model] for e in cfg.shared_experts]
+    _check_tensors(base, experts + shared, layers)
+    out_dtype = _out_dtype(cfg, base)
+    return Plan(cfg, arch, base, experts, shared, layers, out_dtype, output_config(arch, cfg, base, out_dtype))
+
+
+def output_config(arch: str, cfg: MoeConfig, base: Checkpoint, out_dtype: torch.dtype | None) -> dict:
+    """config.json of the MoE: the base's config carried into MixtralConfig / Qwen2MoeConfig as mergekit does."""
+    import transformers
+
+    from ..loading import config_object, model_class
+
+    base_cfg = config_object(base.config, model_class(base.config))
+    if arch == "Mixtral":
+        if not isinstance(base_cfg, transformers.MistralConfig):
+            mistral = transformers.MistralConfig(**base_cfg.to_dict())
+            mistral.sliding_window = None
+            mistral.max_position_embeddings = base_cfg.max_position_embeddings
+            base_cfg = mistral
+        out = transformers.MixtralConfig(**base_cfg.to_dict())
+        out.architectures, out.num_local_experts = ["MixtralForCausalLM"], len(cfg.experts)
+    else:
+        out = transformers.Qwen2MoeConfig(**base_cfg.to_dict())
+        out.architectures, out.num_experts = ["Qwen2MoeForCausalLM"], len(cfg.experts)
+        out.decoder_sparse_step, out.norm_topk_prob, out.use_sliding_window = 1, True, False
+        out.shared_expert_intermediate_size = out.moe_intermediate_size = out.intermediate_size
+    out.num_experts_per_tok = cfg.experts_per_token
+    out.sliding_window = None
+    if out_dtype is not None:
+        out.dtype = out_dtype
+    return json.loads(out.to_json_string(use_diff=True))
+
+
+def _noised(t: torch.Tensor, e: Expert, residual: bool) -> torch.Tensor:
+    """mergekit's per-expert perturbation: Gaussian noise (global generator), then the residual (down_proj) scale."""
+    if e.noise_scale is not None:
+        t = t + torch.randn_like(t) * e.noise_scale
+    if residual and e.residual_scale is not None:
+        t = t * e.residual_scale
+    return t
+
+
+Producer = Callable[[], dict[str, torch.Tensor]]
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return t.to(dtype) if dtype is not None else t
+
+
+def _attention_entries(plan: Plan) -> list[tuple[str, tuple, torch.dtype]]:
+    """The base's tensors outside the MLPs (Qwen2-MoE output: q/k/v biases, zero where the base has none)."""
+    b = plan.base
+    names = [n for n in b.names() if ".mlp." not in n and not n.endswith("rotary_emb.inv_freq")]
+    entries = [(n, tuple(b.info(n).shape), plan.out_dtype or b.info(n).torch_dtype) for n in names]
+    if plan.arch != "Mixtral":
+        heads, kv = int(b.config["num_attention_heads"]), int(b.config.get("num_key_value_heads") or 0)
+        head_dim = int(b.config["hidden_size"]) // heads
+        for layer in range(plan.layers):
+            for proj, n in (("q_proj", heads), ("k_proj", kv or heads), ("v_proj", kv or heads)):
+                name = f"model.layers.{layer}.self_attn.{proj}.bias"
+                if name not in b:
+                    entries.append((name, (n * head_dim,), plan.out_dtype or torch.float32))
+    return entries
+
+
+def _mixtral_layer(plan: Plan, layer: int) -> dict[str, torch.Tensor]:
+    """One layer's experts fused as transformers 5 stores Mixtral: gate_up_proj (E, 2I, H), down_proj (E, H, I)."""
+    gate_up, down = [], []
+    for e, ck in zip(plan.cfg.experts, plan.experts):
+        t = {p: _noised(ck.read(_mlp_name(layer, p)), e, p == "down_proj") for p in ("gate_proj", "down_proj",
+                                                                                      "up_proj")}
+        gate_up.append(torch.cat([t["gate_proj"], t["up_proj"]], dim=0))
+        down.append(t["down_proj"])
+    pre = f"model.layers.{layer}.mlp.experts"
+    return {f"{pre}.gate_up_proj": _cast(torch.stack(gate_up), plan.out_dtype),
+            f"{pre}.down_proj": _cast(torch.stack(down), plan.out_dtype)}
+
+
+def _qwen_layer(plan: Plan, layer: int) -> dict[str, torch.Tensor]:
+    """One layer's experts and shared expert, one tensor per projection (transformers fuses them on load)."""
+    out = {}
+    for proj in QWEN_MLP_ORDER:
+        name = _mlp_name(layer, proj)
+        sources = [(f".mlp.experts.{i}.", e, ck) for i, (e, ck) in enumerate(zip(plan.cfg.experts, plan.experts))]
+        sources.append((".mlp.shared_expert.", plan.cfg.shared_experts[0], plan.shared[0]))
+        for part, e, ck in sources:
+            out[name.replace(".mlp.", part)] = _cast(_noised(ck.read(name), e, proj == "down_proj"), plan.out_dtype)
+    return out
+
+
+def _layer_entries(plan: Plan, layer: int) -> list[tuple[str, tuple, torch.dtype]]:
+    info = {p: plan.experts[0].info(_mlp_name(layer, p)) for p in MLP}
+    dtype = plan.out_dtype or info["gate_proj"].torch_dtype
+    inter, hidden = info["gate_proj"].shape
+    n = len(plan.experts)
+    if plan.arch == "Mixtral":
+        pre = f"model.layers.{layer}.mlp.experts"
+        return [(f"{pre}.gate_up_proj", (n, 2 * inter, hidden), dtype), (f"{pre}.down_proj", (n, hidden, inter), dtype)]
+    parts = [f".mlp.experts.{i}." for i in range(n)] + [".mlp.shared_expert."]
+    return [(_mlp_name(layer, p).replace(".mlp.", part), tuple(info[p].shape), dtype)
+            for p in QWEN_MLP_ORDER for part in parts]
+
+
+def _router_tensors(plan: Plan, gates: torch.Tensor, layer: int) -> dict[str, torch.Tensor]:
+    pre = f"model.layers.{layer}.mlp"
+    n = len(plan.experts)
+    out = {f"{pre}.gate.weight": _cast(gates[layer, :n], plan.out_dtype).contiguous()}
+    if plan.arch != "Mixtral":
+        out[f"{pre}.shared_expert_gate.weight"] = _cast(gates[layer, n:], plan.out_dtype).contiguous()
+    return out
+
+
+def _base_tensor(plan: Plan, name: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+    if name in plan.base:
+        return _cast(plan.base.read(name), plan.out_dtype)
+    return torch.zeros(shape, dtype=dtype)  # Qwen2-MoE wants q/k/v biases: a Llama base has none
+
+
+def write_moe(plan: Plan, gates: torch.Tensor, folder: Path, shard: int, progress: ProgressFn | None) -> int:
+    """Stream the MoE's tensors into ``folder``; returns the tensor count."""
+    routers = [_router_tensors(plan, gates, layer) for layer in range(plan.layers)]
+    base_entries = _attention_entries(plan)
+    entries = base_entries + [e for layer in range(plan.layers) for e in _layer_entries(plan, layer)]
+    entries += [(n, tuple(t.shape), t.dtype) for r in routers for n, t in r.items()]
+    writer = ShardedWriter(folder, [(n, d, s) for n, s, d in entries], shard)
+    for name, shape, dtype in track(progress, "base tensors", base_entries):
+        writer.write(name, _base_tensor(plan, name, shape, dtype))
+    layer_fn = _mixtral_layer if plan.arch == "Mixtral" else _qwen_layer
+    for layer in track(progress, "expert layers", range(plan.layers)):
+        for name, t in layer_fn(plan, layer).items():
+            writer.write(name, t.contiguous())
+    for r in routers:
+        for name, t in r.items():
+            writer.write(name, t)
+    writer.close()
+    return len(entries)
+
+
+def _gates(plan: Plan, opts: MoeOptions, device, progress: ProgressFn | None) -> torch.Tensor:
+    """Router rows for the experts, then the shared expert's when it has prompts (or the gates are random)."""
+    cfg = plan.cfg
+    need = list(cfg.experts)
+    if cfg.shared_experts and (cfg.shared_experts[0].positive_prompts or cfg.gate_mode in RANDOM_MODES):
+        need += cfg.shared_experts
+    return gate_vectors(Path(cfg.base_model), need, cfg.gate_mode, layers=plan.layers,
+                        hidden=int(plan.base.config["hidden_size"]), hidden_dtype=resolve_dtype(opts.hidden_dtype),
+                        device=device, progress=progress)
+
+
+def _side_files(plan: Plan, folder: Path, opts: MoeOptions) -> None:
+    if opts.copy_tokenizer:
+        load_prompt_tokenizer(Path(plan.cfg.base_model)).save_pretrained(str(folder))
+    if opts.model_card:
+        write_model_card(folder, stage="moe", method=plan.arch, inputs=list(dict.fromkeys(plan.cfg.models())),
+                         parameters={"gate_mode": plan.cfg.gate_mode, "experts": len(plan.cfg.experts),
+                                     "experts_per_token": plan.cfg.experts_per_token,
+                                     "shared_experts": len(plan.cfg.shared_experts)},
+                         recipe=plan.cfg.text, tags=["moe"])
+
+
+def build_moe(config: str | Path, out: str | Path, opts: MoeOptions | None = None, *, device: str = "auto",
+              seed: int = 0, force: bool = False, progress: ProgressFn | None = None, **values) -> dict:
+    """Build the MoE that the mergekit-moe YAML at ``config`` describes into ``out``."""
+    o = MoeOptions.build(opts, **values)
+    plan = plan_moe(load_moe_config(config), str(config), o.allow_all_same)
+    shard = shard_bytes(o.out_shard_size, plan.out_dtype.itemsize if plan.out_dtype else 4)
+    inputs = list(dict.fromkeys(plan.cfg.models()))
+    check_output(out, inputs, force)
+    dev = resolve_device(device)
+    start = time.perf_counter()
+    torch.manual_seed(seed)  # random gates and expert noise draw from the global generator, as mergekit's do
+    gates = _gates(plan, o, dev, progress)
+    with output_folder(out, inputs=inputs, force=force) as tmp:
+        count = write_moe(plan, gates, tmp, shard, progress)
+        write_config(tmp, plan.out_config)
+        _side_files(plan, tmp, o)
+    return {"out": str(out), "architecture": plan.arch, "experts": len(plan.cfg.experts),
+            "shared_experts": len(plan.cfg.shared_experts), "gate_mode": plan.cfg.gate_mode, "layers": plan.layers,
+            "tensors": count, "degenerate_layers": degenerate_layers(gates), "seconds": time.perf_counter() - start}
