@@ -20,6 +20,8 @@ SHARE_INITS = ("average", "first", "middle", "best")
 LORA_RANKS = ("max", "auto")
 LORA_SVD = ("auto", "exact", "lowrank")
 
+_MERGEKIT_SHARD_HELP = ("Largest output shard: parameters as mergekit (5B = 5 billion, 500M, 50K, or a bare count) or "
+                        "bytes (2GB, 500MB, 1GiB).")
 _METRIC_HELP = "Activation similarity: euclidean (−Σ‖a−b‖², as the PLeaS reference code) or correlation."
 
 
@@ -170,8 +172,7 @@ class MergeOptions(Options):
     says what is merged)."""
     dtype: str | None = option(None, choices=DTYPES, help="Output dtype float32/bfloat16/float16 (overrides the "
                                "recipe's out_dtype/dtype). [default: recipe out_dtype, else dtype, else as input]")
-    out_shard_size: str = option("5B", help="Largest output shard: parameters as mergekit (5B = 5 billion, 500M, 50K, "
-                                            "or a bare count) or bytes (2GB, 500MB, 1GiB).")  # the library takes bytes too
+    out_shard_size: str = option("5B", help=_MERGEKIT_SHARD_HELP)  # the library takes bytes too
     allow_crimes: bool = option(False, flag="--allow-crimes/--no-allow-crimes",
                                 help="Merge models whose configs disagree on architecture.")
     copy_tokenizer: bool = option(True, help="Copy the tokenizer files to the output.")
@@ -202,8 +203,7 @@ class ExportOptions(Options):
 
 class MoeOptions(Options):
     """``weightsmith moe``: a Mixtral / Qwen2-MoE model from dense experts, as a mergekit-moe config describes it."""
-    out_shard_size: str = option("5B", help="Largest output shard: parameters as mergekit (5B = 5 billion, 500M) or "
-                                            "bytes (2GB, 500MB).")
+    out_shard_size: str = option("5B", help=_MERGEKIT_SHARD_HELP)
     copy_tokenizer: bool = option(True, help="Save the base's tokenizer (padded with BOS, as mergekit) to the output.")
     model_card: bool = option(True, flag="--write-model-card/--no-write-model-card",
                               help="Write README.md and the config beside the model.")

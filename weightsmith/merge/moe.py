@@ -240,7 +240,7 @@ def _gates(plan: Plan, opts: MoeOptions, device, progress: ProgressFn | None) ->
 
 def _side_files(plan: Plan, folder: Path, opts: MoeOptions) -> None:
     if opts.copy_tokenizer:
-        load_prompt_tokenizer(Path(plan.cfg.base_model)).save_pretrained(str(folder))
+        load_prompt_tokenizer(Path(plan.cfg.base_model)).save_pretrained(str(folder))  # padded with BOS, as mergekit
     if opts.model_card:
         write_model_card(folder, stage="moe", method=plan.arch, inputs=list(dict.fromkeys(plan.cfg.models())),
                          parameters={"gate_mode": plan.cfg.gate_mode, "experts": len(plan.cfg.experts),

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import Checkpoint
+from ..errors import WeightsmithError
 from ..progress import ProgressFn, track
 from .moe_config import Expert
 
@@ -17,7 +18,11 @@ def load_prompt_tokenizer(base: Path):
     """The base tokenizer set up as mergekit-moe sets it: left padding, padded with BOS (else EOS)."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(base))
+    try:
+        tok = AutoTokenizer.from_pretrained(str(base))
+    except (OSError, ValueError) as exc:
+        raise WeightsmithError(f"{base}: no tokenizer found there ({exc.__class__.__name__}); the base model's "
+                               "tokenizer reads the prompts and is copied to the MoE") from None
     tok.padding_side = "left"
     tok.pad_token_id = tok.bos_token_id
     if tok.pad_token_id is None:
@@ -107,3 +112,31 @@ def route_prompts(model_path: Path, prompts: list[str], *, device, progress: Pro
             shares.append([round(v, 4) for v in counts.tolist()])
         rows.append({"prompt": prompt, "tokens": int(ids["input_ids"].shape[1]), "shares": shares})
     return {"model": str(model_path), "experts": experts, "experts_per_token": k, "prompts": rows}
+
+
+def explain_routing(model_path: str | Path, data: str | Path, *, device: str = "auto",
+                    progress: ProgressFn | None = None) -> dict:
+    """``route_prompts`` over the prompts of a text file (one per non-empty line) or .jsonl (its 'text')."""
+    from ..checkpoint.textfile import read_text_file
+    from ..device import resolve_device
+    from ..eval.data import load_texts
+
+    path = Path(data)
+    if not path.is_file():
+        raise WeightsmithError(f"{path}: prompts file not found")
+    prompts = (load_texts(path) if path.suffix == ".jsonl"
+               else [ln.strip() for ln in read_text_file(path, "prompts").splitlines() if ln.strip()])
+    if not prompts:
+        raise WeightsmithError(f"{path}: no prompts in it")
+    open_moe(model_path)
+    return route_prompts(Path(model_path), prompts, device=resolve_device(device), progress=progress)
+
+
+def open_moe(model_path: str | Path) -> Checkpoint:
+    """The checkpoint of a MoE folder (its config names experts per token), or an error saying it is not one."""
+    ckpt = Checkpoint(model_path)
+    cfg = ckpt.config or {}
+    if not (cfg.get("num_local_experts") or cfg.get("num_experts")):
+        raise WeightsmithError(f"{model_path}: not a Mixture of Experts (its config.json has no num_local_experts "
+                               "or num_experts)")
+    return ckpt
