@@ -241,9 +241,10 @@ class ExtractLoraOptions(Options):
                                                                     "repeatable.")
     skip_undecomposable: bool = option(False, help="Skip modules that are not linear/embedding (norms) instead of "
                                                    "saving them at full rank.")
-    svd: str = option("auto", choices=LORA_SVD, help="exact (torch.linalg.svd), lowrank (randomized, torch."
-                                                     "svd_lowrank) or auto: lowrank where the kept rank is small "
-                                                     "next to the matrix, exact otherwise.")
+    svd: str = option("auto", choices=LORA_SVD, help="exact (torch.linalg.svd, as mergekit), lowrank (randomized, "
+                                                     "torch.svd_lowrank) or auto: lowrank where the kept rank is small "
+                                                     "next to the matrix and the spectrum falls off after it, exact "
+                                                     "otherwise.")
     data: Path | None = option(None, path=True, help="Held-out text: report perplexity of base, base + adapter and "
                                                      "fine-tune.")
     max_tokens: int | None = max_tokens_option(None, help="Use at most this many tokens of the data.")

@@ -113,15 +113,29 @@ def test_energy_rank_closed_form():
     assert [energy_rank(s, 14.0, e) for e in (0.5, 9 / 14, 0.9, 13 / 14, 1.0)] == [1, 1, 2, 2, 3]
 
 
-def test_randomized_svd_matches_exact_on_a_decaying_spectrum():
+def _spectrum(values: torch.Tensor) -> torch.Tensor:
     g = torch.Generator().manual_seed(0)
-    u, _ = torch.linalg.qr(torch.randn(512, 512, generator=g))
+    u, _ = torch.linalg.qr(torch.randn(1024, 256, generator=g))
     v, _ = torch.linalg.qr(torch.randn(256, 256, generator=g))
-    delta = (u[:, :256] * torch.logspace(0, -4, 256)) @ v.T
+    return (u * values) @ v.T
+
+
+def test_randomized_svd_is_near_optimal_on_a_decaying_spectrum():
+    delta = _spectrum(torch.logspace(0, -8, 256))
     exact = decompose(delta, ExtractLoraOptions(base=Path("b"), max_rank=8, svd="exact"))
-    fast = decompose(delta, ExtractLoraOptions(base=Path("b"), max_rank=8, svd="lowrank"))
     best = torch.linalg.norm(delta - exact[1] @ exact[0])  # the Eckart-Young optimum
-    assert torch.linalg.norm(delta - fast[1] @ fast[0]) <= 1.001 * best
+    for mode in ("lowrank", "auto"):
+        fast = decompose(delta, ExtractLoraOptions(base=Path("b"), max_rank=8, svd=mode))
+        assert not torch.equal(fast[0], exact[0])  # the sketch ran
+        assert torch.linalg.norm(delta - fast[1] @ fast[0]) <= 1.001 * best
+
+
+def test_auto_svd_is_exact_on_a_flat_spectrum():
+    """Dense noise: no gap after the kept rank, so auto falls back to the exact SVD (bit-equal B·A)."""
+    delta = _spectrum(torch.linspace(1.0, 0.8, 256))
+    exact = decompose(delta, ExtractLoraOptions(base=Path("b"), max_rank=8, svd="exact"))
+    auto = decompose(delta, ExtractLoraOptions(base=Path("b"), max_rank=8, svd="auto"))
+    assert torch.equal(auto[0], exact[0]) and torch.equal(auto[1], exact[1])
 
 
 def test_refuses_a_base_of_another_shape(pair, tiny_llama, tmp_path):

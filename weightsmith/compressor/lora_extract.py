@@ -21,6 +21,7 @@ from ..stage_options import ExtractLoraOptions
 
 OVERSAMPLE = 16     # extra columns of the randomized range finder: its error falls off quickly with them
 LOWRANK_RATIO = 8   # auto uses the randomized SVD only when the matrix is this many times wider than the rank
+FLAT = 0.5          # ... and only when the spectrum has fallen below this share of s[rank] within the oversampling
 
 
 @dataclass
@@ -119,10 +120,13 @@ def _use_lowrank(opts: ExtractLoraOptions, rank: int, width: int) -> bool:
 def decompose(delta: torch.Tensor, opts: ExtractLoraOptions) -> tuple[torch.Tensor, torch.Tensor]:
     """A (rank x in) and B (out x rank) with B·A the best rank-r approximation of ``delta`` (float32)."""
     cap = min(opts.max_rank, min(delta.shape))
+    u = None
     if _use_lowrank(opts, cap, min(delta.shape)):
         u, s, v = torch.svd_lowrank(delta, q=min(cap + OVERSAMPLE, min(delta.shape)), niter=4)
         vh = v.T
-    else:
+        if opts.svd == "auto" and s[-1] > FLAT * s[cap - 1]:
+            u = None  # no gap after the kept rank: which directions to keep is ill-posed for the sketch
+    if u is None:
         u, s, vh = torch.linalg.svd(delta, full_matrices=False)
     rank = cap
     if opts.sv_epsilon > 0:
