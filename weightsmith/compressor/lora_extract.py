@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -226,7 +227,9 @@ def evaluate_adapter(base: Path, finetuned: Path, adapter: Path, opts: ExtractLo
     from ..stage_options import EvalOptions
 
     eo = EvalOptions(data=opts.data, max_tokens=opts.max_tokens, tokenizer=opts.tokenizer or finetuned)
-    merged = PeftModel.from_pretrained(load(base, device=device), str(adapter)).merge_and_unload().eval()
+    with warnings.catch_warnings():  # peft calls a transformers API that transformers 5 deprecates
+        warnings.simplefilter("ignore", FutureWarning)
+        merged = PeftModel.from_pretrained(load(base, device=device), str(adapter)).merge_and_unload().eval()
     rows = [("base", base, None), ("base + adapter", adapter, merged), ("fine-tune", finetuned, None)]
     out = []
     for role, path, model in rows:
