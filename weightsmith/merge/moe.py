@@ -21,6 +21,7 @@ from ..stage_options import MoeOptions
 from .engine import shard_bytes
 from .moe_config import RANDOM_MODES, Expert, MoeConfig, check_moe_config, output_architecture, parse_moe_config
 from .moe_router import degenerate_layers, gate_vectors, load_prompt_tokenizer
+from .recipe import read_yaml_file
 
 MLP = ("gate_proj", "up_proj", "down_proj")
 QWEN_MLP_ORDER = ("down_proj", "gate_proj", "up_proj")  # mergekit's Qwen2 weight order, which its noise draws follow
@@ -41,16 +42,8 @@ class Plan:
 
 def load_moe_config(path: str | Path) -> MoeConfig:
     """Parse the YAML file; relative model paths are taken relative to it when they exist there."""
-    from ..checkpoint.textfile import read_text_file
-
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsmithError(f"{path}: MoE config file not found")
-    cfg = parse_moe_config(read_text_file(path, "MoE config"), str(path))
-    root = path.resolve().parent
-
-    def fix(p: str) -> str:
-        return p if Path(p).is_absolute() or Path(p).exists() or not (root / p).exists() else str(root / p)
+    text, fix = read_yaml_file(Path(path), "MoE config")
+    cfg = parse_moe_config(text, str(path))
     cfg.base_model = fix(cfg.base_model)
     for e in cfg.experts + cfg.shared_experts:
         e.source_model = fix(e.source_model)

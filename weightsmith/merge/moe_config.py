@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import yaml
-
 from ..errors import WeightsmithError
-from .recipe import _model_ref, refuse_unknown
+from .recipe import _model_ref, refuse_unknown, yaml_mapping
 
 KNOWN_KEYS = {"base_model", "experts", "gate_mode", "dtype", "experts_per_token", "shared_experts", "architecture"}
 EXPERT_KEYS = {"source_model", "positive_prompts", "negative_prompts", "noise_scale", "residual_scale"}
@@ -86,12 +84,7 @@ def _choice(data: dict, key: str, choices, default, source: str):
 
 def parse_moe_config(text: str, source: str = "config") -> MoeConfig:
     """A checked MoeConfig from mergekit-moe YAML text (no files opened)."""
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise WeightsmithError(f"{source}: not valid YAML ({exc})") from None
-    if not isinstance(data, dict):
-        raise WeightsmithError(f"{source}: expected a mapping with base_model and experts")
+    data = yaml_mapping(text, source, "base_model and experts")
     refuse_unknown(data, KNOWN_KEYS, source)
     if "base_model" not in data:
         raise WeightsmithError(f"{source}: 'base_model' is missing")

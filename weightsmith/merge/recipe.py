@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import yaml
 
@@ -105,14 +106,34 @@ def _model_ref(value, where: str) -> str:
     raise WeightsmithError(f"{where}: expected a model folder path, got {value!r}")
 
 
-def parse_recipe(text: str, source: str = "recipe") -> Recipe:
-    """Parse mergekit YAML text into a Recipe (no files are opened here)."""
+def yaml_mapping(text: str, source: str, holding: str) -> dict:
+    """The mapping a YAML text holds, or an error naming ``source`` and what it should hold."""
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise WeightsmithError(f"{source}: not valid YAML ({exc})") from None
     if not isinstance(data, dict):
-        raise WeightsmithError(f"{source}: expected a mapping with merge_method and models")
+        raise WeightsmithError(f"{source}: expected a mapping with {holding}")
+    return data
+
+
+def read_yaml_file(path: Path, what: str) -> tuple[str, Callable[[str], str]]:
+    """The text of a YAML file naming models, and the function that resolves its model paths: a relative path
+    is taken relative to the file (as a user reading it would expect) when it exists there."""
+    if not path.is_file():
+        raise WeightsmithError(f"{path}: {what} file not found")
+    from ..checkpoint.textfile import read_text_file
+
+    root = path.resolve().parent
+
+    def fix(p: str) -> str:
+        return p if Path(p).is_absolute() or Path(p).exists() or not (root / p).exists() else str(root / p)
+    return read_text_file(path, what), fix
+
+
+def parse_recipe(text: str, source: str = "recipe") -> Recipe:
+    """Parse mergekit YAML text into a Recipe (no files are opened here)."""
+    data = yaml_mapping(text, source, "merge_method and models")
     if "modules" in data:
         from .slices import single_module
         data = single_module(data, source)
@@ -150,16 +171,8 @@ def parse_recipe(text: str, source: str = "recipe") -> Recipe:
 
 
 def load_recipe(path: str | Path) -> Recipe:
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsmithError(f"{path}: recipe file not found")
-    from ..checkpoint.textfile import read_text_file
-
-    recipe = parse_recipe(read_text_file(path, "recipe"), str(path))
-    root = path.resolve().parent
-    # Relative model paths are taken relative to the recipe, as a user reading it would expect.
-    def fix(p: str) -> str:
-        return p if Path(p).is_absolute() or Path(p).exists() or not (root / p).exists() else str(root / p)
+    text, fix = read_yaml_file(Path(path), "recipe")
+    recipe = parse_recipe(text, str(path))
     for m in recipe.models:
         m.path = fix(m.path)
     if recipe.base_model:
