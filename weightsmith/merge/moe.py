@@ -7,7 +7,6 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -122,9 +121,6 @@ def _noised(t: torch.Tensor, e: Expert, residual: bool) -> torch.Tensor:
     if residual and e.residual_scale is not None:
         t = t * e.residual_scale
     return t
-
-
-Producer = Callable[[], dict[str, torch.Tensor]]
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
