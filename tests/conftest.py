@@ -10,6 +10,9 @@ if "HF_HUB_OFFLINE" not in os.environ:  # as the CLI does: offline unless the us
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["WEIGHTSMITH_OFFLINE_BY_DEFAULT"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Nothing in the tests reaches the internet: a Hub name that is not served by a test's own loopback Hub meets a
+# closed port (connection refused at once), whatever the machine's network.
+os.environ["HF_ENDPOINT"] = "http://127.0.0.1:9"
 
 import transformers  # noqa: E402
 

@@ -16,6 +16,8 @@ from weightsmith.stage_options import (AlignOptions, AnalyzeOptions, EvalOptions
 @pytest.fixture(autouse=True)
 def _no_bars(monkeypatch):
     monkeypatch.delenv("WEIGHTSMITH_PROGRESS", raising=False)  # progress=None in every call
+    # model names here are placeholders: they reach the library as the paths given (resolution has its own tests)
+    monkeypatch.setattr("weightsmith.checkpoint.sources.resolve_model", lambda ref, **_: Path(ref))
 
 
 def invoke(*args) -> None:

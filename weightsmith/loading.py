@@ -78,14 +78,16 @@ def custom_class(config: dict):
 
 def load(path: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
          allow_pickle: bool = False, trust_remote_code: bool | None = None) -> torch.nn.Module:
-    """Load a model folder in eval mode on ``device`` (plain HF, folded or RPS).
+    """Load a model in eval mode on ``device`` (plain HF, folded or RPS): a folder, a Hugging Face cache snapshot,
+    ``org/name[@revision]`` or ``model+adapter`` (``checkpoint.sources``).
 
     The folder passes the loading gate first (``checkpoint.trust.open_model``); the model is then built from
     its config.json and the validated tensors. Only a folder with custom code, allowed by ``trust_remote_code``
     (or ``remote_code(True)``), is handed to transformers as a path."""
+    from .checkpoint.sources import resolve_model
     from .checkpoint.trust import custom_code, open_model
 
-    path = Path(path)
+    path = resolve_model(path, allow_pickle=allow_pickle)  # a folder, a Hub name or model+adapter
     dev = resolve_device(device)
     dt = resolve_dtype(dtype)
     ckpt = open_model(path, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)

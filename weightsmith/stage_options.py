@@ -223,7 +223,8 @@ class MoeOptions(Options):
 
 class ExtractLoraOptions(Options):
     """``weightsmith extract-lora``: a fine-tune minus its base as a PEFT LoRA adapter (truncated SVD per layer)."""
-    base: Path = option(path=True, aliases=("--base-model",), help="Base model folder the fine-tune started from.")
+    base: Path = option(path=True, aliases=("--base-model",), help="Base model the fine-tune started from (a folder, "
+                                                                   "org/name[@revision] or model+adapter).")
     max_rank: int = option(128, lo=1, help="Largest rank of any layer's adapter.")
     rank: str = option("max", choices=LORA_RANKS, help="max: every layer at max_rank (as mergekit); auto: per layer "
                                                        "the smallest rank keeping the energy share of the delta's "

@@ -28,6 +28,8 @@ def calls(monkeypatch):
         seen.append((recipe, str(out), {**dataclasses.asdict(opts), **kwargs}))
         return {"out": str(out), "method": recipe.method, "inputs": recipe.inputs, "notes": []}
     monkeypatch.setattr(merge_pkg, "merge", fake)
+    # model names here are placeholders: they reach the recipe as given (resolution has its own tests)
+    monkeypatch.setattr("weightsmith.checkpoint.sources.resolve_model", lambda ref, **_: ref)
     return seen
 
 

@@ -13,22 +13,67 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def hub_ids(inputs: list[str]) -> list[str]:
-    """Inputs that look like Hub repo ids (owner/name) and are not local folders."""
-    return [i for i in inputs if HUB_ID.match(str(i)) and not Path(str(i)).exists()]
+    """The Hub repos the inputs came from: a folder a Hub reference resolved to (``sources.pinned``), or an input
+    written as a repo id that is not a local folder."""
+    from .sources import pinned
+
+    found = []
+    for i in inputs:
+        pin = pinned(i) if Path(str(i)).exists() else None
+        if pin:
+            found += [part.partition("@")[0] for part in pin.split("+")]
+        elif HUB_ID.match(str(i)) and not Path(str(i)).exists():
+            found.append(str(i).partition("@")[0])
+    return found
+
+
+def _shown(i: str) -> str:
+    """An input as the card names it: ``org/name@commit`` for a Hub input, else the path as given."""
+    from .sources import pinned
+
+    return (pinned(i) if Path(str(i)).exists() else None) or str(i)
 
 
 def _source_base_models(inputs: list[str]) -> list[str]:
-    """base_model entries carried over from the inputs' own cards, so lineage survives local paths."""
+    """base_model entries carried over from the inputs' own cards, so lineage survives local paths. A card that
+    cannot be read (outside the folder, not UTF-8, broken front matter) adds nothing."""
+    from ..errors import WeightsmithError
+    from .reader import member, read_regular
+
     found = []
     for i in inputs:
-        card = Path(str(i)) / "README.md"
-        if card.is_file():
-            m = re.match(r"^---\n(.*?)\n---", card.read_text(), re.S)
-            if m:
-                meta = yaml.safe_load(m.group(1)) or {}
-                base = meta.get("base_model") or []
-                found += [base] if isinstance(base, str) else list(base)
+        try:
+            card = member(Path(str(i)), "README.md", Path(str(i)))
+            if not card.is_file():
+                continue
+            m = re.match(r"^---\n(.*?)\n---", read_regular(card).decode(), re.S)
+            meta = yaml.safe_load(m.group(1)) if m else None
+        except (WeightsmithError, OSError, UnicodeDecodeError, yaml.YAMLError):
+            continue
+        base = meta.get("base_model") if isinstance(meta, dict) else None
+        base = [base] if isinstance(base, str) else base if isinstance(base, list) else []
+        found += [b for b in base if isinstance(b, str) and HUB_ID.match(b)]
     return found
+
+
+def pinned_recipe(text: str) -> str:
+    """The recipe with every Hub reference it names pinned to the commit this run read (``org/name@sha``), so
+    running it again reads the same bytes; unchanged (comments kept) when it names none."""
+    from .sources import pinned_text
+
+    def pin(value):
+        if isinstance(value, dict):
+            return {k: pin(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [pin(v) for v in value]
+        return pinned_text(value) or value if isinstance(value, str) else value
+
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    pinned_data = pin(data)
+    return text if pinned_data == data else yaml.safe_dump(pinned_data, sort_keys=False)
 
 
 def write_model_card(folder: str | Path, *, stage: str, method: str, inputs: list[str], parameters: dict,
@@ -40,16 +85,19 @@ def write_model_card(folder: str | Path, *, stage: str, method: str, inputs: lis
     meta: dict = {"library_name": "transformers", "tags": ["weightsmith", stage, method, *(tags or [])]}
     if bases:
         meta["base_model"] = bases
+        if stage == "merge":
+            meta["base_model_relation"] = "merge"
     lines = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "",
              f"# {folder.name.split('.tmp-')[0]}", "",
              f"Made with weightsmith `{stage}` using **{method}**.", ""]
     if notes:
         lines += [notes, ""]
-    lines += ["## Inputs", ""] + [f"- `{i}`" for i in inputs] + [""]
+    lines += ["## Inputs", ""] + [f"- `{_shown(i)}`" for i in inputs] + [""]
     lines += ["## Parameters", "", "```json", json.dumps(parameters, indent=2, sort_keys=True, default=str), "```", ""]
     if metrics:
         lines += _metrics_section(metrics)
     if recipe:
+        recipe = pinned_recipe(recipe)
         (folder / "weightsmith_recipe.yaml").write_text(recipe)
         lines += ["## Recipe", "", "```yaml", recipe.strip(), "```", ""]
     lines += ["## Loading", "", "```python", "import weightsmith", f"model = weightsmith.load(\"{folder.name.split('.tmp-')[0]}\")", "```", ""]

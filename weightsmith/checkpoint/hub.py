@@ -9,12 +9,12 @@ import os
 import re
 import shutil
 import tempfile
-from contextlib import contextmanager
 from fnmatch import fnmatch
 from pathlib import Path
 
 from ..errors import OptionError, WeightsmithError, needs_option
 from ..progress import ProgressFn, report
+from .network import DEFAULT_TIMEOUT, is_timeout, online, transport_errors
 from .reader import Checkpoint, member
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
@@ -79,51 +79,6 @@ def check_repo_id(repo_id: str) -> str:
     return repo_id
 
 
-DEFAULT_TIMEOUT = 60.0  # seconds: connecting, and waiting for each answer (or for the server to take data)
-
-
-@contextmanager
-def _online(timeout: float = DEFAULT_TIMEOUT):
-    """``push`` is the one command that talks to the network; lift the offline default for its duration, and
-    give every request of huggingface_hub's shared HTTP client a connect and read timeout (it has none)."""
-    from huggingface_hub import constants
-
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes") and \
-            os.environ.get("WEIGHTSMITH_OFFLINE_BY_DEFAULT") != "1":
-        raise WeightsmithError("HF_HUB_OFFLINE is set in your environment; unset it to push")
-    saved = constants.HF_HUB_OFFLINE
-    constants.HF_HUB_OFFLINE = False
-    restore = _set_timeouts(timeout)
-    try:
-        yield
-    finally:
-        constants.HF_HUB_OFFLINE = saved
-        restore()
-
-
-def _set_timeouts(timeout: float):
-    """Make huggingface_hub's shared client (httpx, huggingface_hub >= 1.0) time out; returns the undo."""
-    try:
-        from huggingface_hub.utils import _http
-        factory = _http._GLOBAL_CLIENT_FACTORY
-        set_factory = _http.set_client_factory
-    except (ImportError, AttributeError):  # huggingface_hub < 1.0 (requests): its calls carry their own timeouts
-        return lambda: None
-
-    def with_timeouts():
-        client = factory()
-        client.timeout = type(client.timeout)(timeout, connect=min(timeout, 10.0))
-        return client
-
-    set_factory(with_timeouts)
-    return lambda: set_factory(factory)
-
-
-def _is_timeout(exc: BaseException) -> bool:
-    return isinstance(exc, TimeoutError) or any(k.__name__ in ("TimeoutException", "Timeout", "ReadTimeout")
-                                                for k in type(exc).__mro__)
-
-
 def _stage(folder: Path, plan: dict, into: Path) -> None:
     for f in plan["files"]:
         dst = into / f["path"]
@@ -136,17 +91,6 @@ def _stage(folder: Path, plan: dict, into: Path) -> None:
             os.symlink(src, dst)
         except OSError:
             shutil.copy2(src, dst)
-
-
-def _transport_errors() -> tuple[type[BaseException], ...]:
-    # huggingface_hub < 1.0 speaks through requests (its errors are OSErrors); later versions through httpx.
-    errors: tuple[type[BaseException], ...] = (OSError,)
-    for module in ("httpx2", "httpx"):
-        try:
-            errors += (__import__(module).TransportError,)
-        except (ImportError, AttributeError):
-            pass
-    return errors
 
 
 def push(folder: str | Path, repo_id: str, *, private: bool = False, revision: str | None = None,
@@ -173,7 +117,7 @@ def push(folder: str | Path, repo_id: str, *, private: bool = False, revision: s
     message = commit_message or f"Upload {folder.resolve().name} with weightsmith"
     steps = 3 if revision and revision != "main" else 2
     try:
-        with _online(timeout), tempfile.TemporaryDirectory(prefix="weightsmith-push-") as tmp:
+        with online(timeout), tempfile.TemporaryDirectory(prefix="weightsmith-push-") as tmp:
             report(progress, f"push {repo_id}", 0, steps)
             url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
             report(progress, f"push {repo_id}", 1, steps)
@@ -189,8 +133,8 @@ def push(folder: str | Path, repo_id: str, *, private: bool = False, revision: s
         hint = {401: "set HF_TOKEN or run `hf auth login`", 403: "the token lacks write access to this repo"}.get(
             status, "check the repo id and your access")
         raise WeightsmithError(f"push to {endpoint}/{repo_id} failed (HTTP {status}): {hint}") from exc
-    except _transport_errors() as exc:
-        if _is_timeout(exc):
+    except transport_errors() as exc:
+        if is_timeout(exc):
             raise needs_option(f"push to {endpoint}/{repo_id} failed: the server did not answer within {timeout:g} s",
                                "; check HF_ENDPOINT and your network, or raise {0}", "timeout") from None
         raise WeightsmithError(f"push to {endpoint}/{repo_id} failed: cannot reach the Hub ({exc})") from None

@@ -72,12 +72,28 @@ def member(folder: Path, name: object, where: Path | str) -> Path:
         raise WeightsmithError(f"{path}: a symlink to nothing; replace it with the file it should hold") from None
     except (OSError, RuntimeError) as exc:
         raise WeightsmithError(f"{path}: cannot be resolved ({exc})") from None
-    if not real.is_relative_to(folder.resolve()):
+    if not real.is_relative_to(folder.resolve()) and real.parent != cache_blobs(folder):
         raise WeightsmithError(f"{path}: a symlink to {real}, outside the model folder; weightsmith reads only files "
-                               "inside the folder (copy the file in, e.g. cp -L)")
+                               "inside the folder, or in its own repo's blobs/ for a Hugging Face cache snapshot "
+                               "(copy the file in, e.g. cp -L)")
     if not stat.S_ISREG(os.stat(real).st_mode):
         raise WeightsmithError(f"{path}: {NOT_REGULAR}")
     return path
+
+
+def cache_blobs(folder: Path) -> Path | None:
+    """The ``blobs/`` folder of the Hugging Face cache repo whose snapshot ``folder`` is
+    (``models--ORG--NAME/snapshots/REV``), resolved, or None when ``folder`` is not a cache snapshot. A
+    snapshot's files are symlinks into exactly that folder; a link anywhere else is still refused."""
+    try:
+        snapshot = folder.resolve(strict=True)
+    except (OSError, RuntimeError):
+        return None
+    repo = snapshot.parent.parent
+    if snapshot.parent.name != "snapshots" or not repo.name.startswith("models--"):
+        return None
+    blobs = repo / "blobs"
+    return blobs if blobs.is_dir() and not blobs.is_symlink() else None
 
 
 # Other files some stage reads from a model folder (MWA's metric, a LoRA adapter's config).

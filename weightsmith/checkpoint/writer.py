@@ -152,7 +152,7 @@ def _lock_path(target: Path) -> Path:
     import tempfile
 
     uid = os.getuid() if hasattr(os, "getuid") else 0
-    name = hashlib.sha256(str(target.resolve()).encode()).hexdigest()[:24]
+    name = hashlib.sha256(os.fsencode(str(target.resolve()))).hexdigest()[:24]
     return Path(tempfile.gettempdir()) / f"weightsmith-locks-{uid}" / f"{name}.lock"
 
 

@@ -10,7 +10,7 @@ import typer
 from ..errors import OptionError, WeightsmithError
 from ..startup import without_collections
 
-OFFLINE_BY_DEFAULT = "WEIGHTSMITH_OFFLINE_BY_DEFAULT"
+OFFLINE_BY_DEFAULT = "WEIGHTSMITH_OFFLINE_BY_DEFAULT"  # checkpoint.network reads it (not imported: start-up)
 
 app = typer.Typer(
     name="weightsmith",
@@ -23,7 +23,7 @@ app = typer.Typer(
 
 # Each module registers its commands on ``app`` (imported without collections in between, as the package is).
 with without_collections():
-    from . import inspect_cmd, eval_cmd, export_cmd, zoo_cmd, push_cmd, analyze_cmd, compress_cmd, fold_cmd, run_cmd, merge_cmd, align_cmd, extract_lora_cmd, moe_cmd  # noqa: E402,F401,E501
+    from . import inspect_cmd, eval_cmd, export_cmd, zoo_cmd, push_cmd, analyze_cmd, compress_cmd, fold_cmd, run_cmd, merge_cmd, align_cmd, download_cmd, extract_lora_cmd, moe_cmd  # noqa: E402,F401,E501
 
 
 def _quiet_libraries() -> None:
@@ -73,5 +73,6 @@ def _fail(message: str) -> None:
     from .common import err_console
 
     message = " ".join(message.split())  # one line, whatever the message held
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")  # bytes argv could not decode, as \xNN
     err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True, markup=True)
     sys.exit(2)

@@ -8,12 +8,12 @@ import typer
 from ..stage_options import AlignOptions, PleasOptions
 from ..checkpoint.trust import remote_code
 from . import app
-from .common import OutOpt, RunFlags, console, print_json, progress_bars
+from .common import model_folder, OutOpt, RunFlags, console, print_json, progress_bars
 from .options import with_options
 
 
 @app.command("align")
-@with_options(RunFlags, "run", only=("seed", "device", "force", "json_out", "quiet", "trust_remote_code"))
+@with_options(RunFlags, "run", only=("seed", "device", "force", "json_out", "quiet", "trust_remote_code", "offline"))
 @with_options(AlignOptions)
 def align_cmd(
     model_a: Annotated[Path, typer.Argument(help="Reference model folder (its basis is kept).")],
@@ -26,6 +26,7 @@ def align_cmd(
     from ..merge.align.folders import align
 
     with remote_code(run.trust_remote_code), progress_bars(not run.quiet) as progress:
+        model_a, model_b = model_folder(model_a, run), model_folder(model_b, run)
         report = align(model_a, model_b, out, opts, seed=run.seed, device=run.device, force=run.force,
                        progress=progress)
     if run.json_out:
@@ -36,7 +37,7 @@ def align_cmd(
 
 
 @app.command("pleas")
-@with_options(RunFlags, "run", only=("seed", "device", "force", "json_out", "quiet", "trust_remote_code"))
+@with_options(RunFlags, "run", only=("seed", "device", "force", "json_out", "quiet", "trust_remote_code", "offline"))
 @with_options(PleasOptions)
 def pleas_cmd(
     model_a: Annotated[Path, typer.Argument(help="First model folder (Llama/Mistral/Qwen2).")],
@@ -49,6 +50,7 @@ def pleas_cmd(
     from ..merge.pleas import pleas_merge
 
     with remote_code(run.trust_remote_code), progress_bars(not run.quiet) as progress:
+        model_a, model_b = model_folder(model_a, run), model_folder(model_b, run)
         report = pleas_merge(model_a, model_b, opts, out=out, seed=run.seed, device=run.device, force=run.force,
                              progress=progress)
     if run.json_out:

@@ -9,12 +9,12 @@ from rich.table import Table
 from ..stage_options import AnalyzeOptions
 from ..checkpoint.trust import remote_code
 from . import app
-from .common import RunFlags, console, print_json, progress_bars
+from .common import model_folder, with_tokenizer, RunFlags, console, print_json, progress_bars
 from .options import with_options
 
 
 @app.command("analyze")
-@with_options(RunFlags, "run", only=("device", "force", "json_out", "quiet", "trust_remote_code"))
+@with_options(RunFlags, "run", only=("device", "force", "json_out", "quiet", "trust_remote_code", "offline"))
 @with_options(AnalyzeOptions)
 def analyze_cmd(
     model: Annotated[Path, typer.Argument(help="Model folder (causal LM or encoder).")],
@@ -31,6 +31,8 @@ def analyze_cmd(
     from ..fold.analyze import analyze
 
     with remote_code(run.trust_remote_code), progress_bars(not run.quiet and not run.json_out) as progress:
+        model = model_folder(model, run)
+        opts = with_tokenizer(opts, run)
         rep = analyze(model, opts.data, out, remove=opts.remove, seq=opts.seq_len, max_tokens=opts.max_tokens,
                       batch_size=opts.batch_size, device=run.device, tokenizer=opts.tokenizer, force=run.force,
                       progress=progress)

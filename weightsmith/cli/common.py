@@ -32,6 +32,8 @@ class RunFlags(Options):
                                                             "file.")
     trust_remote_code: bool = option(False, pipeline=False, help="Allow a folder's own Python code (config auto_map) "
                                                                  "to run; refused otherwise.")
+    offline: bool = option(False, pipeline=False, help="Never reach the Hub: Hub model names resolve from the Hugging "
+                                                       "Face cache only (as HF_HUB_OFFLINE=1).")
 
 
 DeviceOpt = annotated(RunFlags, "device")
@@ -41,9 +43,40 @@ ForceOpt = annotated(RunFlags, "force")
 PickleOpt = annotated(RunFlags, "allow_pickle")
 TrustCodeOpt = annotated(RunFlags, "trust_remote_code")
 QuietOpt = annotated(RunFlags, "quiet")
+OfflineOpt = annotated(RunFlags, "offline")
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder (written atomically).")]
 ShardOpt = Annotated[str, typer.Option("--out-shard-size", help="Largest output shard, e.g. 2GB or 500MB.")]
 DtypeOpt = Annotated[str | None, typer.Option("--dtype", help="Output dtype: float32, bfloat16 or float16 (default: as input).")]
+
+
+def go_offline(offline: bool) -> None:
+    """``--offline``: the user's own no-network choice, as ``HF_HUB_OFFLINE=1`` would be."""
+    import os
+
+    if offline:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        os.environ.pop("WEIGHTSMITH_OFFLINE_BY_DEFAULT", None)
+
+
+def model_folder(ref: Path | str, run: RunFlags | None = None, allow_pickle: bool = False) -> Path:
+    """The folder of a model argument: a local folder, a cache snapshot, ``org/name[@rev]`` or ``model+adapter``
+    (``checkpoint.sources``), after ``--offline``."""
+    from ..checkpoint.sources import resolve_model
+
+    if run is not None:
+        go_offline(run.offline)
+        if run.quiet:  # huggingface_hub's own download bars, as every other bar
+            from huggingface_hub.utils import disable_progress_bars
+            disable_progress_bars()
+    return resolve_model(ref, allow_pickle=allow_pickle or bool(run is not None and run.allow_pickle))
+
+
+def with_tokenizer(opts, run: RunFlags):
+    """``opts`` with its ``--tokenizer`` model reference resolved to a folder."""
+    from dataclasses import replace
+
+    tokenizer = getattr(opts, "tokenizer", None)
+    return opts if tokenizer is None else replace(opts, tokenizer=model_folder(tokenizer, run))
 
 
 @contextmanager

@@ -9,7 +9,7 @@ from rich.table import Table
 from ..stage_options import RpsOptions
 from ..checkpoint.trust import remote_code
 from . import app
-from .common import OutOpt, RunFlags, console, human_bytes, human_count, print_json, progress_bars
+from .common import model_folder, OutOpt, RunFlags, console, human_bytes, human_count, print_json, progress_bars
 from .options import with_options
 
 compress_app = typer.Typer(help="Compress a checkpoint under a parameter budget.", no_args_is_help=True)
@@ -17,7 +17,7 @@ app.add_typer(compress_app, name="compress")
 
 
 @compress_app.command("rps")
-@with_options(RunFlags, "run", only=("device", "seed", "force", "json_out", "quiet", "trust_remote_code"))
+@with_options(RunFlags, "run", only=("device", "seed", "force", "json_out", "quiet", "trust_remote_code", "offline"))
 @with_options(RpsOptions)
 def rps_cmd(
     model: Annotated[Path | None, typer.Argument(help="Trained model folder to project into hashed memory.")] = None,
@@ -36,6 +36,7 @@ def rps_cmd(
     with remote_code(run.trust_remote_code), progress_bars(not run.quiet) as progress:
         common = {"device": run.device, "seed": run.seed, "force": run.force, "progress": progress}
         if model is not None:
+            model = model_folder(model, run)
             info = compress_rps(model, out, opts, **common)
         else:
             info = train_rps(opts.from_config, out, opts, **common)

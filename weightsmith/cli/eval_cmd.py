@@ -9,12 +9,12 @@ from rich.table import Table
 from ..stage_options import EvalOptions
 from ..checkpoint.trust import remote_code
 from . import app
-from .common import RunFlags, console, human_bytes, human_count, print_json, progress_bars, short_name
+from .common import model_folder, with_tokenizer, RunFlags, console, human_bytes, human_count, print_json, progress_bars, short_name
 from .options import with_options
 
 
 @app.command("eval")
-@with_options(RunFlags, "run", only=("device", "json_out", "allow_pickle", "quiet", "trust_remote_code"))
+@with_options(RunFlags, "run", only=("device", "json_out", "allow_pickle", "quiet", "trust_remote_code", "offline"))
 @with_options(EvalOptions)
 def eval_cmd(
     models: Annotated[list[Path], typer.Argument(help="One or more model folders, compared side by side.")],
@@ -25,6 +25,9 @@ def eval_cmd(
     from ..eval import evaluate
 
     with remote_code(run.trust_remote_code), progress_bars(not run.quiet) as progress:
+        given = {str(model_folder(m, run)): str(m) for m in models}  # rows named as the user named the models
+        models = [Path(f) for f in given]
+        opts = with_tokenizer(opts, run)
         rows = evaluate(models, opts, device=run.device, allow_pickle=run.allow_pickle, progress=progress)
     if run.json_out:
         print_json([r.to_dict() for r in rows])
@@ -33,7 +36,8 @@ def eval_cmd(
     table = Table("model", "params", "size", *(["perplexity", "tokens", "tokens/s"] if data else []),
                   *(["accuracy"] if labelled else []))
     for r in rows:
-        cells = [short_name(r.model, [x.model for x in rows]), human_count(r.params), human_bytes(r.size_bytes)]
+        cells = [short_name(given.get(r.model, r.model), [given.get(x.model, x.model) for x in rows]),
+                 human_count(r.params), human_bytes(r.size_bytes)]
         if data:
             cells += [f"{r.perplexity:.2f}", str(r.tokens), f"{r.tokens_per_s:,.0f}"]
         if labelled:

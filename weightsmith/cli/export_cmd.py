@@ -7,7 +7,7 @@ import typer
 
 from ..stage_options import ExportOptions
 from . import app
-from .common import ForceOpt, JsonOpt, OutOpt, QuietOpt, console, print_json, progress_bars
+from .common import OfflineOpt, go_offline, model_folder, ForceOpt, JsonOpt, OutOpt, QuietOpt, console, print_json, progress_bars
 from .options import with_options
 
 
@@ -20,11 +20,14 @@ def export_cmd(
     force: ForceOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
+    offline: OfflineOpt = False,
 ) -> None:
     """Turn a folded or RPS folder into a plain checkpoint that stock from_pretrained loads."""
     from ..errors import WeightsmithError
     from ..loading import folder_format, format_module
 
+    go_offline(offline)
+    model = model_folder(model)
     fmt = folder_format(model)
     if fmt == "plain":
         raise WeightsmithError(f"{model} is already a plain checkpoint; nothing to export")

@@ -8,7 +8,7 @@ import typer
 from . import app
 from ..checkpoint.trust import remote_code
 from ..stage_options import FoldOptions
-from .common import OutOpt, RunFlags, console, print_json, progress_bars
+from .common import model_folder, OutOpt, RunFlags, console, print_json, progress_bars
 from .options import with_options
 
 
@@ -27,7 +27,7 @@ def relaunch_cpu_ranks() -> None:
 
 
 @app.command("fold")
-@with_options(RunFlags, "run", only=("seed", "device", "force", "json_out", "quiet", "trust_remote_code"))
+@with_options(RunFlags, "run", only=("seed", "device", "force", "json_out", "quiet", "trust_remote_code", "offline"))
 @with_options(FoldOptions)
 def fold_cmd(
     model: Annotated[Path, typer.Argument(help="Plain model folder (causal LM or encoder).")],
@@ -47,6 +47,7 @@ def fold_cmd(
 
     relaunch_cpu_ranks()
     with remote_code(run.trust_remote_code), progress_bars(not run.quiet and not run.json_out) as progress:
+        model = model_folder(model, run)
         res = fold(model, out, opts, seed=run.seed, device=run.device, force=run.force, progress=progress)
     if res.get("rank", 0) != 0:  # under accelerate launch only rank 0 reports
         return

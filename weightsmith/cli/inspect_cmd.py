@@ -7,7 +7,7 @@ import typer
 from rich.table import Table
 
 from . import app
-from .common import JsonOpt, PickleOpt, console, human_bytes, human_count, print_json
+from .common import OfflineOpt, go_offline, model_folder, JsonOpt, PickleOpt, console, human_bytes, human_count, print_json
 
 
 @app.command("inspect")
@@ -16,10 +16,13 @@ def inspect_cmd(
     tensors: Annotated[bool, typer.Option("--tensors", help="Also list every tensor.")] = False,
     json_out: JsonOpt = False,
     allow_pickle: PickleOpt = False,
+    offline: OfflineOpt = False,
 ) -> None:
     """Architecture, layers, parameters, dtypes, size and shards of a model folder, from headers alone."""
     from ..checkpoint.inspect import summarize
 
+    go_offline(offline)
+    model = model_folder(model, allow_pickle=allow_pickle)
     info = summarize(model, allow_pickle=allow_pickle, tensors=tensors)
     if json_out:
         print_json(info)

@@ -38,9 +38,7 @@ MERGEKIT_REFUSED = {
     "--trust-remote-code": "weightsmith never runs code from a model folder",
     "--no-safe-serialization": "weightsmith writes safetensors only",
     "--clone-tensors": "weightsmith writes each tensor once; layer stacking copies what it needs",
-    "--transformers-cache": "weightsmith reads local folders only; give paths",
-    "--lora-merge-cache": "LoRA references (model+lora) are not supported; merge the adapter first",
-    "--lora-merge-dtype": "LoRA references (model+lora) are not supported; merge the adapter first",
+    "--lora-merge-dtype": "an adapter is applied in the base's own dtype, as peft's merge_and_unload does",
     "--low-cpu-memory": "memory is already bounded by the inputs' copies of the largest tensor",
     "--read-to-gpu": "use --device cuda",
     "--multi-gpu": "weightsmith merges on one --device",
@@ -182,7 +180,7 @@ class MergeFlags(Options):
         return None
 
 
-@with_options(RunFlags, "run", only=("device", "seed", "force", "json_out", "quiet"))
+@with_options(RunFlags, "run", only=("device", "seed", "force", "json_out", "quiet", "offline"))
 @with_options(MergeOptions, "opts")
 @with_options(MergeFlags, "flags")
 def merge_cmd(
@@ -190,6 +188,8 @@ def merge_cmd(
     out_pos: Annotated[Path | None, typer.Argument(metavar="OUT", help="Output folder, as mergekit-yaml's second argument (or --out).")] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder (written atomically).")] = None,
     list_methods_: Annotated[bool, typer.Option("--list-methods", help="List the merge methods and their parameters, then exit.")] = False,
+    transformers_cache: Annotated[Path | None, typer.Option("--transformers-cache", help="Hugging Face cache folder for Hub model names (as HF_HUB_CACHE).")] = None,
+    lora_merge_cache: Annotated[Path | None, typer.Option("--lora-merge-cache", help="Folder for bases with adapters applied (model+adapter references).")] = None,
     flags: MergeFlags = None,
     opts: MergeOptions = None,
     run: RunFlags = None,
@@ -201,6 +201,7 @@ def merge_cmd(
         list_methods(run.json_out)
         return
     out = _output(out, out_pos)
+    _caches(transformers_cache, lora_merge_cache, run.offline)
     device = _device(run.device, flags.cuda)
     seed = run.seed if flags.random_seed is None else flags.random_seed
     if flags.num_threads is not None:
@@ -227,6 +228,19 @@ def _output(out: Path | None, out_pos: Path | None) -> Path:
     return out or out_pos
 
 
+def _caches(transformers_cache: Path | None, lora_merge_cache: Path | None, offline: bool) -> None:
+    """mergekit-yaml's cache flags and --offline, as the environment variables the resolver reads."""
+    import os
+
+    from .common import go_offline
+
+    go_offline(offline)
+    if transformers_cache is not None:
+        os.environ["HF_HUB_CACHE"] = str(transformers_cache)
+    if lora_merge_cache is not None:
+        os.environ["WEIGHTSMITH_ADAPTERS_CACHE"] = str(lora_merge_cache)
+
+
 def _device(device: str, cuda: bool | None) -> str:
     if cuda is None:
         return device
@@ -238,7 +252,7 @@ def _device(device: str, cuda: bool | None) -> str:
 def _recipe(path: Path | None, flags: MergeFlags):
     """The recipe file with the flags' method, base and parameters over it, or the recipe the flags describe."""
     from ..merge import load_recipe
-    from ..merge.recipe import recipe_from_flags
+    from ..merge.recipe import _ref_text, recipe_from_flags
 
     try:
         per_model, params = flags.per_model(), flags.parameters()
@@ -252,7 +266,7 @@ def _recipe(path: Path | None, flags: MergeFlags):
         if any(v and len(v) > 1 for v in per_model.values()):
             raise WeightsmithError("with a recipe, per-model flags may be given once (applied to all models)")
         r.method = flags.method or r.method
-        r.base_model = flags.base or r.base_model
+        r.base_model = _ref_text(str(flags.base), "base_model") if flags.base else r.base_model
         given = {**{k: v for k, v in params.items() if v is not None}, **{k: v[0] for k, v in per_model.items() if v}}
         _check_given(r.method, given)
         r.parameters.update(given)

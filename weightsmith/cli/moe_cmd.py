@@ -11,7 +11,7 @@ from rich.table import Table
 from ..errors import WeightsmithError
 from ..stage_options import MoeOptions
 from . import app
-from .common import RunFlags, console, print_json, progress_bars
+from .common import RunFlags, console, go_offline, model_folder, print_json, progress_bars
 from .options import with_options
 
 QUANTISED = "weightsmith runs the base in --hidden-dtype (bfloat16 by default); 4/8-bit loading is not supported"
@@ -28,7 +28,7 @@ Quantised8 = Annotated[bool, typer.Option("--load-in-8bit", hidden=True, callbac
 
 
 @app.command("moe")
-@with_options(RunFlags, "run", only=("device", "seed", "force", "json_out", "quiet"))
+@with_options(RunFlags, "run", only=("device", "seed", "force", "json_out", "quiet", "offline"))
 @with_options(MoeOptions)
 def moe_cmd(
     config: Annotated[Path | None, typer.Argument(help="mergekit-moe YAML: base_model, experts, gate_mode, ...")] = None,
@@ -50,6 +50,7 @@ def moe_cmd(
         raise WeightsmithError("give CONFIG and OUT (or --explain MOE --data PROMPTS)")
     from ..merge.moe import build_moe
 
+    go_offline(run.offline)
     with progress_bars(not run.quiet) as progress:
         info = build_moe(config, out, opts, device=run.device, seed=run.seed, force=run.force, progress=progress)
     if run.json_out:
@@ -68,7 +69,7 @@ def _explain(opts: MoeOptions, run: RunFlags) -> None:
     from ..merge.moe_router import explain_routing
 
     with progress_bars(not run.quiet) as progress:
-        report = explain_routing(opts.explain, opts.data, device=run.device, progress=progress)
+        report = explain_routing(model_folder(opts.explain, run), opts.data, device=run.device, progress=progress)
     if run.json_out:
         print_json(report)
         return

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import Checkpoint, output_folder
-from ..checkpoint.adapter import write_adapter
+from ..checkpoint.adapters import PREFIX, write_adapter
 from ..checkpoint.card import write_model_card
 from ..checkpoint.trust import open_model
 from ..device import resolve_device
@@ -148,7 +148,7 @@ def _lora_tensors(t: Target, ft: Checkpoint, base: Checkpoint, opts: ExtractLora
     if a.shape[0] == 0:  # nothing above sv_epsilon: the module is unchanged, and PEFT refuses rank 0
         return {}
     kind, suffix = ("lora_embedding", "") if t.kind == "embedding" else ("lora", ".weight")
-    prefix = f"base_model.model.{t.module}"
+    prefix = f"{PREFIX}{t.module}"
     res = {f"{prefix}.{kind}_A{suffix}": a.to("cpu", out_dtype), f"{prefix}.{kind}_B{suffix}": b.to("cpu", out_dtype)}
     if t.bias is not None:  # as mergekit stores it; PEFT's lora_bias would need a bias on every target module
         res[f"{prefix}.lora_B.bias"] = (ft.read(t.bias, dtype=torch.float32) - base.read(t.bias, dtype=torch.float32)
@@ -157,13 +157,13 @@ def _lora_tensors(t: Target, ft: Checkpoint, base: Checkpoint, opts: ExtractLora
 
 
 def _full_tensors(t: Target, ft: Checkpoint) -> dict:
-    res = {f"base_model.model.{t.module}.weight": ft.read(t.tensor)}
+    res = {f"{PREFIX}{t.module}.weight": ft.read(t.tensor)}
     if t.bias is not None:
-        res[f"base_model.model.{t.bias}"] = ft.read(t.bias)
+        res[f"{PREFIX}{t.bias}"] = ft.read(t.bias)
     return res
 
 
-def adapter_config(base: Path, ranks: dict[str, int], save: list[str]) -> dict:
+def lora_config(base: Path, ranks: dict[str, int], save: list[str]) -> dict:
     """PEFT's LoraConfig as mergekit-extract-lora writes it: alpha equal to each rank, so B·A is added unscaled."""
     r = max(ranks.values())
     pattern = {m: k for m, k in ranks.items() if k != r}
@@ -205,7 +205,7 @@ def extract_lora(finetuned: str | Path, out: str | Path, opts: ExtractLoraOption
         if not ranks:
             raise WeightsmithError(f"{ft.path}: no linear or embedding layer left to decompose; check the "
                                    "include/exclude patterns")
-        size = write_adapter(tmp, tensors, adapter_config(base.path, ranks, save))
+        size = write_adapter(tmp, tensors, lora_config(base.path, ranks, save))
         write_model_card(tmp, stage="extract-lora", method="lora-svd", inputs=[str(base.path), str(ft.path)],
                          parameters=o.to_dict(), tags=["lora", "peft"],
                          notes="A PEFT LoRA adapter for the first input: `PeftModel.from_pretrained(base, folder)`.")

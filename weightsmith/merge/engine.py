@@ -32,7 +32,7 @@ from ..progress import ProgressFn, report
 from ..stage_options import MergeOptions
 from . import mixing
 from .registry import Method, PlanCheck, check_param_names, get_method, resolve, resolve_globals
-from .recipe import Recipe
+from .recipe import Recipe, resolve_recipe
 from .values import ValueChecks, zero_requested
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -145,6 +145,8 @@ def plan_merge(recipe: Recipe, *, dtype: str | None = None, allow_crimes: bool =
     or the recipe's ``dtype`` under compat: mergekit."""
     from .tokenizer import attach_vocabulary
 
+    get_method(recipe.method)  # an unknown method is refused before any model is fetched
+    recipe = resolve_recipe(recipe)
     where = "recipe"
     if recipe.slices is not None:
         from .slices import plan_slice_merge
@@ -346,6 +348,7 @@ def merge(recipe: Recipe, out: str | Path, opts: MergeOptions | None = None, *, 
     extra = {k: v for k, v in options.items() if k not in known}
     shard_bytes(opts.out_shard_size, 4)  # a bad size is refused before any input is opened
     method = get_method(recipe.method)
+    recipe = resolve_recipe(recipe)  # options checked above: now the models are fetched if they must be
     if method.whole_model:
         return _whole_model(method, recipe, out, opts, device=device, seed=seed, force=force, progress=progress,
                             extra=extra)

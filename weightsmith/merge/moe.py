@@ -20,7 +20,6 @@ from ..stage_options import MoeOptions
 from .engine import shard_bytes
 from .moe_config import RANDOM_MODES, Expert, MoeConfig, check_moe_config, output_architecture, parse_moe_config
 from .moe_router import degenerate_layers, gate_vectors, load_prompt_tokenizer
-from .recipe import read_yaml_file
 
 MLP = ("gate_proj", "up_proj", "down_proj")
 QWEN_MLP_ORDER = ("down_proj", "gate_proj", "up_proj")  # mergekit's Qwen2 weight order, which its noise draws follow
@@ -40,13 +39,28 @@ class Plan:
 
 
 def load_moe_config(path: str | Path) -> MoeConfig:
-    """Parse the YAML file; relative model paths are taken relative to it when they exist there."""
-    text, fix = read_yaml_file(Path(path), "MoE config")
-    cfg = parse_moe_config(text, str(path))
-    cfg.base_model = fix(cfg.base_model)
-    for e in cfg.experts + cfg.shared_experts:
-        e.source_model = fix(e.source_model)
-    return cfg
+    """Parse the YAML file; relative model folders are taken relative to it when they exist there."""
+    from ..checkpoint.textfile import read_text_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsmithError(f"{path}: MoE config file not found")
+    return parse_moe_config(read_text_file(path, "MoE config"), str(path), path.resolve().parent)
+
+
+def resolve_models(cfg: MoeConfig, source: str) -> MoeConfig:
+    """``cfg`` with each model reference resolved to its folder (a Hub name from the cache or downloaded,
+    ``model+adapter`` applied: ``checkpoint.sources``); ``cfg.text`` keeps the names as written."""
+    import copy
+
+    from ..checkpoint.sources import resolve_model
+
+    out = copy.deepcopy(cfg)
+    out.base_model = str(resolve_model(cfg.base_model, what=f"{source}: base_model"))
+    for key in ("experts", "shared_experts"):
+        for i, e in enumerate(getattr(out, key)):
+            e.source_model = str(resolve_model(e.source_model, what=f"{source}: {key}[{i}]"))
+    return out
 
 
 def _mlp_name(layer: int, proj: str) -> str:
@@ -73,6 +87,7 @@ def _out_dtype(cfg: MoeConfig, base: Checkpoint) -> torch.dtype | None:
 
 def plan_moe(cfg: MoeConfig, source: str, allow_all_same: bool) -> Plan:
     check_moe_config(cfg, source, allow_all_same)
+    cfg = resolve_models(cfg, source)
     opened = {p: open_model(p) for p in dict.fromkeys(cfg.models())}
     for p, ck in opened.items():
         if ck.config is None:

@@ -3,9 +3,10 @@ architecture), parsed and checked before any tensor is read, with the refusals m
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ..errors import WeightsmithError
-from .recipe import _model_ref, refuse_unknown, yaml_mapping
+from .recipe import _ref_text, refuse_unknown, yaml_mapping
 
 KNOWN_KEYS = {"base_model", "experts", "gate_mode", "dtype", "experts_per_token", "shared_experts", "architecture"}
 EXPERT_KEYS = {"source_model", "positive_prompts", "negative_prompts", "noise_scale", "residual_scale"}
@@ -54,25 +55,33 @@ def _number(value, where: str) -> float | None:
     return value
 
 
-def _expert(entry, where: str) -> Expert:
+def _ref(value, where: str, root: Path | None) -> str:
+    """A model reference as written (a folder, ``org/name[@rev]`` or ``model+adapter``): relative folders that
+    exist beside the config are taken from there; nothing is fetched here."""
+    from ..checkpoint.sources import rooted
+
+    return rooted(_ref_text(value, where), root)
+
+
+def _expert(entry, where: str, root: Path | None) -> Expert:
     if not isinstance(entry, dict) or "source_model" not in entry:
         raise WeightsmithError(f"{where}: each expert needs 'source_model: PATH'")
     refuse_unknown(entry, EXPERT_KEYS, where)
-    return Expert(_model_ref(entry["source_model"], f"{where}.source_model"),
+    return Expert(_ref(entry["source_model"], f"{where}.source_model", root),
                   _prompts(entry.get("positive_prompts"), f"{where}.positive_prompts"),
                   _prompts(entry.get("negative_prompts"), f"{where}.negative_prompts"),
                   _number(entry.get("noise_scale"), f"{where}.noise_scale"),
                   _number(entry.get("residual_scale"), f"{where}.residual_scale"))
 
 
-def _experts(data: dict, key: str, source: str, required: bool) -> list[Expert]:
+def _experts(data: dict, key: str, source: str, required: bool, root: Path | None) -> list[Expert]:
     raw = data.get(key)
     if raw is None and not required:
         return []
     if not isinstance(raw, list) or (required and not raw):
         raise WeightsmithError(f"{source}: '{key}' must be a{' non-empty' if required else ''} list of "
                                "{source_model: PATH, positive_prompts: [...]}")
-    return [_expert(e, f"{source}: {key}[{i}]") for i, e in enumerate(raw)]
+    return [_expert(e, f"{source}: {key}[{i}]", root) for i, e in enumerate(raw)]
 
 
 def _choice(data: dict, key: str, choices, default, source: str):
@@ -82,8 +91,8 @@ def _choice(data: dict, key: str, choices, default, source: str):
     return value
 
 
-def parse_moe_config(text: str, source: str = "config") -> MoeConfig:
-    """A checked MoeConfig from mergekit-moe YAML text (no files opened)."""
+def parse_moe_config(text: str, source: str = "config", root: Path | None = None) -> MoeConfig:
+    """A checked MoeConfig from mergekit-moe YAML text (nothing opened or fetched; ``root``: the config's folder)."""
     data = yaml_mapping(text, source, "base_model and experts")
     refuse_unknown(data, KNOWN_KEYS, source)
     if "base_model" not in data:
@@ -95,9 +104,10 @@ def parse_moe_config(text: str, source: str = "config") -> MoeConfig:
     arch = data.get("architecture")
     if arch is not None and not isinstance(arch, str):
         raise WeightsmithError(f"{source}: 'architecture' must be a name such as mixtral or qwen, not {arch!r}")
-    return MoeConfig(_model_ref(data["base_model"], f"{source}: base_model"), _experts(data, "experts", source, True),
+    return MoeConfig(_ref(data["base_model"], f"{source}: base_model", root),
+                     _experts(data, "experts", source, True, root),
                      _choice(data, "gate_mode", GATE_MODES, "hidden", source), dtype, ept,
-                     _experts(data, "shared_experts", source, False), arch, text)
+                     _experts(data, "shared_experts", source, False, root), arch, text)
 
 
 def check_moe_config(cfg: MoeConfig, source: str, allow_all_same: bool) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import yaml
 
@@ -92,18 +91,67 @@ class Recipe:
         return yaml.safe_dump(data, sort_keys=False)
 
 
-def _model_ref(value, where: str) -> str:
-    """A model path; ``$VAR`` and ``~`` expand so one recipe serves several machines."""
-    if isinstance(value, str) and value:
-        return os.path.expanduser(os.path.expandvars(value))
+def _ref_text(value, where: str) -> str:
+    """A model reference's text (``$VAR`` and ``~`` expand so one recipe serves several machines); mergekit's
+    ``{model: X, lora: Y}`` form is ``X+Y``. Only the syntax is checked here."""
+    from ..checkpoint.sources import parse_ref
+
     if isinstance(value, dict) and isinstance(value.get("model"), str):
         refuse_unknown(value, {"model", "lora", "override_architecture"}, where)
         if value.get("override_architecture"):
             raise WeightsmithError(f"{where}: 'override_architecture' is not supported; give models of one architecture")
-        if value.get("lora"):
-            raise WeightsmithError(f"{where}: 'model+lora' references are not supported; merge the adapter first")
-        return os.path.expanduser(os.path.expandvars(value["model"]))
-    raise WeightsmithError(f"{where}: expected a model folder path, got {value!r}")
+        lora = value.get("lora")
+        if lora is not None and (not isinstance(lora, str) or not lora):
+            raise WeightsmithError(f"{where}: 'lora' must name an adapter (a folder or a Hub repo), got {lora!r}")
+        value = value["model"] + (f"+{lora}" if lora else "")
+    if not isinstance(value, str) or not value:
+        raise WeightsmithError(f"{where}: expected a model (a folder, org/name[@revision] or model+adapter), "
+                               f"got {value!r}")
+    text = os.path.expanduser(os.path.expandvars(value))
+    try:
+        parse_ref(text)
+    except WeightsmithError as exc:
+        raise WeightsmithError(f"{where}: {exc}") from None
+    return text
+
+
+def _resolver(root: Path | None):
+    """``model_ref(value, where)`` giving the folder a reference resolves to (``checkpoint.sources``)."""
+    from ..checkpoint import sources
+
+    def model_ref(value, where: str) -> str:
+        return str(sources.resolve_model(sources.rooted(_ref_text(value, where), root), what=where))
+    return model_ref
+
+
+_model_ref = _resolver(None)
+
+
+def parse_recipe(text: str, source: str = "recipe", root: str | Path | None = None) -> Recipe:
+    """Parse mergekit YAML text into a Recipe (nothing is opened or fetched here: ``resolve_recipe`` turns its model
+    references into folders). Relative paths that exist beside the recipe (``root``) are taken from there."""
+    from ..checkpoint.sources import rooted
+
+    base = Path(root) if root is not None else None
+    return _parse(text, source, lambda value, where: rooted(_ref_text(value, where), base))
+
+
+def resolve_recipe(recipe: Recipe) -> Recipe:
+    """``recipe`` with every model reference (``models``, ``base_model``, ``slices`` sources and bases) resolved to
+    its folder (``checkpoint.sources``: a Hub name is read from the cache or downloaded). Folders stay as they are;
+    ``recipe.text`` keeps the names as written."""
+    import copy
+
+    out = copy.deepcopy(recipe)
+    for i, m in enumerate(out.models):
+        m.path = _model_ref(m.path, f"recipe: models[{i}]")
+    if out.base_model is not None:
+        out.base_model = _model_ref(out.base_model, "recipe: base_model")
+    for i, s in enumerate(out.slices or []):
+        s.base_model = _model_ref(s.base_model, f"recipe: slices[{i}]: base_model") if s.base_model else None
+        for j, src in enumerate(s.sources):
+            src.model = _model_ref(src.model, f"recipe: slices[{i}]: sources[{j}]")
+    return out
 
 
 def yaml_mapping(text: str, source: str, holding: str) -> dict:
@@ -117,22 +165,7 @@ def yaml_mapping(text: str, source: str, holding: str) -> dict:
     return data
 
 
-def read_yaml_file(path: Path, what: str) -> tuple[str, Callable[[str], str]]:
-    """The text of a YAML file naming models, and the function that resolves its model paths: a relative path
-    is taken relative to the file (as a user reading it would expect) when it exists there."""
-    if not path.is_file():
-        raise WeightsmithError(f"{path}: {what} file not found")
-    from ..checkpoint.textfile import read_text_file
-
-    root = path.resolve().parent
-
-    def fix(p: str) -> str:
-        return p if Path(p).is_absolute() or Path(p).exists() or not (root / p).exists() else str(root / p)
-    return read_text_file(path, what), fix
-
-
-def parse_recipe(text: str, source: str = "recipe") -> Recipe:
-    """Parse mergekit YAML text into a Recipe (no files are opened here)."""
+def _parse(text: str, source: str, model_ref) -> Recipe:
     data = yaml_mapping(text, source, "merge_method and models")
     if "modules" in data:
         from .slices import single_module
@@ -147,14 +180,14 @@ def parse_recipe(text: str, source: str = "recipe") -> Recipe:
     slices = None
     if "slices" in data:
         from .slices import parse_slices
-        slices = parse_slices(data["slices"], source, _model_ref)
+        slices = parse_slices(data["slices"], source, model_ref)
     elif not isinstance(raw_models, list) or not raw_models:
         raise WeightsmithError(f"{source}: 'models' must be a non-empty list of {{model: PATH, parameters: {{...}}}}")
     models = []
     for i, m in enumerate(raw_models):
         where = f"{source}: models[{i}]"
         m = model_entry(m, MODEL_KEYS, where, "each entry needs 'model: PATH'")
-        models.append(ModelEntry(_model_ref(m["model"], where), parameters_of(m, where)))
+        models.append(ModelEntry(model_ref(m["model"], where), parameters_of(m, where)))
     base = data.get("base_model")
     params = data.get("parameters") or {}
     if not isinstance(params, dict):
@@ -165,23 +198,18 @@ def parse_recipe(text: str, source: str = "recipe") -> Recipe:
         if value is not None and not isinstance(value, str):
             raise WeightsmithError(f"{source}: '{key}' must be a name such as float32, bfloat16 or float16, not {value!r}")
         dtypes[key] = value
-    return Recipe(method, models, _model_ref(base, f"{source}: base_model") if base is not None else None,
+    return Recipe(method, models, model_ref(base, f"{source}: base_model") if base is not None else None,
                   dict(params), dtypes["dtype"], text, dtypes["out_dtype"],
                   {k: data[k] for k in OPTION_KEYS if k in data}, slices)
 
 
 def load_recipe(path: str | Path) -> Recipe:
-    text, fix = read_yaml_file(Path(path), "recipe")
-    recipe = parse_recipe(text, str(path))
-    for m in recipe.models:
-        m.path = fix(m.path)
-    if recipe.base_model:
-        recipe.base_model = fix(recipe.base_model)
-    for s in recipe.slices or []:
-        s.base_model = fix(s.base_model) if s.base_model else None
-        for src in s.sources:
-            src.model = fix(src.model)
-    return recipe
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsmithError(f"{path}: recipe file not found")
+    from ..checkpoint.textfile import read_text_file
+
+    return parse_recipe(read_text_file(path, "recipe"), str(path), path.resolve().parent)
 
 
 def evaluate_setting(setting, tensor_name: str, t: float, where: str):
@@ -215,7 +243,8 @@ def recipe_from_flags(method: str, models: list[str], base: str | None = None, p
     given once per model they pair up in order; ``parameters`` are global (``None`` values dropped)."""
     if not models:
         raise MissingOption("models", "no models to merge: give a recipe or one model per input")
-    entries = [ModelEntry(m) for m in models]
+    entries = [ModelEntry(_ref_text(m, "model")) for m in models]
+    base = _ref_text(base, "base_model") if base is not None else None
     params = {k: v for k, v in (parameters or {}).items() if v is not None}
     for key, values in (per_model or {}).items():
         if not values:

@@ -25,6 +25,7 @@ from pathlib import Path
 import yaml
 
 from ..checkpoint.textfile import read_text_file
+from ..checkpoint.sources import parse_ref, resolve_model, rooted
 from ..errors import WeightsmithError, needs_option
 from .stages import STAGES, accepts
 
@@ -103,7 +104,14 @@ class _Resolver:
                 return str(zoo.data(domain, split or "valid"))
             return str(zoo.model(ref))
         p = Path(value).expanduser()
-        return str(p if p.is_absolute() else self.base / p)
+        local = p if p.is_absolute() else self.base / p
+        try:
+            ref = parse_ref(value) if not local.exists() else None
+        except WeightsmithError:
+            ref = None  # not a reference: reported as the missing folder it names
+        if ref is None or ref.repo_id is None and ref.lora is None:
+            return str(local)
+        return str(resolve_model(rooted(value, self.base), what=where))  # a Hub name, or model+adapter
 
     def value(self, value, where: str, used: list[str], as_path: bool):
         if isinstance(value, str):

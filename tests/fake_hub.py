@@ -1,5 +1,7 @@
 """A minimal stand-in for the Hub's HTTP API on 127.0.0.1: the endpoints huggingface_hub calls for
-create_repo, create_branch and upload_folder (preupload, basic LFS batch transfer, ndjson commit).
+create_repo, create_branch and upload_folder (preupload, basic LFS batch transfer, ndjson commit), and for
+downloads (repo info with sha and siblings, the tree listing, HEAD/GET ``resolve/{revision}/{file}`` with
+``X-Repo-Commit``, ``ETag`` and ``Content-Length``), so the real client fills a real cache.
 
 It stores what arrives so tests can compare names and bytes with the folder that was pushed, and
 refuses what the Hub refuses (no token, commit referencing an LFS object never uploaded, bad sha256).
@@ -12,6 +14,8 @@ import hashlib
 import json
 import re
 import threading
+from pathlib import Path
+from urllib.parse import unquote
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 TOKEN = "hf_test_token"
@@ -39,6 +43,9 @@ class _Bounded:
 class FakeHub(_Bounded):
     def __init__(self, lifetime: float = 60.0):
         self.repos: dict[str, dict] = {}  # repo_id -> {"private": bool, "branches": {rev: {path: bytes}}}
+        self.commits: dict[str, dict[str, bytes]] = {}  # commit sha -> files
+        self.heads: dict[tuple[str, str], str] = {}  # (repo, branch or tag) -> commit sha
+        self.gated: set[str] = set()
         self.lfs: dict[str, bytes] = {}
         self.requests: list[tuple[str, str]] = []
         self.lock = threading.Lock()
@@ -53,6 +60,12 @@ class FakeHub(_Bounded):
 
             def do_PUT(self):
                 hub._handle(self, "PUT")
+
+            def do_GET(self):
+                hub._download(self, "GET")
+
+            def do_HEAD(self):
+                hub._download(self, "HEAD")
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
@@ -89,13 +102,103 @@ class FakeHub(_Bounded):
         self._send(h, 404, {"error": f"no route {method} {path}"})
 
     @staticmethod
-    def _send(h: BaseHTTPRequestHandler, status: int, payload: dict) -> None:
-        data = json.dumps(payload).encode()
+    def _send(h: BaseHTTPRequestHandler, status: int, payload, headers: dict | None = None,
+              body: bytes | None = None, head: bool = False) -> None:
+        data = body if body is not None else json.dumps(payload).encode()
         h.send_response(status)
-        h.send_header("Content-Type", "application/json")
+        h.send_header("Content-Type", "application/json" if body is None else "application/octet-stream")
         h.send_header("Content-Length", str(len(data)))
+        for k, v in (headers or {}).items():
+            h.send_header(k, v)
         h.end_headers()
-        h.wfile.write(data)
+        if not head:
+            h.wfile.write(data)
+
+    # -- serving models for download ----------------------------------------------------------
+    def serve(self, repo: str, source, revision: str = "main", gated: bool = False) -> str:
+        """Publish ``source`` (a folder, or {path: bytes}) as ``repo`` at branch/tag ``revision``; returns the
+        commit sha."""
+        if not isinstance(source, dict):
+            root = Path(source)
+            source = {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+        sha = hashlib.sha1(repo.encode() + b"".join(k.encode() + hashlib.sha1(v).digest()
+                                                     for k, v in sorted(source.items()))).hexdigest()
+        with self.lock:
+            entry = self.repos.setdefault(repo, {"private": False, "branches": {}})
+            entry["branches"][revision] = dict(source)
+            self.commits[sha] = dict(source)
+            self.heads[(repo, revision)] = sha
+            if gated:
+                self.gated.add(repo)
+        return sha
+
+    def _files_at(self, repo: str, rev: str) -> tuple[str, dict] | None:
+        sha = self.heads.get((repo, rev)) or (rev if rev in self.commits and any(
+            r == repo and s == rev for (r, _), s in self.heads.items()) else None)
+        return (sha, self.commits[sha]) if sha else None
+
+    @staticmethod
+    def _is_lfs(path: str, data: bytes) -> bool:
+        return path.endswith(".safetensors") or len(data) > 10_000_000
+
+    def _download(self, h: BaseHTTPRequestHandler, method: str) -> None:
+        path = unquote(h.path.split("?")[0])
+        with self.lock:
+            self.requests.append((method, path))
+        head = method == "HEAD"
+        routes = [r"/api/models/(?P<repo>[^/]+/[^/]+)/tree/(?P<rev>[^/]+)(?P<sub>/.*)?",
+                  r"/api/models/(?P<repo>[^/]+)/tree/(?P<rev>[^/]+)(?P<sub>/.*)?",
+                  r"/api/models/(?P<repo>[^/]+/[^/]+)/revision/(?P<rev>.+)",
+                  r"/api/models/(?P<repo>[^/]+)/revision/(?P<rev>.+)",
+                  r"/api/models/(?P<repo>[^/]+/[^/]+)", r"/api/models/(?P<repo>[^/]+)",
+                  r"/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<file>.+)",
+                  r"/(?P<repo>[^/]+)/resolve/(?P<rev>[^/]+)/(?P<file>.+)"]
+        for pattern in routes:
+            m = re.fullmatch(pattern, path)
+            if m and m.group("repo") in self.repos:
+                return self._answer(h, m.groupdict(), pattern, head)
+        self._send(h, 404, {"error": "Repository not found"}, {"X-Error-Code": "RepoNotFound"}, head=head)
+
+    def _answer(self, h, g: dict, pattern: str, head: bool) -> None:
+        repo, rev = g["repo"], g.get("rev") or "main"
+        if repo in self.gated and h.headers.get("Authorization") != f"Bearer {TOKEN}":
+            return self._send(h, 401, {"error": "Access to this model is restricted"}, {"X-Error-Code": "GatedRepo"},
+                              head=head)
+        found = self._files_at(repo, rev)
+        if found is None:
+            return self._send(h, 404, {"error": "Invalid rev id"}, {"X-Error-Code": "RevisionNotFound"}, head=head)
+        sha, files = found
+        if "/tree/" in pattern:
+            return self._send(h, 200, self._tree(files, (g.get("sub") or "").strip("/")), head=head)
+        if "/resolve/" not in pattern:
+            return self._send(h, 200, {"id": repo, "modelId": repo, "sha": sha, "private": False,
+                                       "gated": "manual" if repo in self.gated else False,
+                                       "siblings": [{"rfilename": p} for p in sorted(files)], "tags": []}, head=head)
+        data = files.get(g["file"])
+        if data is None:
+            return self._send(h, 404, {"error": "Entry not found"}, {"X-Error-Code": "EntryNotFound",
+                                                                      "X-Repo-Commit": sha}, head=head)
+        headers = {"X-Repo-Commit": sha, "ETag": f'"{self._blob(data)}"'}
+        if self._is_lfs(g["file"], data):
+            headers.update({"X-Linked-Etag": f'"{hashlib.sha256(data).hexdigest()}"', "X-Linked-Size": str(len(data))})
+        self._send(h, 200, None, headers, body=data, head=head)
+
+    @staticmethod
+    def _blob(data: bytes) -> str:
+        return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+    def _tree(self, files: dict, sub: str) -> list:
+        entries, dirs = [], set()
+        for p, data in sorted(files.items()):
+            if sub and not p.startswith(sub + "/"):
+                continue
+            parts = p.split("/")
+            dirs.update("/".join(parts[:i]) for i in range(1, len(parts)))
+            entry = {"type": "file", "oid": self._blob(data), "size": len(data), "path": p}
+            if self._is_lfs(p, data):
+                entry["lfs"] = {"oid": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}
+            entries.append(entry)
+        return [{"type": "directory", "oid": "0" * 40, "size": 0, "path": d} for d in sorted(dirs)] + entries
 
     def _repo(self, repo: str, rev: str) -> dict | None:
         entry = self.repos.get(repo)
