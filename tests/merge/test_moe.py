@@ -222,3 +222,23 @@ def test_explain_reports_each_prompts_routing(models, tmp_path):
     for row in report["prompts"]:
         assert len(row["shares"]) == 2 and all(len(s) == 3 for s in row["shares"])
         assert all(sum(s) == pytest.approx(2) for s in row["shares"])  # each token picks two distinct experts
+
+
+def test_an_expert_given_as_base_plus_extracted_adapter(models, tmp_path, monkeypatch):
+    """A model reference ``base+adapter`` as an expert: the full-rank adapter extract-lora takes from llama0
+    rebuilds llama0's MLPs (to float32 SVD round-off)."""
+    import yaml
+
+    from weightsmith.compressor.lora_extract import extract_lora
+
+    monkeypatch.setenv("WEIGHTSMITH_ADAPTERS_CACHE", str(tmp_path / "applied"))
+    extract_lora(models["llama0"], tmp_path / "ad", base=models["llama"], max_rank=64)
+    for name, first in (("plain", str(models["llama0"])), ("adapter", f"{models['llama']}+{tmp_path / 'ad'}")):
+        cfg = mixtral_config(models, "cheap_embed")
+        cfg["experts"][0]["source_model"] = first
+        (tmp_path / f"{name}.yml").write_text(yaml.safe_dump(cfg))
+        build_moe(tmp_path / f"{name}.yml", tmp_path / name, seed=1)
+    plain = load_file(tmp_path / "plain" / "model.safetensors")
+    rebuilt = load_file(tmp_path / "adapter" / "model.safetensors")
+    for k, t in plain.items():
+        torch.testing.assert_close(rebuilt[k], t, atol=1e-5, rtol=0, msg=k)
