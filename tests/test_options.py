@@ -78,7 +78,7 @@ def test_stage_options_share_one_name_per_concept():
     assert not names & {"seq", "batch", "max_shard_size", "shard_size"}
     helps: dict[str, set[str]] = {}
     for stage, cls in STAGE_OPTIONS.items():
-        if stage in ("merge", "moe"):  # their sizes are also mergekit's parameter counts (5B), and the help says so
+        if stage == "merge":  # merge's sizes are also mergekit's parameter counts (5B), and its help says so
             continue
         for n, s in cls.specs().items():
             helps.setdefault(n, set()).add(s.help)

@@ -10,14 +10,13 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import Checkpoint, ShardedWriter, check_output, output_folder, write_config
+from ..checkpoint import Checkpoint, ShardedWriter, check_output, output_folder, parse_size, write_config
 from ..checkpoint.card import write_model_card
 from ..checkpoint.trust import open_model
 from ..device import resolve_device, resolve_dtype
 from ..errors import WeightsmithError
 from ..progress import ProgressFn, track
 from ..stage_options import MoeOptions
-from .engine import shard_bytes
 from .moe_config import RANDOM_MODES, Expert, MoeConfig, check_moe_config, output_architecture, parse_moe_config
 from .moe_router import degenerate_layers, gate_vectors, load_prompt_tokenizer
 
@@ -158,28 +157,31 @@ def _attention_entries(plan: Plan) -> list[tuple[str, tuple, torch.dtype]]:
     return entries
 
 
+def _fused(pre: str, parts: list[dict[str, torch.Tensor]], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """Experts as transformers 5 stores them: gate_up_proj (E, 2I, H) = [gate; up] per expert, down_proj (E, H, I)."""
+    return {f"{pre}.experts.gate_up_proj": _cast(torch.stack([torch.cat([p["gate_proj"], p["up_proj"]]) for p in parts]),
+                                                  dtype),
+            f"{pre}.experts.down_proj": _cast(torch.stack([p["down_proj"] for p in parts]), dtype)}
+
+
 def _mixtral_layer(plan: Plan, layer: int) -> dict[str, torch.Tensor]:
-    """One layer's experts fused as transformers 5 stores Mixtral: gate_up_proj (E, 2I, H), down_proj (E, H, I)."""
-    gate_up, down = [], []
-    for e, ck in zip(plan.cfg.experts, plan.experts):
-        t = {p: _noised(ck.read(_mlp_name(layer, p)), e, p == "down_proj") for p in ("gate_proj", "down_proj",
-                                                                                      "up_proj")}
-        gate_up.append(torch.cat([t["gate_proj"], t["up_proj"]], dim=0))
-        down.append(t["down_proj"])
-    pre = f"model.layers.{layer}.mlp.experts"
-    return {f"{pre}.gate_up_proj": _cast(torch.stack(gate_up), plan.out_dtype),
-            f"{pre}.down_proj": _cast(torch.stack(down), plan.out_dtype)}
+    parts = [{p: _noised(ck.read(_mlp_name(layer, p)), e, p == "down_proj") for p in ("gate_proj", "down_proj",
+                                                                                       "up_proj")}
+             for e, ck in zip(plan.cfg.experts, plan.experts)]  # mergekit's noise draw order
+    return _fused(f"model.layers.{layer}.mlp", parts, plan.out_dtype)
 
 
 def _qwen_layer(plan: Plan, layer: int) -> dict[str, torch.Tensor]:
-    """One layer's experts and shared expert, one tensor per projection (transformers fuses them on load)."""
-    out = {}
-    for proj in QWEN_MLP_ORDER:
-        name = _mlp_name(layer, proj)
-        sources = [(f".mlp.experts.{i}.", e, ck) for i, (e, ck) in enumerate(zip(plan.cfg.experts, plan.experts))]
-        sources.append((".mlp.shared_expert.", plan.cfg.shared_experts[0], plan.shared[0]))
-        for part, e, ck in sources:
-            out[name.replace(".mlp.", part)] = _cast(_noised(ck.read(name), e, proj == "down_proj"), plan.out_dtype)
+    """The experts fused as for Mixtral (mergekit writes them one tensor per projection, which transformers fuses
+    the same way on load) and the shared expert as a dense MLP."""
+    sources = list(zip(plan.cfg.experts, plan.experts)) + [(plan.cfg.shared_experts[0], plan.shared[0])]
+    parts: list[dict[str, torch.Tensor]] = [{} for _ in sources]
+    for proj in QWEN_MLP_ORDER:  # mergekit's noise draw order: per projection, every expert then the shared one
+        for part, (e, ck) in zip(parts, sources):
+            part[proj] = _noised(ck.read(_mlp_name(layer, proj)), e, proj == "down_proj")
+    pre = f"model.layers.{layer}.mlp"
+    out = _fused(pre, parts[:-1], plan.out_dtype)
+    out.update({f"{pre}.shared_expert.{p}.weight": _cast(parts[-1][p], plan.out_dtype) for p in MLP})
     return out
 
 
@@ -187,13 +189,13 @@ def _layer_entries(plan: Plan, layer: int) -> list[tuple[str, tuple, torch.dtype
     info = {p: plan.experts[0].info(_mlp_name(layer, p)) for p in MLP}
     dtype = plan.out_dtype or info["gate_proj"].torch_dtype
     inter, hidden = info["gate_proj"].shape
+    pre = f"model.layers.{layer}.mlp"
     n = len(plan.experts)
-    if plan.arch == "Mixtral":
-        pre = f"model.layers.{layer}.mlp.experts"
-        return [(f"{pre}.gate_up_proj", (n, 2 * inter, hidden), dtype), (f"{pre}.down_proj", (n, hidden, inter), dtype)]
-    parts = [f".mlp.experts.{i}." for i in range(n)] + [".mlp.shared_expert."]
-    return [(_mlp_name(layer, p).replace(".mlp.", part), tuple(info[p].shape), dtype)
-            for p in QWEN_MLP_ORDER for part in parts]
+    entries = [(f"{pre}.experts.gate_up_proj", (n, 2 * inter, hidden), dtype),
+               (f"{pre}.experts.down_proj", (n, hidden, inter), dtype)]
+    if plan.arch != "Mixtral":
+        entries += [(f"{pre}.shared_expert.{p}.weight", tuple(info[p].shape), dtype) for p in MLP]
+    return entries
 
 
 def _router_tensors(plan: Plan, gates: torch.Tensor, layer: int) -> dict[str, torch.Tensor]:
@@ -258,7 +260,7 @@ def build_moe(config: str | Path, out: str | Path, opts: MoeOptions | None = Non
     """Build the MoE that the mergekit-moe YAML at ``config`` describes into ``out``."""
     o = MoeOptions.build(opts, **values)
     plan = plan_moe(load_moe_config(config), str(config), o.allow_all_same)
-    shard = shard_bytes(o.out_shard_size, plan.out_dtype.itemsize if plan.out_dtype else 4)
+    shard = parse_size(o.out_shard_size)
     inputs = list(dict.fromkeys(plan.cfg.models()))
     check_output(out, inputs, force)
     dev = resolve_device(device)
