@@ -145,7 +145,7 @@ def test_refuses_a_base_of_another_shape(pair, tiny_llama, tmp_path):
     assert not (tmp_path / "ad").exists()
 
 
-def test_eval_rows_put_base_plus_adapter_between_base_and_finetune(pair, tmp_path):
+def test_eval_rows_base_plus_full_rank_adapter_scores_as_the_finetune(pair, tmp_path):
     """At full rank base + adapter is the fine-tune, so its perplexity is the fine-tune's."""
     base, ft = pair
     word_tokenizer(ft)
