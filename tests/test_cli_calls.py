@@ -9,7 +9,8 @@ import pytest
 from typer.testing import CliRunner
 
 from weightsmith.cli import app
-from weightsmith.stage_options import AlignOptions, AnalyzeOptions, EvalOptions, FoldOptions, PleasOptions, RpsOptions
+from weightsmith.stage_options import (AlignOptions, AnalyzeOptions, EvalOptions, ExtractLoraOptions, FoldOptions,
+                                      MoeOptions, PleasOptions, RpsOptions)
 
 
 @pytest.fixture(autouse=True)
@@ -220,3 +221,59 @@ def test_zoo_build_flags(flags, size, force, tmp_path):
     with mock.patch("weightsmith.zoo.build", return_value=zoo) as fn:
         invoke("zoo", "build", *flags, "--json")
     fn.assert_called_once_with(size, progress=None, force=force)
+
+
+# -- extract-lora ----------------------------------------------------------------------------------------------
+
+def test_extract_lora_defaults():
+    with mock.patch("weightsmith.compressor.lora_extract.extract_lora", return_value={}) as fn:
+        invoke("extract-lora", "ft", "--base", "b", "-o", "out", "--json")
+    fn.assert_called_once_with(Path("ft"), Path("out"), ExtractLoraOptions(base=Path("b")), device="auto", seed=0,
+                               force=False, progress=None)
+
+
+def test_extract_lora_every_flag_in_mergekit_spelling():
+    with mock.patch("weightsmith.compressor.lora_extract.extract_lora", return_value={}) as fn:
+        invoke("extract-lora", "--model", "ft", "--base-model", "b", "--out-path", "out", "--max-rank", "16",
+               "--rank", "auto", "--energy", "0.9", "--sv-epsilon", "0.01", "--no-distribute-scale", "--embed-lora",
+               "--save-module", "lm_head", "--save-module", "norm", "-i", "layers", "-e", "mlp", "-e", "k_proj",
+               "--skip-undecomposable", "--svd", "exact", "--data", "d.txt", "--max-tokens", "99", "--tokenizer",
+               "tok", "--device", "cpu", "--seed", "3", "--force", "--quiet", "--json")
+    fn.assert_called_once_with(
+        Path("ft"), Path("out"),
+        ExtractLoraOptions(base=Path("b"), max_rank=16, rank="auto", energy=0.9, sv_epsilon=0.01,
+                           distribute_scale=False, embed_lora=True, save_module=["lm_head", "norm"],
+                           include_regex=["layers"], exclude_regex=["mlp", "k_proj"], skip_undecomposable=True,
+                           svd="exact", data=Path("d.txt"), max_tokens=99, tokenizer=Path("tok")),
+        device="cpu", seed=3, force=True, progress=None)
+
+
+# -- moe -------------------------------------------------------------------------------------------------------
+
+MOE_INFO = {"architecture": "Mixtral", "experts": 2, "shared_experts": 0, "gate_mode": "random", "layers": 2,
+            "tensors": 9, "seconds": 0.1, "degenerate_layers": []}
+
+
+def test_moe_defaults():
+    with mock.patch("weightsmith.merge.moe.build_moe", return_value=MOE_INFO) as fn:
+        invoke("moe", "c.yml", "out")
+    fn.assert_called_once_with(Path("c.yml"), Path("out"), MoeOptions(), device="auto", seed=0, force=False,
+                               progress=None)
+
+
+def test_moe_every_flag_in_mergekit_spelling():
+    with mock.patch("weightsmith.merge.moe.build_moe", return_value=MOE_INFO) as fn:
+        invoke("moe", "c.yml", "out", "--out-shard-size", "1B", "--no-copy-tokenizer", "--no-write-model-card",
+               "--i-understand-this-is-not-useful-without-training", "--hidden-dtype", "float32", "--device", "cpu",
+               "--seed", "4", "--force", "--quiet", "--json")
+    fn.assert_called_once_with(Path("c.yml"), Path("out"),
+                               MoeOptions(out_shard_size="1B", copy_tokenizer=False, model_card=False,
+                                          allow_all_same=True, hidden_dtype="float32"),
+                               device="cpu", seed=4, force=True, progress=None)
+
+
+def test_moe_explain():
+    report = {"experts_per_token": 2, "prompts": [{"prompt": "p", "tokens": 1, "shares": [[1.0, 1.0, 0.0]]}]}
+    with mock.patch("weightsmith.merge.moe_router.explain_routing", return_value=report) as fn:
+        invoke("moe", "--explain", "m", "--data", "p.txt")
+    fn.assert_called_once_with(Path("m"), Path("p.txt"), device="auto", progress=None)

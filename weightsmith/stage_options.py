@@ -17,6 +17,8 @@ MATCH_METRICS = ("euclidean", "correlation")
 PLEAS_INPUTS = ("merged", "original")
 FOLD_IMPORTANCE = ("loss", "gates", "bi", "angular")
 SHARE_INITS = ("average", "first", "middle", "best")
+LORA_RANKS = ("max", "auto")
+LORA_SVD = ("auto", "exact", "lowrank")
 
 _METRIC_HELP = "Activation similarity: euclidean (−Σ‖a−b‖², as the PLeaS reference code) or correlation."
 
@@ -197,6 +199,58 @@ class ExportOptions(Options):
     out_shard_size: str = out_shard_size_option()  # bytes (an int) once built
 
 
+class MoeOptions(Options):
+    """``weightsmith moe``: a Mixtral / Qwen2-MoE model from dense experts, as a mergekit-moe config describes it."""
+    out_shard_size: str = out_shard_size_option()  # bytes (an int) once built
+    copy_tokenizer: bool = option(True, help="Save the base's tokenizer (padded with BOS, as mergekit) to the output.")
+    model_card: bool = option(True, flag="--write-model-card/--no-write-model-card",
+                              help="Write README.md and the config beside the model.")
+    allow_all_same: bool = option(False, flag="--i-understand-this-is-not-useful-without-training",
+                                  help="Build even when every expert is the same model (for training afterwards).")
+    hidden_dtype: str = option("bfloat16", choices=DTYPES, help="dtype the base runs in for hidden gates "
+                                                                 "(bfloat16, as mergekit-moe).")
+    explain: Path | None = option(None, path=True, pipeline=False, help="Instead of building: this MoE folder's "
+                                  "routing of each prompt in the data (one prompt per line or record).")
+    data: Path | None = option(None, path=True, pipeline=False, help="Prompts for the explanation (text, .jsonl with "
+                                                                     "'text').")
+
+    def check(self) -> None:
+        if self.explain is not None and self.data is None:
+            raise MissingOption("data", "an explanation routes prompts: give them by {0}", ("explain",))
+
+
+class ExtractLoraOptions(Options):
+    """``weightsmith extract-lora``: a fine-tune minus its base as a PEFT LoRA adapter (truncated SVD per layer)."""
+    base: Path = option(path=True, aliases=("--base-model",), help="Base model the fine-tune started from (a folder, "
+                                                                   "org/name[@revision] or model+adapter).")
+    max_rank: int = option(128, lo=1, help="Largest rank of any layer's adapter.")
+    rank: str = option("max", choices=LORA_RANKS, help="max: every layer at max_rank (as mergekit); auto: per layer "
+                                                       "the smallest rank keeping the energy share of the delta's "
+                                                       "spectrum (capped at max_rank).")
+    energy: float = option(0.95, lo=0, hi=1, lo_open=True, help="Share of sum(s^2) kept per layer with rank auto.")
+    sv_epsilon: float = option(0.0, lo=0, help="Drop singular values at or below this.")
+    distribute_scale: bool = option(True, help="Split the singular values as sqrt(s) into A and B (else all in A).")
+    embed_lora: bool = option(False, flag="--embed-lora/--no-embed-lora",
+                              help="Decompose embeddings too (else they are saved at full rank).")
+    save_module: list[str] | None = option(None, help="Module name (or last name part) saved at full rank; "
+                                                      "repeatable.")
+    include_regex: list[str] | None = option(None, short="-i", help="Only modules matching one of these regexes; "
+                                                                    "repeatable.")
+    exclude_regex: list[str] | None = option(None, short="-e", help="Skip modules matching one of these regexes; "
+                                                                    "repeatable.")
+    skip_undecomposable: bool = option(False, help="Skip modules that are not linear/embedding (norms) instead of "
+                                                   "saving them at full rank.")
+    svd: str = option("auto", choices=LORA_SVD, help="exact (torch.linalg.svd, as mergekit), lowrank (randomized, "
+                                                     "torch.svd_lowrank) or auto: lowrank where the kept rank is small "
+                                                     "next to the matrix and the spectrum falls off after it, exact "
+                                                     "otherwise.")
+    data: Path | None = option(None, path=True, help="Held-out text: report perplexity of base, base + adapter and "
+                                                     "fine-tune.")
+    max_tokens: int | None = max_tokens_option(None, help="Use at most this many tokens of the data.")
+    tokenizer: Path | None = option(None, path=True, help="Tokenizer folder for the data (default: the fine-tune's).")
+
+
 STAGE_OPTIONS: dict[str, type[Options]] = {"eval": EvalOptions, "analyze": AnalyzeOptions, "compress": RpsOptions,
                                            "align": AlignOptions, "pleas": PleasOptions, "export": ExportOptions,
-                                           "fold": FoldOptions, "merge": MergeStageOptions}
+                                           "fold": FoldOptions, "merge": MergeStageOptions,
+                                           "extract-lora": ExtractLoraOptions, "moe": MoeOptions}

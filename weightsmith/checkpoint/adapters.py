@@ -183,3 +183,15 @@ def _write(base: Checkpoint, lora: Checkpoint, plan: dict, folder: Path) -> None
         rel = sub.relative_to(base.path).as_posix()
         (folder / rel).parent.mkdir(exist_ok=True)
         shutil.copyfile(member(base.path, rel, base.path), folder / rel)
+
+
+def write_adapter(folder: str | Path, tensors: dict[str, torch.Tensor], config: dict) -> int:
+    """Write a LoRA adapter as peft lays it out (``adapter_model.safetensors`` beside ``adapter_config.json``)
+    into ``folder`` (an ``output_folder``); returns the weights' bytes."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    weights = folder / "adapter_model.safetensors"
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(weights), metadata={"format": "pt"})
+    (folder / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    return weights.stat().st_size

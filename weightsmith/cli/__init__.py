@@ -24,7 +24,7 @@ app = typer.Typer(
 
 # Each module registers its commands on ``app`` (imported without collections in between, as the package is).
 with without_collections():
-    from . import inspect_cmd, eval_cmd, export_cmd, zoo_cmd, push_cmd, analyze_cmd, compress_cmd, fold_cmd, run_cmd, merge_cmd, align_cmd, download_cmd  # noqa: E402,F401,E501
+    from . import inspect_cmd, eval_cmd, export_cmd, zoo_cmd, push_cmd, analyze_cmd, compress_cmd, fold_cmd, run_cmd, merge_cmd, align_cmd, download_cmd, extract_lora_cmd, moe_cmd  # noqa: E402,F401,E501
 
 
 def _quiet_libraries() -> None:

@@ -154,13 +154,19 @@ def resolve_recipe(recipe: Recipe) -> Recipe:
     return out
 
 
-def _parse(text: str, source: str, model_ref) -> Recipe:
+def yaml_mapping(text: str, source: str, holding: str) -> dict:
+    """The mapping a YAML text holds, or an error naming ``source`` and what it should hold."""
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise WeightsmithError(f"{source}: not valid YAML ({exc})") from None
     if not isinstance(data, dict):
-        raise WeightsmithError(f"{source}: expected a mapping with merge_method and models")
+        raise WeightsmithError(f"{source}: expected a mapping with {holding}")
+    return data
+
+
+def _parse(text: str, source: str, model_ref) -> Recipe:
+    data = yaml_mapping(text, source, "merge_method and models")
     if "modules" in data:
         from .slices import single_module
         data = single_module(data, source)
