@@ -186,7 +186,6 @@ class MergeStageOptions(MergeOptions):
     base_model: Path | None = option(None, path=True, cli=False, help="Base model folder.")
     parameters: dict | None = option(None, cli=False, help="Global parameters, as a recipe's parameters.")
     model_parameters: list[dict] | None = option(None, cli=False, help="One parameters mapping per input, in order.")
-    options: dict | None = option(None, cli=False, help="Options of whole-model methods (e.g. data for greedy soup).")
 
     def run_options(self) -> MergeOptions:
         return MergeOptions(**{n: getattr(self, n) for n in MergeOptions.specs()})

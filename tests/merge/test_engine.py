@@ -167,3 +167,15 @@ def test_methods_writing_into_their_inputs_leave_the_input_files_alone(method, p
     for name in a.names():
         assert torch.equal(a.get(name), b.get(name)), name
     assert not torch.equal(a.get("model.embed_tokens.weight"), Checkpoint(base).get("model.embed_tokens.weight"))
+
+
+@pytest.mark.parametrize("method, extra", [("greedy_soup", {"data": "held-out.txt"}), ("pleas", {"width": 1.5}),
+                                           ("greedy_soup", {"max_tokenz": 10})])
+def test_a_whole_model_method_never_drops_an_option_in_silence(tiny_llama, tmp_path, method, extra):
+    from weightsmith.merge import merge, parse_recipe
+
+    a, b = tiny_llama("a"), tiny_llama("b", seed=1)
+    with pytest.raises(WeightsmithError, match=f"method '{method}' takes no option '{next(iter(extra))}'"):
+        merge(parse_recipe(f"merge_method: {method}\nmodels:\n  - model: {a}\n  - model: {b}\n"), tmp_path / "o",
+              device="cpu", **extra)
+    assert not (tmp_path / "o").exists()

@@ -357,11 +357,17 @@ def _whole_model(method: Method, recipe: Recipe, out: str | Path, opts: MergeOpt
     for p in method.params:
         if recipe.parameters.get(p.name) is not None:
             p.check(recipe.parameters[p.name], "recipe")
-    return method.whole_model_fn()(recipe, out, device=device, dtype=opts.dtype,
-                                   out_shard_size=parse_size(opts.out_shard_size), seed=seed,
-                                   allow_crimes=opts.allow_crimes, force=force, progress=progress,
-                                   copy_tokenizer=opts.copy_tokenizer, model_card=opts.model_card,
-                                   allow_nonfinite=opts.allow_nonfinite, **extra)
+    fn = method.whole_model_fn()
+    import inspect
+
+    takes = inspect.signature(fn).parameters
+    unknown = sorted(k for k in extra if k not in takes)
+    if unknown:  # never dropped in silence: a whole-model method's data and settings are recipe parameters
+        raise WeightsmithError(f"method {method.name!r} takes no option {', '.join(map(repr, unknown))}; give its "
+                               f"settings as recipe parameters ({', '.join(p.name for p in method.params)})")
+    return fn(recipe, out, device=device, dtype=opts.dtype, out_shard_size=parse_size(opts.out_shard_size), seed=seed,
+              allow_crimes=opts.allow_crimes, force=force, progress=progress, copy_tokenizer=opts.copy_tokenizer,
+              model_card=opts.model_card, allow_nonfinite=opts.allow_nonfinite, **extra)
 
 
 class _Inputs:

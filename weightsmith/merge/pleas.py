@@ -487,7 +487,7 @@ RECIPE_PARAMS = tuple(n for n in PleasOptions.specs() if n != "out_shard_size")
 def merge_recipe(recipe, out: str | Path, *, device: str = "auto", dtype: str | None = None,
                  out_shard_size: str | int = "5GB", seed: int = 0, force: bool = False,
                  progress: ProgressFn | None = None, copy_tokenizer: bool = True, model_card: bool = True,
-                 allow_nonfinite: bool = False, **_) -> dict:
+                 allow_nonfinite: bool = False) -> dict:
     """``weightsmith merge`` entry point (method ``pleas``): two models, ``data`` and ``width`` parameters."""
     params = {k: v for k, v in recipe.parameters.items() if v is not None}
     unknown = set(params) - set(RECIPE_PARAMS)

@@ -25,7 +25,7 @@ def _score(path: Path, data, labelled, max_tokens, device) -> float:
 def greedy_soup_recipe(recipe: Recipe, out: str | Path, *, device: str = "auto", dtype: str | None = None,
                        out_shard_size: str | int = "5GB", seed: int = 0, allow_crimes: bool = False,
                        force: bool = False, progress: ProgressFn | None = None, copy_tokenizer: bool = True,
-                       model_card: bool = True, allow_nonfinite: bool = False, **_) -> dict:
+                       model_card: bool = True, allow_nonfinite: bool = False) -> dict:
     """Greedy soup of ``recipe.models`` scored on ``parameters.data`` (or ``labelled``); returns the trace.
     Each soup is an engine merge (value checks included, ``allow_nonfinite`` passed on); ``copy_tokenizer``
     and ``model_card`` apply to the last. Parameters are declared and checked in ``methods``' registration."""

@@ -224,15 +224,15 @@ def _method_param_wording(exc: OptionError, o: so.MergeStageOptions, inputs: lis
 
 @stage("merge", max_inputs=None, options=so.MergeStageOptions, check=_check_merge)
 def merge_stage(ctx: Context, **params) -> dict:
-    """mergekit-style merge of the inputs: ``method`` and ``parameters`` as in a mergekit recipe;
-    ``options`` go to whole-model methods (e.g. data for greedy soup)."""
+    """mergekit-style merge of the inputs: ``method``, ``parameters`` and ``model_parameters`` as in a mergekit
+    recipe (a whole-model method's data, e.g. greedy soup's held-out set, is one of its parameters)."""
     from ..merge import get_method, merge
 
     o = so.MergeStageOptions.from_params(params)
     recipe = _recipe(ctx.inputs, o)
     try:
         info = merge(recipe, ctx.out, o.run_options(), device=ctx.device, seed=ctx.seed, force=ctx.force,
-                     progress=ctx.progress, **(o.options or {}))
+                     progress=ctx.progress)
     except OptionError as exc:
         specs = so.MergeStageOptions.specs()
         if exc.param in specs:
