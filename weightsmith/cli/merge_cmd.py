@@ -102,6 +102,22 @@ def _refused_options():
 RECIPE_FLAGS = {"base_model": "--base", "models": "--model", "merge_method": "--method"}  # recipe keys -> flags
 
 
+def _defaults(param: str, text: str) -> str:
+    """A method parameter's help with its defaults as the registry declares them, per method where they differ."""
+    from ..merge import all_methods
+
+    by_default: dict[str, list[str]] = {}
+    for name, method in sorted(all_methods().items()):
+        p = method.param(param)
+        if p is not None:
+            by_default.setdefault("all" if p.default is None else str(p.default).lower(), []).append(name)
+    if len(by_default) == 1:
+        return f"{text} (default {next(iter(by_default))})" if "all" not in by_default else text
+    parts = [f"{d} ({', '.join(ms) if len(ms) < 4 else 'the others'})" for d, ms in
+             sorted(by_default.items(), key=lambda kv: len(kv[1]))]
+    return f"{text} (default {'; '.join(parts)})"
+
+
 class MergeFlags(Options):
     """The flags that describe a merge without a recipe (or change a recipe's method, base and parameters), and
     mergekit-yaml's spellings of other options. Command-line only: a pipeline gives these as the merge stage's
@@ -109,42 +125,29 @@ class MergeFlags(Options):
     method: str | None = option(None, pipeline=False, help="Merge method (overrides the recipe's merge_method).")
     base: str | None = option(None, pipeline=False, help="Base model folder (task vectors are taken against it).")
     model: list[str] | None = option(None, pipeline=False, help="Input model folder; repeat per model.")
-    weight: list[float] | None = option(None, pipeline=False, help="Weight: once for all models or once per --model. "
-                                                                   "[default: 1.0]")
-    density: list[float] | None = option(None, pipeline=False, help="Fraction of each task vector kept (ties, dare_*, "
-                                                                    "breadcrumbs*). [default: 1.0]")
-    gamma: list[float] | None = option(None, pipeline=False, help="Breadcrumbs: fraction of largest |delta| removed. "
-                                                                  "[default: 0.01]")
-    lambda_: float | None = option(None, pipeline=False, flag="--lambda", help="Scale of the merged task vector. "
-                                                                               "[default: 1.0]")
-    t: float | None = option(None, pipeline=False, help="SLERP position: 0 = base, 1 = the other model. "
-                                                        "[default: 0.5]")
+    weight: list[float] | None = option(None, pipeline=False, help=_defaults("weight", "Weight: once for all models or once per --model."))
+    density: list[float] | None = option(None, pipeline=False, help=_defaults("density", "Fraction of each task vector kept (ties, dare_*, breadcrumbs*)."))
+    gamma: list[float] | None = option(None, pipeline=False, help=_defaults("gamma", "Breadcrumbs: fraction of largest |delta| removed."))
+    lambda_: float | None = option(None, pipeline=False, flag="--lambda", help=_defaults("lambda", "Scale of the merged task vector."))
+    t: float | None = option(None, pipeline=False, help=_defaults("t", "SLERP position: 0 = base, 1 = the other model."))
     normalize: bool | None = option(None, pipeline=False, flag="--normalize/--no-normalize",
-                                    help="Divide by summed weights (default: per method, as mergekit).")
-    rescale: str | None = option(None, pipeline=False, help="DARE survivors: paper (1/density), l1 (mergekit) or "
-                                                            "none. [default: paper]")
-    trim: str | None = option(None, pipeline=False, help="TIES: top --density of each whole task vector 'model' "
-                                                         "(paper) or of each 'tensor' (mergekit). [default: model]")
-    mask: str | None = option(None, pipeline=False, help="Breadcrumbs mask fractions per 'row' (paper) or per "
-                                                         "'tensor' (mergekit). [default: row]")
-    compat: str | None = option(None, pipeline=False, help="'mergekit': mergekit's defaults and its arithmetic in the "
-                                                           "recipe's dtype. [default: paper]")
+                                    help=_defaults("normalize", "Divide by summed weights."))
+    rescale: str | None = option(None, pipeline=False, help=_defaults("rescale", "DARE survivors: paper (1/density), l1 (mergekit) or none."))
+    trim: str | None = option(None, pipeline=False, help=_defaults("trim", "TIES: top --density of each whole task vector 'model' (paper) or of each 'tensor' (mergekit)."))
+    mask: str | None = option(None, pipeline=False, help=_defaults("mask", "Breadcrumbs mask fractions per 'row' (paper) or per 'tensor' (mergekit)."))
+    compat: str | None = option(None, pipeline=False, help=_defaults("compat", "'mergekit': mergekit's defaults and its arithmetic in the recipe's dtype."))
     filter_wise: bool | None = option(None, pipeline=False, flag="--filter-wise/--no-filter-wise",
-                                      help="Model stock: one ratio per output row. [default: no]")
-    metric: str | None = option(None, pipeline=False, help="MWA: weight by 'loss' (1/loss) or 'step', read from "
-                                "trainer_state.json [default: loss]. PLeaS: activation similarity, euclidean or "
-                                "correlation [default: euclidean].")
-    p: float | None = option(None, pipeline=False, help="MWA penalty factor: w_i = m_i^p / sum_j m_j^p. "
-                                                        "[default: 1.0]")
+                                      help=_defaults("filter_wise", "Model stock: one ratio per output row."))
+    metric: str | None = option(None, pipeline=False, help=_defaults("metric", "MWA: weight by 'loss' (1/loss) or 'step', from trainer_state.json. PLeaS: activation similarity, euclidean or correlation."))
+    p: float | None = option(None, pipeline=False, help=_defaults("p", "MWA penalty factor: w_i = m_i^p / sum_j m_j^p."))
     metric_value: list[float] | None = option(None, pipeline=False, help="MWA: loss or step per --model instead of "
                                                                          "trainer_state.json.")
     data: str | None = option(None, pipeline=False, help="Greedy soup: held-out text scored by perplexity. PLeaS: "
                                                          "calibration text.")
-    width: float | None = option(None, pipeline=False, help="PLeaS: output size in model widths, 1.0-2.0. "
-                                                            "[default: 1.2]")
+    width: float | None = option(None, pipeline=False, help=_defaults("width", "PLeaS: output size in model widths, 1.0-2.0."))
     labelled: str | None = option(None, pipeline=False, help="Greedy soup: held-out labelled file scored by "
                                                              "accuracy.")
-    max_tokens: int | None = option(None, pipeline=False, help="Greedy soup: tokens of --data used. [default: all]")
+    max_tokens: int | None = option(None, pipeline=False, help=_defaults("max_tokens", "Greedy soup: tokens of --data used."))
     param: list[str] | None = option(None, pipeline=False, help="Any other global parameter, KEY=VALUE (YAML value).")
     cuda: bool | None = option(None, pipeline=False, flag="--cuda/--no-cuda",
                                help="mergekit-yaml's spelling of --device cuda / --device cpu.")
