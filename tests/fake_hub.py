@@ -301,3 +301,66 @@ class SilentServer(_Bounded):
         self.sock.close()
         for c in self.conns:
             c.close()
+
+
+class DripServer(SilentServer):
+    """A server on 127.0.0.1 that answers every connection one byte every ``interval`` seconds, forever: each read
+    gets data in time, so only a deadline on the whole request ends it."""
+
+    def __init__(self, interval: float = 0.5, lifetime: float = 30.0):
+        self.interval = interval
+        super().__init__(lifetime)
+
+    def _serve(self) -> None:
+        while not self.closed.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            self.conns.append(conn)
+            threading.Thread(target=self._drip, args=(conn,), daemon=True).start()
+
+    def _drip(self, conn) -> None:
+        answer = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n" + b"X-Padding: " + b"x" * 100_000
+        for i in range(len(answer)):
+            if self.closed.wait(self.interval):
+                return
+            try:
+                conn.sendall(answer[i:i + 1])
+            except OSError:
+                return
+
+
+class AnswerServer(_Bounded):
+    """A server on 127.0.0.1 answering every request with the same status, headers and body: an HTML page where
+    JSON is expected, or a redirect back to itself."""
+
+    def __init__(self, status: int, body: bytes = b"", headers: dict | None = None, lifetime: float = 30.0):
+        self.requests = 0
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _answer(self):
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                server.requests += 1
+                self.send_response(status)
+                for k, v in {"Content-Length": str(len(body)), **(headers or {})}.items():
+                    self.send_header(k, v.replace("{url}", server.url))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body)
+
+            do_GET = do_POST = do_PUT = do_HEAD = _answer
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self._start(self.server.serve_forever, lifetime)
+
+    def close(self) -> None:
+        self.timer.cancel()
+        self.server.shutdown()
+        self.server.server_close()

@@ -12,13 +12,16 @@ from .writer import write_file_atomic
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def hub_ids(inputs: list[str]) -> list[str]:
+def hub_ids(inputs: list[str], read_inputs: bool = True) -> list[str]:
     """The Hub repos the inputs came from: a folder a Hub reference resolved to (``sources.pinned``), or an input
-    written as a repo id that is not a local folder."""
+    written as a repo id that is not a local folder (with ``read_inputs`` False, any input written as a repo id)."""
     from .sources import pinned
 
     found = []
     for i in inputs:
+        if not read_inputs:
+            found += [str(i).partition("@")[0]] if HUB_ID.match(str(i)) else []
+            continue
         pin = pinned(i) if Path(str(i)).exists() else None
         if pin:
             found += [part.partition("@")[0] for part in pin.split("+")]
@@ -27,11 +30,11 @@ def hub_ids(inputs: list[str]) -> list[str]:
     return found
 
 
-def _shown(i: str) -> str:
+def _shown(i: str, read_inputs: bool = True) -> str:
     """An input as the card names it: ``org/name@commit`` for a Hub input, else the path as given."""
     from .sources import pinned
 
-    return (pinned(i) if Path(str(i)).exists() else None) or str(i)
+    return (pinned(i) if read_inputs and Path(str(i)).exists() else None) or str(i)
 
 
 def _source_base_models(inputs: list[str]) -> list[str]:
@@ -78,10 +81,13 @@ def pinned_recipe(text: str) -> str:
 
 def write_model_card(folder: str | Path, *, stage: str, method: str, inputs: list[str], parameters: dict,
                      metrics: list[dict] | None = None, recipe: str | None = None, notes: str | None = None,
-                     tags: list[str] | None = None) -> Path:
-    """Write README.md (and the recipe beside it, when given) into ``folder``."""
+                     tags: list[str] | None = None, read_inputs: bool = True) -> Path:
+    """Write README.md (and the recipe beside it, when given) into ``folder``. ``read_inputs`` False: the inputs
+    are names only (not folders the stage read), so nothing is read from disk for them."""
     folder = Path(folder)
-    bases = list(dict.fromkeys(hub_ids([str(i) for i in inputs]) + _source_base_models([str(i) for i in inputs])))
+    inputs = [str(i) for i in inputs]
+    own = _source_base_models(inputs) if read_inputs else []
+    bases = list(dict.fromkeys(hub_ids(inputs, read_inputs) + own))
     meta: dict = {"library_name": "transformers", "tags": ["weightsmith", stage, method, *(tags or [])]}
     if bases:
         meta["base_model"] = bases
@@ -92,7 +98,7 @@ def write_model_card(folder: str | Path, *, stage: str, method: str, inputs: lis
              f"Made with weightsmith `{stage}` using **{method}**.", ""]
     if notes:
         lines += [notes, ""]
-    lines += ["## Inputs", ""] + [f"- `{_shown(i)}`" for i in inputs] + [""]
+    lines += ["## Inputs", ""] + [f"- `{_shown(i, read_inputs)}`" for i in inputs] + [""]
     lines += ["## Parameters", "", "```json", json.dumps(parameters, indent=2, sort_keys=True, default=str), "```", ""]
     if metrics:
         lines += _metrics_section(metrics)

@@ -106,6 +106,27 @@ def check_side_files(folder: Path) -> None:
         member(folder, name, folder)
 
 
+# config.json fields every stage may read, with the types transformers writes (None always allowed).
+CONFIG_TYPES = {"model_type": str, "_name_or_path": str, "torch_dtype": str, "dtype": str, **dict.fromkeys((
+    "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size",
+    "vocab_size", "max_position_embeddings", "head_dim"), int)}
+
+
+def check_config(config: dict, path: Path) -> dict:
+    """``config`` unless a field weightsmith reads has the wrong type (``architectures`` must name classes)."""
+    archs = config.get("architectures")
+    if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str) and a.isidentifier()
+                                                                  for a in archs)):
+        raise WeightsmithError(f"{path}: 'architectures' is {archs!r}; it must be a list of model class names")
+    for key, kind in CONFIG_TYPES.items():
+        value = config.get(key)
+        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)
+                                  or (kind is int and value < 0)):
+            raise WeightsmithError(f"{path}: '{key}' is {value!r}; it must be "
+                                   f"{'a non-negative integer' if kind is int else 'a string'}")
+    return config
+
+
 class Checkpoint:
     """A validated model folder. ``ckpt.get(name)`` reads one tensor; nothing is loaded eagerly."""
 
@@ -114,7 +135,8 @@ class Checkpoint:
         if not self.path.is_dir():
             raise WeightsmithError(f"{self.path}: not a model folder (no such directory)")
         check_side_files(self.path)
-        self.config = read_json(self.path / "config.json", "config.json") if (self.path / "config.json").exists() else None
+        self.config = check_config(read_json(self.path / "config.json", "config.json"), self.path / "config.json") \
+            if (self.path / "config.json").exists() else None
         self.tensors: dict[str, TensorInfo] = {}
         self.metadata: dict[str, str] = {}
         self._handles: dict[Path, object] = {}

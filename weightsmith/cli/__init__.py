@@ -70,8 +70,8 @@ def main() -> None:
 
 def _fail(message: str) -> None:
     """The one way a refusal leaves the CLI: ``error: MESSAGE`` on one stderr line, exit status 2."""
-    from .common import err_console
+    from .common import err_console, styled
 
     message = " ".join(message.split())  # one line, whatever the message held
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True, markup=True)
+    err_console.print(styled(("error:", "bold red"), " ", message), highlight=False, soft_wrap=True)
     sys.exit(2)

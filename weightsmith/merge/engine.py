@@ -99,8 +99,9 @@ def _check_architectures(ckpts: list[Checkpoint], allow_crimes: bool) -> None:
         if ref.config is None:
             a, b = (ref.path / ADAPTER_CONFIG), (c.path / ADAPTER_CONFIG)
             if a.is_file() and b.is_file() and not allow_crimes:
-                import json
-                ka, kb = json.loads(a.read_text()), json.loads(b.read_text())
+                from ..checkpoint.adapters import read_adapter_config
+
+                ka, kb = read_adapter_config(ref.path), read_adapter_config(c.path)
                 for key in ("r", "target_modules", "base_model_name_or_path"):
                     if ka.get(key) != kb.get(key):
                         raise needs_option(f"{c.path}: adapter {key} {kb.get(key)!r} differs from {ref.path}'s "
