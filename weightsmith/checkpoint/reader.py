@@ -49,9 +49,10 @@ def read_json(path: Path, what: str) -> dict:
     return data
 
 
-def read_regular(path: Path) -> bytes:
+def read_regular(path: Path, limit: int = -1) -> bytes:
+    """The bytes of the regular file ``path`` (at most ``limit`` of them)."""
     with os.fdopen(open_regular(path), "rb") as f:
-        return f.read()
+        return f.read(limit)
 
 
 def member(folder: Path, name: object, where: Path | str) -> Path:

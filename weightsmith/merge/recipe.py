@@ -139,8 +139,10 @@ def parse_recipe(text: str, source: str = "recipe", root: str | Path | None = No
 
 
 def _parse(text: str, source: str, model_ref) -> Recipe:
+    from ..checkpoint.textfile import load_yaml
+
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text)
     except yaml.YAMLError as exc:
         raise WeightsmithError(f"{source}: not valid YAML ({exc})") from None
     if not isinstance(data, dict):
@@ -240,10 +242,12 @@ def recipe_from_flags(method: str, models: list[str], base: str | None = None, p
 
 def parse_param(text: str) -> tuple[str, object]:
     """'key=value' (the command line's extra parameters), the value read as YAML (numbers, lists, true/false)."""
+    from ..checkpoint.textfile import load_yaml
+
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
         raise OptionError("param", f"{text!r}: write KEY=VALUE, e.g. lambda=0.7")
     try:
-        return key.strip(), yaml.safe_load(value)
+        return key.strip(), load_yaml(value)
     except yaml.YAMLError:
         raise OptionError("param", f"{text!r}: value is not valid YAML") from None
