@@ -307,8 +307,12 @@ class DripServer(SilentServer):
     """A server on 127.0.0.1 that answers every connection one byte every ``interval`` seconds, forever: each read
     gets data in time, so only a deadline on the whole request ends it."""
 
-    def __init__(self, interval: float = 0.5, lifetime: float = 30.0):
+    def __init__(self, interval: float = 0.5, lifetime: float = 30.0, body: bool = False):
+        """``body``: send a JSON answer's headers at once, then drip its body (else drip from the status line)."""
         self.interval = interval
+        head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+        self.prefix, self.answer = (head + b"Content-Length: 100000\r\n\r\n", b"[" + b" " * 99_999) if body else \
+            (b"", head + b"X-Padding: " + b"x" * 100_000)
         super().__init__(lifetime)
 
     def _serve(self) -> None:
@@ -322,14 +326,15 @@ class DripServer(SilentServer):
             threading.Thread(target=self._drip, args=(conn,), daemon=True).start()
 
     def _drip(self, conn) -> None:
-        answer = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n" + b"X-Padding: " + b"x" * 100_000
-        for i in range(len(answer)):
-            if self.closed.wait(self.interval):
-                return
-            try:
-                conn.sendall(answer[i:i + 1])
-            except OSError:
-                return
+        try:
+            conn.recv(65536)  # the request (its headers at least): then answer
+            conn.sendall(self.prefix)
+            for i in range(len(self.answer)):
+                if self.closed.wait(self.interval):
+                    return
+                conn.sendall(self.answer[i:i + 1])
+        except OSError:
+            return
 
 
 class AnswerServer(_Bounded):

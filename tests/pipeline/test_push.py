@@ -184,3 +184,23 @@ def test_an_endpoint_that_is_not_the_hub_is_one_line(model, tmp_path, answer):
         lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
         assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
         assert lines[0].startswith(start), lines[0]
+
+
+# The Hub client retries a timed-out request with backoff, so each case takes 10-25 s: one runs in make test.
+@pytest.mark.parametrize("case", [pytest.param("push, status line dripped", marks=pytest.mark.slow), "push, body dripped",
+                                  pytest.param("download, status line dripped", marks=pytest.mark.slow)])
+def test_a_server_that_drips_its_answer_is_cut_at_the_deadline(tmp_path, tiny_llama, case):
+    """One byte every 0.2 s: every read gets data in time, so only a deadline on the whole request ends the call
+    before the server gives up (60 s), with the timeout's own message."""
+    from fake_hub import DripServer
+
+    model = tiny_llama("m")
+    with DripServer(interval=0.2, lifetime=60, body="body" in case) as server:
+        if case.startswith("push"):
+            proc = run_push(server, tmp_path, str(model), "alice/tiny", "--timeout", "1", "-q")
+        else:
+            proc = run_push(server, tmp_path, "alice/tiny", command="download", HF_HUB_DOWNLOAD_TIMEOUT="1")
+        assert server.accepted >= 1
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "did not answer within 1 s" in lines[0] and server.url in lines[0]

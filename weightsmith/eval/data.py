@@ -15,8 +15,10 @@ CHARS_PER_TOKEN = 32
 
 def load_texts(path: str | Path, field: str = "text", max_tokens: int | None = None) -> list[str]:
     """The texts at ``path``; with ``max_tokens``, only as much of them as that many tokens can need."""
-    budget = [max_tokens * CHARS_PER_TOKEN if max_tokens else None]  # what is left, shared by a folder's files
-    texts = _texts(Path(path), field, budget)
+    limit = max_tokens * CHARS_PER_TOKEN if max_tokens else None
+    texts = _texts(Path(path), field, [limit])  # the budget left, shared by a folder's files, stops the reading
+    if limit is not None:  # and cuts what was read: a single record may be longer than the budget
+        texts = [t[:limit - before] for t, before in zip(texts, _running_total(texts)) if before < limit]
     if not any(t.strip() for t in texts):
         raise WeightsmithError(f"{path}: data file is empty")
     return texts
@@ -38,6 +40,15 @@ def _texts(path: Path, field: str, budget: list) -> list[str]:
     if budget[0] is not None:
         budget[0] -= len(text)
     return [text]
+
+
+def _running_total(texts: list[str]) -> list[int]:
+    """The characters before each text."""
+    totals, n = [], 0
+    for t in texts:
+        totals.append(n)
+        n += len(t)
+    return totals
 
 
 def _spend(budget: list, text: str) -> bool:
