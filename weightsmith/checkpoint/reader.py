@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import re
 import stat
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
@@ -102,9 +103,13 @@ OTHER_READ = ("trainer_state.json", "adapter_config.json")
 
 
 def check_side_files(folder: Path) -> None:
-    """Refuse a folder whose config or tokenizer files lead out of it or are not regular files."""
+    """Refuse a folder whose config or tokenizer files lead out of it or are not regular files, or whose
+    ``tokenizer.json`` the tokenizer loader would refuse (so every command, and a dry run, refuses it up front)."""
+    from .tokenizer_files import check_tokenizer_files
+
     for name in ("config.json", *SIDE_FILES, *OTHER_READ):
         member(folder, name, folder)
+    check_tokenizer_files(folder)
 
 
 # config.json fields every stage may read, with the types transformers writes (None always allowed).
@@ -113,12 +118,16 @@ CONFIG_TYPES = {"model_type": str, "_name_or_path": str, "torch_dtype": str, "dt
     "vocab_size", "max_position_embeddings", "head_dim"), int)}
 
 
+CLASS_NAME = re.compile(r"^[A-Z][A-Za-z0-9_]*$")  # transformers' model classes; its functions are lower case
+
+
 def check_config(config: dict, path: Path) -> dict:
     """``config`` unless a field weightsmith reads has the wrong type (``architectures`` must name classes)."""
     archs = config.get("architectures")
-    if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str) and a.isidentifier()
+    if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str) and CLASS_NAME.match(a)
                                                                   for a in archs)):
-        raise WeightsmithError(f"{path}: 'architectures' is {archs!r}; it must be a list of model class names")
+        raise WeightsmithError(f"{path}: 'architectures' is {archs!r}; it must be a list of model class names "
+                               "(e.g. LlamaForCausalLM)")
     for key, kind in CONFIG_TYPES.items():
         value = config.get(key)
         if value is not None and (not isinstance(value, kind) or isinstance(value, bool)

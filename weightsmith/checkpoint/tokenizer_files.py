@@ -29,16 +29,26 @@ def _regexes(data, path: Path) -> list[str]:
     return found
 
 
+_checked: set[tuple] = set()  # (file, size, mtime) of tokenizer files that passed: a folder is opened many times
+
+
 def check_tokenizer_files(folder: str | Path) -> None:
     """Refuse a ``tokenizer.json`` outside the folder, nested too deeply or holding a bad or catastrophic regex."""
-    from tokenizers import Regex
-
     folder = Path(folder)
     path = member(folder, TOKENIZER_JSON, folder)
     if not path.is_file():
         return
-    for pattern in _regexes(read_json(path, TOKENIZER_JSON), path):
-        check_pattern(pattern, f"{path}: regex", compile_with=Regex)
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key in _checked:
+        return
+    patterns = _regexes(read_json(path, TOKENIZER_JSON), path)
+    if patterns:
+        from tokenizers import Regex
+
+        for pattern in patterns:
+            check_pattern(pattern, f"{path}: regex", compile_with=Regex)
+    _checked.add(key)
 
 
 def load_tokenizer(folder: str | Path, trust_remote_code: bool = False, **kwargs):

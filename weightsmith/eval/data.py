@@ -59,6 +59,18 @@ def _spend(budget: list, text: str) -> bool:
     return budget[0] > 0
 
 
+def check_data_file(path: str | Path, labelled: bool = False, max_tokens: int | None = None) -> None:
+    """Read ``path`` as far as a stage reads it (texts up to ``max_tokens``; every labelled row), refusing what
+    that reading refuses, so a check made before any stage computes finds it."""
+    path = Path(path)
+    if not labelled:
+        load_texts(path, max_tokens=max_tokens)
+    elif path.suffix in (".jsonl", ".csv") and path.is_file():
+        (_jsonl if path.suffix == ".jsonl" else _csv)(path, ())
+    else:
+        load_labelled(path)
+
+
 def load_labelled(path: str | Path, text_field: str = "text", label_field: str = "label") -> tuple[list[str], list]:
     """(inputs, labels) from a jsonl or CSV with an input column (``text_field``) and a label column."""
     path = Path(path)

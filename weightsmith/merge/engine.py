@@ -354,11 +354,11 @@ def merge(recipe: Recipe, out: str | Path, opts: MergeOptions | None = None, *, 
         raise WeightsmithError(f"method {method.name!r} does not take {', '.join(sorted(extra))}")
     plan = plan_merge(recipe, dtype=opts.dtype, allow_crimes=opts.allow_crimes)
     dev = resolve_device(device)
-    check_output(out, recipe.inputs, force)
-    start = time.perf_counter()
     uses_base = plan.base is not None and plan.method.base in ("required", "optional")
     sources = ([plan.base] if uses_base else []) + plan.models
-    checks = ValueChecks(plan, sources, opts.allow_nonfinite)
+    checks = ValueChecks(plan, sources, opts.allow_nonfinite)  # its header checks: before the output check ends a dry run
+    check_output(out, recipe.inputs, force)
+    start = time.perf_counter()
     if plan.method.prepass is not None:
         def stream(jobs):
             for job in jobs:
