@@ -40,7 +40,21 @@ class _Bounded:
         raise NotImplementedError
 
 
-class FakeHub(_Bounded):
+class _HTTP(_Bounded):
+    """A loopback HTTP server answering through ``handler``, stopped after ``lifetime`` seconds."""
+
+    def _listen(self, handler, lifetime: float) -> None:
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self._start(self.server.serve_forever, lifetime)
+
+    def close(self) -> None:
+        self.timer.cancel()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class FakeHub(_HTTP):
     def __init__(self, lifetime: float = 60.0):
         self.repos: dict[str, dict] = {}  # repo_id -> {"private": bool, "branches": {rev: {path: bytes}}}
         self.commits: dict[str, dict[str, bytes]] = {}  # commit sha -> files
@@ -67,14 +81,7 @@ class FakeHub(_Bounded):
             def do_HEAD(self):
                 hub._download(self, "HEAD")
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self._start(self.server.serve_forever, lifetime)
-
-    def close(self) -> None:
-        self.timer.cancel()
-        self.server.shutdown()
-        self.server.server_close()
+        self._listen(Handler, lifetime)
 
     # -- request handling ----------------------------------------------------------------
     def _handle(self, h: BaseHTTPRequestHandler, method: str) -> None:
@@ -293,7 +300,11 @@ class SilentServer(_Bounded):
             except OSError:
                 return
             self.accepted += 1
-            self.conns.append(conn)  # kept open, never written to
+            self.conns.append(conn)  # kept open
+            self._answer(conn)
+
+    def _answer(self, conn) -> None:
+        """Never written to."""
 
     def close(self) -> None:
         self.closed.set()
@@ -315,15 +326,8 @@ class DripServer(SilentServer):
             (b"", head + b"X-Padding: " + b"x" * 100_000)
         super().__init__(lifetime)
 
-    def _serve(self) -> None:
-        while not self.closed.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.accepted += 1
-            self.conns.append(conn)
-            threading.Thread(target=self._drip, args=(conn,), daemon=True).start()
+    def _answer(self, conn) -> None:
+        threading.Thread(target=self._drip, args=(conn,), daemon=True).start()
 
     def _drip(self, conn) -> None:
         try:
@@ -337,7 +341,7 @@ class DripServer(SilentServer):
             return
 
 
-class AnswerServer(_Bounded):
+class AnswerServer(_HTTP):
     """A server on 127.0.0.1 answering every request with the same status, headers and body: an HTML page where
     JSON is expected, or a redirect back to itself."""
 
@@ -361,11 +365,4 @@ class AnswerServer(_Bounded):
 
             do_GET = do_POST = do_PUT = do_HEAD = _answer
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self._start(self.server.serve_forever, lifetime)
-
-    def close(self) -> None:
-        self.timer.cancel()
-        self.server.shutdown()
-        self.server.server_close()
+        self._listen(Handler, lifetime)

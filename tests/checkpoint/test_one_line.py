@@ -14,6 +14,7 @@ import torch
 
 from cli_check import refused, snapshot
 from hostile import cli, resave, set_config, to_dtype
+from test_outputs import _namespace_ok
 from weightsmith.checkpoint import Checkpoint
 
 NAMES = ["[/]", "[bold red]loud[/]", "a\x1b]0;title\x07b", "c\x1b[2Jd\u202eevil"]
@@ -174,13 +175,6 @@ def test_merge_refuses_dtypes_it_cannot_check_by_name(folders, tmp_path, capsys,
                  ["--method", "ties", "--base", folders["b"], "--model", m, "--model", folders["a"]]):
         refused(cli(capsys, monkeypatch, "merge", *args, "-o", tmp_path / "out", "-q"), name, "convert")
     assert not (tmp_path / "out").exists()
-
-
-def _namespace_ok() -> bool:
-    try:
-        return subprocess.run(["unshare", "-rm", "true"], capture_output=True, timeout=30).returncode == 0
-    except (OSError, subprocess.SubprocessError):
-        return False
 
 
 @pytest.mark.skipif(not _namespace_ok(), reason="needs `unshare -rm` to mount a private tmpfs")
