@@ -186,7 +186,7 @@ def test_pleas_every_flag():
 
 # -- export, inspect, zoo --------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("flags, shard", [([], "5GB"), (["--out-shard-size", "2GB", "--force", "--quiet"], "2GB")])
+@pytest.mark.parametrize("flags, shard", [([], 5 * 10**9), (["--out-shard-size", "2GB", "--force", "--quiet"], 2 * 10**9)])
 def test_export_flags(flags, shard):
     module = mock.Mock()
     module.export_plain.return_value = {}

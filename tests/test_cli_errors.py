@@ -45,3 +45,35 @@ def test_a_pipeline_file_that_is_not_utf8_is_one_line(tmp_path):
     path = tmp_path / "p.yaml"
     path.write_bytes(b"stages:\n  - name: \xff\n")
     one_line(run("run", path, "--dry-run"), "not UTF-8")
+
+
+def test_progress_in_a_log_prints_long_steps_every_interval_and_their_end():
+    from weightsmith.cli.common import plain_progress
+
+    now = [0.0]
+    lines: list[str] = []
+    progress = plain_progress(every=30, clock=lambda: now[0], write=lines.append)
+    for t, done in [(0, 0), (10, 1), (31, 2), (45, 3), (62, 4), (70, 10)]:
+        now[0] = t
+        progress("heal", done, 10)
+    now[0] = 71
+    progress("write", 0, 1)
+    progress("write", 1, 1)  # a short step: silent
+    assert lines == ["heal: 2/10 (31 s)", "heal: 4/10 (62 s)", "heal: 10/10 (70 s)"]
+
+
+def test_a_long_stage_logs_lines_when_stderr_is_a_file(zoo):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "WEIGHTSMITH_PROGRESS_EVERY": "0"}  # every step counts as long
+    env.pop("WEIGHTSMITH_PROGRESS", None)
+    args = [sys.executable, "-m", "weightsmith", "eval", zoo.model("base"), "--data", zoo.data("prose", "valid"),
+            "--max-tokens", "300", "--json"]
+    proc = subprocess.run(list(map(str, args)), env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-1000:]
+    lines = proc.stderr.splitlines()
+    assert lines and all(line.endswith(" s)") and "/" in line for line in lines), proc.stderr
+    quiet = subprocess.run(list(map(str, args + ["-q"])), env=env, capture_output=True, text=True, timeout=600)
+    assert quiet.returncode == 0 and quiet.stderr == ""

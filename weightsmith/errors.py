@@ -46,16 +46,35 @@ class OptionError(WeightsmithError):
     def render(self, name: Callable[[str], str] = _plain, subject: str | None = None) -> str:
         """The message with every option named by ``name(param)``; ``subject`` replaces the leading name
         (pipeline style: ``stage 'x', key 'params.y'``)."""
-        problem = self.problem.format(*(name(o) for o in self.others))
+        problem = _fill(self.problem, [name(o) for o in self.others]) if self.others else self.problem
         if subject is None and self.param is not None:
             subject = name(self.param)
         return f"{subject}: {problem}" if subject else problem
 
 
+_SLOT = re.compile(r"\{\{|\}\}|\{(\d+)\}")
+
+
+def _fill(template: str, names: list[str]) -> str:
+    """``template`` with ``{N}`` replaced by ``names[N]`` and ``{{``/``}}`` by single braces; nothing else in it is
+    read (a brace or ``%s`` from a user's value is text, never a format directive: no message can fail to word)."""
+    def slot(m: re.Match) -> str:
+        if m.group(1) is None:
+            return m.group(0)[0]
+        i = int(m.group(1))
+        return names[i] if i < len(names) else m.group(0)
+    return _SLOT.sub(slot, template)
+
+
+def literal(text: object) -> str:
+    """User text for a message with option slots: its braces escaped, so ``{0}`` in a value stays ``{0}``."""
+    return str(text).replace("{", "{{").replace("}", "}}")
+
+
 def needs_option(problem: str, fix: str, *options: str) -> OptionError:
     """A refusal whose fix is to set an option: ``problem`` is plain text, ``fix`` names the options as ``{0}``,
     ``{1}``, ... (``needs_option("out exists", "; {0} replaces it", "force")``: the CLI says ``--force``)."""
-    return OptionError(None, problem.replace("{", "{{").replace("}", "}}") + fix, options)
+    return OptionError(None, literal(problem) + fix, options)
 
 
 def reworded(exc: WeightsmithError, name: Callable[[str], str | None] = lambda p: None, subject: str | None = None,
@@ -77,7 +96,7 @@ def reworded(exc: WeightsmithError, name: Callable[[str], str | None] = lambda p
     text = prefix + exc.render(mark, subject) + suffix
     if not left:
         return WeightsmithError(text)
-    return OptionError(None, re.sub("\0(\\d+)\0", r"{\1}", text.replace("{", "{{").replace("}", "}}")), left)
+    return OptionError(None, re.sub("\0(\\d+)\0", r"{\1}", literal(text)), left)
 
 
 class InvalidChoice(OptionError):

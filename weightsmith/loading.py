@@ -6,65 +6,11 @@ from pathlib import Path
 import torch
 
 from .checkpoint import read_json
+from .checkpoint.exact import (build_config, check_layer_count, check_tensors, config_object,  # noqa: F401
+                               model_class, one_line, refuse_mismatch)
 from .checkpoint.formats import FORMATS, folder_format, format_module  # noqa: F401  (re-exported)
 from .device import resolve_device, resolve_dtype
 from .errors import WeightsmithError
-
-
-def model_class(config: dict):
-    import transformers
-
-    for arch in config.get("architectures") or []:
-        cls = getattr(transformers, arch, None)
-        if cls is not None and not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
-            raise WeightsmithError(f"config.json: architectures names {arch!r}, which in transformers is not a model "
-                                   "class; name the model's class (e.g. LlamaForCausalLM)")
-        if cls is not None:
-            return cls
-    return transformers.AutoModel
-
-
-def config_object(config: dict, cls=None):
-    """The transformers config object for a config.json dict (built here: nothing else is read)."""
-    from transformers import AutoConfig
-
-    plain = {k: v for k, v in config.items() if k != "weightsmith"}
-    config_class = getattr(cls, "config_class", None)
-    if config_class is not None:
-        return config_class.from_dict(plain)
-    if "model_type" not in plain:
-        raise WeightsmithError("config.json has no model_type; transformers cannot tell which model it is")
-    return AutoConfig.for_model(plain.pop("model_type"), **plain)
-
-
-def one_line(exc: BaseException, limit: int = 240) -> str:
-    text = " ".join(str(exc).split()) or exc.__class__.__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def build_config(config: dict, cls, path: Path):
-    try:
-        return config_object(config, cls)
-    except WeightsmithError as exc:
-        raise WeightsmithError(f"{path}: {exc}") from None
-    except Exception as exc:  # transformers validates config fields with its own exception types
-        raise WeightsmithError(f"{path}/config.json: transformers refuses it ({one_line(exc)})") from None
-
-
-def check_shapes(cls, cfg, ckpt) -> None:
-    """Refuse tensors whose shapes the config contradicts, naming the first one (checked on a skeleton
-    model on the meta device: no memory, no weights initialised)."""
-    build = getattr(cls, "from_config", None) or cls._from_config
-    try:
-        with torch.device("meta"):
-            skeleton = build(cfg)
-    except Exception:  # noqa: BLE001 - from_pretrained reports what is wrong with the config
-        return
-    for name, t in skeleton.state_dict().items():
-        if name in ckpt and tuple(ckpt.info(name).shape) != tuple(t.shape):
-            raise WeightsmithError(
-                f"{ckpt.path}: tensor {name!r} has shape {list(ckpt.info(name).shape)} but config.json makes it "
-                f"{list(t.shape)}; the config does not belong to these weights")
 
 
 def custom_class(config: dict):
@@ -109,13 +55,18 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: str | torc
     hf_logging.disable_progress_bar()
     try:
         if custom:
-            model = custom_class(ckpt.config).from_pretrained(
-                path, trust_remote_code=True, use_safetensors=not allow_pickle or None, **kwargs)
+            check_layer_count(path, ckpt.config, ckpt.names())
+            model, info = custom_class(ckpt.config).from_pretrained(
+                path, trust_remote_code=True, use_safetensors=not allow_pickle or None, output_loading_info=True,
+                **kwargs)
         else:
             cfg = build_config(ckpt.config, cls, path)
-            check_shapes(cls, cfg, ckpt)
+            check_tensors(cls, cfg, ckpt, path)
             state = {n: ckpt.map(n) for n in ckpt.names()}
-            model = cls.from_pretrained(None, config=cfg, state_dict=state, trust_remote_code=False, **kwargs)
+            model, info = cls.from_pretrained(None, config=cfg, state_dict=state, trust_remote_code=False,
+                                              output_loading_info=True, **kwargs)
+        # transformers initialises what it did not find at random: the same refusal, from its own account
+        refuse_mismatch(path, info["missing_keys"], info["unexpected_keys"])
     except (ValueError, TypeError, KeyError, RuntimeError, OSError) as exc:
         raise WeightsmithError(f"{path}: transformers cannot build the model from its config.json and tensors "
                                f"({one_line(exc)})") from None

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import typing
 from collections.abc import Sequence
 from dataclasses import MISSING, dataclass, field, fields
@@ -50,17 +51,42 @@ class OptionSpec:
     flag: str | None = None  # the flag, when it is not --NAME-WITH-DASHES (bools: --NAME/--no-NAME when on)
     short: str | None = None  # a one-letter alias such as -o
     aliases: tuple[str, ...] = ()  # further flags accepted for it (an older spelling such as --seq)
+    size: bool = False       # a size in bytes given as text (5B, 2GB, 300MiB): the built options hold the int
 
 
 def option(default: Any = MISSING, *, help: str, choices: Sequence | None = None, lo: float | None = None,
            hi: float | None = None, lo_open: bool = False, hi_open: bool = False, path: bool = False,
            cli: bool = True, pipeline: bool = True, flag: str | None = None, short: str | None = None,
-           aliases: Sequence[str] = ()) -> Any:
+           aliases: Sequence[str] = (), size: bool = False) -> Any:
     """A dataclass field declaring one option; no ``default`` makes it required."""
     spec = OptionSpec(help=help, choices=tuple(choices) if choices is not None else None, lo=lo, hi=hi,
                       lo_open=lo_open, hi_open=hi_open, path=path, cli=cli, pipeline=pipeline, flag=flag,
-                      short=short, aliases=tuple(aliases))
+                      short=short, aliases=tuple(aliases), size=size)
     return field(default=default, metadata={"option": spec})
+
+
+# Sizes count bytes, as mergekit's writer does (numel * element_size): K, M, B, T are its 10**3 ... 10**12
+# suffixes (5B = 5 billion bytes); KB, MB, GB, TB and KiB, MiB, GiB, TiB are byte units; a bare number is bytes.
+_UNITS = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "T": 10**12, "KB": 10**3, "MB": 10**6, "GB": 10**9,
+          "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+MIN_SIZE = 1000  # a shard limit under 1 KB writes one file per tensor: always a slip
+
+
+def parse_size(text: str | int, param: str = "out_shard_size") -> int:
+    """Bytes, from a size as every stage's ``--out-shard-size`` takes it: ``5B`` (mergekit's 5 billion bytes),
+    ``2GB``, ``300MiB``, ``1.5K`` or a byte count; at least 1 KB. Refused as an error of option ``param``."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        n = text
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
+        if not m or m.group(2).upper() not in _UNITS:
+            raise OptionError(param, f"{text!r} not understood; write a size in bytes: 5B (5 billion, as mergekit), "
+                                     "2GB, 500MB, 1GiB or a byte count")
+        n = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    if n < MIN_SIZE:
+        raise OptionError(param, f"{text!r} is {n} bytes; shards under 1KB are refused (did you mean 1B, one "
+                                 "billion bytes?)")
+    return n
 
 
 def check_value(param: str, value: Any, spec: OptionSpec) -> None:
@@ -94,6 +120,8 @@ class Options:
             value = getattr(self, f)
             if spec.path and isinstance(value, str):
                 setattr(self, f, value := Path(value))
+            if spec.size and value is not None:
+                setattr(self, f, value := parse_size(value, f))
             check_value(f, value, spec)
         self.check()
 
@@ -160,5 +188,6 @@ def batch_size_option(default: int = 8, help: str = "Windows per forward pass.")
     return option(default, lo=1, help=help)
 
 
-def out_shard_size_option(default: str = "5GB") -> Any:
-    return option(default, help="Largest output shard, e.g. 2GB or 500MB.")
+def out_shard_size_option(default: str = "5B") -> Any:
+    return option(default, size=True, help="Largest output shard in bytes: 5B (5 billion, as mergekit), 2GB, 500MB, "
+                                           "1GiB or a count.")

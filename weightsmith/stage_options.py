@@ -89,7 +89,7 @@ class AlignOptions(Options):
     seq_len: int = seq_len_option(128)
     batch_size: int = batch_size_option(8)
     max_sweeps: int = option(100, lo=1, help="Weight matching: most coordinate-descent sweeps over the groups.")
-    out_shard_size: str = out_shard_size_option()
+    out_shard_size: str = out_shard_size_option()  # bytes (an int) once built
 
     def check(self) -> None:
         if self.method == "activation" and self.data is None:
@@ -109,7 +109,7 @@ class PleasOptions(Options):
     max_tokens: int = max_tokens_option(8192)
     seq_len: int = seq_len_option(128)
     batch_size: int = batch_size_option(8)
-    out_shard_size: str = out_shard_size_option()
+    out_shard_size: str = out_shard_size_option()  # bytes (an int) once built
 
 
 def share_sizes(share: str) -> list[int]:
@@ -157,7 +157,7 @@ class FoldOptions(Options):
     heal_max_tokens: int | None = max_tokens_option(None, help="Calibration tokens the heal trains on (default: "
                                                                "--max-tokens).")
     batch_size: int = batch_size_option(8, help="Windows per step.")
-    out_shard_size: str = out_shard_size_option()
+    out_shard_size: str = out_shard_size_option()  # bytes (an int) once built
 
     def check(self) -> None:
         share_sizes(self.share)
@@ -168,8 +168,7 @@ class MergeOptions(Options):
     says what is merged)."""
     dtype: str | None = option(None, choices=DTYPES, help="Output dtype float32/bfloat16/float16 (overrides the "
                                "recipe's out_dtype/dtype). [default: recipe out_dtype, else dtype, else as input]")
-    out_shard_size: str = option("5B", help="Largest output shard: parameters as mergekit (5B = 5 billion, 500M, 50K, "
-                                            "or a bare count) or bytes (2GB, 500MB, 1GiB).")  # the library takes bytes too
+    out_shard_size: str = out_shard_size_option()  # bytes (an int) once built
     allow_crimes: bool = option(False, flag="--allow-crimes/--no-allow-crimes",
                                 help="Merge models whose configs disagree on architecture.")
     copy_tokenizer: bool = option(True, help="Copy the tokenizer files to the output.")
@@ -195,7 +194,7 @@ class ExportOptions(Options):
     """``weightsmith export``: a folded or RPS folder -> a plain checkpoint."""
     plain: bool = option(True, pipeline=False, help="Write an ordinary checkpoint (shared or hashed weights "
                                                     "materialised).")
-    out_shard_size: str = out_shard_size_option()
+    out_shard_size: str = out_shard_size_option()  # bytes (an int) once built
 
 
 STAGE_OPTIONS: dict[str, type[Options]] = {"eval": EvalOptions, "analyze": AnalyzeOptions, "compress": RpsOptions,

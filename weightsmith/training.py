@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import OptionError
+from .errors import OptionError, literal
 from .progress import ProgressFn, report
 
 
@@ -43,7 +43,7 @@ def calibration_windows(tokenizer, data: str | Path, *, seq_len: int, max_tokens
     ids = token_stream(tokenizer, texts, max_tokens, tokenizer.eos_token_id if causal else None)
     n = min(len(ids), max_tokens) // seq_len
     if n < 1:
-        raise OptionError(None, f"{data}: only {len(ids)} tokens, fewer than one window of {{0}} {seq_len}",
+        raise OptionError(None, f"{literal(data)}: only {len(ids)} tokens, fewer than one window of {{0}} {seq_len}",
                           ("seq_len",))
     stream = torch.tensor(ids[:n * body], dtype=torch.long).view(n, body)
     if wrap:

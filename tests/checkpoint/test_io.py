@@ -135,7 +135,7 @@ def test_output_folder_refuses_inputs_and_existing_and_cleans_up(tmp_path):
         (tmp / "f").write_text("1")
     with output_folder(tmp_path / "out", force=True) as tmp:
         (tmp / "g").write_text("2")
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["g"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [".weightsmith-output", "g"]  # the new folder, marked
     assert (src / "keep").exists()
 
 

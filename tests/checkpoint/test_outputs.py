@@ -18,7 +18,7 @@ import pytest
 
 from cli_check import cli, refused, snapshot
 from weightsmith.checkpoint import writer
-from weightsmith.checkpoint.writer import ShardedWriter, check_output, output_folder
+from weightsmith.checkpoint.writer import MARKER, ShardedWriter, check_output, output_folder
 from weightsmith.errors import WeightsmithError
 
 
@@ -182,11 +182,12 @@ def test_a_replace_killed_half_way_is_finished_by_the_next_run(tmp_path, renamed
     """The journalled replace: a kill before or between its two renames; OUT is never lost."""
     out, pid = tmp_path / "out", dead_pid()
     new, old = tmp_path / f"out.tmp-{pid}-0000000a", tmp_path / f"out.old-{pid}-0000000b"
-    out.mkdir()
-    (out / "v.txt").write_text("old")
-    new.mkdir()
-    (new / "v.txt").write_text("new")
-    (tmp_path / ".out.weightsmith-replace").write_text(f'{{"new": "{new.name}", "old": "{old.name}"}}')
+    for folder, content in ((out, "old"), (new, "new")):
+        folder.mkdir()
+        (folder / "v.txt").write_text(content)
+        (folder / MARKER).write_text("weightsmith\n")
+    (tmp_path / ".out.weightsmith-lock").mkdir(mode=0o700)
+    (tmp_path / ".out.weightsmith-lock" / "replace.json").write_text(f'{{"new": "{new.name}", "old": "{old.name}"}}')
     if renamed_old:
         out.rename(old)
     with pytest.raises(WeightsmithError, match="already exists"):

@@ -16,7 +16,7 @@ from weightsmith.merge import all_methods
 from weightsmith.merge.recipe import ModelEntry
 
 BASE = ["merge", "--method", "ties", "--base", "B", "--model", "M1", "--model", "M2", "--out", "O"]
-DEFAULTS = dict(device="auto", dtype=None, out_shard_size="5B", seed=0, allow_crimes=False, force=False,
+DEFAULTS = dict(device="auto", dtype=None, out_shard_size=5 * 10**9, seed=0, allow_crimes=False, force=False,
                 copy_tokenizer=True, model_card=True, allow_nonfinite=False)
 
 
@@ -28,6 +28,8 @@ def calls(monkeypatch):
         seen.append((recipe, str(out), {**dataclasses.asdict(opts), **kwargs}))
         return {"out": str(out), "method": recipe.method, "inputs": recipe.inputs, "notes": []}
     monkeypatch.setattr(merge_pkg, "merge", fake)
+    # model names here are placeholders: they reach the recipe as given (resolution has its own tests)
+    monkeypatch.setattr("weightsmith.checkpoint.sources.resolve_model", lambda ref, **_: ref)
     return seen
 
 
@@ -63,7 +65,7 @@ CASES = [
     (["--device", "cpu"], ("kw", "device", "cpu")),
     (["--no-cuda"], ("kw", "device", "cpu")),
     (["--cuda"], ("kw", "device", "cuda")),
-    (["--out-shard-size", "1B"], ("kw", "out_shard_size", "1B")),
+    (["--out-shard-size", "1B"], ("kw", "out_shard_size", 10**9)),
     (["--seed", "7"], ("kw", "seed", 7)),
     (["--random-seed", "8"], ("kw", "seed", 8)),
     (["--allow-crimes"], ("kw", "allow_crimes", True)),
@@ -156,3 +158,21 @@ def test_help_and_list_methods_come_from_the_registry():
     assert trim["choices"] == ["model", "tensor"] and trim["mergekit_default"] == "tensor"
     table = run(["merge", "--list-methods"]).output
     assert "pleas" in table and "width" in table
+
+
+def _mergekit_switch_offs():
+    from mergekit.scripts.run_yaml import main as mergekit_yaml
+
+    return [form for p in mergekit_yaml.params for form in getattr(p, "secondary_opts", ())]
+
+
+@pytest.mark.parametrize("form", _mergekit_switch_offs())
+def test_every_no_form_of_a_mergekit_yaml_switch_is_accepted(form, calls):
+    """A copied mergekit-yaml command line never stops at ``--no-X``: it asks for what weightsmith does anyway, except
+    ``--no-safe-serialization`` (pickle output), refused by name."""
+    result = CliRunner().invoke(app, BASE + [form])
+    if form == "--no-safe-serialization":
+        assert result.exit_code != 0 and "writes safetensors only" in str(result.exception) + result.output
+        return
+    assert result.exit_code == 0, result.output
+    assert len(calls) == 1

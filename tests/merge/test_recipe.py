@@ -11,7 +11,7 @@ import yaml
 from weightsmith.checkpoint import Checkpoint
 from weightsmith.errors import WeightsmithError
 from weightsmith.merge import all_methods, merge, parse_recipe, plan_merge
-from weightsmith.merge.engine import shard_bytes
+from weightsmith.checkpoint import parse_size
 
 
 @pytest.mark.parametrize("text, message", [
@@ -90,18 +90,27 @@ def test_dtype_is_the_arithmetic_only_under_compat(tiny_llama, tmp_path):
     assert any("arithmetic in bfloat16, written as float32" in n for n in compat.notes)
 
 
-@pytest.mark.parametrize("size, bytes_per_param, want", [
-    ("1B", 4, 4 * 10**9), ("50K", 2, 100_000), ("500M", 4, 2 * 10**9), ("75000000", 4, 3 * 10**8),
-    ("2GB", 2, 2 * 10**9), ("300MiB", 4, 300 * 2**20), ("1.5K", 4, 6000), (4096, 4, 4096),
+@pytest.mark.parametrize("size, want", [
+    ("1B", 10**9), ("50K", 50_000), ("500M", 5 * 10**8), ("75000000", 75 * 10**6), ("2GB", 2 * 10**9),
+    ("300MiB", 300 * 2**20), ("1.5K", 1500), (4096, 4096), ("5B", 5 * 10**9),
 ])
-def test_shard_sizes_read_as_mergekit_parameter_counts_or_bytes(size, bytes_per_param, want):
-    assert shard_bytes(size, bytes_per_param) == want
+def test_shard_sizes_count_bytes_as_mergekit_writes_them(size, want):
+    assert parse_size(size) == want  # mergekit's K/M/B suffixes, byte units, a bare count: all bytes
 
 
 @pytest.mark.parametrize("size", ["1", "100", "10KiBs", "1 parsec", "-5B", 10])
 def test_absurd_or_unreadable_shard_sizes_are_refused(size):
     with pytest.raises(WeightsmithError, match="^out_shard_size: "):
-        shard_bytes(size, 4)
+        parse_size(size)
+
+
+def test_every_stage_reads_one_size_grammar():
+    from weightsmith.stage_options import AlignOptions, ExportOptions, FoldOptions, MergeOptions, PleasOptions
+
+    for opts in (MergeOptions(out_shard_size="5B"), FoldOptions(data="d", out_shard_size="5B"),
+                 PleasOptions(data="d", out_shard_size="5B"), AlignOptions(out_shard_size="5B"),
+                 ExportOptions(out_shard_size="5B")):
+        assert opts.out_shard_size == 5 * 10**9  # the library sees bytes, whatever stage took the text
 
 
 def test_one_billion_parameters_is_one_shard_not_one_tensor_per_file(tiny_llama, tmp_path):

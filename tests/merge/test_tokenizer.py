@@ -268,3 +268,34 @@ def test_an_input_without_tokenizer_shares_the_base_vocabulary_with_a_note(vocab
     rows = [Checkpoint(m).get("model.embed_tokens.weight") for m in (z["base"], str(bare), z["chatml"])]
     torch.testing.assert_close(out[:64], sum(r[:64] for r in rows) / 3)
     torch.testing.assert_close(out[64], rows[2][64])  # <|im_start|>: only the chatml model has it
+
+
+CONVERSATIONS = [
+    [{"role": "system", "content": "Answer in one line."}, {"role": "user", "content": "What is 2+2?"},
+     {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3+3?"}],
+    [{"role": "user", "content": "  spaced out  "}, {"role": "assistant", "content": " fine "}],
+    [{"role": "user", "content": "q"}, {"role": "user_context", "content": "ctx"}, {"role": "assistant", "content": "a"}],
+    [{"role": "system", "content": "first"}, {"role": "system", "content": " second "}, {"role": "user", "content": "u"}],
+    [{"role": "assistant", "content": "out of turn"}],
+]
+
+
+@pytest.mark.parametrize("name", sorted(tk.CHAT_TEMPLATES))
+def test_named_chat_templates_render_mergekits_prompts(name):
+    import importlib.resources
+
+    from mergekit._data import chat_templates
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    theirs = _compile_jinja_template(importlib.resources.files(chat_templates).joinpath(f"{name}.jinja").read_text())
+    ours = _compile_jinja_template(tk.CHAT_TEMPLATES[name])
+
+    def render(template, **kw):
+        try:
+            return template.render(**kw)
+        except Exception as exc:  # noqa: BLE001 - a template that refuses a conversation must refuse it in both
+            return f"refused ({type(exc).__name__})"
+    for conversation in CONVERSATIONS:
+        for generation in (False, True):
+            kw = dict(messages=conversation, bos_token="<s>", eos_token="</s>", add_generation_prompt=generation)
+            assert render(ours, **kw) == render(theirs, **kw), (conversation, generation)

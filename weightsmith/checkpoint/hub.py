@@ -19,7 +19,7 @@ from .reader import Checkpoint, member
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
 # Bookkeeping that describes how a folder was made on this machine, not the model.
-LOCAL_ONLY = (".weightsmith-stage.json", "*.tmp-*", ".git", ".git/*", "**/.git/**", ".cache/*", "**/.cache/**",
+LOCAL_ONLY = (".weightsmith-stage.json", ".weightsmith-output", "*.tmp-*", ".git", ".git/*", "**/.git/**", ".cache/*", "**/.cache/**",
               "**/__pycache__/**", ".DS_Store")
 
 

@@ -18,6 +18,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import sys
 import uuid
 from collections.abc import Iterable, Iterator
@@ -29,23 +30,10 @@ import torch
 from ..errors import WeightsmithError, needs_option
 from .reader import INDEX_NAME, SINGLE_NAME, SIDE_FILES
 from .safetensors_file import ShardFile
+from .values import finite, nonfinite_count
 
 DEFAULT_SHARD_SIZE = 5 * 10**9
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
-def parse_size(text: str | int) -> int:
-    """'2GB' -> 2e9, '300MiB' -> 300*2**20, 1000 -> 1000."""
-    if isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
-    if not m or m.group(2).upper() not in _UNITS:
-        raise WeightsmithError(f"size {text!r} not understood; write e.g. 5GB, 300MB, 2GiB or a byte count")
-    n = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
-    if n <= 0:
-        raise WeightsmithError(f"size {text!r} must be positive")
-    return n
+from ..options import parse_size  # noqa: E402,F401  (the one size grammar; re-exported)
 
 
 def _inside(a: Path, b: Path) -> bool:
@@ -76,10 +64,16 @@ def check_output(target: str | Path, inputs: Iterable[str | Path] = (), force: b
         raise WeightsmithError(f"{target} is a mount point; write to a folder inside it")
     if target.exists() and not force and not _journal(target).exists():
         raise needs_option(f"{target} already exists", "; {0} replaces it", "force")
+    check_replaceable(target)
     if _VALIDATE_ONLY:
         raise ChecksPassed(target)
     _probe_writable(target)
-    _lock(target)
+    created = _make_parents(target)
+    try:
+        _lock(target, created)
+    except BaseException:
+        _remove_empty(created)
+        raise
     try:
         _recover(target)
         _clean_stale(target)
@@ -111,55 +105,135 @@ def validate_only() -> Iterator[None]:
 
 
 @contextmanager
-def output_folder(target: str | Path, inputs: Iterable[str | Path] = (), force: bool = False) -> Iterator[Path]:
+def output_folder(target: str | Path, inputs: Iterable[str | Path] = (), force: bool = False, *,
+                  stage: str | None = None, values_checked: bool = False) -> Iterator[Path]:
     """Yield a temp folder ``TARGET.tmp-PID-*``; on success it replaces ``target`` atomically.
 
     A replace exchanges the two folders in one system call (Linux ``renameat2``); elsewhere it is journalled
     so the next run finishes it. Write errors (full or read-only disk) become one-line ``WeightsmithError``s.
+    Every tensor written into it passes the publish check (``ShardedWriter.write``): a NaN/inf refuses the
+    whole output, naming the tensor and ``stage``; ``values_checked``: the stage checked every value itself
+    (merge's value checks, which let ``allow_nonfinite`` through).
     """
     target = check_output(target, list(inputs), force)
+    tmp = target.parent / f"{target.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        tmp = target.parent / f"{target.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
             tmp.mkdir()
+            (tmp / MARKER).write_text("weightsmith\n")
         except OSError as exc:
             raise _write_error(target, exc) from None
+        _PUBLISHING[tmp] = (target, stage or "the stage", values_checked)
         try:
             yield tmp
+            _check_shapes(tmp, target, stage or "the stage")
             _commit(tmp, target, force)
         except OSError as exc:
-            shutil.rmtree(tmp, ignore_errors=True)
+            _remove_own(tmp)
             if _is_write_error(exc, tmp):
                 raise _write_error(target, exc) from None
             raise
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            _remove_own(tmp)
             raise
     finally:
+        _PUBLISHING.pop(tmp, None)
         _unlock(target)
+
+
+def _check_shapes(tmp: Path, target: Path, stage: str) -> None:
+    """The publish check of a finished output: its config.json fits its tensors (``exact.check_folder``)."""
+    from .exact import check_folder
+
+    try:
+        check_folder(tmp, target)
+    except WeightsmithError as exc:
+        raise WeightsmithError(f"{stage} wrote a model that is not exactly its tensors, so {target} was not "
+                               f"written: {exc}") from None
+
+
+def check_publishable(folder: Path, name: str, tensor: torch.Tensor) -> None:
+    """The publish check of a tensor written into an output folder: finite, or the stage writes nothing."""
+    folder = Path(folder)
+    publishing = next((v for tmp, v in _PUBLISHING.items() if tmp == folder or tmp in folder.parents), None)
+    if publishing is None or publishing[2] or finite(tensor):
+        return
+    target, stage, _ = publishing
+    raise WeightsmithError(f"{stage} produced tensor {name!r} holding {nonfinite_count(tensor)} NaN/inf value(s); "
+                           f"a non-finite model is never published, so {target} was not written")
 
 
 TMP_MARK = ".tmp-"
 OLD_MARK = ".old-"
+LOCK_MARK = ".weightsmith-lock"
+MARKER = ".weightsmith-output"  # written into every output folder: what --force may replace
 _TMP_NAME = re.compile(r"\.(?:tmp|old)-(\d+)-[0-9a-f]{8}")
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.ENOTDIR}
-_LOCKS: dict[Path, int] = {}  # resolved target -> fd of its held lock file
+_PUBLISHING: dict[Path, tuple[Path, str, bool]] = {}  # temp folder -> (target, stage, values checked) while written
+# resolved target -> (lock file fd, lock folder fd, target, the folders above it created for it)
+_LOCKS: dict[Path, tuple[int, int, Path, list[Path]]] = {}
 
 
-def _lock_path(target: Path) -> Path:
-    """The lock file of an output: in a per-user folder under the system temp dir, named by a hash of the
-    output's resolved path, so that nothing but the output is ever written beside it."""
-    import hashlib
-    import tempfile
+def written_by_weightsmith(folder: Path) -> bool:
+    """True when ``folder`` (not a link) holds the marker ``output_folder`` writes into every output."""
+    try:
+        return not folder.is_symlink() and stat.S_ISREG(os.lstat(folder / MARKER).st_mode)
+    except OSError:
+        return False
 
-    uid = os.getuid() if hasattr(os, "getuid") else 0
-    name = hashlib.sha256(str(target.resolve()).encode()).hexdigest()[:24]
-    return Path(tempfile.gettempdir()) / f"weightsmith-locks-{uid}" / f"{name}.lock"
+
+def check_replaceable(target: Path) -> None:
+    """Refuse an existing ``target`` that weightsmith did not write: no option makes weightsmith delete it."""
+    if target.exists() and not written_by_weightsmith(target):
+        raise WeightsmithError(f"{target} exists and was not written by weightsmith (it has no {MARKER}); it is "
+                               "never replaced: remove it yourself or choose another output folder")
+
+
+def _own_name(target: Path, name: str) -> bool:
+    """True for a name this module generates beside ``target`` (``OUT.tmp-PID-HEX``, ``OUT.old-PID-HEX``)."""
+    return name.startswith(target.name) and _TMP_NAME.fullmatch(name[len(target.name):]) is not None
+
+
+def _remove_own(path: Path) -> bool:
+    """Delete ``path`` only when it is provably this user's weightsmith folder: a real folder (no link), owned
+    by this user, holding the output marker or nothing at all. Returns whether it was removed."""
+    try:
+        st = os.lstat(path)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+            return False
+        if not written_by_weightsmith(path) and any(path.iterdir()):
+            return False
+    except OSError:
+        return False
+    shutil.rmtree(path, ignore_errors=True)
+    return True
+
+
+def _lock_dir(target: Path) -> Path:
+    """OUT's private lock folder, beside OUT (so two runs agree on it whatever their temp dirs): it holds the
+    lock file and, during a journalled replace, the journal; created 0700 and refused unless this user's."""
+    return target.parent / f".{target.name}{LOCK_MARK}"
+
+
+def _open_lock_dir(target: Path) -> int:
+    """An fd of OUT's lock folder, created if absent; refused unless it is a real folder of this user's that no
+    one else can write (names inside it are then opened relative to this fd, without following links)."""
+    path = _lock_dir(target)
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    st = os.fstat(fd)
+    if st.st_uid != os.getuid() or st.st_mode & 0o077:
+        os.close(fd)
+        raise WeightsmithError(f"cannot lock {target}: {path} is not a private folder of this user (owner or "
+                               "permissions); remove it and rerun")
+    return fd
 
 
 def _journal(target: Path) -> Path:
-    return target.parent / f".{target.name}.weightsmith-replace"
+    return _lock_dir(target) / "replace.json"
 
 
 def _write_error(target: Path, exc: OSError) -> WeightsmithError:
@@ -175,39 +249,67 @@ def _is_write_error(exc: OSError, tmp: Path) -> bool:
         (Path(exc.filename) == tmp or tmp in Path(exc.filename).parents)
 
 
-def _lock(target: Path) -> None:
+def _lock(target: Path, created: list[Path]) -> None:
     """Take OUT's lock file (flock, not waiting): a second run to OUT fails at once, naming the holder's pid."""
     key = target.resolve()
     if key in _LOCKS:
         return
-    path = _lock_path(target)
     while True:
         try:
-            path.parent.mkdir(mode=0o700, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            dfd = _open_lock_dir(target)
+            fd = os.open("lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600, dir_fd=dfd)
+        except FileNotFoundError:  # the folder was removed by the previous holder meanwhile
+            continue
         except OSError as exc:
-            raise WeightsmithError(f"cannot lock {target}: {exc.strerror} ({path})") from None
+            raise WeightsmithError(f"cannot lock {target}: {exc.strerror} ({_lock_dir(target)})") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
             os.close(fd)
+            os.close(dfd)
             raise WeightsmithError(f"{target} is being written by another weightsmith run (pid {holder}); "
                                    "wait for it to finish or choose another output folder") from None
         try:
-            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+            same = os.fstat(fd).st_ino == os.stat("lock", dir_fd=dfd, follow_symlinks=False).st_ino
         except FileNotFoundError:
             same = False
         if same:  # not unlinked by the previous holder between our open and our flock
             break
         os.close(fd)
+        os.close(dfd)
     try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     except OSError as exc:
         os.close(fd)
-        raise WeightsmithError(f"cannot lock {target}: {exc.strerror} ({path})") from None
-    _LOCKS[key] = fd
+        os.close(dfd)
+        raise WeightsmithError(f"cannot lock {target}: {exc.strerror} ({_lock_dir(target)})") from None
+    _LOCKS[key] = (fd, dfd, target, created)
+
+
+def _make_parents(target: Path) -> list[Path]:
+    """Create the missing folders above ``target`` (its lock folder goes beside it); returns them, outermost first."""
+    missing = []
+    folder = target.parent
+    while not (folder.exists() or folder.is_symlink()):
+        missing.append(folder)
+        folder = folder.parent
+    missing.reverse()
+    for p in missing:
+        try:
+            p.mkdir(exist_ok=True)
+        except OSError as exc:
+            raise _write_error(target, exc) from None
+    return missing
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for p in reversed(folders):
+        try:
+            p.rmdir()
+        except OSError:
+            return
 
 
 def _probe_writable(target: Path) -> None:
@@ -224,20 +326,25 @@ def _probe_writable(target: Path) -> None:
 
 
 def _unlock(target: Path) -> None:
-    fd = _LOCKS.pop(target.resolve(), None)
-    if fd is None:
+    held = _LOCKS.pop(target.resolve(), None)
+    if held is None:
         return
+    fd, dfd, target, created = held
     try:
-        _lock_path(target).unlink()
+        os.unlink("lock", dir_fd=dfd)
+        os.rmdir(_lock_dir(target))  # not empty while a journal waits for the next run
     except OSError:
         pass
     os.close(fd)
+    os.close(dfd)
+    _remove_empty(created)  # the folders made for an output that was never written
 
 
 @atexit.register
-def _unlock_all() -> None:
-    for key in list(_LOCKS):
-        _unlock(key)
+def release_locks() -> None:
+    """Release every output lock this process holds (at exit, and when the command line stops on a signal)."""
+    for held in list(_LOCKS.values()):
+        _unlock(held[2])
 
 
 def _pid_alive(pid: int) -> bool:
@@ -256,29 +363,42 @@ def _clean_stale(target: Path) -> None:
     """Remove ``OUT.tmp-PID-*`` / ``OUT.old-PID-*`` folders of runs that died (their pid is gone); lock held."""
     for p in target.parent.glob(f"{glob.escape(target.name)}.*-*"):
         m = _TMP_NAME.fullmatch(p.name[len(target.name):])
-        if m and not _pid_alive(int(m.group(1))) and not p.is_symlink():
-            shutil.rmtree(p, ignore_errors=True)
+        if m and not _pid_alive(int(m.group(1))):
+            _remove_own(p)
+
+
+def _read_journal(target: Path) -> tuple[Path, Path] | None:
+    """The (new, old) folders of a replace a killed run left half done; None unless the journal is a regular
+    file in OUT's private lock folder naming two folders of the kind this module generates."""
+    dfd = _LOCKS[target.resolve()][1]
+    try:
+        fd = os.open("replace.json", os.O_RDONLY | os.O_NOFOLLOW, dir_fd=dfd)
+    except OSError:
+        return None
+    try:
+        with os.fdopen(fd) as f:
+            names = json.load(f)
+        new, old = names["new"], names["old"]
+    except (OSError, ValueError, KeyError, TypeError):
+        new = old = ""
+    os.unlink("replace.json", dir_fd=dfd)
+    if not (isinstance(new, str) and isinstance(old, str) and _own_name(target, new) and _own_name(target, old)):
+        return None
+    return target.parent / new, target.parent / old
 
 
 def _recover(target: Path) -> None:
     """Finish a journalled replace that a killed run left half done (lock held)."""
-    journal = _journal(target)
-    try:
-        names = json.loads(journal.read_text())
-        new, old = target.parent / names["new"], target.parent / names["old"]
-    except FileNotFoundError:
+    found = _read_journal(target)
+    if found is None:
         return
-    except (OSError, ValueError, KeyError, TypeError):
-        journal.unlink(missing_ok=True)
-        return
-    if new.is_dir():
-        if target.exists() and not old.exists():
+    new, old = found
+    if new.is_dir() and not new.is_symlink() and written_by_weightsmith(new):
+        if target.exists() and not old.exists() and written_by_weightsmith(target):
             target.rename(old)
         if not target.exists():
             new.rename(target)
-    if old.exists():
-        shutil.rmtree(old, ignore_errors=True)
-    journal.unlink(missing_ok=True)
+    _remove_own(old)
 
 
 def _renameat2(src: Path, dst: Path, flags: int) -> bool:
@@ -302,28 +422,37 @@ def _renameat2(src: Path, dst: Path, flags: int) -> bool:
 _RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
 
 
+def _keep_result(tmp: Path, target: Path) -> Path:
+    kept = target.parent / f"{target.name}.result-{uuid.uuid4().hex[:8]}"
+    tmp.rename(kept)
+    return kept
+
+
 def _commit(tmp: Path, target: Path, force: bool) -> None:
     if target.exists() or target.is_symlink():
         if not force:  # appeared while this run computed (not through weightsmith, which holds the lock)
-            kept = target.parent / f"{target.name}.result-{uuid.uuid4().hex[:8]}"
-            tmp.rename(kept)
+            kept = _keep_result(tmp, target)
             raise needs_option(f"{target} appeared while this run was writing it; nothing was replaced, the result "
                                f"is in {kept}", " ({0} replaces it)", "force")
         if target.is_symlink() or not target.is_dir():
             raise WeightsmithError(f"{target} was replaced by a file or link while this run was writing it")
+        if not written_by_weightsmith(target):
+            raise WeightsmithError(f"{target} was replaced by a folder weightsmith did not write while this run was "
+                                   f"writing it; nothing was replaced, the result is in {_keep_result(tmp, target)}")
         if _renameat2(tmp, target, _RENAME_EXCHANGE):
-            shutil.rmtree(tmp, ignore_errors=True)  # now the old folder; a kill here leaves a stale, cleaned tmp
+            _remove_own(tmp)  # now the old folder; a kill here leaves a stale, cleaned tmp
             return
         old = target.parent / f"{target.name}{OLD_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        journal = _journal(target)
-        with open(journal, "w") as f:
+        dfd = _LOCKS[target.resolve()][1]
+        fd = os.open("replace.json", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600, dir_fd=dfd)
+        with os.fdopen(fd, "w") as f:
             json.dump({"new": tmp.name, "old": old.name}, f)
             f.flush()
             os.fsync(f.fileno())
         target.rename(old)
         tmp.rename(target)
-        shutil.rmtree(old, ignore_errors=True)
-        journal.unlink(missing_ok=True)
+        _remove_own(old)
+        os.unlink("replace.json", dir_fd=dfd)
         return
     if not _renameat2(tmp, target, _RENAME_NOREPLACE):
         tmp.rename(target)
@@ -404,6 +533,7 @@ class ShardedWriter:
             shard = self.where[name]
         except KeyError:
             raise WeightsmithError(f"tensor {name!r} is not in the output plan") from None
+        check_publishable(self.folder, name, tensor)
         shard.write(name, tensor)
 
     def close(self) -> None:

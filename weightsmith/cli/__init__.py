@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gc
 import os
+import signal
 import sys
 
 import typer
@@ -36,20 +37,61 @@ def _quiet_libraries() -> None:
         os.environ[OFFLINE_BY_DEFAULT] = "1"
 
 
+class Stopped(BaseException):
+    """SIGINT or SIGTERM, raised where the command is: unwinding it removes its temp folders (``output_folder``)
+    and its locks before the command exits with 128 + the signal's number. A BaseException, so no stage's
+    ``except Exception`` takes it for a failure of its own."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _stop(signum, frame) -> None:
+    for sig in _STOP_SIGNALS:  # the clean-up runs once, not interrupted by a second Ctrl-C
+        signal.signal(sig, signal.SIG_IGN)
+    raise Stopped(signum)
+
+
 def main() -> None:
+    """The console script: the command's exit status is 0, 2 for a refusal, 130 after SIGINT, 143 after SIGTERM."""
+    previous = {sig: signal.signal(sig, _stop) for sig in _STOP_SIGNALS}
+    try:
+        _main()
+    except Stopped as exc:  # the handlers are left ignoring a late second signal while the process ends
+        _fail(f"{'interrupted' if exc.signum == signal.SIGINT else 'terminated'} by "
+              f"{signal.Signals(exc.signum).name}; temporary files removed", code=128 + exc.signum)
+    except BaseException:
+        _restore(previous)
+        raise
+    _restore(previous)
+
+
+def _restore(handlers: dict) -> None:
+    """Put back the handlers ``main`` replaced (it may run inside a longer-lived process)."""
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
+
+
+def _main() -> None:
     _quiet_libraries()
     # What the imports built lives as long as the process: later collections need not walk it again.
     gc.freeze()
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # a typer.Exit comes back as its code here, not raised
+        if isinstance(code, int) and not isinstance(code, bool) and code:
+            sys.exit(code)
     except OptionError as exc:  # one a command did not word itself: its options are flags here
         from .options import flag
 
         _fail(str(exc) if exc.where else exc.render(flag))
     except WeightsmithError as exc:
         _fail(str(exc))
-    except KeyboardInterrupt:
-        sys.exit(130)
+    except KeyboardInterrupt:  # raised by something other than the handler (which raises Stopped)
+        raise Stopped(signal.SIGINT) from None
     except SystemExit:
         raise
     except Exception as exc:  # command-line usage errors come through here in non-standalone mode
@@ -66,12 +108,17 @@ def main() -> None:
         if "Abort" in kinds:
             sys.exit(1)
         raise
+    finally:
+        writer = sys.modules.get("weightsmith.checkpoint.writer")  # loaded by every command that locks an output
+        if writer is not None:
+            writer.release_locks()
 
 
-def _fail(message: str) -> None:
-    """The one way a refusal leaves the CLI: ``error: MESSAGE`` on one stderr line, exit status 2."""
+def _fail(message: str, code: int = 2) -> None:
+    """The one way a refusal leaves the CLI: ``error: MESSAGE`` on one stderr line, exit status 2 (or ``code``)."""
     from .common import err_console, styled
 
     message = " ".join(message.split())  # one line, whatever the message held
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")  # bytes argv could not decode, as \xNN
     err_console.print(styled(("error:", "bold red"), " ", message), highlight=False, soft_wrap=True)
-    sys.exit(2)
+    sys.exit(code)

@@ -93,6 +93,9 @@ def model_folder(ref: Path | str, run: RunFlags | None = None, allow_pickle: boo
 
     if run is not None:
         go_offline(run.offline)
+        if run.quiet:  # huggingface_hub's own download bars, as every other bar
+            from huggingface_hub.utils import disable_progress_bars
+            disable_progress_bars()
     return resolve_model(ref, allow_pickle=allow_pickle or bool(run is not None and run.allow_pickle))
 
 
@@ -106,12 +109,16 @@ def with_tokenizer(opts, run: RunFlags):
 
 @contextmanager
 def progress_bars(enabled: bool = True):
-    """Yield a ``progress(label, done, total)`` callback drawing one rich bar per label (stderr)."""
-    if not enabled or not err_console.is_terminal and not _force_bars():
+    """Yield a ``progress(label, done, total)`` callback drawing one rich bar per label (stderr); when stderr is not a
+    terminal (CI, nohup, a log file), plain lines for long work instead (``plain_progress``)."""
+    if not enabled:
         yield None
         return
-    bars = Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TimeRemainingColumn(), console=err_console, transient=True)
+    if not err_console.is_terminal and not _force_bars():
+        yield plain_progress()
+        return
+    bars = Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, transient=True)
     tasks: dict[str, Any] = {}
 
     def callback(label: str, done: int, total: int | None) -> None:
@@ -121,6 +128,30 @@ def progress_bars(enabled: bool = True):
 
     with bars:
         yield callback
+
+
+def plain_progress(every: float | None = None, clock=None, write=None):
+    """A progress callback for logs: a line ``label: done/total (elapsed)`` for a step once it has run ``every``
+    seconds (``WEIGHTSMITH_PROGRESS_EVERY``, default 30), then every ``every`` seconds, and when such a step ends;
+    steps shorter than that print nothing."""
+    import os
+    import time
+
+    every = float(os.environ.get("WEIGHTSMITH_PROGRESS_EVERY", 30)) if every is None else every
+    clock = clock or time.monotonic
+    write = write or (lambda line: err_console.print(line, markup=False, highlight=False, soft_wrap=True))
+    started: dict[str, float] = {}
+    shown: dict[str, float] = {}
+
+    def callback(label: str, done: int, total: int | None) -> None:
+        now = clock()
+        start = started.setdefault(label, now)
+        finished = total is not None and done >= total
+        due = now - shown.get(label, start) >= every
+        if due or (finished and label in shown):
+            shown[label] = now
+            write(f"{label}: {done}/{total if total is not None else '?'} ({now - start:.0f} s)")
+    return callback
 
 
 def _force_bars() -> bool:

@@ -22,8 +22,12 @@ def download_cmd(
     from ..checkpoint.sources import pinned
     from ..checkpoint.trust import remote_code
 
+    from ..errors import WeightsmithError
+
     with remote_code(trust_remote_code):
         folder = model_folder(model, allow_pickle=allow_pickle)
+    if not folder.is_dir():
+        raise WeightsmithError(f"{model}: not a model folder (no such directory)")
     result = {"model": model, "folder": str(folder), "pinned": pinned(folder)}
     if json_out:
         print_json(result)

@@ -25,7 +25,8 @@ def eval_cmd(
     from ..eval import evaluate
 
     with remote_code(run.trust_remote_code), progress_bars(not run.quiet) as progress:
-        models = [model_folder(m, run) for m in models]
+        given = {str(model_folder(m, run)): str(m) for m in models}  # rows named as the user named the models
+        models = [Path(f) for f in given]
         opts = with_tokenizer(opts, run)
         rows = evaluate(models, opts, device=run.device, allow_pickle=run.allow_pickle, progress=progress)
     if run.json_out:
@@ -35,7 +36,8 @@ def eval_cmd(
     table = Table("model", "params", "size", *(["perplexity", "tokens", "tokens/s"] if data else []),
                   *(["accuracy"] if labelled else []))
     for r in rows:
-        cells = [short_name(r.model, [x.model for x in rows]), human_count(r.params), human_bytes(r.size_bytes)]
+        cells = [short_name(given.get(r.model, r.model), [given.get(x.model, x.model) for x in rows]),
+                 human_count(r.params), human_bytes(r.size_bytes)]
         if data:
             cells += [f"{r.perplexity:.2f}", str(r.tokens), f"{r.tokens_per_s:,.0f}"]
         if labelled:

@@ -87,10 +87,16 @@ def _refuse(ctx: typer.Context, param, value):
     return value
 
 
+# mergekit-yaml's on/off flags among the refused ones: their --no- form asks for what weightsmith does anyway.
+MERGEKIT_SWITCHES = ("--low-cpu-memory", "--clone-tensors", "--trust-remote-code", "--read-to-gpu", "--multi-gpu")
+
+
 def _refused_options():
-    """Hidden options for mergekit-yaml flags that are refused by name when given."""
+    """Hidden options for mergekit-yaml flags that are refused by name when given (their --no- forms accepted)."""
+    def decl(name: str) -> str:
+        return f"{name}/--no-{name[2:]}" if name in MERGEKIT_SWITCHES else name
     return {name.lstrip("-").replace("-", "_"): Annotated[
-        bool, typer.Option(name, hidden=True, callback=_refuse, expose_value=True)] for name in MERGEKIT_REFUSED}
+        bool, typer.Option(decl(name), hidden=True, callback=_refuse, expose_value=True)] for name in MERGEKIT_REFUSED}
 
 
 RECIPE_FLAGS = {"base_model": "--base", "models": "--model", "merge_method": "--method"}  # recipe keys -> flags
@@ -190,6 +196,7 @@ def merge_cmd(
     list_methods_: Annotated[bool, typer.Option("--list-methods", help="List the merge methods and their parameters, then exit.")] = False,
     transformers_cache: Annotated[Path | None, typer.Option("--transformers-cache", help="Hugging Face cache folder for Hub model names (as HF_HUB_CACHE).")] = None,
     lora_merge_cache: Annotated[Path | None, typer.Option("--lora-merge-cache", help="Folder for bases with adapters applied (model+adapter references).")] = None,
+    loud: Annotated[bool, typer.Option("--no-quiet", hidden=True, help="mergekit-yaml's default; accepted.")] = False,
     flags: MergeFlags = None,
     opts: MergeOptions = None,
     run: RunFlags = None,
@@ -252,7 +259,7 @@ def _device(device: str, cuda: bool | None) -> str:
 def _recipe(path: Path | None, flags: MergeFlags):
     """The recipe file with the flags' method, base and parameters over it, or the recipe the flags describe."""
     from ..merge import load_recipe
-    from ..merge.recipe import _model_ref, recipe_from_flags
+    from ..merge.recipe import _ref_text, recipe_from_flags
 
     try:
         per_model, params = flags.per_model(), flags.parameters()
@@ -266,7 +273,7 @@ def _recipe(path: Path | None, flags: MergeFlags):
         if any(v and len(v) > 1 for v in per_model.values()):
             raise WeightsmithError("with a recipe, per-model flags may be given once (applied to all models)")
         r.method = flags.method or r.method
-        r.base_model = _model_ref(str(flags.base), "base_model") if flags.base else r.base_model
+        r.base_model = _ref_text(str(flags.base), "base_model") if flags.base else r.base_model
         given = {**{k: v for k, v in params.items() if v is not None}, **{k: v[0] for k, v in per_model.items() if v}}
         _check_given(r.method, given)
         r.parameters.update(given)

@@ -7,12 +7,13 @@ import typer
 from rich.table import Table
 
 from . import app
-from .common import JsonOpt, QuietOpt, console, human_bytes, print_json, progress_bars
+from .common import JsonOpt, QuietOpt, model_folder, console, human_bytes, print_json, progress_bars
 
 
 @app.command("push")
 def push_cmd(
-    folder: Annotated[Path, typer.Argument(help="Model folder to upload (validated first; never modified).")],
+    folder: Annotated[Path, typer.Argument(help="Model to upload: a folder (validated first; never modified), a cache "
+                                                "snapshot or a Hub name.")],
     repo_id: Annotated[str, typer.Argument(help="Hub model repo, OWNER/NAME; created if missing.")],
     private: Annotated[bool, typer.Option("--private", help="Create the repo as private (an existing repo keeps its visibility).")] = False,
     revision: Annotated[str | None, typer.Option("--revision", help="Branch to commit to, created if missing (default: main).")] = None,
@@ -28,6 +29,7 @@ def push_cmd(
     """
     from ..checkpoint.hub import push
 
+    folder = model_folder(folder)
     with progress_bars(not quiet and not json_out) as progress:
         result = push(folder, repo_id, private=private, revision=revision, dry_run=dry_run, commit_message=message,
                       timeout=timeout, progress=progress)

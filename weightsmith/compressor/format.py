@@ -64,6 +64,9 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     ckpt = Checkpoint(path)
     if MEMORY_NAME not in ckpt:
         raise WeightsmithError(f"{path}: tensor {MEMORY_NAME!r} is missing; the folder is damaged")
+    from ..loading import check_layer_count
+
+    check_layer_count(path, config, ckpt.names())
     cls = _model_class(config)
     hf_config = cls.config_class.from_dict(config)
     with init_empty_weights(include_buffers=False):  # dense weights never allocated; rotary buffers are
@@ -102,7 +105,7 @@ def export_plain(path: str | Path, out: str | Path, max_shard_size: str = "5GB",
     plain = [n for n in ckpt.names() if n != MEMORY_NAME]
     plan = [(n, ckpt.get(n).dtype, tuple(ckpt.get(n).shape)) for n in plain]
     plan += [(n, out_dtype, tuple(s.shape)) for n, s in dense.items()]
-    with output_folder(out, inputs=[path], force=force) as tmp:
+    with output_folder(out, inputs=[path], force=force, stage="export") as tmp:
         writer = ShardedWriter(tmp, plan, max_shard_size)
         for n in plain:
             writer.write(n, ckpt.get(n))

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import detect_layout
-from ..errors import OptionError
+from ..errors import OptionError, literal
 from ..progress import ProgressFn, track
 from .memory import HashedMemory, ModuleSpec, RPSEmbedding, RPSLinear, plan_specs
 
@@ -42,7 +42,7 @@ def select_modules(model: nn.Module, pattern: str | None) -> list[tuple[str, nn.
     tied = {id(p) for n, m in chosen for p in m.parameters(recurse=False)}
     for n, m in model.named_modules():
         if (n, m) not in chosen and any(id(p) in tied for p in m.parameters(recurse=False)):
-            raise OptionError(None, f"module {n} shares its weight with a module chosen by {{0}}; choose both "
+            raise OptionError(None, f"module {literal(n)} shares its weight with a module chosen by {{0}}; choose both "
                                     f"or neither (untie the embeddings first)", ("modules",))
     return chosen
 

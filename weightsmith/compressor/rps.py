@@ -84,7 +84,7 @@ def compress_rps(model_path: str | Path, out: str | Path, opts: RpsOptions | Non
                      seq_len=o.seq_len, seed=seed, device=dev, progress=progress)
         metrics.update(heal_loss_first=losses[0], heal_loss_last=sum(losses[-10:]) / len(losses[-10:]))
     params = {**o.to_dict(exclude=TRAIN_ONLY), "modules": o.modules or "default", "lr": lr, "seed": seed}
-    with output_folder(out, inputs=[model_path], force=force) as tmp:
+    with output_folder(out, inputs=[model_path], force=force, stage="compress") as tmp:
         report = _finish(model, tmp, budget=o.budget, inputs=[str(model_path)], method=o.mapping, params=params,
                          metrics=metrics, side_from=model_path)
     return {"output": str(out), **report}
@@ -120,7 +120,7 @@ def train_rps(from_config: str | Path, out: str | Path, opts: RpsOptions | None 
     params = {**o.to_dict(exclude=HEAL_ONLY), "modules": o.modules or "default", "lr": lr, "seed": seed}
     metrics = {"train_loss_first": losses[0] if losses else None,
                "train_loss_last": sum(losses[-10:]) / len(losses[-10:]) if losses else None}
-    with output_folder(out, inputs=[cfg_file.parent], force=force) as tmp:
+    with output_folder(out, inputs=[cfg_file.parent], force=force, stage="compress") as tmp:
         report = _finish(model, tmp, budget=o.budget, inputs=[str(src)], method=o.mapping, params=params,
                          metrics=metrics, side_from=tok_dir)
     return {"output": str(out), **report}

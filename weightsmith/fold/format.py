@@ -129,10 +129,17 @@ def save(model: torch.nn.Module, folder: Path, config: dict, max_shard_size: str
 
 
 def load(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> torch.nn.Module:
+    from ..loading import check_layer_count
+
     path = Path(path)
     config = read_json(path / "config.json", "config.json")
     ckpt = Checkpoint(path)
-    return assemble(config, ckpt.state_dict(), device=device, dtype=dtype)
+    members = {j for group in config["weightsmith"]["groups"] for j in group[1:]}
+    check_layer_count(path, config, ckpt.names(), skip=members)
+    try:
+        return assemble(config, ckpt.state_dict(), device=device, dtype=dtype)
+    except WeightsmithError as exc:
+        raise WeightsmithError(f"{path}: {exc}") from None
 
 
 def _plain_sources(config: dict, names: list[str]) -> dict[str, list[str]]:
@@ -172,7 +179,7 @@ def export_plain(path: str | Path, out: str | Path, max_shard_size: str = "5GB",
     sources = _plain_sources(config, ckpt.names())
     plan = [(n, _torch_dtype(ckpt, s[0]), tuple(ckpt.info(s[0]).shape)) for n, s in sources.items()]
     plain_cfg = {k: v for k, v in config.items() if k != "weightsmith"}
-    with output_folder(out, inputs=[path], force=force) as tmp:
+    with output_folder(out, inputs=[path], force=force, stage="export") as tmp:
         writer = ShardedWriter(tmp, plan, max_shard_size)
         for name, src in track(progress, "export", list(sources.items())):
             t = ckpt.get(src[0])

@@ -217,7 +217,7 @@ def _write(folded: torch.nn.Module, config: dict, fold_map: dict, result: dict, 
     from .format import folded_config, save
 
     cfg = folded_config(config, fold_map["kept"], {k: v for k, v in fold_map.items() if k != "format"})
-    with output_folder(out, inputs=[model_path], force=force) as tmp:
+    with output_folder(out, inputs=[model_path], force=force, stage="fold") as tmp:
         save(folded.to("cpu"), tmp, cfg, opts.out_shard_size)
         copy_side_files(model_path, tmp)
         copy_sentence_transformers_files(model_path, tmp)

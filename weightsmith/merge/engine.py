@@ -24,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import Checkpoint, ShardedWriter, check_output, copy_side_files, detect_layout, output_folder, write_config
+from ..checkpoint import (Checkpoint, ShardedWriter, check_output, copy_side_files, detect_layout, output_folder,
+                          parse_size, write_config)
 from ..checkpoint.card import write_model_card
 from ..device import resolve_device, resolve_dtype
 from ..errors import MissingOption, OptionError, WeightsmithError, needs_option
@@ -32,7 +33,7 @@ from ..progress import ProgressFn, report
 from ..stage_options import MergeOptions
 from . import mixing
 from .registry import Method, PlanCheck, check_param_names, get_method, resolve, resolve_globals
-from .recipe import Recipe
+from .recipe import Recipe, resolve_recipe
 from .values import ValueChecks, zero_requested
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -146,6 +147,8 @@ def plan_merge(recipe: Recipe, *, dtype: str | None = None, allow_crimes: bool =
     or the recipe's ``dtype`` under compat: mergekit."""
     from .tokenizer import attach_vocabulary
 
+    get_method(recipe.method)  # an unknown method is refused before any model is fetched
+    recipe = resolve_recipe(recipe)
     where = "recipe"
     if recipe.slices is not None:
         from .slices import plan_slice_merge
@@ -304,36 +307,6 @@ def _read(ckpt: Checkpoint, job: TensorJob, device: torch.device, name: str | No
     return ckpt.read(name, job.rows, job.compute if job.float_math else None, device)
 
 
-SHARD_PARAMS = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "T": 10**12}
-SHARD_BYTES = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30,
-               "TIB": 2**40}
-MIN_SHARD_BYTES = 1000
-
-
-def shard_bytes(size: str | int, bytes_per_param: int) -> int:
-    """The output shard limit in bytes. An int is bytes (the library's form); text is mergekit's parameter
-    count (``5B`` = 5 billion, ``500M``, ``50K``, a bare number) or bytes with a byte unit (``2GB``,
-    ``300MiB``). Sizes under 1 KB are refused: they would write one file per tensor by accident."""
-    import re as _re
-
-    if isinstance(size, int) and not isinstance(size, bool):
-        n = size
-    else:
-        m = _re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(size))
-        unit = m.group(2).upper() if m else None
-        if unit in SHARD_PARAMS:
-            n = int(float(m.group(1)) * SHARD_PARAMS[unit]) * bytes_per_param
-        elif unit in SHARD_BYTES:
-            n = int(float(m.group(1)) * SHARD_BYTES[unit])
-        else:
-            raise OptionError("out_shard_size", f"{size!r} not understood; write parameters as mergekit (5B, 500M, "
-                                                "50K) or bytes (2GB, 500MB, 1GiB)")
-    if n < MIN_SHARD_BYTES:
-        raise OptionError("out_shard_size", f"{size!r} is {n} bytes; shards under 1KB are refused (did you mean "
-                                            "a parameter count such as 1B = 1 billion?)")
-    return n
-
-
 def merge(recipe: Recipe, out: str | Path, opts: MergeOptions | None = None, *, device: str = "auto", seed: int = 0,
           force: bool = False, progress: ProgressFn | None = None, metrics: list[dict] | None = None,
           **options) -> dict:
@@ -341,12 +314,13 @@ def merge(recipe: Recipe, out: str | Path, opts: MergeOptions | None = None, *, 
     notes, seconds). Keywords naming ``MergeOptions`` fields replace them (``dtype=``, ``out_shard_size=``,
     ``allow_crimes=``, ...); any others go to a whole-model method (e.g. greedy soup's).
 
-    ``out_shard_size``: see ``shard_bytes`` (text in parameters, as mergekit, or bytes with a unit)."""
+    ``out_shard_size``: bytes, or text as ``checkpoint.parse_size`` reads it (``5B`` = 5e9 bytes, as mergekit)."""
     known = MergeOptions.specs()
     opts = MergeOptions.build(opts, **{k: v for k, v in options.items() if k in known})
     extra = {k: v for k, v in options.items() if k not in known}
-    shard_bytes(opts.out_shard_size, 4)  # a bad size is refused before any input is opened
+    parse_size(opts.out_shard_size)  # a bad size is refused before any input is opened
     method = get_method(recipe.method)
+    recipe = resolve_recipe(recipe)  # options checked above: now the models are fetched if they must be
     if method.whole_model:
         return _whole_model(method, recipe, out, opts, device=device, seed=seed, force=force, progress=progress,
                             extra=extra)
@@ -364,9 +338,8 @@ def merge(recipe: Recipe, out: str | Path, opts: MergeOptions | None = None, *, 
             for job in jobs:
                 yield [_read(c, job, dev) for c in sources]
         plan.method.prepass([j for j in plan.jobs if j.float_math], stream, progress)
-    with output_folder(out, recipe.inputs, force) as tmp:
-        widest = max((j.dtype.itemsize for j in plan.jobs), default=4)
-        shard = "1000TB" if plan.adapter else shard_bytes(opts.out_shard_size, widest)
+    with output_folder(out, recipe.inputs, force, stage="merge", values_checked=True) as tmp:
+        shard = "1000TB" if plan.adapter else parse_size(opts.out_shard_size)
         writer = ShardedWriter(tmp, [(j.name, j.dtype, j.shape) for j in plan.jobs], shard)
         execute(plan, _Inputs(plan, sources, uses_base, dev), writer, checks, seed=seed, progress=progress)
         writer.close()
@@ -386,7 +359,7 @@ def _whole_model(method: Method, recipe: Recipe, out: str | Path, opts: MergeOpt
         if recipe.parameters.get(p.name) is not None:
             p.check(recipe.parameters[p.name], "recipe")
     return method.whole_model_fn()(recipe, out, device=device, dtype=opts.dtype,
-                                   out_shard_size=shard_bytes(opts.out_shard_size, 4), seed=seed,
+                                   out_shard_size=parse_size(opts.out_shard_size), seed=seed,
                                    allow_crimes=opts.allow_crimes, force=force, progress=progress,
                                    copy_tokenizer=opts.copy_tokenizer, model_card=opts.model_card,
                                    allow_nonfinite=opts.allow_nonfinite, **extra)

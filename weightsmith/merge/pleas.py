@@ -465,7 +465,7 @@ def pleas_merge(model_a: str | Path, model_b: str | Path, opts: PleasOptions | N
     report.update(model_a=str(model_a), model_b=str(model_b), out=str(out), data=str(o.data),
                   tensors=len(merged.state_dict()),
                   intermediate_size=config.get("intermediate_size"))
-    with output_folder(out, [model_a, model_b], force) as folder:
+    with output_folder(out, [model_a, model_b], force, stage="pleas", values_checked=True) as folder:
         if dtype is not None:
             merged.to(resolve_dtype(dtype))
             config["torch_dtype"] = config["dtype"] = str(resolve_dtype(dtype)).removeprefix("torch.")

@@ -117,10 +117,10 @@ def _ref_text(value, where: str) -> str:
 
 def _resolver(root: Path | None):
     """``model_ref(value, where)`` giving the folder a reference resolves to (``checkpoint.sources``)."""
-    from ..checkpoint.sources import resolve_model, rooted
+    from ..checkpoint import sources
 
     def model_ref(value, where: str) -> str:
-        return str(resolve_model(rooted(_ref_text(value, where), root), what=where))
+        return str(sources.resolve_model(sources.rooted(_ref_text(value, where), root), what=where))
     return model_ref
 
 
@@ -128,14 +128,30 @@ _model_ref = _resolver(None)
 
 
 def parse_recipe(text: str, source: str = "recipe", root: str | Path | None = None) -> Recipe:
-    """Parse mergekit YAML text into a Recipe whose models are folders: the whole recipe is checked first, then
-    each model reference is resolved (``checkpoint.sources``: a Hub name is found in the cache or downloaded);
-    relative paths that exist beside the recipe (``root``) are taken from there."""
-    checked = _parse(text, source, _ref_text)
-    from .registry import get_method
+    """Parse mergekit YAML text into a Recipe (nothing is opened or fetched here: ``resolve_recipe`` turns its model
+    references into folders). Relative paths that exist beside the recipe (``root``) are taken from there."""
+    from ..checkpoint.sources import rooted
 
-    get_method(checked.method)  # an unknown method is refused before any model is fetched
-    return _parse(text, source, _resolver(Path(root) if root is not None else None))
+    base = Path(root) if root is not None else None
+    return _parse(text, source, lambda value, where: rooted(_ref_text(value, where), base))
+
+
+def resolve_recipe(recipe: Recipe) -> Recipe:
+    """``recipe`` with every model reference (``models``, ``base_model``, ``slices`` sources and bases) resolved to
+    its folder (``checkpoint.sources``: a Hub name is read from the cache or downloaded). Folders stay as they are;
+    ``recipe.text`` keeps the names as written."""
+    import copy
+
+    out = copy.deepcopy(recipe)
+    for i, m in enumerate(out.models):
+        m.path = _model_ref(m.path, f"recipe: models[{i}]")
+    if out.base_model is not None:
+        out.base_model = _model_ref(out.base_model, "recipe: base_model")
+    for i, s in enumerate(out.slices or []):
+        s.base_model = _model_ref(s.base_model, f"recipe: slices[{i}]: base_model") if s.base_model else None
+        for j, src in enumerate(s.sources):
+            src.model = _model_ref(src.model, f"recipe: slices[{i}]: sources[{j}]")
+    return out
 
 
 def _parse(text: str, source: str, model_ref) -> Recipe:
@@ -223,8 +239,8 @@ def recipe_from_flags(method: str, models: list[str], base: str | None = None, p
     given once per model they pair up in order; ``parameters`` are global (``None`` values dropped)."""
     if not models:
         raise MissingOption("models", "no models to merge: give a recipe or one model per input")
-    entries = [ModelEntry(_model_ref(m, "model")) for m in models]
-    base = _model_ref(base, "base_model") if base is not None else None
+    entries = [ModelEntry(_ref_text(m, "model")) for m in models]
+    base = _ref_text(base, "base_model") if base is not None else None
     params = {k: v for k, v in (parameters or {}).items() if v is not None}
     for key, values in (per_model or {}).items():
         if not values:

@@ -25,24 +25,36 @@ TOKENIZER_KEYS = {"source", "tokens", "pad_to_multiple_of"}
 TOKEN_KEYS = {"source", "force"}
 MODEL_TOKEN_KEYS = {"kind", "model", "token_id", "token"}
 # Chat templates by name (written here; each renders messages the way its family expects).
+# Chat templates by name, each rendering (under transformers' Jinja settings: trim_blocks, lstrip_blocks) exactly
+# the prompts mergekit 0.1.5's template of that name renders, whitespace included (tests/merge/test_tokenizer.py
+# renders conversations through both).
 CHAT_TEMPLATES = {
     "chatml": ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] "
                "+ '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
                "{% endif %}"),
-    "llama3": ("{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
-               "'<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
-               "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"),
-    "alpaca": ("{% for message in messages %}{% if message['role'] == 'system' %}{{ message['content'] + '\\n\\n' }}"
-               "{% elif message['role'] == 'user' %}{{ '### Instruction:\\n' + message['content'] + '\\n\\n' }}"
-               "{% else %}{{ '### Response:\\n' + message['content'] + eos_token + '\\n\\n' }}{% endif %}{% endfor %}"
-               "{% if add_generation_prompt %}{{ '### Response:\\n' }}{% endif %}"),
-    "mistral": ("{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
-                "{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
-                "{{ message['content'] + eos_token }}{% else %}{{ message['content'] + '\\n\\n' }}{% endif %}"
-                "{% endfor %}"),
-    "exaone": ("{% for message in messages %}{{ '[|' + message['role'] + '|]' + message['content'] }}"
-               "{% if message['role'] == 'assistant' %}{{ '[|endofturn|]' }}{% endif %}{{ '\\n' }}{% endfor %}"
-               "{% if add_generation_prompt %}{{ '[|assistant|]' }}{% endif %}"),
+    "llama3": ("{% for message in messages %}{% if loop.first %}{{ bos_token }}{% endif %}{{ '<|start_header_id|>' "
+               "+ message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>\\n' }}"
+               "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
+               "{% endif %}"),
+    "alpaca": ("{% set system = messages | selectattr('role', 'equalto', 'system') | list %}"
+               "{{ (system | last)['content'] | trim if system else '' }}{{ '\\n\\n' }}"
+               "{% set heads = {'user': '### Instruction:\\n', 'assistant': '### Response:\\n', "
+               "'user_context': '### Input:\\n'} %}{% for message in messages %}{% if message['role'] in heads %}"
+               "{{ heads[message['role']] + message['content'] | trim }}{% if not loop.last %}{{ '\\n\\n' }}{% endif %}"
+               "{% endif %}{% endfor %}{% if add_generation_prompt and messages[-1]['role'] != 'assistant' %}"
+               "{{ '### Response:\\n' }}{% endif %}"),
+    "mistral": ("{% set system = messages[0]['content'] if messages[0]['role'] == 'system' else none %}"
+                "{{ bos_token }}{% for message in (messages[1:] if system is not none else messages) %}"
+                "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('after an optional "
+                "system message, the roles must alternate user, assistant, user, ...') }}{% endif %}"
+                "{% if message['role'] == 'user' %}{{ ' [INST] ' + (system + '\\n\\n' if loop.first and system is not "
+                "none else '') + message['content'] + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
+                "{{ ' ' + message['content'] + eos_token }}{% else %}{{ raise_exception('only user and assistant "
+                "roles, after an optional system message') }}{% endif %}{% endfor %}"),
+    "exaone": ("{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+               "{{ '        [|system|][|endofturn|]\\n\\n' }}{% endif %}{{ '    [|' + message['role'] + '|]' + "
+               "message['content'] + '\\n        ' + ('\\n' if message['role'] == 'user' else '[|endofturn|]\\n') + "
+               "'\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '    [|assistant|]\\n' }}{% endif %}"),
 }
 
 

@@ -11,12 +11,12 @@ tensor's inputs and result.
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from ..checkpoint.values import finite, nonfinite_count, span
 from ..errors import WeightsmithError, needs_option
 
 # Safetensors dtypes torch cannot check (aminmax, isfinite) or average: refused by name before any tensor is read.
@@ -70,28 +70,28 @@ def check_inputs(name: str, inputs: list[torch.Tensor], paths: list[Path], allow
     ``report`` with ``allow_nonfinite``. Returns (some input is non-finite, some input is not all zeros).
     One ``aminmax`` pass per tensor answers both: NaN propagates into it, inf shows as a bound, all-zero
     is [0, 0]."""
-    spans = [_span(t) for t in inputs]
-    bad = [(path, t) for path, t, span in zip(paths, inputs, spans) if not _finite(t, span)]
+    spans = [span(t) for t in inputs]
+    bad = [(path, t) for path, t, bounds in zip(paths, inputs, spans) if not finite(t, bounds)]
     for path, t in bad:
-        count = int((~torch.isfinite(t)).sum())
+        count = nonfinite_count(t)
         if not allow_nonfinite:
             raise needs_option(
                 f"{path}: tensor {name!r} holds {count} NaN/inf value(s); the merge would spread them. Repair "
                 "the input", ", or set {0} to merge anyway (reported per tensor)", "allow_nonfinite")
         report.append({"model": str(path), "tensor": name, "nonfinite": count})
-    return bool(bad), any(span is not None and span != (0, 0) for span in spans)
+    return bool(bad), any(bounds is not None and bounds != (0, 0) for bounds in spans)
 
 
 def check_result(name: str, result: torch.Tensor, kept_nonfinite: bool, nonzero: bool, zero_ok: bool = False) -> None:
     """A merged tensor: non-finite refused unless its inputs were (and allowed), all zeros refused when its
     inputs were not all zero unless the recipe asks for zeros (``zero_ok``)."""
-    span = _span(result)
-    if not _finite(result, span):
+    bounds = span(result)
+    if not finite(result, bounds):
         if not kept_nonfinite:
             raise needs_option(
                 f"merged tensor {name!r} is not finite although its inputs are (overflow in the output dtype? ",
                 "try {0} float32 or smaller weights)", "dtype")
-    elif nonzero and span == (0, 0) and not zero_ok:
+    elif nonzero and bounds == (0, 0) and not zero_ok:
         raise WeightsmithError(
             f"merged tensor {name!r} is all zeros although its inputs are not (weights cancelling out?); "
             "check the recipe's weights")
@@ -113,17 +113,6 @@ def check_whole_models(inputs: list[tuple[Path, dict[str, torch.Tensor]]], allow
             if t.is_floating_point():
                 check_result(name, t, *flags.get(name, (False, False)))
     return report, check
-
-
-def _span(t: torch.Tensor) -> tuple[float, float] | None:
-    if t.numel() == 0:
-        return None
-    lo, hi = torch.aminmax(t)
-    return float(lo), float(hi)
-
-
-def _finite(t: torch.Tensor, span: tuple[float, float] | None) -> bool:
-    return span is None or not t.is_floating_point() or (math.isfinite(span[0]) and math.isfinite(span[1]))
 
 
 def zero_requested(kwargs: dict) -> bool:

@@ -99,7 +99,7 @@ def _markdown(summary: dict) -> str:
         if r.get("error"):
             lines += [f"  - error: {r['error']}"]
     if "plot" in summary["files"]:
-        lines += ["", "![perplexity vs size](perplexity_vs_size.png)"]
+        lines += ["", "![perplexity by model and eval set](perplexity_vs_size.png)"]
     for key, path in summary["files"].items():
         if key.startswith("heatmap "):
             rel = Path(path).relative_to(summary["workdir"]) if path.startswith(summary["workdir"]) else path
@@ -108,23 +108,32 @@ def _markdown(summary: dict) -> str:
 
 
 def _plot(rows: list[dict], path: Path, title: str) -> None:
+    """Perplexity per model as grouped horizontal bars, one bar per eval set, each model labelled with its size:
+    readable however many models share one size."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
-    for data in sorted({r.get("data") or "" for r in rows if r.get("perplexity") is not None}):
-        pts = [r for r in rows if r.get("perplexity") is not None and (r.get("data") or "") == data]
-        ax.scatter([r["size_bytes"] / 1e6 for r in pts], [r["perplexity"] for r in pts], label=data or "perplexity")
-        for r in pts:
-            ax.annotate(r["label"], (r["size_bytes"] / 1e6, r["perplexity"]), fontsize=7, xytext=(3, 3),
-                        textcoords="offset points")
-    ax.set_xlabel("size on disk (MB)")
-    ax.set_ylabel("perplexity (lower is better)")
-    ax.set_title(f"{title}: perplexity vs size")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    scored = [r for r in rows if r.get("perplexity") is not None]
+    models = list(dict.fromkeys(r["label"] for r in scored))
+    sets = sorted({r.get("data") or "perplexity" for r in scored})
+    size = {r["label"]: r.get("size_bytes") for r in scored}
+    height = 0.8 / len(sets)
+    fig, ax = plt.subplots(figsize=(7.5, 1.2 + 0.45 * len(models) * max(1, len(sets) / 2)), dpi=120)
+    for k, data in enumerate(sets):
+        value = {r["label"]: r["perplexity"] for r in scored if (r.get("data") or "perplexity") == data}
+        ys = [i + (k - (len(sets) - 1) / 2) * height for i, m in enumerate(models) if m in value]
+        xs = [value[m] for m in models if m in value]
+        bars = ax.barh(ys, xs, height=height * 0.95, label=data)
+        ax.bar_label(bars, fmt="%.1f", fontsize=6, padding=2)
+    ax.set_yticks(range(len(models)),
+                  [f"{m} ({size[m] / 1e6:.2f} MB)" if size.get(m) else m for m in models], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("perplexity (lower is better)")
+    ax.set_title(f"{title}: perplexity by model and eval set", fontsize=10)
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp)

@@ -15,7 +15,8 @@ import yaml
 
 from .. import __version__
 from ..checkpoint import output_folder
-from ..errors import WeightsmithError, reworded
+from ..checkpoint.writer import check_replaceable
+from ..errors import WeightsmithError, needs_option, reworded
 from ..progress import ProgressFn, report
 from .spec import Pipeline, StageEntry
 from .stages import STAGES, Context
@@ -111,11 +112,28 @@ def _check_all(pipeline: Pipeline, keys: dict[str, str], *, device: str, seed: i
         fresh = stamp is not None and stamp.get("key") == keys[entry.name] and stamp.get("status") == "done"
         record = {"name": entry.name, "stage": entry.stage, "inputs": entry.inputs, "output": str(out),
                   "params": entry.params, "key": keys[entry.name]}
+        _check_replace(entry, out, stamp, force)
         if not fresh or force:
             pending.add(out)
         record["checked"] = _dry_check(pipeline, entry, out, pending, device, seed)
         plans.append((entry, out, stamp if fresh and not force else None, record))
     return plans
+
+
+def _check_replace(entry: StageEntry, out: Path, stamp: dict | None, force: bool) -> None:
+    """A stage replaces an existing output folder only when weightsmith wrote it, and, without force, only when
+    this stage did (its stamp names it): a stage named like a folder of the user's never deletes that folder."""
+    if not (out.exists() or out.is_symlink()):
+        return
+    try:
+        check_replaceable(out)
+        if out.is_symlink() or not out.is_dir():
+            raise WeightsmithError(f"{out} is not a folder weightsmith wrote; remove it or rename the stage")
+    except WeightsmithError as exc:
+        raise reworded(exc, prefix=f"{entry.where()}: ") from None
+    if not force and (stamp is None or stamp.get("name") != entry.name or stamp.get("stage") != entry.stage):
+        raise needs_option(f"{entry.where()}: {out} already exists and was not written by this stage",
+                           "; {0} replaces it", "force")
 
 
 def _finish(pipeline: Pipeline, records: list[dict], failed: WeightsmithError | None, *, dry_run: bool,

@@ -90,7 +90,7 @@ def align(model_a: str | Path, model_b: str | Path, out: str | Path, opts: Align
     report = {"model_a": str(model_a), "model_b": str(model_b), "out": str(out), "method": o.method,
               "metric": o.metric if o.method == "activation" else None, "groups": len(spec.groups),
               "units": sum(g.size for g in spec.groups.values()), "units_moved": sum(moved.values()), **times}
-    with output_folder(out, [model_a, model_b], force) as folder:
+    with output_folder(out, [model_a, model_b], force, stage="align") as folder:
         save_like(b, model_b, folder, Checkpoint(model_b).config, o.out_shard_size)
         write_model_card(folder, stage="align", method=f"{o.method} matching", inputs=[str(model_a), str(model_b)],
                          parameters={**o.to_dict(exclude=("out_shard_size",)), "metric": report["metric"],
