@@ -40,7 +40,21 @@ class _Bounded:
         raise NotImplementedError
 
 
-class FakeHub(_Bounded):
+class _HTTP(_Bounded):
+    """A loopback HTTP server answering through ``handler``, stopped after ``lifetime`` seconds."""
+
+    def _listen(self, handler, lifetime: float) -> None:
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self._start(self.server.serve_forever, lifetime)
+
+    def close(self) -> None:
+        self.timer.cancel()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class FakeHub(_HTTP):
     def __init__(self, lifetime: float = 60.0):
         self.repos: dict[str, dict] = {}  # repo_id -> {"private": bool, "branches": {rev: {path: bytes}}}
         self.commits: dict[str, dict[str, bytes]] = {}  # commit sha -> files
@@ -67,14 +81,7 @@ class FakeHub(_Bounded):
             def do_HEAD(self):
                 hub._download(self, "HEAD")
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self._start(self.server.serve_forever, lifetime)
-
-    def close(self) -> None:
-        self.timer.cancel()
-        self.server.shutdown()
-        self.server.server_close()
+        self._listen(Handler, lifetime)
 
     # -- request handling ----------------------------------------------------------------
     def _handle(self, h: BaseHTTPRequestHandler, method: str) -> None:
@@ -293,7 +300,11 @@ class SilentServer(_Bounded):
             except OSError:
                 return
             self.accepted += 1
-            self.conns.append(conn)  # kept open, never written to
+            self.conns.append(conn)  # kept open
+            self._answer(conn)
+
+    def _answer(self, conn) -> None:
+        """Never written to."""
 
     def close(self) -> None:
         self.closed.set()
@@ -301,3 +312,57 @@ class SilentServer(_Bounded):
         self.sock.close()
         for c in self.conns:
             c.close()
+
+
+class DripServer(SilentServer):
+    """A server on 127.0.0.1 that answers every connection one byte every ``interval`` seconds, forever: each read
+    gets data in time, so only a deadline on the whole request ends it."""
+
+    def __init__(self, interval: float = 0.5, lifetime: float = 30.0, body: bool = False):
+        """``body``: send a JSON answer's headers at once, then drip its body (else drip from the status line)."""
+        self.interval = interval
+        head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+        self.prefix, self.answer = (head + b"Content-Length: 100000\r\n\r\n", b"[" + b" " * 99_999) if body else \
+            (b"", head + b"X-Padding: " + b"x" * 100_000)
+        super().__init__(lifetime)
+
+    def _answer(self, conn) -> None:
+        threading.Thread(target=self._drip, args=(conn,), daemon=True).start()
+
+    def _drip(self, conn) -> None:
+        try:
+            conn.recv(65536)  # the request (its headers at least): then answer
+            conn.sendall(self.prefix)
+            for i in range(len(self.answer)):
+                if self.closed.wait(self.interval):
+                    return
+                conn.sendall(self.answer[i:i + 1])
+        except OSError:
+            return
+
+
+class AnswerServer(_HTTP):
+    """A server on 127.0.0.1 answering every request with the same status, headers and body: an HTML page where
+    JSON is expected, or a redirect back to itself."""
+
+    def __init__(self, status: int, body: bytes = b"", headers: dict | None = None, lifetime: float = 30.0):
+        self.requests = 0
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _answer(self):
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                server.requests += 1
+                self.send_response(status)
+                for k, v in {"Content-Length": str(len(body)), **(headers or {})}.items():
+                    self.send_header(k, v.replace("{url}", server.url))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body)
+
+            do_GET = do_POST = do_PUT = do_HEAD = _answer
+
+        self._listen(Handler, lifetime)

@@ -23,6 +23,7 @@ with the option's library name; the CLI and the pipeline reword the name for the
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import typing
 from collections.abc import Sequence
@@ -92,6 +93,8 @@ def check_value(param: str, value: Any, spec: OptionSpec) -> None:
     """The one check behind every option: choices and range; None (an unset optional) always passes."""
     if value is None:
         return
+    if isinstance(value, float) and math.isnan(value):  # compares false with every bound, so no range holds it
+        raise OptionError(param, "nan is not a number")
     if spec.choices is not None and value not in spec.choices:
         raise InvalidChoice(param, value, spec.choices)
     if spec.lo is not None or spec.hi is not None:

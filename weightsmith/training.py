@@ -35,7 +35,7 @@ def calibration_windows(tokenizer, data: str | Path, *, seq_len: int, max_tokens
     wrapped in their [CLS] ... [SEP] tokens so they see the inputs they were trained on."""
     from .eval import load_texts
 
-    texts = load_texts(data)
+    texts = load_texts(data, max_tokens=max_tokens)
     wrap = [] if causal else [t for t in (tokenizer.cls_token_id, tokenizer.sep_token_id) if t is not None]
     body = seq_len - len(wrap)
     if body < 2:
@@ -126,7 +126,7 @@ def calibration_sentences(tokenizer, data: str | Path, *, seq_len: int, max_toke
 
     ids: list[list[int]] = []
     total = 0
-    for line in (ln.strip() for t in load_texts(data) for ln in t.splitlines()):
+    for line in (ln.strip() for t in load_texts(data, max_tokens=max_tokens) for ln in t.splitlines()):
         if line and total < max_tokens:
             ids.append(tokenizer(line, truncation=True, max_length=seq_len)["input_ids"])
             total += len(ids[-1])

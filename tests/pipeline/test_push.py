@@ -15,12 +15,12 @@ from weightsmith.checkpoint.hub import plan_push, push
 from weightsmith.errors import WeightsmithError
 
 
-def run_push(hub: FakeHub, tmp_path, *args: str, **extra_env: str) -> subprocess.CompletedProcess:
+def run_push(hub: FakeHub, tmp_path, *args: str, command: str = "push", **extra_env: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "WEIGHTSMITH_OFFLINE_BY_DEFAULT")}
     # The stand-in speaks the basic LFS transfer, which huggingface_hub uses when Xet is off.
     env.update({"HF_ENDPOINT": hub.url, "HF_TOKEN": TOKEN, "HF_HOME": str(tmp_path / "hf-home"),
                 "HF_HUB_DISABLE_XET": "1", "NO_PROXY": "127.0.0.1", **extra_env})
-    return subprocess.run([sys.executable, "-m", "weightsmith", "push", *args], env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "weightsmith", command, *args], env=env, capture_output=True,
                           text=True, timeout=120)
 
 
@@ -160,3 +160,47 @@ def test_push_reads_nothing_outside_the_folder_and_no_fifo(model, tmp_path):
     (model / "alias.txt").symlink_to(inside / "extra.txt")  # a symlink that stays inside is followed
     listed = {f["path"] for f in plan_push(model)["files"]}
     assert {"sub/extra.txt", "alias.txt"} <= listed
+
+
+ANSWERS = {
+    "an HTML page": (200, b"<html><body>Sign in to continue</body></html>", {"Content-Type": "text/html"}),
+    "a redirect loop": (302, b"", {"Location": "{url}/again"}),
+    "truncated JSON": (200, b'{"url": "http://x", "na', {"Content-Type": "application/json"}),
+}
+
+
+@pytest.mark.parametrize("answer", sorted(ANSWERS))
+def test_an_endpoint_that_is_not_the_hub_is_one_line(model, tmp_path, answer):
+    """push and a Hub download against a server that answers, but not as the Hub does."""
+    from fake_hub import AnswerServer
+
+    status, body, headers = ANSWERS[answer]
+    with AnswerServer(status, body, headers) as server:
+        procs = [(run_push(server, tmp_path, str(model), "alice/tiny", "-q"), "error: push to")]
+        if answer == "an HTML page":  # downloads go through the same client: one of them is enough
+            procs.append((run_push(server, tmp_path, "alice/tiny", command="download"), "error: model alice/tiny"))
+        assert server.requests >= len(procs)
+    for proc, start in procs:
+        lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+        assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert lines[0].startswith(start), lines[0]
+
+
+# The Hub client retries a timed-out request with backoff, so each case takes 10-25 s: one runs in make test.
+@pytest.mark.parametrize("case", [pytest.param("push, status line dripped", marks=pytest.mark.slow), "push, body dripped",
+                                  pytest.param("download, status line dripped", marks=pytest.mark.slow)])
+def test_a_server_that_drips_its_answer_is_cut_at_the_deadline(tmp_path, tiny_llama, case):
+    """One byte every 0.2 s: every read gets data in time, so only a deadline on the whole request ends the call
+    before the server gives up (60 s), with the timeout's own message."""
+    from fake_hub import DripServer
+
+    model = tiny_llama("m")
+    with DripServer(interval=0.2, lifetime=60, body="body" in case) as server:
+        if case.startswith("push"):
+            proc = run_push(server, tmp_path, str(model), "alice/tiny", "--timeout", "1", "-q")
+        else:
+            proc = run_push(server, tmp_path, "alice/tiny", command="download", HF_HUB_DOWNLOAD_TIMEOUT="1")
+        assert server.accepted >= 1
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "did not answer within 1 s" in lines[0] and server.url in lines[0]

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ..errors import WeightsmithError
+from .patterns import check_pattern
 from .reader import SIDE_FILES, Checkpoint, member, read_json
 
 PREFIX = "base_model.model."
@@ -43,21 +44,46 @@ def _fingerprint(folder: Path) -> list:
                                 for p in real.rglob("*") if (st := p.stat()) and p.is_file())
 
 
+# adapter_config.json fields weightsmith reads, with the types peft writes (None always allowed).
+FIELD_TYPES = {"peft_type": str, "base_model_name_or_path": str, "r": int, "lora_alpha": (int, float),
+               "target_modules": (str, list), "modules_to_save": list, "alpha_pattern": dict, "rank_pattern": dict,
+               "use_rslora": bool, "use_dora": bool, "fan_in_fan_out": bool}
+
+
+def read_adapter_config(adapter: Path) -> dict:
+    """``adapter_config.json`` read through the gate, its fields' types and pattern keys checked: a malformed
+    one is one line naming the field."""
+    path = member(adapter, ADAPTER_CONFIG, adapter)
+    config = read_json(path, ADAPTER_CONFIG)
+    for key, kinds in FIELD_TYPES.items():
+        value = config.get(key)
+        wrong = value is not None and (not isinstance(value, kinds) or (isinstance(value, bool) and kinds is not bool))
+        if wrong or (isinstance(value, (int, float)) and not isinstance(value, bool) and not 0 < value < math.inf):
+            raise WeightsmithError(f"{path}: '{key}' is {value!r}; peft writes {_kind_name(kinds)} there")
+    for key in ("alpha_pattern", "rank_pattern"):
+        for pattern, value in (config.get(key) or {}).items():
+            check_pattern(pattern, f"{path}: '{key}'")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise WeightsmithError(f"{path}: '{key}' gives {pattern!r} the value {value!r}; it must be a "
+                                       "positive number")
+    return config
+
+
+def _kind_name(kinds) -> str:
+    names = {str: "a string", int: "a positive integer", float: "a positive number", bool: "true or false",
+             list: "a list", dict: "a mapping"}
+    return " or ".join(names[k] for k in (kinds if isinstance(kinds, tuple) else (kinds,)))
+
+
 def adapter_config(adapter: Path, where: str) -> dict:
-    config = read_json(adapter / ADAPTER_CONFIG, ADAPTER_CONFIG) if (adapter / ADAPTER_CONFIG).exists() else None
-    if config is None:
+    if not (adapter / ADAPTER_CONFIG).exists():
         raise WeightsmithError(f"{where}: {adapter} is not a peft adapter folder (no {ADAPTER_CONFIG})")
-    kind = config.get("peft_type", "LORA")
+    config = read_adapter_config(adapter)
+    kind = config.get("peft_type") or "LORA"
     if kind != "LORA":
         raise WeightsmithError(f"{where}: {adapter} is a {kind!r} adapter; only LoRA adapters can be applied")
     if config.get("use_dora"):
         raise WeightsmithError(f"{where}: {adapter} is a DoRA adapter (use_dora); only plain LoRA can be applied")
-    for key in ("lora_alpha", "r"):
-        if not isinstance(config.get(key, 8), (int, float)) or isinstance(config.get(key), bool):
-            raise WeightsmithError(f"{where}: {adapter}/{ADAPTER_CONFIG}: '{key}' must be a number")
-    for key in ("alpha_pattern", "rank_pattern"):
-        if not isinstance(config.get(key) or {}, dict):
-            raise WeightsmithError(f"{where}: {adapter}/{ADAPTER_CONFIG}: '{key}' must be a mapping")
     return config
 
 

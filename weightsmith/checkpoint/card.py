@@ -7,18 +7,22 @@ from pathlib import Path
 
 import yaml
 
+from .textfile import load_yaml
 from .writer import write_file_atomic
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def hub_ids(inputs: list[str]) -> list[str]:
+def hub_ids(inputs: list[str], read_inputs: bool = True) -> list[str]:
     """The Hub repos the inputs came from: a folder a Hub reference resolved to (``sources.pinned``), or an input
-    written as a repo id that is not a local folder."""
+    written as a repo id that is not a local folder (with ``read_inputs`` False, any input written as a repo id)."""
     from .sources import pinned
 
     found = []
     for i in inputs:
+        if not read_inputs:
+            found += [str(i).partition("@")[0]] if HUB_ID.match(str(i)) else []
+            continue
         pin = pinned(i) if Path(str(i)).exists() else None
         if pin:
             found += [part.partition("@")[0] for part in pin.split("+")]
@@ -27,33 +31,44 @@ def hub_ids(inputs: list[str]) -> list[str]:
     return found
 
 
-def _shown(i: str) -> str:
+def _shown(i: str, read_inputs: bool = True) -> str:
     """An input as the card names it: ``org/name@commit`` for a Hub input, else the path as given."""
     from .sources import pinned
 
-    return (pinned(i) if Path(str(i)).exists() else None) or str(i)
+    return (pinned(i) if read_inputs and Path(str(i)).exists() else None) or str(i)
 
 
-def _source_base_models(inputs: list[str]) -> list[str]:
-    """base_model entries carried over from the inputs' own cards, so lineage survives local paths. A card that
-    cannot be read (outside the folder, not UTF-8, broken front matter) adds nothing."""
+CARD_HEAD = 64 * 1024  # bytes of an input's README read for its front matter
+
+
+def _source_base_models(inputs: list[str]) -> tuple[list[str], list[str]]:
+    """base_model entries carried over from the inputs' own cards, so lineage survives local paths, and a note for
+    each card that could not be read (outside the folder, not a file, not UTF-8, broken or oversized front
+    matter): a side file never costs the finished output."""
     from ..errors import WeightsmithError
     from .reader import member, read_regular
 
-    found = []
+    found, notes = [], []
     for i in inputs:
         try:
             card = member(Path(str(i)), "README.md", Path(str(i)))
             if not card.is_file():
                 continue
-            m = re.match(r"^---\n(.*?)\n---", read_regular(card).decode(), re.S)
-            meta = yaml.safe_load(m.group(1)) if m else None
-        except (WeightsmithError, OSError, UnicodeDecodeError, yaml.YAMLError):
+            head = read_regular(card, CARD_HEAD)
+            head = (head if len(head) < CARD_HEAD else head[:head.rfind(b"\n") + 1]).decode("utf-8")
+            m = re.match(r"^---\r?\n(.*?)\r?\n---", head, re.S)
+            meta = load_yaml(m.group(1)) if m else None
+        except (WeightsmithError, OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+            why = ("it is not a regular file inside the folder" if isinstance(exc, WeightsmithError) else
+                   "it is not UTF-8" if isinstance(exc, UnicodeDecodeError) else
+                   "its front matter is not YAML weightsmith reads" if isinstance(exc, yaml.YAMLError) else
+                   "it cannot be read")
+            notes.append(f"The model card (README.md) of input `{i}` was not used: {why}.")
             continue
         base = meta.get("base_model") if isinstance(meta, dict) else None
         base = [base] if isinstance(base, str) else base if isinstance(base, list) else []
         found += [b for b in base if isinstance(b, str) and HUB_ID.match(b)]
-    return found
+    return found, notes
 
 
 def pinned_recipe(text: str) -> str:
@@ -69,7 +84,7 @@ def pinned_recipe(text: str) -> str:
         return pinned_text(value) or value if isinstance(value, str) else value
 
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text)
     except yaml.YAMLError:
         return text
     pinned_data = pin(data)
@@ -78,10 +93,13 @@ def pinned_recipe(text: str) -> str:
 
 def write_model_card(folder: str | Path, *, stage: str, method: str, inputs: list[str], parameters: dict,
                      metrics: list[dict] | None = None, recipe: str | None = None, notes: str | None = None,
-                     tags: list[str] | None = None) -> Path:
-    """Write README.md (and the recipe beside it, when given) into ``folder``."""
+                     tags: list[str] | None = None, read_inputs: bool = True) -> Path:
+    """Write README.md (and the recipe beside it, when given) into ``folder``. ``read_inputs`` False: the inputs
+    are names only (not folders the stage read), so nothing is read from disk for them."""
     folder = Path(folder)
-    bases = list(dict.fromkeys(hub_ids([str(i) for i in inputs]) + _source_base_models([str(i) for i in inputs])))
+    inputs = [str(i) for i in inputs]
+    own, unread = _source_base_models(inputs) if read_inputs else ([], [])
+    bases = list(dict.fromkeys(hub_ids(inputs, read_inputs) + own))
     meta: dict = {"library_name": "transformers", "tags": ["weightsmith", stage, method, *(tags or [])]}
     if bases:
         meta["base_model"] = bases
@@ -90,9 +108,9 @@ def write_model_card(folder: str | Path, *, stage: str, method: str, inputs: lis
     lines = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "",
              f"# {folder.name.split('.tmp-')[0]}", "",
              f"Made with weightsmith `{stage}` using **{method}**.", ""]
-    if notes:
-        lines += [notes, ""]
-    lines += ["## Inputs", ""] + [f"- `{_shown(i)}`" for i in inputs] + [""]
+    for note in [notes, *unread]:
+        lines += [note, ""] if note else []
+    lines += ["## Inputs", ""] + [f"- `{_shown(i, read_inputs)}`" for i in inputs] + [""]
     lines += ["## Parameters", "", "```json", json.dumps(parameters, indent=2, sort_keys=True, default=str), "```", ""]
     if metrics:
         lines += _metrics_section(metrics)

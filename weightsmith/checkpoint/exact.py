@@ -17,6 +17,9 @@ def model_class(config: dict):
 
     for arch in config.get("architectures") or []:
         cls = getattr(transformers, arch, None)
+        if cls is not None and not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+            raise WeightsmithError(f"config.json: architectures names {arch!r}, which in transformers is not a model "
+                                   "class; name the model's class (e.g. LlamaForCausalLM)")
         if cls is not None:
             return cls
     return transformers.AutoModel

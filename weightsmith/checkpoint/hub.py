@@ -61,8 +61,9 @@ def _default_card_text(folder: Path, ckpt: Checkpoint) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         target = Path(tmp) / folder.resolve().name
         target.mkdir()
+        # _name_or_path is the folder's own text, not a folder this push read: named on the card, never opened
         path = write_model_card(target, stage="push", method=fmt, inputs=[source] if source else [],
-                                parameters=params,
+                                parameters=params, read_inputs=False,
                                 notes="This card was written at upload time because the folder had none.")
         return path.read_text()
 
@@ -133,6 +134,9 @@ def push(folder: str | Path, repo_id: str, *, private: bool = False, revision: s
         hint = {401: "set HF_TOKEN or run `hf auth login`", 403: "the token lacks write access to this repo"}.get(
             status, "check the repo id and your access")
         raise WeightsmithError(f"push to {endpoint}/{repo_id} failed (HTTP {status}): {hint}") from exc
+    except ValueError as exc:  # an answer that is not the Hub API's JSON (an HTML page, a proxy's login form)
+        raise WeightsmithError(f"push to {endpoint}/{repo_id} failed: the server's answer is not the Hub API's "
+                               f"({type(exc).__name__}); check HF_ENDPOINT") from None
     except transport_errors() as exc:
         if is_timeout(exc):
             raise needs_option(f"push to {endpoint}/{repo_id} failed: the server did not answer within {timeout:g} s",

@@ -1,5 +1,5 @@
 """The Hub's network, as every command that uses it sees it: the offline default lifted for the call, and
-every request of huggingface_hub's client given a connect and an answer timeout.
+every request of huggingface_hub's client given a connect timeout, a read timeout and a whole-request deadline.
 
 Only ``push`` and Hub model references (``org/name[@rev]``) reach the network; every other use of
 huggingface_hub inside weightsmith stays offline (the CLI sets ``HF_HUB_OFFLINE=1`` unless the user chose).
@@ -7,6 +7,8 @@ huggingface_hub inside weightsmith stays offline (the CLI sets ``HF_HUB_OFFLINE=
 from __future__ import annotations
 
 import os
+import threading
+import time
 from contextlib import contextmanager
 
 from ..errors import needs_option
@@ -28,6 +30,9 @@ def endpoint() -> str:
 
 
 DEFAULT_TIMEOUT = 60.0  # seconds: connecting, and waiting for each answer (or for the server to take data)
+# A request may last its timeout plus one second per MIN_RATE bytes it moves: a server that drips its answer
+# cannot hold a command past that, while a large upload or download at any usable speed is never cut.
+MIN_RATE = 64 * 1024
 
 
 @contextmanager
@@ -60,10 +65,80 @@ def _set_timeouts(timeout: float):
     def with_timeouts():
         client = factory()
         client.timeout = type(client.timeout)(timeout, connect=min(timeout, 10.0))
+        _with_deadline(client, timeout)
         return client
 
     set_factory(with_timeouts)
     return lambda: set_factory(factory)
+
+
+class _Request(threading.local):
+    """The request this thread is making: when it began, its allowance, the bytes it has moved."""
+    start = 0.0
+    allowed = DEFAULT_TIMEOUT
+    moved = 0
+
+
+_request = _Request()
+
+
+def _with_deadline(client, timeout: float) -> None:
+    """Give every connection of ``client`` a stream that refuses to wait past its request's deadline (httpx's
+    own timeouts are per read, so a server sending a byte now and then would never trip them)."""
+    core = __import__(type(client).__module__.split(".")[0].replace("httpx", "httpcore"))
+
+    def begin(request) -> None:
+        _request.start, _request.allowed, _request.moved = time.monotonic(), timeout, 0
+
+    client.event_hooks["request"] = [*client.event_hooks["request"], begin]
+    for transport in [client._transport, *client._mounts.values()]:  # noqa: SLF001 - httpx has no public hook
+        pool = getattr(transport, "_pool", None)
+        if pool is not None and hasattr(pool, "_network_backend"):
+            pool._network_backend = _DeadlineBackend(pool._network_backend, core)
+
+
+def _left(timeout: float | None, error) -> float:
+    left = _request.start + _request.allowed + _request.moved / MIN_RATE - time.monotonic()
+    if left <= 0:
+        raise error(f"the request did not finish within {_request.allowed:g} s")
+    return left if timeout is None else min(timeout, left)
+
+
+class _DeadlineStream:
+    def __init__(self, inner, core):
+        self.inner, self.core = inner, core
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        data = self.inner.read(max_bytes, _left(timeout, self.core.ReadTimeout))
+        _request.moved += len(data)
+        return data
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self.inner.write(buffer, _left(timeout, self.core.WriteTimeout))
+        _request.moved += len(buffer)
+
+    def start_tls(self, *args, **kwargs):
+        return _DeadlineStream(self.inner.start_tls(*args, **kwargs), self.core)
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def get_extra_info(self, info: str):
+        return self.inner.get_extra_info(info)
+
+
+class _DeadlineBackend:
+    def __init__(self, inner, core):
+        self.inner, self.core = inner, core
+
+    def connect_tcp(self, *args, **kwargs):
+        return _DeadlineStream(self.inner.connect_tcp(*args, **kwargs), self.core)
+
+    def connect_unix_socket(self, *args, **kwargs):
+        return _DeadlineStream(self.inner.connect_unix_socket(*args, **kwargs), self.core)
+
+    def sleep(self, seconds: float) -> None:
+        self.inner.sleep(seconds)
 
 
 def is_timeout(exc: BaseException) -> bool:
@@ -72,13 +147,12 @@ def is_timeout(exc: BaseException) -> bool:
 
 
 def transport_errors() -> tuple[type[BaseException], ...]:
-    # huggingface_hub < 1.0 speaks through requests (its errors are OSErrors); later versions through httpx.
+    """What the Hub client raises when the exchange itself fails (unreachable, too slow, redirected in a loop,
+    not decodable): requests' errors are OSErrors (huggingface_hub < 1.0), httpx's are RequestErrors."""
     errors: tuple[type[BaseException], ...] = (OSError,)
     for module in ("httpx2", "httpx"):
         try:
-            errors += (__import__(module).TransportError,)
+            errors += (__import__(module).RequestError,)
         except (ImportError, AttributeError):
             pass
     return errors
-
-

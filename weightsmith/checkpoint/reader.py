@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import re
 import stat
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
@@ -49,9 +50,10 @@ def read_json(path: Path, what: str) -> dict:
     return data
 
 
-def read_regular(path: Path) -> bytes:
+def read_regular(path: Path, limit: int = -1) -> bytes:
+    """The bytes of the regular file ``path`` (at most ``limit`` of them)."""
     with os.fdopen(open_regular(path), "rb") as f:
-        return f.read()
+        return f.read(limit)
 
 
 def member(folder: Path, name: object, where: Path | str) -> Path:
@@ -101,9 +103,38 @@ OTHER_READ = ("trainer_state.json", "adapter_config.json")
 
 
 def check_side_files(folder: Path) -> None:
-    """Refuse a folder whose config or tokenizer files lead out of it or are not regular files."""
+    """Refuse a folder whose config or tokenizer files lead out of it or are not regular files, or whose
+    ``tokenizer.json`` the tokenizer loader would refuse (so every command, and a dry run, refuses it up front)."""
+    from .tokenizer_files import check_tokenizer_files
+
     for name in ("config.json", *SIDE_FILES, *OTHER_READ):
         member(folder, name, folder)
+    check_tokenizer_files(folder)
+
+
+# config.json fields every stage may read, with the types transformers writes (None always allowed).
+CONFIG_TYPES = {"model_type": str, "_name_or_path": str, "torch_dtype": str, "dtype": str, **dict.fromkeys((
+    "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size",
+    "vocab_size", "max_position_embeddings", "head_dim"), int)}
+
+
+CLASS_NAME = re.compile(r"^[A-Z][A-Za-z0-9_]*$")  # transformers' model classes; its functions are lower case
+
+
+def check_config(config: dict, path: Path) -> dict:
+    """``config`` unless a field weightsmith reads has the wrong type (``architectures`` must name classes)."""
+    archs = config.get("architectures")
+    if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str) and CLASS_NAME.match(a)
+                                                                  for a in archs)):
+        raise WeightsmithError(f"{path}: 'architectures' is {archs!r}; it must be a list of model class names "
+                               "(e.g. LlamaForCausalLM)")
+    for key, kind in CONFIG_TYPES.items():
+        value = config.get(key)
+        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)
+                                  or (kind is int and value < 0)):
+            raise WeightsmithError(f"{path}: '{key}' is {value!r}; it must be "
+                                   f"{'a non-negative integer' if kind is int else 'a string'}")
+    return config
 
 
 class Checkpoint:
@@ -114,7 +145,8 @@ class Checkpoint:
         if not self.path.is_dir():
             raise WeightsmithError(f"{self.path}: not a model folder (no such directory)")
         check_side_files(self.path)
-        self.config = read_json(self.path / "config.json", "config.json") if (self.path / "config.json").exists() else None
+        self.config = check_config(read_json(self.path / "config.json", "config.json"), self.path / "config.json") \
+            if (self.path / "config.json").exists() else None
         self.tensors: dict[str, TensorInfo] = {}
         self.metadata: dict[str, str] = {}
         self._handles: dict[Path, object] = {}

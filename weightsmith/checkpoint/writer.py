@@ -60,6 +60,8 @@ def check_output(target: str | Path, inputs: Iterable[str | Path] = (), force: b
         raise WeightsmithError(f"{target} is a symbolic link (to {os.readlink(target)}); give a real folder path")
     if target.exists() and not target.is_dir():
         raise WeightsmithError(f"{target} exists and is not a folder")
+    if target.exists() and os.path.ismount(target):  # the result is renamed into place, which a mount cannot take
+        raise WeightsmithError(f"{target} is a mount point; write to a folder inside it")
     if target.exists() and not force and not _journal(target).exists():
         raise needs_option(f"{target} already exists", "; {0} replaces it", "force")
     check_replaceable(target)

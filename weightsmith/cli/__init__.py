@@ -116,9 +116,9 @@ def _main() -> None:
 
 def _fail(message: str, code: int = 2) -> None:
     """The one way a refusal leaves the CLI: ``error: MESSAGE`` on one stderr line, exit status 2 (or ``code``)."""
-    from .common import err_console
+    from .common import err_console, styled
 
     message = " ".join(message.split())  # one line, whatever the message held
     message = message.encode("utf-8", "backslashreplace").decode("utf-8")  # bytes argv could not decode, as \xNN
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True, markup=True)
+    err_console.print(styled(("error:", "bold red"), " ", message), highlight=False, soft_wrap=True)
     sys.exit(code)

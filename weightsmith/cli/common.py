@@ -1,4 +1,4 @@
-"""Shared CLI pieces: option types with defaults, rich progress bars, JSON output, error exit."""
+"""Shared CLI pieces: option types with defaults, the console writer, rich progress bars, JSON output."""
 from __future__ import annotations
 
 import json
@@ -10,12 +10,40 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.text import Text
 
 from ..options import Options, option
 from .options import annotated
 
-err_console = Console(stderr=True)
-console = Console()
+# C0/C1 control characters (tab and newline aside) and the bidirectional overrides that can reorder a line.
+_CONTROLS = {c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7f, 0xa0)] if c not in (0x09, 0x0a)}
+_CONTROLS.update({c: f"\\u{c:04x}" for c in [*range(0x202a, 0x202f), *range(0x2066, 0x206a)]})
+
+
+def shown(text: str) -> str:
+    """``text`` safe for a terminal: every control character written as its escape (``\\x1b``)."""
+    return str(text).translate(_CONTROLS)
+
+
+class TextConsole(Console):
+    """The one console writer: text (tensor names, paths, messages, folder text) is shown as it is, never read as
+    rich markup or emoji codes, with control characters escaped. Styling is given as ``rich.text.Text`` parts."""
+
+    def __init__(self, **kwargs):
+        super().__init__(markup=False, emoji=False, **kwargs)
+
+    def render_str(self, text: str, **kwargs) -> Text:
+        kwargs.update(markup=False, emoji=False)
+        return super().render_str(shown(text), **kwargs)
+
+
+def styled(*parts: str | tuple[str, str]) -> Text:
+    """One line from plain parts and ``(text, style)`` parts, every part shown as it is (``shown``)."""
+    return Text.assemble(*[(shown(p[0]), p[1]) if isinstance(p, tuple) else shown(p) for p in parts])
+
+
+err_console = TextConsole(stderr=True)
+console = TextConsole()
 
 
 
@@ -23,7 +51,7 @@ class RunFlags(Options):
     """The flags the commands share, declared once: a command takes those it names
     (``@with_options(RunFlags, "run", only=(...))``), or one as a Typer annotation (``DeviceOpt``)."""
     device: str = option("auto", pipeline=False, help="auto, cpu, cuda or cuda:N.")
-    seed: int = option(0, pipeline=False, help="Random seed; same seed, same output.")
+    seed: int = option(0, lo=0, hi=2**32 - 1, pipeline=False, help="Random seed; same seed, same output.")
     force: bool = option(False, pipeline=False, help="Replace OUT if it already exists.")
     json_out: bool = option(False, pipeline=False, flag="--json", help="Print machine-readable JSON on stdout instead "
                                                                        "of a table.")
@@ -91,13 +119,13 @@ def progress_bars(enabled: bool = True):
     if not err_console.is_terminal and not _force_bars():
         yield plain_progress()
         return
-    bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TimeRemainingColumn(), console=err_console, transient=True)
+    bars = Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, transient=True)
     tasks: dict[str, Any] = {}
 
     def callback(label: str, done: int, total: int | None) -> None:
         if label not in tasks:
-            tasks[label] = bars.add_task(label, total=total)
+            tasks[label] = bars.add_task(shown(label), total=total)
         bars.update(tasks[label], completed=done, total=total)
 
     with bars:

@@ -14,7 +14,7 @@ from . import app
 from ..errors import OptionError, WeightsmithError
 from ..options import Options, option
 from ..stage_options import MergeOptions
-from .common import RunFlags, console, print_json, progress_bars
+from .common import RunFlags, console, print_json, progress_bars, styled
 from .options import flag, spelled, with_options
 
 HELP_HEAD = """Merge checkpoints into one, streaming one tensor at a time.
@@ -65,7 +65,7 @@ def list_methods(json_out: bool) -> None:
         return
     for m in rows:
         base = {"required": "base required", "optional": "base optional", "none": "no base"}[m["base"]]
-        console.print(f"[bold]{m['name']}[/]  {m['title']}  ({base}; {m['url']})", highlight=False)
+        console.print(styled((m["name"], "bold"), f"  {m['title']}  ({base}; {m['url']})"), highlight=False)
         for p in m["params"]:
             extra = []
             if "choices" in p:

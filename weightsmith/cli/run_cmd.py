@@ -64,18 +64,18 @@ def _json_progress():
 
 
 def _console_events(quiet: bool):
-    from .common import err_console
+    from .common import err_console, styled
 
     def events(event: dict) -> None:
         if quiet:
             return
         kind = event["event"]
         if kind == "stage_skipped":
-            err_console.print(f"[dim]skip[/] {event['name']} ({event['stage']}): output up to date")
+            err_console.print(styled(("skip", "dim"), f" {event['name']} ({event['stage']}): output up to date"))
         elif kind == "stage_done":
-            err_console.print(f"[green]done[/] {event['name']} ({event['stage']}) in {event['seconds']:.1f} s")
+            err_console.print(styled(("done", "green"), f" {event['name']} ({event['stage']}) in {event['seconds']:.1f} s"))
         elif kind == "stage_failed":
-            err_console.print(f"[red]failed[/] {event['name']} ({event['stage']})")
+            err_console.print(styled(("failed", "red"), f" {event['name']} ({event['stage']})"))
     return events
 
 

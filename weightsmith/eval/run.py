@@ -14,16 +14,14 @@ from .metrics import EvalRow, accuracy, count_params, folder_size, image_accurac
 
 
 def load_tokenizer(path: str | Path, trust_remote_code: bool | None = None):
-    from transformers import AutoTokenizer
-
+    from ..checkpoint.tokenizer_files import load_tokenizer as open_tokenizer
     from ..checkpoint.trust import check_code
 
-    trusted = check_code(path, trust_remote_code)
     try:
-        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trusted)
-    except (OSError, ValueError) as exc:
-        raise OptionError(None, f"{path}: no tokenizer found there ({exc.__class__.__name__}); give a tokenizer "
-                                "folder by {0}", ("tokenizer",)) from None
+        return open_tokenizer(path, check_code(path, trust_remote_code))
+    except WeightsmithError as exc:
+        said = str(exc).replace("{", "{{").replace("}", "}}")  # the message is a template for the option's name
+        raise OptionError(None, f"{said}; give a tokenizer folder by {{0}}", ("tokenizer",)) from None
 
 
 def load_image_processor(path: str | Path, trust_remote_code: bool | None = None):
@@ -61,7 +59,7 @@ def evaluate_model(path: str | Path, opts: EvalOptions | None = None, *, device:
     tok = None if images and o.data is None else load_tokenizer(o.tokenizer or path)
     row = EvalRow(model=str(path), params=count_params(model), size_bytes=folder_size(path))
     if o.data is not None:
-        ids = tokenize(tok, load_texts(o.data), o.max_tokens)
+        ids = tokenize(tok, load_texts(o.data, max_tokens=o.max_tokens), o.max_tokens)
         ctx = model_context(model, o.context)
         res = perplexity(model, ids, context=ctx, stride=o.stride or ctx // 2, batch_size=o.batch_size, device=dev,
                          progress=progress, label=f"perplexity {path.name}")

@@ -100,8 +100,9 @@ def _check_architectures(ckpts: list[Checkpoint], allow_crimes: bool) -> None:
         if ref.config is None:
             a, b = (ref.path / ADAPTER_CONFIG), (c.path / ADAPTER_CONFIG)
             if a.is_file() and b.is_file() and not allow_crimes:
-                import json
-                ka, kb = json.loads(a.read_text()), json.loads(b.read_text())
+                from ..checkpoint.adapters import read_adapter_config
+
+                ka, kb = read_adapter_config(ref.path), read_adapter_config(c.path)
                 for key in ("r", "target_modules", "base_model_name_or_path"):
                     if ka.get(key) != kb.get(key):
                         raise needs_option(f"{c.path}: adapter {key} {kb.get(key)!r} differs from {ref.path}'s "
@@ -327,11 +328,11 @@ def merge(recipe: Recipe, out: str | Path, opts: MergeOptions | None = None, *, 
         raise WeightsmithError(f"method {method.name!r} does not take {', '.join(sorted(extra))}")
     plan = plan_merge(recipe, dtype=opts.dtype, allow_crimes=opts.allow_crimes)
     dev = resolve_device(device)
-    check_output(out, recipe.inputs, force)
-    start = time.perf_counter()
     uses_base = plan.base is not None and plan.method.base in ("required", "optional")
     sources = ([plan.base] if uses_base else []) + plan.models
-    checks = ValueChecks(plan, sources, opts.allow_nonfinite)
+    checks = ValueChecks(plan, sources, opts.allow_nonfinite)  # its header checks: before the output check ends a dry run
+    check_output(out, recipe.inputs, force)
+    start = time.perf_counter()
     if plan.method.prepass is not None:
         def stream(jobs):
             for job in jobs:

@@ -155,9 +155,12 @@ def resolve_recipe(recipe: Recipe) -> Recipe:
 
 
 def yaml_mapping(text: str, source: str, holding: str) -> dict:
-    """The mapping a YAML text holds, or an error naming ``source`` and what it should hold."""
+    """The mapping a YAML text holds (aliases and size budgeted, ``checkpoint.textfile.load_yaml``), or an error
+    naming ``source`` and what it should hold."""
+    from ..checkpoint.textfile import load_yaml
+
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text)
     except yaml.YAMLError as exc:
         raise WeightsmithError(f"{source}: not valid YAML ({exc})") from None
     if not isinstance(data, dict):
@@ -262,10 +265,12 @@ def recipe_from_flags(method: str, models: list[str], base: str | None = None, p
 
 def parse_param(text: str) -> tuple[str, object]:
     """'key=value' (the command line's extra parameters), the value read as YAML (numbers, lists, true/false)."""
+    from ..checkpoint.textfile import load_yaml
+
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
         raise OptionError("param", f"{text!r}: write KEY=VALUE, e.g. lambda=0.7")
     try:
-        return key.strip(), yaml.safe_load(value)
+        return key.strip(), load_yaml(value)
     except yaml.YAMLError:
         raise OptionError("param", f"{text!r}: value is not valid YAML") from None

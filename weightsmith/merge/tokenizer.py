@@ -156,13 +156,9 @@ def _vocab_size(path: str) -> int | None:
 
 
 def load_tokenizer(path: str):
-    from transformers import AutoTokenizer
+    from ..checkpoint.tokenizer_files import load_tokenizer as open_tokenizer
 
-    try:
-        return AutoTokenizer.from_pretrained(path, use_fast=True)
-    except Exception as exc:  # transformers raises many kinds for a folder without tokenizer files
-        raise WeightsmithError(f"{path}: no tokenizer could be loaded ({type(exc).__name__}: "
-                               f"{str(exc).splitlines()[0] if str(exc) else 'no detail'})") from None
+    return open_tokenizer(path, use_fast=True)
 
 
 def stripped_tokenizer(path: str):

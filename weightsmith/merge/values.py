@@ -1,7 +1,7 @@
 """What a merge refuses about values: checked from the headers before any tensor is read, then on each
 tensor's inputs and result.
 
-- before reading: a tensor stored as an integer in one input and as a float in another (the merge would
+- before reading: a float8 or wide unsigned tensor (nothing to check or average it with); a tensor stored as an integer in one input and as a float in another (the merge would
   average integers as floats, or keep one model's integers and drop the others' floats); weights that
   sum to 0 under ``normalize`` (the division would be skipped or blow up);
 - inputs: NaN or inf in a float input is refused, naming the model and the tensor; with
@@ -19,6 +19,9 @@ import torch
 from ..checkpoint.values import finite, nonfinite_count, span
 from ..errors import WeightsmithError, needs_option
 
+# Safetensors dtypes torch cannot check (aminmax, isfinite) or average: refused by name before any tensor is read.
+NOT_MERGEABLE = ("F8_E4M3", "F8_E5M2", "U16", "U32", "U64")
+
 
 class ValueChecks:
     """Built from a merge plan (runs the header checks); ``run`` wraps the merge of one tensor."""
@@ -30,6 +33,12 @@ class ValueChecks:
         everyone = ([plan.base] if plan.base is not None else []) + list(plan.models)
         for job in plan.jobs:
             pairs = job.inputs if job.inputs is not None else [(c, job.name) for c in everyone]
+            for c, n in pairs:
+                if c.info(n).dtype in NOT_MERGEABLE:
+                    raise WeightsmithError(
+                        f"{c.path}: tensor {n!r} is stored as {c.info(n).dtype}, which merge does not compute on "
+                        "(no NaN check or arithmetic on float8 or unsigned 16-64 bit tensors); convert the input "
+                        "to bfloat16 or float32 first")
             kinds = {c.info(n).torch_dtype.is_floating_point: (c, n) for c, n in pairs}
             if len(kinds) == 2:
                 (ci, ni), (cf, nf) = kinds[False], kinds[True]

@@ -172,6 +172,7 @@ def _dry_check(pipeline: Pipeline, entry: StageEntry, out: Path, pending: set[Pa
                 Checkpoint(Path(p))
             except WeightsmithError as exc:
                 raise reworded(exc, prefix=f"{entry.where('inputs')}: ") from None
+    _check_data(entry)
     if not spec.validates_dry:
         return True
     ctx = Context(inputs=[Path(p) for p in entry.inputs], out=out, device=device, seed=seed, force=out.exists(),
@@ -184,6 +185,22 @@ def _dry_check(pipeline: Pipeline, entry: StageEntry, out: Path, pending: set[Pa
     except WeightsmithError as exc:
         raise reworded(exc, prefix=f"{entry.where()}: ") from None
     raise WeightsmithError(f"{entry.where()}: stage {entry.stage!r} cannot be checked without running it")
+
+
+def _check_data(entry: StageEntry) -> None:
+    """The stage's data files read as the stage will read them (up to its token budget): a file the stage would
+    refuse after computing for a while is refused before any stage computes."""
+    from ..eval.data import check_data_file
+
+    options = STAGES[entry.stage].options
+    budget = entry.params.get("max_tokens", options.default("max_tokens") if options is not None and
+                              "max_tokens" in options.specs() else None)
+    for key, labelled in (("data", False), ("labelled", True)):
+        if isinstance(entry.params.get(key), (str, Path)):
+            try:
+                check_data_file(entry.params[key], labelled=labelled, max_tokens=budget)
+            except WeightsmithError as exc:
+                raise reworded(exc, prefix=f"{entry.where('params.' + key)}: ") from None
 
 
 def _as_list(value) -> list:

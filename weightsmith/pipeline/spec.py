@@ -24,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from ..checkpoint.textfile import read_text_file
+from ..checkpoint.textfile import load_yaml, read_text_file
 from ..checkpoint.sources import parse_ref, resolve_model, rooted
 from ..errors import WeightsmithError, needs_option
 from .stages import STAGES, accepts
@@ -133,7 +133,7 @@ def load_pipeline(path: str | Path, workdir: str | Path | None = None) -> Pipeli
     path = Path(path)
     text = read_text_file(path, "pipeline file")
     try:
-        doc = yaml.safe_load(text)
+        doc = load_yaml(text)
     except yaml.YAMLError as exc:
         raise WeightsmithError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("stages"), list) or not doc["stages"]:
