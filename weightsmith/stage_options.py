@@ -36,8 +36,13 @@ class EvalOptions(Options):
     max_tokens: int | None = max_tokens_option(None, help="Use at most this many tokens of the text data.")
     batch_size: int = batch_size_option(8, help="Windows or examples per forward pass.")
     dtype: str | None = option(None, choices=DTYPES, help="Run in float32, bfloat16 or float16 (default: as stored).")
+    reference: Path | None = option(None, path=True, help="Encoders: the original model; scores each --data line's "
+                                    "sentence embedding against the original's (cosine, Spearman of pairwise "
+                                    "similarities).")
 
     def check(self) -> None:
+        if self.reference is not None and self.data is None:
+            raise MissingOption("data", "a {0} needs sentences to embed, one per line", ("reference",))
         if self.data is None and self.labelled is None:
             raise OptionError(None, "nothing to measure: give {0} (text, for perplexity) and/or {1} (labelled "
                                     "file, for accuracy)", ("data", "labelled"))

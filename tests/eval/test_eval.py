@@ -130,3 +130,54 @@ def test_image_accuracy_matches_argmax_through_the_folders_image_processor(tmp_p
     (data / "bad.jsonl").write_text(json.dumps({"image": "nope.png", "label": 0}))
     with pytest.raises(WeightsmithError, match="nope.png not found"):
         evaluate([model_dir], labelled=data / "bad.jsonl", device="cpu")
+
+
+def test_an_encoder_is_scored_against_its_reference_by_sentence_embeddings(tmp_path):
+    """eval --reference on the real all-MiniLM-L6-v2: itself agrees exactly; a copy with one block perturbed agrees
+    less, with the cosine and Spearman figures an independent computation (scipy) gives."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from scipy.stats import spearmanr
+
+    from weightsmith.eval import evaluate
+    from weightsmith.eval.embeddings import embed, sentences_of
+    from weightsmith.fold.pooling import read_pooling
+    from weightsmith.zoo import minilm_path
+
+    original = minilm_path()
+    moved = tmp_path / "moved"
+    shutil.copytree(original, moved, ignore=shutil.ignore_patterns("*.bin", "*.onnx", "onnx", "openvino", "*.h5"))
+    weights = load_file(moved / "model.safetensors")
+    name = next(n for n in weights if "layer.3" in n and "intermediate.dense.weight" in n)
+    torch.manual_seed(1)
+    weights[name] = weights[name] + 0.05 * torch.randn_like(weights[name])
+    save_file(weights, moved / "model.safetensors", metadata={"format": "pt"})
+    data = tmp_path / "sentences.txt"
+    data.write_text("\n".join(["The cat sat on the mat.", "A dog ran in the park.", "Stocks fell sharply today.",
+                               "The market dropped at the open.", "She plays the violin.", "Music fills the hall.",
+                               "Rain is expected tomorrow.", "The weather will be wet."]))
+    same, perturbed = (evaluate([m], data=data, reference=original, device="cpu")[0].extra for m in (original, moved))
+    assert same["cosine"] > 0.9999 and same["spearman"] > 0.9999 and same["sentences"] == 8
+    assert 0.5 < perturbed["cosine"] < 0.9999 and perturbed["spearman"] < 1.0
+    from weightsmith.eval.run import load_tokenizer
+    from weightsmith.loading import load
+
+    tok, sentences = load_tokenizer(original), sentences_of([data.read_text()])
+    ref = embed(load(original), tok, sentences, read_pooling(original), 4, torch.device("cpu"), 128)
+    got = embed(load(moved), tok, sentences, read_pooling(moved), 4, torch.device("cpu"), 128)
+    iu = torch.triu_indices(8, 8, 1)
+    want = spearmanr((got @ got.T)[iu[0], iu[1]].numpy(), (ref @ ref.T)[iu[0], iu[1]].numpy()).statistic
+    assert abs(perturbed["spearman"] - want) < 1e-9
+    assert abs(perturbed["cosine_min"] - float((got * ref).sum(-1).min())) < 1e-6
+
+
+def test_an_encoder_without_a_reference_is_refused_by_name(tmp_path):
+    from weightsmith.eval import evaluate
+    from weightsmith.errors import WeightsmithError
+    from weightsmith.zoo import minilm_path
+
+    data = tmp_path / "s.txt"
+    data.write_text("one sentence.\nanother one.\n")
+    with pytest.raises(WeightsmithError, match="encoder without a language-model or classification head.*reference"):
+        evaluate([minilm_path()], data=data, device="cpu")

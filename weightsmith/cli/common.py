@@ -100,11 +100,11 @@ def model_folder(ref: Path | str, run: RunFlags | None = None, allow_pickle: boo
 
 
 def with_tokenizer(opts, run: RunFlags):
-    """``opts`` with its ``--tokenizer`` model reference resolved to a folder."""
+    """``opts`` with the model references among its options (``--tokenizer``, ``--reference``) resolved to folders."""
     from dataclasses import replace
 
-    tokenizer = getattr(opts, "tokenizer", None)
-    return opts if tokenizer is None else replace(opts, tokenizer=model_folder(tokenizer, run))
+    named = {k: getattr(opts, k, None) for k in ("tokenizer", "reference")}
+    return replace(opts, **{k: model_folder(v, run) for k, v in named.items() if v is not None})
 
 
 @contextmanager

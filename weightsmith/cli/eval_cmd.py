@@ -13,6 +13,11 @@ from .common import model_folder, with_tokenizer, RunFlags, console, human_bytes
 from .options import with_options
 
 
+# the measures a row may carry, in table order (an encoder against --reference has the last three)
+COLUMNS = (("perplexity", "{:.2f}"), ("tokens", "{}"), ("tokens_per_s", "{:,.0f}"), ("accuracy", "{:.4f}"),
+           ("cosine", "{:.4f}"), ("cosine_min", "{:.4f}"), ("spearman", "{:.4f}"))
+
+
 @app.command("eval")
 @with_options(RunFlags, "run", only=("device", "json_out", "allow_pickle", "quiet", "trust_remote_code", "offline"))
 @with_options(EvalOptions)
@@ -21,7 +26,8 @@ def eval_cmd(
     opts: EvalOptions,
     run: RunFlags = None,
 ) -> None:
-    """Perplexity, accuracy, parameters, size and tokens/s of model folders, in one table."""
+    """Perplexity, accuracy, parameters, size and tokens/s of model folders, in one table; for encoders with
+    --reference, the agreement of their sentence embeddings with the reference's."""
     from ..eval import evaluate
 
     with remote_code(run.trust_remote_code), progress_bars(not run.quiet) as progress:
@@ -32,15 +38,11 @@ def eval_cmd(
     if run.json_out:
         print_json([r.to_dict() for r in rows])
         return
-    data, labelled = opts.data, opts.labelled
-    table = Table("model", "params", "size", *(["perplexity", "tokens", "tokens/s"] if data else []),
-                  *(["accuracy"] if labelled else []))
+    columns = [(name, fmt) for name, fmt in COLUMNS if any(r.to_dict().get(name) is not None for r in rows)]
+    table = Table("model", "params", "size", *(name.replace("_", " ") for name, _ in columns))
     for r in rows:
+        d = r.to_dict()
         cells = [short_name(given.get(r.model, r.model), [given.get(x.model, x.model) for x in rows]),
                  human_count(r.params), human_bytes(r.size_bytes)]
-        if data:
-            cells += [f"{r.perplexity:.2f}", str(r.tokens), f"{r.tokens_per_s:,.0f}"]
-        if labelled:
-            cells.append(f"{r.accuracy:.4f}")
-        table.add_row(*cells)
+        table.add_row(*cells, *("" if d.get(name) is None else fmt.format(d[name]) for name, fmt in columns))
     console.print(table)

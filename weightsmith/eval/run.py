@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 from ..device import resolve_device
-from ..errors import OptionError, OutOfRange, WeightsmithError
+from ..errors import OptionError, OutOfRange, WeightsmithError, needs_option
 from ..progress import ProgressFn
 from ..stage_options import EvalOptions
 from .data import load_labelled, load_labelled_images, load_texts
@@ -58,6 +58,11 @@ def evaluate_model(path: str | Path, opts: EvalOptions | None = None, *, device:
     images = getattr(model, "main_input_name", "input_ids") == "pixel_values"
     tok = None if images and o.data is None else load_tokenizer(o.tokenizer or path)
     row = EvalRow(model=str(path), params=count_params(model), size_bytes=folder_size(path))
+    if not images and not _has_lm_head(model) and (o.data is not None or o.labelled is not None):
+        return _encoder_row(row, model, tok, path, o, dev, progress)
+    if o.reference is not None:
+        raise WeightsmithError(f"{path}: a {type(model).__name__} has a language-model head; the reference scores "
+                               "sentence embeddings of encoders (compare causal LMs by perplexity)")
     if o.data is not None:
         ids = tokenize(tok, load_texts(o.data, max_tokens=o.max_tokens), o.max_tokens)
         ctx = model_context(model, o.context)
@@ -75,6 +80,33 @@ def evaluate_model(path: str | Path, opts: EvalOptions | None = None, *, device:
             tok.pad_token = tok.eos_token
         res = accuracy(model, tok, texts, labels, batch_size=o.batch_size, device=dev, progress=progress)
         row.accuracy = res["accuracy"]
+    return row
+
+
+def _has_lm_head(model: torch.nn.Module) -> bool:
+    return model.get_output_embeddings() is not None or type(model).__name__.endswith(
+        ("ForSequenceClassification", "ForTokenClassification", "ForImageClassification"))
+
+
+def _encoder_row(row: EvalRow, model: torch.nn.Module, tok, path: Path, o: EvalOptions, dev,
+                 progress: ProgressFn | None) -> EvalRow:
+    """An encoder without a task head: no perplexity and no accuracy; with a reference, how far its sentence
+    embeddings are from the reference's on the lines of ``data``."""
+    from .embeddings import agreement, embed, reference_embeddings, sentences_of
+    from ..fold.pooling import read_pooling
+
+    if o.reference is None or o.labelled is not None:
+        raise needs_option(f"{path}: a {type(model).__name__} is an encoder without a language-model or "
+                           "classification head, so it has no perplexity or accuracy", "; give {0} (the original "
+                           "model) to score its sentence embeddings against the original's", "reference")
+    sentences = sentences_of(load_texts(o.data, max_tokens=o.max_tokens))
+    if not sentences:
+        raise WeightsmithError(f"{o.data}: no sentences (one per non-empty line) to embed")
+    length = getattr(model.config, "max_position_embeddings", 512) or 512
+    got = embed(model, tok, sentences, read_pooling(path), o.batch_size, dev, length, progress, f"embed {path.name}")
+    ref = reference_embeddings(o.reference, tok, sentences, o.batch_size, dev, model.dtype if o.dtype else None,
+                               length)
+    row.extra.update(agreement(got, ref), sentences=len(sentences))
     return row
 
 
