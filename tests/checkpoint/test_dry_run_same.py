@@ -42,6 +42,11 @@ def tokenizer_deep(m, root):
     return {"stage": "fold", "input": str(m), "params": {"data": str(root / "text.txt")}}, "levels deep"
 
 
+def tokenizer_config_deep(m, root):
+    (m / "tokenizer_config.json").write_text('{"model_max_length": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    return {"stage": "eval", "input": str(m), "params": {"data": str(root / "text.txt")}}, "too deeply"
+
+
 def architecture_function(m, root):
     set_config(m, architectures=["set_seed"])
     return {"stage": "eval", "input": str(m), "params": {"data": str(root / "text.txt")}}, "architectures"
@@ -74,7 +79,7 @@ def nan_option(m, root):
         "heal_lr"
 
 
-CASES = [tokenizer_regex, tokenizer_deep, architecture_function, adapter_config, data_not_utf8, labelled_too_deep,
+CASES = [tokenizer_regex, tokenizer_deep, tokenizer_config_deep, architecture_function, adapter_config, data_not_utf8, labelled_too_deep,
          float8_merge, nan_option]
 
 

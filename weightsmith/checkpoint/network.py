@@ -91,7 +91,8 @@ def _with_deadline(client, timeout: float) -> None:
         _request.start, _request.allowed, _request.moved = time.monotonic(), timeout, 0
 
     client.event_hooks["request"] = [*client.event_hooks["request"], begin]
-    for transport in [client._transport, *client._mounts.values()]:  # noqa: SLF001 - httpx has no public hook
+    # httpx has no public hook for its connections: a client without these attributes keeps per-read timeouts only
+    for transport in [getattr(client, "_transport", None), *getattr(client, "_mounts", {}).values()]:
         pool = getattr(transport, "_pool", None)
         if pool is not None and hasattr(pool, "_network_backend"):
             pool._network_backend = _DeadlineBackend(pool._network_backend, core)

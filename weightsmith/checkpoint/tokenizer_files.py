@@ -3,11 +3,12 @@ bounded and every regex it holds checked (``patterns``) before transformers or t
 and anything either library then refuses is one line."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from ..errors import WeightsmithError
 from .patterns import check_pattern
-from .reader import member, read_json
+from .reader import member, read_json, read_regular
 
 TOKENIZER_JSON = "tokenizer.json"
 MAX_DEPTH = 100  # the Rust tokenizers parser stops at 128 levels; real files use under 10
@@ -30,17 +31,34 @@ def _regexes(data, path: Path) -> list[str]:
 
 
 _checked: set[tuple] = set()  # (file, size, mtime) of tokenizer files that passed: a folder is opened many times
+# The other JSON files transformers parses when it loads a tokenizer: they must parse (Python's parser, as
+# transformers uses it), so a file nested past its recursion limit is refused when the folder is opened.
+OTHER_JSON = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
 
 
 def check_tokenizer_files(folder: str | Path) -> None:
-    """Refuse a ``tokenizer.json`` outside the folder, nested too deeply or holding a bad or catastrophic regex."""
+    """Refuse tokenizer files outside the folder, JSON that does not parse or nests too deeply, and a
+    ``tokenizer.json`` holding a bad or catastrophic regex."""
     folder = Path(folder)
-    path = member(folder, TOKENIZER_JSON, folder)
-    if not path.is_file():
-        return
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    if key in _checked:
+    for name in (TOKENIZER_JSON, *OTHER_JSON):
+        path = member(folder, name, folder)
+        if not path.is_file():
+            continue
+        st = path.stat()
+        key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+        if key not in _checked:
+            _check_json(path, name)
+            _checked.add(key)
+
+
+def _check_json(path: Path, name: str) -> None:
+    if name != TOKENIZER_JSON:
+        try:
+            json.loads(read_regular(path))
+        except RecursionError:
+            raise WeightsmithError(f"{path}: nests JSON too deeply to be a real {name}") from None
+        except ValueError as exc:  # also UnicodeDecodeError
+            raise WeightsmithError(f"{path}: not valid JSON ({' '.join(str(exc).split())[:120]})") from None
         return
     patterns = _regexes(read_json(path, TOKENIZER_JSON), path)
     if patterns:
@@ -48,7 +66,6 @@ def check_tokenizer_files(folder: str | Path) -> None:
 
         for pattern in patterns:
             check_pattern(pattern, f"{path}: regex", compile_with=Regex)
-    _checked.add(key)
 
 
 def load_tokenizer(folder: str | Path, trust_remote_code: bool = False, **kwargs):
