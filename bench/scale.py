@@ -188,10 +188,10 @@ def _watch(timer: int, cap_kb: int, killed: list) -> None:
         time.sleep(0.1)
 
 
-def measure(argv: list[str], cap_gb: float) -> dict:
+def measure(argv: list[str], cap_gb: float, code: Path) -> dict:
     """Wall seconds, peak RSS (bytes, from /usr/bin/time: a forked child's own ru_maxrss would start at the
     parent's size) and exit code of one stage."""
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(code)}
     log = Path(tempfile.mkstemp(suffix=".time")[1])
     start = time.perf_counter()
     proc = subprocess.Popen(["/usr/bin/time", "-v", "-o", str(log), *argv], env=env, stdout=subprocess.DEVNULL,
@@ -244,6 +244,8 @@ def main() -> None:
     ap.add_argument("--only", help="comma-separated stage name prefixes (e.g. 'compress,align')")
     ap.add_argument("--mergekit", action="store_true", help="also run mergekit-yaml on the merge inputs (slow)")
     ap.add_argument("--cap-gb", type=float, default=20.0, help="kill a stage whose RSS passes this")
+    ap.add_argument("--code", type=Path, default=Path(__file__).resolve().parents[1],
+                    help="the weightsmith checkout whose stages run (default: this one; another gives a before/after)")
     ap.add_argument("--plan", action="store_true", help="print the shape and bytes only")
     ap.add_argument("--json", action="store_true", help="print the rows as JSON")
     args = ap.parse_args()
@@ -270,7 +272,7 @@ def main() -> None:
             print(f"{name}: skipped (needs the {missing[0]!r} stage)", file=sys.stderr)
             continue
         shutil.rmtree(out, ignore_errors=True)
-        rows[name] = measure(stage.command(paths, out), args.cap_gb)
+        rows[name] = measure(stage.command(paths, out), args.cap_gb, args.code.resolve())
         print(f"{name}: {rows[name]}", file=sys.stderr, flush=True)
         if out.exists():
             paths[name] = out
