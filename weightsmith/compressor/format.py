@@ -55,12 +55,13 @@ def _model_class(config: dict):
     return model_class(config)
 
 
-def assemble(config: dict, memory: HashedMemory, state: dict[str, torch.Tensor], where: Path) -> nn.Module:
+def assemble(config: dict, memory: HashedMemory, state: dict[str, torch.Tensor], where: Path,
+             cls: type | None = None) -> nn.Module:
     """A transformers model reading its compressed modules from ``memory`` and every other tensor from ``state``
     (taken as they are: no dense weight of a compressed module is ever allocated)."""
     from accelerate import init_empty_weights
 
-    cls = _model_class(config)
+    cls = cls or _model_class(config)
     hf_config = cls.config_class.from_dict({k: v for k, v in config.items() if k != "weightsmith"})
     with init_empty_weights(include_buffers=False):  # dense weights never allocated; rotary buffers are
         model = cls(hf_config)

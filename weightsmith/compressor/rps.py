@@ -79,13 +79,20 @@ class _StoredWeights(Mapping):
 
 def _skeleton(ckpt: Checkpoint, path: Path) -> torch.nn.Module:
     """The model on the meta device (names, shapes, ties; no memory), refused if the tensors contradict it."""
-    from ..loading import build_config, check_shapes, model_class
+    from ..checkpoint.trust import custom_code
+    from ..loading import build_config, check_shapes, custom_class, model_class
 
     fmt = (ckpt.config.get("weightsmith") or {}).get("format", "plain")
     if fmt == "rps":
         raise WeightsmithError(f"{path} is already an RPS folder; export it to a plain folder first")
     if fmt != "plain":
         raise WeightsmithError(f"{path} is a {fmt} folder; export it to a plain folder first")
+    if custom_code(path) is not None:  # the checkpoint gate let it through: the folder's own classes build it
+        from transformers import AutoConfig
+
+        with torch.device("meta"):
+            return custom_class(ckpt.config).from_config(AutoConfig.from_pretrained(path, trust_remote_code=True),
+                                                         trust_remote_code=True)
     cls = model_class(ckpt.config)
     cfg = build_config(ckpt.config, cls, path)
     check_shapes(cls, cfg, ckpt)
@@ -125,7 +132,7 @@ def project_checkpoint(model_path: Path, o: RpsOptions, seed: int, progress: Pro
     stats = project(memory, _StoredWeights(ckpt, names), progress)
     compressed = set(names.values())
     state = {n: ckpt.read(n) for n in ckpt.names() if n not in compressed}
-    model = rps_format.assemble(ckpt.config, memory, state, model_path)
+    model = rps_format.assemble(ckpt.config, memory, state, model_path, type(skeleton))
     dense = ckpt.nbytes + resident_bytes(model)["buffers"]
     return model.eval(), stats, dense
 
