@@ -7,7 +7,6 @@ Desai & Shrivastava (arXiv 2310.11611).
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -61,57 +60,11 @@ def _finish(model, folder: Path, *, budget: float, inputs: list[str], method: st
     return report
 
 
-class _StoredWeights(Mapping):
-    """Module name -> its weight, mapped from the checkpoint in the stored dtype when asked for."""
-
-    def __init__(self, ckpt: Checkpoint, names: dict[str, str]):
-        self.ckpt, self.names = ckpt, names
-
-    def __getitem__(self, module: str) -> torch.Tensor:
-        return self.ckpt.map(self.names[module])
-
-    def __iter__(self):
-        return iter(self.names)
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-
-def _skeleton(ckpt: Checkpoint, path: Path) -> torch.nn.Module:
-    """The model on the meta device (names, shapes, ties; no memory), refused if the tensors contradict it."""
-    from ..checkpoint.trust import custom_code
-    from ..loading import build_config, check_shapes, custom_class, model_class
-
+def _check_plain(ckpt: Checkpoint, path: Path) -> None:
     fmt = (ckpt.config.get("weightsmith") or {}).get("format", "plain")
-    if fmt == "rps":
-        raise WeightsmithError(f"{path} is already an RPS folder; export it to a plain folder first")
     if fmt != "plain":
-        raise WeightsmithError(f"{path} is a {fmt} folder; export it to a plain folder first")
-    if custom_code(path) is not None:  # the checkpoint gate let it through: the folder's own classes build it
-        from transformers import AutoConfig
-
-        with torch.device("meta"):
-            return custom_class(ckpt.config).from_config(AutoConfig.from_pretrained(path, trust_remote_code=True),
-                                                         trust_remote_code=True)
-    cls = model_class(ckpt.config)
-    cfg = build_config(ckpt.config, cls, path)
-    check_shapes(cls, cfg, ckpt)
-    with torch.device("meta"):
-        return (getattr(cls, "from_config", None) or cls._from_config)(cfg)
-
-
-def _stored_names(model: torch.nn.Module, ckpt: Checkpoint, chosen: list, path: Path) -> dict[str, str]:
-    """The checkpoint tensor holding each chosen module's weight (a tied weight is stored under one name)."""
-    aliases: dict[int, list[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        aliases.setdefault(id(p), []).append(name)
-    names = {}
-    for module, mod in chosen:
-        stored = [n for n in aliases[id(mod.weight)] if n in ckpt]
-        if not stored:
-            raise WeightsmithError(f"{path}: tensor {module}.weight is missing")
-        names[module] = stored[0]
-    return names
+        what = "already an RPS folder" if fmt == "rps" else f"a {fmt} folder"
+        raise WeightsmithError(f"{path} is {what}; export it to a plain folder first")
 
 
 def project_checkpoint(model_path: Path, o: RpsOptions, seed: int, progress: ProgressFn | None) -> tuple:
@@ -119,17 +72,20 @@ def project_checkpoint(model_path: Path, o: RpsOptions, seed: int, progress: Pro
     dtype) is projected from the weights one module range at a time, the other tensors are read as stored.
     Returns (model, projection stats, bytes of the dense model)."""
     from ..checkpoint.trust import open_model
+    from ..loading import meta_model, stored_names
 
     ckpt = open_model(model_path)
     if ckpt.config is None:
         raise WeightsmithError(f"{model_path}: no config.json; transformers cannot tell which model the tensors "
                                f"belong to")
-    skeleton = _skeleton(ckpt, model_path)
+    _check_plain(ckpt, model_path)
+    skeleton = meta_model(ckpt, model_path)
     chosen = select_modules(skeleton, o.modules)
-    names = _stored_names(skeleton, ckpt, chosen, model_path)
+    tensor_of = stored_names(skeleton, ckpt, model_path, [f"{m}.weight" for m, _ in chosen])
+    names = {m: tensor_of[f"{m}.weight"] for m, _ in chosen}
     dtype = functools.reduce(torch.promote_types, (ckpt.info(n).torch_dtype for n in names.values()))
     memory = plan(chosen, budget=o.budget, mapping=o.mapping, sharing=o.sharing, tile=o.tile, seed=seed, dtype=dtype)
-    stats = project(memory, _StoredWeights(ckpt, names), progress)
+    stats = project(memory, ckpt.lazy(names), progress)
     compressed = set(names.values())
     state = {n: ckpt.read(n) for n in ckpt.names() if n not in compressed}
     model = rps_format.assemble(ckpt.config, memory, state, model_path, type(skeleton))
