@@ -1,5 +1,6 @@
 """The peak bytes of tensors alive at once while a block runs: every tensor an operator returns is counted once
-per storage until its last tensor is freed (memory-mapped checkpoint tensors, made by no operator, are not)."""
+per storage until its last tensor is freed (memory-mapped checkpoint tensors, made by no operator, are not).
+Also a small bfloat16 Llama folder to measure stages on."""
 from __future__ import annotations
 
 import weakref
@@ -7,6 +8,18 @@ import weakref
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
+
+
+def bf16_llama(path, seed: int = 0, **config):
+    from transformers import LlamaForCausalLM
+
+    from weightsmith.zoo.synthetic import llama_config
+
+    torch.manual_seed(seed)
+    shape = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=256)
+    LlamaForCausalLM(llama_config(**{**shape, **config})).to(torch.bfloat16).save_pretrained(path)
+    return path
 
 
 class PeakBytes(TorchDispatchMode):

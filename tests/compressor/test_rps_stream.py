@@ -2,22 +2,11 @@
 and compressing a bfloat16 checkpoint keeps bfloat16 and never holds a float32 copy or a second model."""
 import pytest
 import torch
-from transformers import LlamaForCausalLM
-
-from peak_bytes import PeakBytes
+from peak_bytes import PeakBytes, bf16_llama
 from weightsmith.checkpoint import Checkpoint
 from weightsmith.compressor import project as projection
 from weightsmith.compressor.memory import HashedMemory, plan_specs
 from weightsmith.compressor.rps import compress_rps
-from weightsmith.zoo.synthetic import llama_config
-
-
-def bf16_llama(path, seed=0, **config):
-    torch.manual_seed(seed)
-    shape = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=256)
-    LlamaForCausalLM(llama_config(**{**shape, **config})).to(torch.bfloat16).save_pretrained(path)
-    return path
 
 
 @pytest.mark.parametrize("mapping,sharing", [("stable", "global"), ("stable", "module"), ("roast", "global")])
