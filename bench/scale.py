@@ -194,8 +194,9 @@ def measure(argv: list[str], cap_gb: float, code: Path) -> dict:
     env = {**os.environ, "PYTHONPATH": str(code)}
     log = Path(tempfile.mkstemp(suffix=".time")[1])
     start = time.perf_counter()
-    proc = subprocess.Popen(["/usr/bin/time", "-v", "-o", str(log), *argv], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    # run from the checkout itself: `python -m` puts the working directory first on the path
+    proc = subprocess.Popen(["/usr/bin/time", "-v", "-o", str(log), *argv], env=env, cwd=code,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     killed: list = []
     threading.Thread(target=_watch, args=(proc.pid, int(cap_gb * 2**20), killed), daemon=True).start()
     err = proc.stderr.read()
