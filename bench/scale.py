@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from merge_vs_mergekit import llama_shapes  # noqa: E402
 from weightsmith.checkpoint import Checkpoint, ShardedWriter, write_config  # noqa: E402
 
 SHAPES = {  # hidden, intermediate, layers, heads, kv heads
@@ -47,20 +48,6 @@ def llama_config(shape: str) -> dict:
             "num_hidden_layers": n, "num_attention_heads": heads, "num_key_value_heads": kv, "vocab_size": VOCAB,
             "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
             "hidden_act": "silu", "dtype": "bfloat16", "bos_token_id": 0, "eos_token_id": 0}
-
-
-def llama_shapes(cfg: dict) -> list[tuple[str, tuple[int, ...]]]:
-    h, i, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
-    kv = h // cfg["num_attention_heads"] * cfg["num_key_value_heads"]
-    out = [("model.embed_tokens.weight", (v, h))]
-    for layer in range(cfg["num_hidden_layers"]):
-        p = f"model.layers.{layer}."
-        out += [(p + "self_attn.q_proj.weight", (h, h)), (p + "self_attn.k_proj.weight", (kv, h)),
-                (p + "self_attn.v_proj.weight", (kv, h)), (p + "self_attn.o_proj.weight", (h, h)),
-                (p + "mlp.gate_proj.weight", (i, h)), (p + "mlp.up_proj.weight", (i, h)),
-                (p + "mlp.down_proj.weight", (h, i)), (p + "input_layernorm.weight", (h,)),
-                (p + "post_attention_layernorm.weight", (h,))]
-    return out + [("model.norm.weight", (h,)), ("lm_head.weight", (v, h))]
 
 
 def model_bytes(cfg: dict) -> int:
@@ -132,7 +119,8 @@ def mergekit_recipe(p: dict, out: Path) -> Path:
 class Stage:
     needs: tuple[str, ...]  # inputs beyond model A (and earlier stages' outputs, by stage name)
     command: object  # (paths, out folder) -> argv
-    optional: bool = False  # run only when named in --only or --with
+    optional: bool = False  # run only when named in --only or --mergekit
+    bound: float | None = None  # peak RSS allowed, in model bytes
 
 
 Q = ("--quiet", "--force")
@@ -145,21 +133,21 @@ STAGES: dict[str, Stage] = {
         str(Path(sys.executable).parent / "mergekit-yaml"), str(mergekit_recipe(p, o.with_name("mk-recipe"))), str(o),
         "--no-copy-tokenizer"], optional=True),
     "eval": Stage((), lambda p, o: ws("eval", str(p["A"]), "--data", str(p["calib"]), "--max-tokens", "2048",
-                                      "--context", "512", "--quiet")),
+                                      "--context", "512", "--quiet"), bound=1.3),
     "analyze": Stage((), lambda p, o: ws("analyze", str(p["A"]), "--data", str(p["calib"]), "--max-tokens", "2048",
-                                         "--quiet")),
+                                         "--quiet"), bound=1.3),
     "fold bi, no heal": Stage((), lambda p, o: ws(
         "fold", str(p["A"]), "--data", str(p["calib"]), "--importance", "bi", "--remove", "0.1", "--heal-steps", "0",
-        "--out", str(o), *Q)),
+        "--out", str(o), *Q), bound=1.3),
     "compress rps 0.5": Stage((), lambda p, o: ws("compress", "rps", str(p["A"]), "--budget", "0.5", "--out", str(o),
-                                                  *Q)),
+                                                  *Q), bound=1.3),
     "export rps --plain": Stage(("compress rps 0.5",), lambda p, o: ws(
         "export", str(p["compress rps 0.5"]), "--plain", "--out", str(o), *Q)),
     "align weight": Stage(("B",), lambda p, o: ws("align", str(p["A"]), str(p["B"]), "--method", "weight",
-                                                   "--max-sweeps", "3", "--out", str(o), *Q)),
+                                                   "--max-sweeps", "3", "--out", str(o), *Q), bound=2.5),
     "pleas 1.2": Stage(("B",), lambda p, o: ws(
         "pleas", str(p["A"]), str(p["B"]), "--width", "1.2", "--data", str(p["calib"]), "--max-tokens", "1024",
-        "--out", str(o), *Q)),
+        "--out", str(o), *Q), bound=3.0),
 }
 
 
@@ -226,12 +214,24 @@ def chosen(args) -> list[str]:
     return names
 
 
+def _bound(name: str, model_b: int) -> str:
+    bound = STAGES[name].bound
+    return f"<= {bound:.1f} B ({bound * model_b / 1e9:.1f} GB)" if bound else "streaming"
+
+
+def plan(model_b: int) -> None:
+    """Each stage's memory bound for this shape."""
+    for name in STAGES:
+        print(f"{name:24} {_bound(name, model_b)}")
+
+
 def show(rows: dict, model_b: int) -> None:
-    print(f"{'stage':24} {'wall':>9} {'peak RSS':>10} {'x B':>6}")
+    print(f"{'stage':24} {'wall':>9} {'peak RSS':>10} {'x B':>6}  bound")
     for name, r in rows.items():
         note = f"  killed above {r['killed_above_gb']} GB" if "killed_above_gb" in r else (
             f"  failed: {r['error'][0][:80]}" if "error" in r else "")
-        print(f"{name:24} {r['wall_s']:8.1f}s {r['peak_rss'] / 1e9:8.2f}GB {r['peak_rss'] / model_b:6.2f}{note}")
+        print(f"{name:24} {r['wall_s']:8.1f}s {r['peak_rss'] / 1e9:8.2f}GB {r['peak_rss'] / model_b:6.2f}  "
+              f"{_bound(name, model_b)}{note}")
     if "merge ties base+3" in rows and "mergekit-yaml ties" in rows:
         a, b = rows["merge ties base+3"], rows["mergekit-yaml ties"]
         print(f"merge vs mergekit-yaml: wall x{a['wall_s'] / b['wall_s']:.2f}, peak RSS "
@@ -247,7 +247,7 @@ def main() -> None:
     ap.add_argument("--cap-gb", type=float, default=20.0, help="kill a stage whose RSS passes this")
     ap.add_argument("--code", type=Path, default=Path(__file__).resolve().parents[1],
                     help="the weightsmith checkout whose stages run (default: this one; another gives a before/after)")
-    ap.add_argument("--plan", action="store_true", help="print the shape and bytes only")
+    ap.add_argument("--plan", action="store_true", help="print the shape, its bytes and each stage's bound only")
     ap.add_argument("--json", action="store_true", help="print the rows as JSON")
     args = ap.parse_args()
     cfg = llama_config(args.params)
@@ -256,6 +256,7 @@ def main() -> None:
     print(f"{args.params}: {params / 1e9:.3f}B parameters, B = {b / 1e9:.2f} GB in bf16; "
           f"torch {torch.__version__}, {os.cpu_count()} CPUs", file=sys.stderr)
     if args.plan:
+        plan(b)
         return
     names = chosen(args)
     need = {n for name in names for n in STAGES[name].needs}
