@@ -47,3 +47,22 @@ def test_compress_of_a_bf16_model_keeps_bf16_and_holds_under_1_3_model_bytes(tmp
     assert info["relative_error"] < 1
     # not the dense model beside the memory (1.5 B), a float32 copy (2 B) or sums over every slot at once
     assert probe.peak < 1.3 * model_bytes, probe.peak / model_bytes
+
+
+def test_plain_export_of_a_bf16_rps_folder_reads_the_memory_in_place(tmp_path):
+    from weightsmith.compressor import format as rps_format
+    from weightsmith.compressor.memory import HashedMemory
+
+    # deep for its width, as real models are: one module's index maps are a small part of it
+    src = bf16_llama(tmp_path / "m", hidden_size=64, intermediate_size=176, num_hidden_layers=24)
+    compress_rps(src, tmp_path / "rps", budget=0.5, device="cpu")
+    with PeakBytes() as probe:
+        rps_format.export_plain(tmp_path / "rps", tmp_path / "plain")
+    # one dense tensor at a time and the memory read in place (a float32 copy alone would be 1 B)
+    assert probe.peak < 1.0 * Checkpoint(src).nbytes, probe.peak / Checkpoint(src).nbytes
+    ws = rps_format.rps_config(tmp_path / "rps")[1]
+    mem = HashedMemory.from_config(ws)  # the float32 reading of the memory, cast at the end
+    mem.memory.data = Checkpoint(tmp_path / "rps").get(rps_format.MEMORY_NAME).float()
+    plain = Checkpoint(tmp_path / "plain")
+    for spec in mem.specs.values():
+        assert torch.equal(plain.get(f"{spec.name}.weight"), mem.weight(spec).to(torch.bfloat16))

@@ -85,9 +85,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     ckpt = Checkpoint(path)
     if MEMORY_NAME not in ckpt:
         raise WeightsmithError(f"{path}: tensor {MEMORY_NAME!r} is missing; the folder is damaged")
-    memory = HashedMemory.from_config(ws)
-    # Filled in place rather than assigned: the gradient-scaling hook lives on this Parameter.
-    memory.memory.data = ckpt.get(MEMORY_NAME).clone()
+    memory = HashedMemory.from_config(ws, data=ckpt.get(MEMORY_NAME).clone())
     model = assemble(config, memory, {n: ckpt.get(n) for n in ckpt.names() if n != MEMORY_NAME}, path)
     model.to(resolve_device(device))
     if dtype is not None:
@@ -102,8 +100,8 @@ def export_plain(path: str | Path, out: str | Path, max_shard_size: str = "5GB",
     config, ws = rps_config(path)
     ckpt = Checkpoint(path)
     stored = ckpt.get(MEMORY_NAME)
-    memory = HashedMemory.from_config(ws)
-    memory.memory.data = stored.float().clone()
+    # read in place in its stored dtype: a slot times a sign and a power-of-two lambda is exact there
+    memory = HashedMemory.from_config(ws, data=stored)
     out_dtype = stored.dtype
     dense = {f"{s.name}.weight": s for s in memory.specs.values()}
     plain = [n for n in ckpt.names() if n != MEMORY_NAME]
