@@ -120,9 +120,9 @@ def pleas_least_squares(gram: torch.Tensor, cross: torch.Tensor, in_kind: torch.
     for kind in out_kind.unique().tolist():
         rows = out_kind == kind
         cols = torch.ones_like(in_kind, dtype=torch.bool) if kind == MERGED else (in_kind == MERGED) | (in_kind == kind)
-        g = gram[cols][:, cols].double()
-        lam = ridge * g.diagonal().mean().clamp_min(1e-12)
-        sol = torch.linalg.solve(g + lam * torch.eye(len(g), dtype=g.dtype, device=g.device), cross[cols][:, rows].double())
+        g = gram.to(torch.float64, copy=True) if bool(cols.all()) else gram[cols][:, cols].double()
+        g.diagonal().add_(ridge * g.diagonal().mean().clamp_min(1e-12))  # in place: no second n x n matrix
+        sol = torch.linalg.solve(g, cross[cols][:, rows].double())
         w[rows.nonzero()[:, 0][:, None], cols.nonzero()[:, 0][None, :]] = sol.T.to(w.dtype)
     return w
 
