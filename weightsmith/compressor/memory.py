@@ -75,12 +75,13 @@ class HashedMemory(nn.Module):
 
     def __init__(self, specs: list[ModuleSpec], *, mapping: str, seed: int, sharing: str, tile: int = 64,
                  grad_scaling: bool | None = None, dtype: torch.dtype = torch.float32,
-                 device: str | torch.device = "cpu"):
+                 device: str | torch.device = "cpu", data: torch.Tensor | None = None):
         super().__init__()
         self.specs = {s.name: s for s in specs}
         self.mapping, self.seed, self.sharing, self.tile = mapping, seed, sharing, tile
         size = max(s.base + s.slots for s in specs)
-        self.memory = nn.Parameter(torch.zeros(size, dtype=dtype, device=device))
+        # ``data`` (slot values already stored) is taken as it is rather than copied over zeros
+        self.memory = nn.Parameter(data if data is not None else torch.zeros(size, dtype=dtype, device=device))
         self.grad_scaling = (mapping == "stable") if grad_scaling is None else grad_scaling
         self.cache_index = False
         self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -161,11 +162,11 @@ class HashedMemory(nn.Module):
                 "modules": [s.to_dict() for s in self.specs.values()]}
 
     @classmethod
-    def from_config(cls, cfg: dict, dtype: torch.dtype = torch.float32,
-                    device: str | torch.device = "cpu") -> "HashedMemory":
+    def from_config(cls, cfg: dict, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                    data: torch.Tensor | None = None) -> "HashedMemory":
         specs = [ModuleSpec.from_dict(d) for d in cfg["modules"]]
         return cls(specs, mapping=cfg["mapping"], seed=cfg["seed"], sharing=cfg["sharing"], tile=cfg["tile"],
-                   grad_scaling=cfg.get("grad_scaling"), dtype=dtype, device=device)
+                   grad_scaling=cfg.get("grad_scaling"), dtype=dtype, device=device, data=data)
 
 
 class RPSLinear(nn.Module):

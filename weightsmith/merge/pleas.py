@@ -120,9 +120,9 @@ def pleas_least_squares(gram: torch.Tensor, cross: torch.Tensor, in_kind: torch.
     for kind in out_kind.unique().tolist():
         rows = out_kind == kind
         cols = torch.ones_like(in_kind, dtype=torch.bool) if kind == MERGED else (in_kind == MERGED) | (in_kind == kind)
-        g = gram[cols][:, cols].double()
-        lam = ridge * g.diagonal().mean().clamp_min(1e-12)
-        sol = torch.linalg.solve(g + lam * torch.eye(len(g), dtype=g.dtype, device=g.device), cross[cols][:, rows].double())
+        g = gram.to(torch.float64, copy=True) if bool(cols.all()) else gram[cols][:, cols].double()
+        g.diagonal().add_(ridge * g.diagonal().mean().clamp_min(1e-12))  # in place: no second n x n matrix
+        sol = torch.linalg.solve(g, cross[cols][:, rows].double())
         w[rows.nonzero()[:, 0][:, None], cols.nonzero()[:, 0][None, :]] = sol.T.to(w.dtype)
     return w
 
@@ -426,6 +426,45 @@ def pleas_modules(model_a: nn.Module, model_b: nn.Module, batches, *, width: flo
     return merged, report
 
 
+def _pair(model_a, model_b, o: PleasOptions, dev):
+    """Both checkpoints (gated, shapes checked), the model on the meta device, its spec and the batches."""
+    from ..loading import meta_model, stored_names
+    from .align.folders import check_pair, lm_batches
+    from .pleas_blocks import Pair
+
+    ckpts = check_pair(model_a, model_b)
+    skeleton = meta_model(ckpts[0], Path(model_a))
+    spec = spec_for(skeleton)
+    if spec.kind != "llama":
+        raise WeightsmithError(f"{model_a}: PLeaS on model folders supports the Llama family")
+    names = tuple(stored_names(skeleton, c, Path(m)) for c, m in zip(ckpts, (model_a, model_b)))
+    batches = lm_batches(model_a, o.data, max_tokens=o.max_tokens, seq_len=o.seq_len, batch_size=o.batch_size)
+    return Pair(ckpts, names, skeleton, spec, batches, dev)
+
+
+def _write_blocks(pair, plans, o: PleasOptions, folder: Path, dtype, check_merged, seed: int, progress) -> dict:
+    """Run the block-by-block merge into ``folder``'s shards; returns the seconds per pass."""
+    from ..checkpoint import ShardedWriter
+    from .pleas_blocks import Refit, merge_blocks, merged_shape
+
+    ca = pair.ckpts[0]
+    stored = [n for n in ca.names() if not (pair.skeleton.config.tie_word_embeddings and n == "lm_head.weight")]
+    out_dtype = {n: dtype or ca.info(n).torch_dtype for n in stored}
+    writer = ShardedWriter(folder, [(n, out_dtype[n], merged_shape(pair.spec, plans, n, tuple(ca.info(n).shape)))
+                                    for n in stored], o.out_shard_size)
+
+    def write(path: str, module: nn.Module) -> None:
+        state = {f"{path}.{k}": v.detach().to("cpu", out_dtype[f"{path}.{k}"]).contiguous()
+                 for k, v in module.state_dict().items() if f"{path}.{k}" in out_dtype}
+        check_merged(state)
+        for name, t in state.items():
+            writer.write(name, t)
+
+    how = Refit(o.least_squares, o.inputs, o.ridge, 8192, seed)
+    merge_blocks(pair, plans, how, write, progress)
+    writer.close()
+
+
 def pleas_merge(model_a: str | Path, model_b: str | Path, opts: PleasOptions | None = None, *, out: str | Path,
                 dtype: str | None = None, recipe: str | None = None, seed: int = 0, device: str = "auto",
                 force: bool = False, progress: ProgressFn | None = None, copy_tokenizer: bool = True,
@@ -433,52 +472,65 @@ def pleas_merge(model_a: str | Path, model_b: str | Path, opts: PleasOptions | N
     """PLeaS-merge two model folders (Llama/Mistral/Qwen2 causal LMs) into ``out``; ``data`` is calibration text
     (the fine-tuning data, or generic text for the data-free variant). The MLP intermediate widens to
     ``width``× (config ``intermediate_size`` changes, so stock ``from_pretrained`` loads the result).
+    The models are read a block at a time (``pleas_blocks``): one block of each and of the result is held.
     The merge value checks apply (``values.check_whole_models``: NaN/inf inputs refused unless
     ``allow_nonfinite``, non-finite or all-zero results refused). ``copy_tokenizer``/``model_card``: write
     model A's tokenizer files and the model card. ``values`` override fields of ``opts`` (a :class:`PleasOptions`)."""
-    from ..checkpoint import Checkpoint, check_output, output_folder
-    from ..checkpoint.card import write_model_card
+    from ..checkpoint import Checkpoint, check_output, copy_side_files, output_folder, write_config
     from ..device import resolve_device, resolve_dtype
-    from .align.folders import lm_batches, load_pair, save_like
+    from .pleas_blocks import match_blocks
 
     o = PleasOptions.build(opts, **values)
+    if o.inputs not in INPUTS:
+        raise InvalidChoice("inputs", o.inputs, INPUTS)
     check_output(out, [model_a, model_b], force)
     dev = resolve_device(device)
     torch.manual_seed(seed)
-    a, b = load_pair(model_a, model_b, dev)
-    nonfinite, check_merged = check_whole_models([(Path(model_a), a.state_dict()), (Path(model_b), b.state_dict())],
-                                                 allow_nonfinite)
-    spec = spec_for(a)
-    batches = lm_batches(model_a, o.data, max_tokens=o.max_tokens, seq_len=o.seq_len, batch_size=o.batch_size)
-    merged, report = pleas_modules(a, b, batches, width=o.width, least_squares=o.least_squares, inputs=o.inputs,
-                                   metric=o.metric, ridge=o.ridge, seed=seed, device=dev, spec=spec, progress=progress)
-    check_merged(merged.state_dict())
-    if nonfinite:
-        report["nonfinite"] = nonfinite
+    pair = _pair(model_a, model_b, o, dev)
+    nonfinite, check_merged = check_whole_models([(Path(m), c.lazy(n)) for m, c, n in
+                                                  zip((model_a, model_b), pair.ckpts, pair.names)], allow_nonfinite)
+    times: dict[str, float] = {}
+    with _timed(times, "activation_statistics_s"):
+        plans = match_blocks(pair, merge_counts(pair.spec, o.width), o.metric, progress)
     config = dict(Checkpoint(model_a).config)
-    widths = {report["units"][g] for g, grp in spec.groups.items() if grp.partial}
+    widths = {plans[g].width for g, grp in pair.spec.groups.items() if grp.partial}
     if len(widths) > 1:
         raise WeightsmithError(f"MLP widths differ between blocks ({sorted(widths)}); no single intermediate_size")
     if widths:
         config["intermediate_size"] = widths.pop()
-        merged.config.intermediate_size = config["intermediate_size"]
-    report.update(model_a=str(model_a), model_b=str(model_b), out=str(out), data=str(o.data),
-                  tensors=len(merged.state_dict()),
-                  intermediate_size=config.get("intermediate_size"))
+    out_dtype = resolve_dtype(dtype) if dtype is not None else None
+    if out_dtype is not None:
+        config["torch_dtype"] = config["dtype"] = str(out_dtype).removeprefix("torch.")
     with output_folder(out, [model_a, model_b], force, stage="pleas", values_checked=True) as folder:
-        if dtype is not None:
-            merged.to(resolve_dtype(dtype))
-            config["torch_dtype"] = config["dtype"] = str(resolve_dtype(dtype)).removeprefix("torch.")
-        save_like(merged, model_a, folder, config, o.out_shard_size, keep_dtype=dtype is None,
-                  side_files=copy_tokenizer)
+        with _timed(times, "least_squares_s"):
+            _write_blocks(pair, plans, o, folder, out_dtype, check_merged, seed, progress)
+        write_config(folder, config)
+        if copy_tokenizer:
+            copy_side_files(model_a, folder)
+        written = Checkpoint(folder)
+        params, params_a = written.num_params, pair.ckpts[0].num_params
+        report = {"width": o.width, "least_squares": o.least_squares, "params": params,
+                  "size_vs_a": round(params / params_a, 4),
+                  "merged_units": {g: int((p.kind == MERGED).sum()) for g, p in plans.items()},
+                  "units": {g: p.width for g, p in plans.items()}, **{k: round(v, 3) for k, v in times.items()},
+                  "model_a": str(model_a), "model_b": str(model_b), "out": str(out), "data": str(o.data),
+                  "tensors": len(written), "intermediate_size": config.get("intermediate_size")}
+        if nonfinite:
+            report["nonfinite"] = nonfinite
         if model_card:
-            write_model_card(folder, stage="merge", method="pleas", inputs=[str(model_a), str(model_b)], recipe=recipe,
-                             parameters={**o.to_dict(exclude=("out_shard_size",)), "seed": seed},
-                             notes="PLeaS (Nasery et al. 2024, https://arxiv.org/abs/2407.02447): activation-matched "
-                                   "permutations, partial merging of the best-matched MLP units, layer-wise least "
-                                   f"squares on both models' activations. Parameters: {report['size_vs_a']}× model A.",
-                             tags=["pleas"])
+            _card(folder, model_a, model_b, o, seed, recipe, report)
     return report
+
+
+def _card(folder: Path, model_a, model_b, o: PleasOptions, seed: int, recipe, report: dict) -> None:
+    from ..checkpoint.card import write_model_card
+
+    write_model_card(folder, stage="merge", method="pleas", inputs=[str(model_a), str(model_b)], recipe=recipe,
+                     parameters={**o.to_dict(exclude=("out_shard_size",)), "seed": seed},
+                     notes="PLeaS (Nasery et al. 2024, https://arxiv.org/abs/2407.02447): activation-matched "
+                           "permutations, partial merging of the best-matched MLP units, layer-wise least "
+                           f"squares on both models' activations. Parameters: {report['size_vs_a']}× model A.",
+                     tags=["pleas"])
 
 
 RECIPE_PARAMS = tuple(n for n in PleasOptions.specs() if n != "out_shard_size")

@@ -45,41 +45,54 @@ class _Stats:
         return full.reshape(units, block, units, block).diagonal(dim1=1, dim2=3).sum(-1)
 
 
+class SimilarityStats:
+    """Per (group, block) sums over the sites of refit layers: each layer's input and output activations
+    carrying a group; ``similarity`` turns the sums of the groups asked for into (n_A × n_B) matrices."""
+
+    def __init__(self, spec: PermSpec, metric: str, device) -> None:
+        if metric not in METRICS:
+            raise InvalidChoice("metric", metric, METRICS)
+        self.spec, self.metric, self.device = spec, metric, device
+        self.dt = torch.float64 if torch.device(device).type == "cpu" else torch.float32
+        self.stats: dict[tuple[str, int], _Stats] = {}
+
+    def add(self, layers, acts_a: dict, acts_b: dict, rename=None) -> None:
+        """Add one batch's captured activations of ``layers`` (``rename`` maps a layer to its capture key)."""
+        for layer in layers:
+            key = rename(layer.module) if rename else layer.module
+            for which, group, block in ((0, layer.in_group, layer.in_block), (1, layer.out_group, layer.out_block)):
+                if group:
+                    a, b = acts_a[key][which].to(self.dt), acts_b[key][which].to(self.dt)
+                    if (group, block) not in self.stats:
+                        self.stats[(group, block)] = _Stats(a.shape[1], self.device, self.dt)
+                    self.stats[(group, block)].add(a, b)
+
+    def similarity(self, groups) -> dict[str, torch.Tensor]:
+        """The groups' similarities; their sums are dropped."""
+        sims: dict[str, torch.Tensor] = {}
+        for group, block in [k for k in self.stats if k[0] in groups]:
+            s = self.stats.pop((group, block)).similarity(self.spec.groups[group].size, block, self.metric)
+            sims[group] = sims[group] + s if group in sims else s
+        missing = [g for g in groups if g not in sims]
+        if missing:
+            raise WeightsmithError(f"no activations reached group {missing[0]}; the model never used it on the "
+                                   "calibration data")
+        return {g: s.cpu() for g, s in sims.items()}
+
+
 @torch.no_grad()
 def activation_similarity(model_a: nn.Module, model_b: nn.Module, spec: PermSpec, batches, *,
                           metric: str = "euclidean", device: str | torch.device = "cpu",
                           progress: ProgressFn | None = None) -> dict[str, torch.Tensor]:
     """Per group, the (n_A × n_B) similarity of unit activations accumulated over ``batches``."""
-    if metric not in METRICS:
-        raise InvalidChoice("metric", metric, METRICS)
-    dt = torch.float64 if torch.device(device).type == "cpu" else torch.float32
-    stats: dict[tuple[str, int], _Stats] = {}
-    sites = []
-    for layer in spec.layers:
-        if layer.in_group:
-            sites.append((layer.module, 0, layer.in_group, layer.in_block))
-        if layer.out_group:
-            sites.append((layer.module, 1, layer.out_group, layer.out_block))
+    stats = SimilarityStats(spec, metric, device)
     with capture(model_a, spec.layers) as acts_a, capture(model_b, spec.layers) as acts_b:
         for batch in track(progress, "activation statistics", batches):
             batch = batch.to(device)
             forward(model_a, batch)
             forward(model_b, batch)
-            for module, which, group, block in sites:
-                a, b = acts_a[module][which].to(dt), acts_b[module][which].to(dt)
-                key = (group, block)
-                if key not in stats:
-                    stats[key] = _Stats(a.shape[1], device, dt)
-                stats[key].add(a, b)
-    sims: dict[str, torch.Tensor] = {}
-    for (group, block), st in stats.items():
-        s = st.similarity(spec.groups[group].size, block, metric)
-        sims[group] = sims[group] + s if group in sims else s
-    missing = [g for g in spec.groups if g not in sims]
-    if missing:
-        raise WeightsmithError(f"no activations reached group {missing[0]}; the model never used it on the "
-                               "calibration data")
-    return {g: s.cpu() for g, s in sims.items()}
+            stats.add(spec.layers, acts_a, acts_b)
+    return stats.similarity(list(spec.groups))
 
 
 def assign(similarity: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -53,10 +53,15 @@ def capture(model: nn.Module, layers: list[Layer], raw: bool = False, stop: bool
             h.remove()
 
 
-def forward(model: nn.Module, batch) -> torch.Tensor | None:
-    """The model's output (logits for transformers models); None when a ``stop`` capture ended the pass."""
+def stopped(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)``, or None when a ``stop`` capture ended the pass."""
     try:
-        out = model(batch)
+        return fn(*args, **kwargs)
     except _Captured:
         return None
+
+
+def forward(model: nn.Module, batch) -> torch.Tensor | None:
+    """The model's output (logits for transformers models); None when a ``stop`` capture ended the pass."""
+    out = stopped(model, batch)
     return out.logits if hasattr(out, "logits") else out
