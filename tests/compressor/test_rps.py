@@ -218,3 +218,19 @@ def test_bad_inputs_are_refused_with_one_clear_error(tiny_llama, tmp_path):
         compress_rps(folder, tmp_path / "a", modules="nothing_here")
     with pytest.raises(WeightsmithError, match="inside input"):
         compress_rps(folder, folder / "out")
+
+
+def test_an_encoder_is_compressed_and_its_heal_refused_by_name(tmp_path):
+    """The real all-MiniLM-L6-v2 (it stores a position_ids buffer transformers ignores) projects; a heal, which
+    trains a causal-LM loss, is refused before the projection, with nothing written."""
+    from weightsmith.compressor.rps import compress_rps
+    from weightsmith.errors import OptionError
+    from weightsmith.zoo import minilm_path
+
+    data = tmp_path / "s.txt"
+    data.write_text("a sentence.\nanother one.\n")
+    with pytest.raises(OptionError, match="not a causal LM"):
+        compress_rps(minilm_path(), tmp_path / "healed", budget=0.5, heal_steps=2, data=data, device="cpu")
+    assert not (tmp_path / "healed").exists()
+    info = compress_rps(minilm_path(), tmp_path / "plain", budget=0.5, device="cpu")
+    assert 0 < info["relative_error"] < 1 and (tmp_path / "plain" / "config.json").is_file()

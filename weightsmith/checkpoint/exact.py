@@ -142,11 +142,11 @@ def check_tensors(cls, cfg, ckpt, path: Path) -> None:
     tied = getattr(skeleton, "all_tied_weights_keys", None) or {}
     missing = {k for k in expected if k not in stored and not (k in tied and tied[k] in stored)}
     unexpected = {n for n, k in keys.items() if k not in expected}
-    missing, unexpected = _ignored_by_transformers(skeleton, missing, unexpected)
+    missing, unexpected = ignored_by_transformers(skeleton, missing, unexpected)
     refuse_mismatch(path, missing, unexpected)
 
 
-def _ignored_by_transformers(skeleton, missing: set, unexpected: set) -> tuple[set, set]:
+def ignored_by_transformers(skeleton, missing: set, unexpected: set) -> tuple[set, set]:
     """Drop the keys the model class declares optional (e.g. an old checkpoint's ``rotary_emb.inv_freq``)."""
     try:
         from transformers.utils.loading_report import LoadStateDictInfo

@@ -66,7 +66,11 @@ def assemble(config: dict, memory: HashedMemory, state: dict[str, torch.Tensor],
     with init_empty_weights(include_buffers=False):  # dense weights never allocated; rotary buffers are
         model = cls(hf_config)
     attach(model, memory)
+    from ..checkpoint.exact import ignored_by_transformers
+
     unexpected = model.load_state_dict(state, strict=False, assign=True).unexpected_keys
+    _, unexpected = ignored_by_transformers(model, set(), set(unexpected))  # e.g. a stored position_ids buffer
+    unexpected = sorted(unexpected)
     if unexpected:
         raise WeightsmithError(f"{where}: tensor {unexpected[0]!r} does not belong to this model's config")
     if getattr(hf_config, "tie_word_embeddings", False):

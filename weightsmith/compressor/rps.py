@@ -14,7 +14,7 @@ import torch
 from ..checkpoint import Checkpoint, check_output, copy_side_files, output_folder, read_json
 from ..checkpoint.card import write_model_card
 from ..device import resolve_device
-from ..errors import MissingOption, WeightsmithError
+from ..errors import MissingOption, OptionError, WeightsmithError
 from ..progress import ProgressFn
 from ..stage_options import RpsOptions
 from . import format as rps_format
@@ -93,6 +93,17 @@ def project_checkpoint(model_path: Path, o: RpsOptions, seed: int, progress: Pro
     return model.eval(), stats, dense
 
 
+def _check_heals(model_path: Path) -> None:
+    """The heal trains a causal LM on its own loss: refuse any other model before the projection, by name."""
+    from ..checkpoint import read_json
+
+    config = read_json(model_path / "config.json", "config.json") if (model_path / "config.json").is_file() else {}
+    arch = (config.get("architectures") or ["?"])[0]
+    if not str(arch).endswith(("ForCausalLM", "LMHeadModel")):
+        raise OptionError("heal_steps", f"{model_path} is a {arch}, not a causal LM: the heal trains a language-"
+                                        "model loss; compress it without healing (fold heals encoders by distillation)")
+
+
 def compress_rps(model_path: str | Path, out: str | Path, opts: RpsOptions | None = None, *, device: str = "auto",
                  seed: int = 0, force: bool = False, progress: ProgressFn | None = None, **values) -> dict:
     """Project a trained checkpoint's chosen modules into hashed memory; heal for ``heal_steps`` on ``data``.
@@ -100,6 +111,8 @@ def compress_rps(model_path: str | Path, out: str | Path, opts: RpsOptions | Non
     o = RpsOptions.build(opts, **values)
     model_path, out = Path(model_path), Path(out)
     _check_data(o.data)
+    if o.heal_steps:
+        _check_heals(model_path)
     check_output(out, [model_path], force)
     dev = resolve_device(device)
     model, stats, dense_bytes = project_checkpoint(model_path, o, seed, progress)
