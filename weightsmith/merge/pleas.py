@@ -539,8 +539,9 @@ RECIPE_PARAMS = tuple(n for n in PleasOptions.specs() if n != "out_shard_size")
 def merge_recipe(recipe, out: str | Path, *, device: str = "auto", dtype: str | None = None,
                  out_shard_size: str | int = "5GB", seed: int = 0, force: bool = False,
                  progress: ProgressFn | None = None, copy_tokenizer: bool = True, model_card: bool = True,
-                 allow_nonfinite: bool = False) -> dict:
-    """``weightsmith merge`` entry point (method ``pleas``): two models, ``data`` and ``width`` parameters."""
+                 allow_nonfinite: bool = False, allow_crimes: bool = False) -> dict:
+    """``weightsmith merge`` entry point (method ``pleas``): two models, ``data`` and ``width`` parameters.
+    ``allow_crimes`` changes nothing here: PLeaS merges models of different bases by design."""
     params = {k: v for k, v in recipe.parameters.items() if v is not None}
     unknown = set(params) - set(RECIPE_PARAMS)
     if unknown:
