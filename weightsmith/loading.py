@@ -64,6 +64,39 @@ def check_shapes(cls, cfg, ckpt) -> None:
                 f"{list(t.shape)}; the config does not belong to these weights")
 
 
+def meta_model(ckpt, path: Path) -> torch.nn.Module:
+    """The model of a plain folder on the meta device: names, shapes, module types and tied weights, no memory.
+    A folder's own code builds it only where the loading gate (``checkpoint.trust.open_model``) let it through."""
+    from .checkpoint.trust import custom_code
+
+    if custom_code(path) is not None:
+        from transformers import AutoConfig
+
+        with torch.device("meta"):
+            return custom_class(ckpt.config).from_config(AutoConfig.from_pretrained(path, trust_remote_code=True),
+                                                         trust_remote_code=True)
+    cls = model_class(ckpt.config)
+    cfg = build_config(ckpt.config, cls, path)
+    check_shapes(cls, cfg, ckpt)
+    with torch.device("meta"):
+        return (getattr(cls, "from_config", None) or cls._from_config)(cfg)
+
+
+def stored_names(model: torch.nn.Module, ckpt, path: Path, wanted: list[str] | None = None) -> dict[str, str]:
+    """Parameter name -> the checkpoint tensor holding it (tied parameters are stored under one of their names)."""
+    aliases: dict[int, list[str]] = {}
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for name, p in params.items():
+        aliases.setdefault(id(p), []).append(name)
+    names = {}
+    for name in wanted if wanted is not None else list(params):
+        stored = [n for n in aliases[id(params[name])] if n in ckpt]
+        if not stored:
+            raise WeightsmithError(f"{path}: tensor {name} is missing")
+        names[name] = stored[0]
+    return names
+
+
 def custom_class(config: dict):
     """The transformers auto class through which a folder's own code (``auto_map``) is loaded."""
     import transformers

@@ -10,7 +10,7 @@ import json
 import mmap
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path, PurePosixPath
 
 import torch
@@ -282,6 +282,11 @@ class Checkpoint:
         for n in names or self.names():
             yield n, self.get(n)
 
+    def lazy(self, names: dict[str, str] | None = None) -> "LazyTensors":
+        """A read-only mapping of tensors mapped when looked up (see ``map``), never all at once; ``names`` gives
+        the keys and the stored tensor behind each (default: every stored name)."""
+        return LazyTensors(self, names if names is not None else {n: n for n in self.names()})
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         return dict(self.items())
 
@@ -294,3 +299,19 @@ class Checkpoint:
     def __repr__(self) -> str:
         return f"Checkpoint({str(self.path)!r}, {len(self)} tensors)"
 
+
+
+class LazyTensors(Mapping):
+    """Key -> the stored tensor behind it, mapped in the stored dtype on every lookup and freed with it."""
+
+    def __init__(self, ckpt: Checkpoint, names: dict[str, str]):
+        self.ckpt, self.names = ckpt, names
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.ckpt.map(self.names[key])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)

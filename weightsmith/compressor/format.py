@@ -55,33 +55,40 @@ def _model_class(config: dict):
     return model_class(config)
 
 
-def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
-    """A transformers model whose compressed modules read from the hashed memory (eval mode)."""
+def assemble(config: dict, memory: HashedMemory, state: dict[str, torch.Tensor], where: Path,
+             cls: type | None = None) -> nn.Module:
+    """A transformers model reading its compressed modules from ``memory`` and every other tensor from ``state``
+    (taken as they are: no dense weight of a compressed module is ever allocated)."""
     from accelerate import init_empty_weights
 
+    cls = cls or _model_class(config)
+    hf_config = cls.config_class.from_dict({k: v for k, v in config.items() if k != "weightsmith"})
+    with init_empty_weights(include_buffers=False):  # dense weights never allocated; rotary buffers are
+        model = cls(hf_config)
+    attach(model, memory)
+    unexpected = model.load_state_dict(state, strict=False, assign=True).unexpected_keys
+    if unexpected:
+        raise WeightsmithError(f"{where}: tensor {unexpected[0]!r} does not belong to this model's config")
+    if getattr(hf_config, "tie_word_embeddings", False):
+        model.tie_weights()
+    left = [n for n, p in model.named_parameters() if p.is_meta]
+    if left:
+        raise WeightsmithError(f"{where}: tensor {left[0]}{' and more' if len(left) > 1 else ''} missing from the "
+                               f"RPS folder")
+    return model
+
+
+def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
+    """A transformers model whose compressed modules read from the hashed memory (eval mode)."""
     path = Path(path)
     config, ws = rps_config(path)
     ckpt = Checkpoint(path)
     if MEMORY_NAME not in ckpt:
         raise WeightsmithError(f"{path}: tensor {MEMORY_NAME!r} is missing; the folder is damaged")
-    cls = _model_class(config)
-    hf_config = cls.config_class.from_dict(config)
-    with init_empty_weights(include_buffers=False):  # dense weights never allocated; rotary buffers are
-        model = cls(hf_config)
     memory = HashedMemory.from_config(ws)
     # Filled in place rather than assigned: the gradient-scaling hook lives on this Parameter.
     memory.memory.data = ckpt.get(MEMORY_NAME).clone()
-    attach(model, memory)
-    state = {n: ckpt.get(n) for n in ckpt.names() if n != MEMORY_NAME}
-    unexpected = model.load_state_dict(state, strict=False, assign=True).unexpected_keys
-    if unexpected:
-        raise WeightsmithError(f"{path}: tensor {unexpected[0]!r} does not belong to this model's config")
-    if getattr(hf_config, "tie_word_embeddings", False):
-        model.tie_weights()
-    left = [n for n, p in model.named_parameters() if p.is_meta]
-    if left:
-        raise WeightsmithError(f"{path}: tensor {left[0]}{' and more' if len(left) > 1 else ''} missing from the "
-                               f"RPS folder")
+    model = assemble(config, memory, {n: ckpt.get(n) for n in ckpt.names() if n != MEMORY_NAME}, path)
     model.to(resolve_device(device))
     if dtype is not None:
         model.to(resolve_dtype(dtype))

@@ -6,11 +6,12 @@ Desai & Shrivastava (arXiv 2310.11611).
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
 
-from ..checkpoint import check_output, copy_side_files, output_folder, read_json
+from ..checkpoint import Checkpoint, check_output, copy_side_files, output_folder, read_json
 from ..checkpoint.card import write_model_card
 from ..device import resolve_device
 from ..errors import MissingOption, WeightsmithError
@@ -18,7 +19,7 @@ from ..progress import ProgressFn
 from ..stage_options import RpsOptions
 from . import format as rps_format
 from .memory import resident_bytes
-from .project import compress_model, init_model
+from .project import init_model, plan, project, select_modules
 from .train import fit
 
 PAPER = "https://arxiv.org/abs/2310.11611"
@@ -59,23 +60,49 @@ def _finish(model, folder: Path, *, budget: float, inputs: list[str], method: st
     return report
 
 
+def _check_plain(ckpt: Checkpoint, path: Path) -> None:
+    fmt = (ckpt.config.get("weightsmith") or {}).get("format", "plain")
+    if fmt != "plain":
+        what = "already an RPS folder" if fmt == "rps" else f"a {fmt} folder"
+        raise WeightsmithError(f"{path} is {what}; export it to a plain folder first")
+
+
+def project_checkpoint(model_path: Path, o: RpsOptions, seed: int, progress: ProgressFn | None) -> tuple:
+    """The RPS model of a checkpoint, built without its dense model: the memory (in the compressed weights' stored
+    dtype) is projected from the weights one module range at a time, the other tensors are read as stored.
+    Returns (model, projection stats, bytes of the dense model)."""
+    from ..checkpoint.trust import open_model
+    from ..loading import meta_model, stored_names
+
+    ckpt = open_model(model_path)
+    if ckpt.config is None:
+        raise WeightsmithError(f"{model_path}: no config.json; transformers cannot tell which model the tensors "
+                               f"belong to")
+    _check_plain(ckpt, model_path)
+    skeleton = meta_model(ckpt, model_path)
+    chosen = select_modules(skeleton, o.modules)
+    tensor_of = stored_names(skeleton, ckpt, model_path, [f"{m}.weight" for m, _ in chosen])
+    names = {m: tensor_of[f"{m}.weight"] for m, _ in chosen}
+    dtype = functools.reduce(torch.promote_types, (ckpt.info(n).torch_dtype for n in names.values()))
+    memory = plan(chosen, budget=o.budget, mapping=o.mapping, sharing=o.sharing, tile=o.tile, seed=seed, dtype=dtype)
+    stats = project(memory, ckpt.lazy(names), progress)
+    compressed = set(names.values())
+    state = {n: ckpt.read(n) for n in ckpt.names() if n not in compressed}
+    model = rps_format.assemble(ckpt.config, memory, state, model_path, type(skeleton))
+    dense = ckpt.nbytes + resident_bytes(model)["buffers"]
+    return model.eval(), stats, dense
+
+
 def compress_rps(model_path: str | Path, out: str | Path, opts: RpsOptions | None = None, *, device: str = "auto",
                  seed: int = 0, force: bool = False, progress: ProgressFn | None = None, **values) -> dict:
     """Project a trained checkpoint's chosen modules into hashed memory; heal for ``heal_steps`` on ``data``.
     ``values`` override fields of ``opts`` (an :class:`RpsOptions`)."""
-    from ..loading import load
-
     o = RpsOptions.build(opts, **values)
     model_path, out = Path(model_path), Path(out)
     _check_data(o.data)
     check_output(out, [model_path], force)
     dev = resolve_device(device)
-    model = load(model_path, device=dev)
-    if getattr(model, "rps", None) is not None:
-        raise WeightsmithError(f"{model_path} is already an RPS folder; export it to a plain folder first")
-    dense_bytes = resident_bytes(model)["total"]
-    _, stats = compress_model(model, budget=o.budget, mapping=o.mapping, pattern=o.modules, sharing=o.sharing,
-                              tile=o.tile, seed=seed, progress=progress)
+    model, stats, dense_bytes = project_checkpoint(model_path, o, seed, progress)
     metrics = {"relative_error": stats["relative_error"], "dense_resident_bytes": dense_bytes}
     lr = o.lr or HEAL_LR
     if o.heal_steps:

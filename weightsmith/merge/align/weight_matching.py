@@ -5,6 +5,8 @@ tensors (scipy ``linear_sum_assignment``); stops when a whole sweep gains nothin
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
@@ -18,14 +20,27 @@ def _units(t: torch.Tensor, dim: int, n: int) -> torch.Tensor:
     return t.movedim(dim, 0).reshape(n, -1)
 
 
+def _cost(spec: PermSpec, g: str, members, state_a: Mapping, state_b: Mapping, perms, dt, device) -> torch.Tensor:
+    """Σ W_A P(W_B)ᵀ over the group's tensors, each read and upcast only while it is used."""
+    n = spec.groups[g].size
+    cost = torch.zeros(n, n, dtype=dt, device=device)
+    for name, ax in members:
+        wa = state_a[name].to(device, dt)
+        wb = permute_tensor(state_b[name].to(device, dt), spec.axes[name], perms, skip=g)
+        cost.addmm_(_units(wa, ax.dim, n), _units(wb, ax.dim, n).T)
+        del wa, wb
+    return cost
+
+
 @torch.no_grad()
-def weight_matching(spec: PermSpec, state_a: dict[str, torch.Tensor], state_b: dict[str, torch.Tensor], *,
+def weight_matching(spec: PermSpec, state_a: Mapping[str, torch.Tensor], state_b: Mapping[str, torch.Tensor], *,
                     max_sweeps: int = 100, seed: int = 0, device: str | torch.device = "cpu",
                     progress: ProgressFn | None = None) -> dict[str, torch.Tensor]:
-    """Permutations of B's groups maximising Σ ⟨W_A, P(W_B)⟩ over all tensors in ``spec``."""
+    """Permutations of B's groups maximising Σ ⟨W_A, P(W_B)⟩ over all tensors in ``spec``.
+
+    The states may be lazy (``Checkpoint.lazy``): a tensor is looked up when its group is matched and upcast
+    alone, so besides one group's tensors and its cost matrix nothing the size of a model is held."""
     dt = torch.float64 if torch.device(device).type == "cpu" else torch.float32
-    a = {k: state_a[k].to(device, dt) for k in spec.axes}
-    b = {k: state_b[k].to(device, dt) for k in spec.axes}
     perms = identity_perms(spec, device)
     members = {g: spec.tensors_of(g) for g in spec.groups}
     rng = np.random.default_rng(seed)
@@ -34,11 +49,7 @@ def weight_matching(spec: PermSpec, state_a: dict[str, torch.Tensor], state_b: d
         gained = False
         for g in rng.permutation(names):
             n = spec.groups[g].size
-            cost = torch.zeros(n, n, dtype=dt, device=device)
-            for name, ax in members[g]:
-                wb = permute_tensor(b[name], spec.axes[name], perms, skip=g)
-                cost += _units(a[name], ax.dim, n) @ _units(wb, ax.dim, n).T
-            c = cost.cpu().numpy()
+            c = _cost(spec, g, members[g], state_a, state_b, perms, dt, device).cpu().numpy()
             _, cols = linear_sum_assignment(c, maximize=True)
             old = c[np.arange(n), perms[g].cpu().numpy()].sum()
             new = c[np.arange(n), cols].sum()
