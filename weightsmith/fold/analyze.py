@@ -15,46 +15,69 @@ from ..errors import OutOfRange, WeightsmithError
 from ..progress import ProgressFn, track
 from .blocks import block_list, first_tensor, is_causal_lm
 from .data import calibration_windows, model_seq
-from .similarity import angular_distance, angular_drop, block_influence, cka_matrix, shortgpt_drop
+from .similarity import RunningSimilarity, angular_drop, shortgpt_drop
 
 
 @torch.no_grad()
-def block_states(model: torch.nn.Module, windows: torch.Tensor, *, batch_size: int = 8,
-                 device: str | torch.device = "cpu", progress: ProgressFn | None = None) -> list[torch.Tensor]:
-    """Inputs of every block plus the last block's output, [windows, seq, hidden] each, from one forward pass.
+def each_batch_states(model: torch.nn.Module, windows: torch.Tensor, on_batch, *, batch_size: int = 8,
+                      device: str | torch.device = "cpu", progress: ProgressFn | None = None) -> None:
+    """``on_batch(states)`` after each batch's forward pass: the inputs of every block plus the last block's
+    output, [batch, seq, hidden] each, in the model's dtype on its device (one batch held at a time).
 
     Hooks read the residual stream itself, so the last entry is before any final norm (unlike
     ``output_hidden_states`` on Llama, whose last entry is normed).
     """
     blocks = block_list(model)
-    got: list[list[torch.Tensor]] = [[] for _ in range(len(blocks) + 1)]
+    got: list[torch.Tensor | None] = [None] * (len(blocks) + 1)
 
     def pre(i):
         def hook(mod, args, kwargs):
-            x = args[0] if args else kwargs["hidden_states"]
-            got[i].append(x.detach().float().cpu())
+            got[i] = (args[0] if args else kwargs["hidden_states"]).detach()
         return hook
 
     def post(mod, args, kwargs, out):
-        got[-1].append(first_tensor(out).detach().float().cpu())
+        got[-1] = first_tensor(out).detach()
 
     handles = [b.register_forward_pre_hook(pre(i), with_kwargs=True) for i, b in enumerate(blocks)]
     handles.append(blocks[-1].register_forward_hook(post, with_kwargs=True))
     try:
         for s in track(progress, "forward", range(0, windows.shape[0], batch_size)):
             model(input_ids=windows[s:s + batch_size].to(device))
+            on_batch(list(got))
+            got[:] = [None] * len(got)
     finally:
         for h in handles:
             h.remove()
-    return [torch.cat(g) for g in got]
 
 
-def similarity_report(states: list[torch.Tensor], remove: int, cka_tokens: int | None = 1024) -> dict:
-    bi = block_influence(states)
-    last = angular_distance(states, last_token=True)
-    mean = angular_distance(states, last_token=False)
-    cka = cka_matrix(states, max_tokens=cka_tokens)
-    n = len(states) - 1
+def block_states(model: torch.nn.Module, windows: torch.Tensor, *, batch_size: int = 8,
+                 device: str | torch.device = "cpu", progress: ProgressFn | None = None) -> list[torch.Tensor]:
+    """Every block input plus the last block's output over all ``windows``, [windows, seq, hidden] each, float32
+    on the CPU (``each_batch_states``; the stages stream them instead, through ``block_similarity``)."""
+    got: list[list[torch.Tensor]] = []
+
+    def keep(states):
+        got.append([t.float().cpu() for t in states])
+
+    each_batch_states(model, windows, keep, batch_size=batch_size, device=device, progress=progress)
+    return [torch.cat(g) for g in zip(*got)]
+
+
+def block_similarity(model: torch.nn.Module, windows: torch.Tensor, *, batch_size: int = 8,
+                     device: str | torch.device = "cpu", progress: ProgressFn | None = None,
+                     mean_angular: bool = True, cka: bool = True, cka_tokens: int | None = 1024) -> RunningSimilarity:
+    """The similarity metrics of every block over ``windows``, accumulated batch by batch."""
+    stats = RunningSimilarity(windows.numel(), mean_angular=mean_angular, cka=cka, cka_tokens=cka_tokens)
+    each_batch_states(model, windows, stats.update, batch_size=batch_size, device=device, progress=progress)
+    return stats
+
+
+def similarity_report(stats: RunningSimilarity, remove: int) -> dict:
+    bi = stats.block_influence()
+    last = stats.angular_distance(last_token=True)
+    mean = stats.angular_distance(last_token=False)
+    cka = stats.cka_matrix()
+    n = len(bi)
 
     def rows(m):
         return [[None if math.isnan(v) else round(v, 6) for v in r] for r in m.tolist()]
@@ -120,10 +143,10 @@ def analyze(model_path: str | Path, data: str | Path, out: str | Path | None = N
     tok = load_tokenizer(tokenizer or model_path)
     windows = calibration_windows(tok, data, seq=model_seq(model, seq), max_tokens=max_tokens,
                                   causal=is_causal_lm(model))
-    states = block_states(model, windows, batch_size=batch_size, device=dev, progress=progress)
-    n = len(states) - 1
+    stats = block_similarity(model, windows, batch_size=batch_size, device=dev, progress=progress)
+    n = len(block_list(model))
     report = {"model": str(model_path), "data": str(data), "tokens": int(windows.numel()), **similarity_report(
-        states, remove=int(round(remove * n)))}
+        stats, remove=int(round(remove * n)))}
     if out is not None:
         with output_folder(out, inputs, force) as tmp:
             write_analysis(report, tmp)

@@ -55,33 +55,49 @@ def add_lora(model: torch.nn.Module, rank: int, alpha: float | None = None) -> l
 
 @torch.no_grad()
 def merge_lora(model: torch.nn.Module) -> int:
-    """Add every adapter's delta to its weight (once per shared weight) and put the plain layers back.
-    Returns the number of weights changed."""
+    """Put the plain layers back, each weight (once per shared weight) a new tensor: weight + the adapters' delta,
+    in the weight's dtype. New tensors, not in-place sums: a weight may be the teacher's own storage
+    (``plan.fold_model`` shares it). Returns the number of weights changed."""
     from peft.tuners.lora import Linear as LoraLinear
 
-    merged: set[int] = set()
+    merged: dict[int, torch.nn.Parameter] = {}
     for parent in list(model.modules()):
         for child_name, child in list(parent.named_children()):
             if isinstance(child, LoraLinear):
                 base = child.base_layer
-                if id(base.weight) not in merged:
+                key = id(base.weight)
+                if key not in merged:
+                    w = base.weight.to(torch.float32, copy=True)
                     for name in child.active_adapters:
-                        base.weight += child.get_delta_weight(name)
-                    merged.add(id(base.weight))
+                        w += child.get_delta_weight(name).float()
+                    merged[key] = torch.nn.Parameter(w.to(base.weight.dtype), requires_grad=base.weight.requires_grad)
+                    del w
+                base.weight = merged[key]
                 setattr(parent, child_name, base)
     return len(merged)
+
+
+def own_storage(params: list[torch.nn.Parameter], teacher: torch.nn.Module) -> None:
+    """Give each trainable parameter that shares its storage with the teacher a copy of its own (the heal
+    changes it in place; the teacher must stay the original)."""
+    held = {p.untyped_storage().data_ptr() for p in teacher.parameters()}
+    for p in params:
+        if p.untyped_storage().data_ptr() in held:
+            p.data = p.data.clone()
 
 
 def heal(student: torch.nn.Module, teacher: torch.nn.Module, windows: torch.Tensor | Sentences, *, steps: int = 200,
          lr: float = 3e-4, batch_size: int = 8, tail: int = 2, lm_weight: float = 1.0, kd_weight: float = 1.0,
          mse_weight: float = 1.0, pooled_weight: float = 1.0, temperature: float = 2.0, blocks_only: bool = True,
          lora_rank: int = 0, splice: float = 0.0, seed: int = 0, device: str | torch.device = "cpu",
-         pooling: Pooling | None = None, progress: ProgressFn | None = None) -> dict:
+         pooling: Pooling | None = None, progress: ProgressFn | None = None, merge: bool = True) -> dict:
     """Train ``student`` in place (AdamW, 10% linear warmup, then cosine decay to 0.1·lr); returns the first
     and last losses and what each rank did.
 
     ``windows``: [n, seq] token windows, or (encoders) ``Sentences``, separate inputs padded per batch;
-    ``splice``: the share of each batch of sentences replaced by spliced ones (``Sentences.spliced``).
+    ``splice``: the share of each batch of sentences replaced by spliced ones (``Sentences.spliced``);
+    ``merge``: merge LoRA adapters into the weights at the end (``merge_lora``; a caller that drops the teacher
+    first merges with less memory).
 
     Every rank draws the same global batch of ``batch_size`` windows and trains on its own equal slice;
     the gradients are averaged across ranks (DDP), so N processes take the steps one process would.
@@ -100,6 +116,7 @@ def heal(student: torch.nn.Module, teacher: torch.nn.Module, windows: torch.Tens
     _freeze(teacher)
     model = student
     params = _trainable(student, lora_rank, blocks_only)
+    own_storage(params, teacher)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     student, opt = accelerator.prepare(student, opt)
     teacher = teacher.to(accelerator.device)
@@ -127,7 +144,7 @@ def heal(student: torch.nn.Module, teacher: torch.nn.Module, windows: torch.Tens
         losses.append(loss)
         report(progress, "heal", step + 1, steps)
     student.eval()
-    if lora_rank:
+    if lora_rank and merge:
         merge_lora(model)
     for p in model.parameters():
         p.requires_grad_(True)

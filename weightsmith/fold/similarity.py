@@ -82,3 +82,59 @@ def angular_drop(dist: torch.Tensor, k: int) -> list[int]:
     col = dist[: dist.shape[0] - k + 1, k - 1]
     l = int(torch.argmin(col))
     return list(range(l, l + k))
+
+
+class RunningSimilarity:
+    """The metrics above accumulated one batch of block states at a time, so that only one batch's states are
+    held (in the model's dtype; each pair upcast as it is compared): sums for BI and the token-mean angular
+    distance, each window's last token for the last-token angular distance, and the CKA's sampled tokens
+    (the ``max_tokens`` tokens ``cka_matrix`` would draw from the whole set).
+
+    ``update`` takes [windows, tokens, hidden] states of every block input and the last output."""
+
+    def __init__(self, total_tokens: int, *, mean_angular: bool = True, cka_tokens: int | None = 1024,
+                 cka: bool = True, seed: int = 0):
+        self.mean_angular, self.cka = mean_angular, cka
+        self.cos_sum: torch.Tensor | None = None
+        self.ang_sum: torch.Tensor | None = None
+        self.tokens = 0
+        self.last: list[list[torch.Tensor]] = []
+        self.sampled: list[list[torch.Tensor]] = []
+        sample = torch.arange(total_tokens)
+        if cka_tokens and total_tokens > cka_tokens:
+            sample = torch.randperm(total_tokens, generator=torch.Generator().manual_seed(seed))[:cka_tokens]
+        self.sample = torch.zeros(total_tokens, dtype=torch.bool)
+        self.sample[sample] = True
+
+    def update(self, states: list[torch.Tensor]) -> None:
+        k = len(states)
+        if self.cos_sum is None:
+            self.cos_sum = torch.zeros(k - 1, dtype=torch.float64)
+            self.ang_sum = torch.zeros(k - 1, k - 1, dtype=torch.float64)
+            self.last = [[] for _ in range(k)]
+            self.sampled = [[] for _ in range(k)]
+        count = states[0].shape[0] * states[0].shape[1]
+        for i in range(k - 1):
+            self.cos_sum[i] += _cos(states[i], states[i + 1]).double().sum()
+            if self.mean_angular:
+                for n in range(1, k - i):
+                    self.ang_sum[i, n - 1] += angular(states[i], states[i + n]).double().sum()
+        rows = self.sample[self.tokens:self.tokens + count].to(states[0].device)
+        for i, s in enumerate(states):
+            self.last[i].append(s[:, -1:].float().cpu())
+            if self.cka:
+                self.sampled[i].append(s.reshape(-1, s.shape[-1])[rows].float().cpu())
+        self.tokens += count
+
+    def block_influence(self) -> torch.Tensor:
+        return (1.0 - self.cos_sum / self.tokens).float()
+
+    def angular_distance(self, last_token: bool = True) -> torch.Tensor:
+        if last_token:
+            return angular_distance([torch.cat(t) for t in self.last], last_token=True)
+        d = (self.ang_sum / self.tokens).float()
+        n = d.shape[0]
+        return d.masked_fill(torch.arange(n)[:, None] + torch.arange(1, n + 1)[None, :] > n, float("nan"))
+
+    def cka_matrix(self) -> torch.Tensor:
+        return cka_matrix([torch.cat(t)[None] for t in self.sampled], max_tokens=None)

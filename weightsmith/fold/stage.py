@@ -16,15 +16,16 @@ from ..device import resolve_device
 from ..errors import OptionError, WeightsmithError
 from ..progress import ProgressFn
 from ..stage_options import FoldOptions
-from .analyze import block_states
+from .analyze import block_similarity
 from .blocks import block_list, is_causal_lm
 from .data import calibration_windows, model_seq
 from .gates import gate_importance, lowest
+from .heal import merge_lora
 from .plan import fold_model, parse_share, removal_count
 from .pooling import Pooling, copy_sentence_transformers_files, read_pooling
 from .ranks import Clock, Ranks
 from .removal import loss_importance
-from .similarity import angular_distance, angular_drop, block_influence, shortgpt_drop
+from .similarity import angular_drop, shortgpt_drop
 
 def choose_removed(model: torch.nn.Module, windows: torch.Tensor, k: int, importance: str, *, gate_steps: int,
                    batch_size: int, seed: int, device, progress: ProgressFn | None,
@@ -38,11 +39,12 @@ def choose_removed(model: torch.nn.Module, windows: torch.Tensor, k: int, import
         g = gate_importance(model, windows, n - k, steps=gate_steps, batch_size=batch_size, seed=seed,
                             device=device, pooling=pooling, progress=progress)
         return lowest(g, k), {"gates": [round(v, 5) for v in g]}
-    states = block_states(model, windows, batch_size=batch_size, device=device, progress=progress)
+    stats = block_similarity(model, windows, batch_size=batch_size, device=device, progress=progress,
+                             mean_angular=False, cka=False)
     if importance == "bi":
-        bi = block_influence(states)
+        bi = stats.block_influence()
         return shortgpt_drop(bi, k), {"block_influence": [round(v, 5) for v in bi.tolist()]}
-    dist = angular_distance(states, last_token=True)
+    dist = stats.angular_distance(last_token=True)
     return angular_drop(dist, k), {"angular_distance_n": [None if v != v else round(v, 5) for v in dist[:, max(k, 1) - 1].tolist()]}
 
 
@@ -99,15 +101,20 @@ def fold(model_path: str | Path, out: str | Path, opts: FoldOptions | None = Non
     folded = fold_model(teacher, config, removed, job.sizes, share_init=opts.share_init, relax_rank=opts.relax_rank,
                         extra={"importance": opts.importance, "scores": scores}, picks=picks)
     clock.lap("fold")
+    params_original = count_params(teacher)
     healed = {}
     if opts.heal_steps:
         healed = _heal(folded, teacher, job, opts, seed=seed, device=dev, progress=progress)
+    del teacher, model  # the blocks the fold dropped go (unless the caller holds the model)
+    if opts.heal_steps:
+        if opts.heal_lora:
+            merge_lora(folded)  # new tensors for the merged weights, where the original's were just freed
         clock.lap("heal")
     fold_map = copy.deepcopy(folded.config.weightsmith)
     fold_map.update(heal_steps=opts.heal_steps)
     result = {"model": str(model_path), "out": str(out), "blocks": job.n, "removed": removed,
               "kept": fold_map["kept"], "groups": fold_map["groups"], "importance": opts.importance, "scores": scores,
-              "params_original": count_params(teacher), "params_unique": count_params(folded), **healed}
+              "params_original": params_original, "params_unique": count_params(folded), **healed}
     if job.pooling is not None:
         result["pooling"] = job.pooling.source
     if ranks.rank == 0:
@@ -139,7 +146,7 @@ def _heal(folded: torch.nn.Module, teacher: torch.nn.Module, job: _Job, opts: Fo
 
     return heal(folded, teacher, job.heal_data(opts), steps=opts.heal_steps, lr=opts.heal_lr, tail=opts.heal_tail,
                 pooled_weight=opts.heal_pooled_weight, splice=opts.heal_splice, batch_size=opts.batch_size,
-                lora_rank=opts.heal_lora, seed=seed, device=device, pooling=job.pooling, progress=progress)
+                lora_rank=opts.heal_lora, seed=seed, device=device, pooling=job.pooling, progress=progress, merge=False)
 
 
 def _check_inputs(model_path: Path, opts: FoldOptions) -> dict:
