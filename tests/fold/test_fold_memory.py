@@ -71,3 +71,17 @@ def test_a_lora_heal_merges_into_new_tensors_and_leaves_the_teacher_as_it_was(ll
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert folded.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
     assert not torch.equal(folded.model.layers[0].mlp.up_proj.weight, model.model.layers[1].mlp.up_proj.weight)
+
+
+def test_spilled_states_read_back_exactly_in_their_dtype():
+    from weightsmith.fold.removal import SpilledStates
+
+    g = torch.Generator().manual_seed(4)
+    tensors = [torch.randn(3, 5, 7, generator=g).to(torch.bfloat16), torch.randn(2, 9, generator=g),
+               torch.randn(1, 4, generator=g).to(torch.float16)]
+    store = SpilledStates()
+    indices = [store.add(t) for t in tensors]
+    for i in reversed(indices):
+        back = store.get(i)
+        assert back.dtype == tensors[i].dtype and torch.equal(back, tensors[i])
+    store.close()
