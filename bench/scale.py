@@ -151,6 +151,18 @@ STAGES: dict[str, Stage] = {
     "fold bi, no heal": Stage((), lambda p, o: ws(
         "fold", str(p["A"]), "--data", str(p["calib"]), "--importance", "bi", "--remove", "0.1", "--heal-steps", "0",
         "--out", str(o), *Q)),
+    "fold angular, no heal": Stage((), lambda p, o: ws(
+        "fold", str(p["A"]), "--data", str(p["calib"]), "--importance", "angular", "--remove", "0.1",
+        "--heal-steps", "0", "--out", str(o), *Q)),
+    "fold loss, no heal": Stage((), lambda p, o: ws(
+        "fold", str(p["A"]), "--data", str(p["calib"]), "--remove", "0.1", "--max-tokens", "4096",
+        "--heal-steps", "0", "--out", str(o), *Q)),
+    "fold bi + 2 LoRA heal": Stage((), lambda p, o: ws(
+        "fold", str(p["A"]), "--data", str(p["calib"]), "--importance", "bi", "--remove", "0.1", "--heal-steps", "2",
+        "--heal-lora", "8", "--batch-size", "2", "--out", str(o), *Q)),
+    "fold bi + 2 heal": Stage((), lambda p, o: ws(
+        "fold", str(p["A"]), "--data", str(p["calib"]), "--importance", "bi", "--remove", "0.1", "--heal-steps", "2",
+        "--batch-size", "2", "--out", str(o), *Q)),
     "compress rps 0.5": Stage((), lambda p, o: ws("compress", "rps", str(p["A"]), "--budget", "0.5", "--out", str(o),
                                                   *Q)),
     "export rps --plain": Stage(("compress rps 0.5",), lambda p, o: ws(

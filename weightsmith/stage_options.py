@@ -150,6 +150,9 @@ class FoldOptions(Options):
     heal_lora: int = option(0, lo=0, help="Heal with peft LoRA adapters of this rank on the blocks' linear layers "
                                           "(merged back after; layers sharing a weight share an adapter); 0 = "
                                           "fine-tune the blocks' weights.")
+    fsdp: bool = option(False, help="Across the processes of torchrun or accelerate launch, shard the heal's "
+                                    "weights, gradients and optimizer states (FSDP) instead of replicating the "
+                                    "model on every rank; accelerate launch --use_fsdp asks for it too.")
     seq_len: int | None = seq_len_option(None, help="Tokens per calibration window (default: min(positions, "
                                                        "128)).", aliases=("--seq",))
     max_tokens: int = max_tokens_option(16384, help="Calibration tokens for the importance (and the heal, unless "

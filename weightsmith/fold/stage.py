@@ -68,8 +68,9 @@ def fold(model_path: str | Path, out: str | Path, opts: FoldOptions | None = Non
     """Fold ``model_path`` into ``out`` as ``opts`` says (or ``options``, keywords of ``FoldOptions`` replacing
     its fields); returns the plan, the heal losses and the seconds per stage.
 
-    Under ``accelerate launch`` every rank loads the model, rank 0 chooses the blocks (the others get its
-    choice), the heal runs data-parallel, and rank 0 alone writes ``out`` while the others wait.
+    Under ``accelerate launch`` or ``torchrun`` every rank loads the model, rank 0 chooses the blocks (the others
+    get its choice), the heal runs data-parallel (or sharded: ``fsdp``), and rank 0 alone writes ``out`` while
+    the others wait.
     """
     from ..eval import count_params
 
@@ -101,20 +102,19 @@ def fold(model_path: str | Path, out: str | Path, opts: FoldOptions | None = Non
     folded = fold_model(teacher, config, removed, job.sizes, share_init=opts.share_init, relax_rank=opts.relax_rank,
                         extra={"importance": opts.importance, "scores": scores}, picks=picks)
     clock.lap("fold")
-    params_original = count_params(teacher)
-    healed = {}
+    params_original, params_unique = count_params(teacher), count_params(folded)
+    healed, gathered = {}, {}
     if opts.heal_steps:
-        healed = _heal(folded, teacher, job, opts, seed=seed, device=dev, progress=progress)
+        healed = _heal(folded, teacher, job, opts, seed=seed, device=dev, progress=progress, gathered=gathered)
     del teacher, model  # the blocks the fold dropped go (unless the caller holds the model)
     if opts.heal_steps:
-        if opts.heal_lora:
-            merge_lora(folded)  # new tensors for the merged weights, where the original's were just freed
+        folded = _healed_model(folded, config, opts, gathered)
         clock.lap("heal")
     fold_map = copy.deepcopy(folded.config.weightsmith)
     fold_map.update(heal_steps=opts.heal_steps)
     result = {"model": str(model_path), "out": str(out), "blocks": job.n, "removed": removed,
               "kept": fold_map["kept"], "groups": fold_map["groups"], "importance": opts.importance, "scores": scores,
-              "params_original": params_original, "params_unique": count_params(folded), **healed}
+              "params_original": params_original, "params_unique": params_unique, **healed}
     if job.pooling is not None:
         result["pooling"] = job.pooling.source
     if ranks.rank == 0:
@@ -140,13 +140,29 @@ def _measured_picks(teacher, config: dict, removed: list[int], job: "_Job", opts
 
 
 def _heal(folded: torch.nn.Module, teacher: torch.nn.Module, job: _Job, opts: FoldOptions, *, seed: int, device,
-          progress: ProgressFn | None) -> dict:
-    """The heal of ``folded`` from ``teacher`` as ``opts`` says; returns its report."""
+          progress: ProgressFn | None, gathered: dict) -> dict:
+    """The heal of ``folded`` from ``teacher`` as ``opts`` says (LoRA adapters left unmerged; sharded: the whole
+    weights into ``gathered`` on rank 0); returns its report."""
     from .heal import heal
+    from .shard import fsdp_requested
 
     return heal(folded, teacher, job.heal_data(opts), steps=opts.heal_steps, lr=opts.heal_lr, tail=opts.heal_tail,
                 pooled_weight=opts.heal_pooled_weight, splice=opts.heal_splice, batch_size=opts.batch_size,
-                lora_rank=opts.heal_lora, seed=seed, device=device, pooling=job.pooling, progress=progress, merge=False)
+                lora_rank=opts.heal_lora, seed=seed, device=device, pooling=job.pooling, progress=progress, merge=False,
+                sharded=fsdp_requested(opts.fsdp) and Ranks.start(device).world > 1, gathered=gathered)
+
+
+def _healed_model(folded: torch.nn.Module, config: dict, opts: FoldOptions, gathered: dict) -> torch.nn.Module:
+    """The model to write once the heal is done: adapters merged (new tensors, where the original's were just
+    freed), or (sharded, rank 0) a plain folded model of the gathered weights."""
+    from .format import assemble, folded_config
+
+    if opts.heal_lora:
+        merge_lora(folded)
+    if not gathered:
+        return folded
+    fold_map = folded.config.weightsmith
+    return assemble(folded_config(config, fold_map["kept"], fold_map), gathered)
 
 
 def _check_inputs(model_path: Path, opts: FoldOptions) -> dict:
