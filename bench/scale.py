@@ -163,6 +163,10 @@ STAGES: dict[str, Stage] = {
     "fold bi + 2 heal": Stage((), lambda p, o: ws(
         "fold", str(p["A"]), "--data", str(p["calib"]), "--importance", "bi", "--remove", "0.1", "--heal-steps", "2",
         "--batch-size", "2", "--out", str(o), *Q)),
+    "fold bi + 2 FSDP heal, 2 ranks": Stage((), lambda p, o: [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "weightsmith", "fold", str(p["A"]),
+        "--data", str(p["calib"]), "--importance", "bi", "--remove", "0.1", "--heal-steps", "2", "--batch-size", "2",
+        "--device", "cpu", "--fsdp", "--json", "--out", str(o), "--force"]),
     "compress rps 0.5": Stage((), lambda p, o: ws("compress", "rps", str(p["A"]), "--budget", "0.5", "--out", str(o),
                                                   *Q)),
     "export rps --plain": Stage(("compress rps 0.5",), lambda p, o: ws(
@@ -207,21 +211,33 @@ def measure(argv: list[str], cap_gb: float, code: Path) -> dict:
     log = Path(tempfile.mkstemp(suffix=".time")[1])
     start = time.perf_counter()
     # run from the checkout itself: `python -m` puts the working directory first on the path
+    out = tempfile.TemporaryFile("w+")
     proc = subprocess.Popen(["/usr/bin/time", "-v", "-o", str(log), *argv], env=env, cwd=code,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=out, stderr=subprocess.PIPE, text=True)
     killed: list = []
     threading.Thread(target=_watch, args=(proc.pid, int(cap_gb * 2**20), killed), daemon=True).start()
     err = proc.stderr.read()
     proc.wait()
+    out.seek(0)
+    ranks = _rank_figures(out.read())
     text = log.read_text()
     log.unlink()
     peak = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", text).group(1)) * 1024
-    row = {"wall_s": time.perf_counter() - start, "peak_rss": peak, "rc": proc.returncode}
+    row = {"wall_s": time.perf_counter() - start, "peak_rss": peak, "rc": proc.returncode, **ranks}
     if killed:
         row["killed_above_gb"] = cap_gb
     elif proc.returncode:
         row["error"] = err.strip().splitlines()[-1:] or ["?"]
     return row
+
+
+def _rank_figures(stdout: str) -> dict:
+    """Each rank's peak RSS and heal tensor bytes, from a fold's JSON report (a sharded heal reports them)."""
+    try:
+        ranks = json.loads(stdout).get("heal_ranks") or []
+    except (ValueError, AttributeError):
+        return {}
+    return {"ranks": [{"rank": r["rank"], **r["held"]} for r in ranks if "held" in r]} if len(ranks) > 1 else {}
 
 
 def _folder(stage: str) -> str:
@@ -244,6 +260,10 @@ def show(rows: dict, model_b: int) -> None:
         note = f"  killed above {r['killed_above_gb']} GB" if "killed_above_gb" in r else (
             f"  failed: {r['error'][0][:80]}" if "error" in r else "")
         print(f"{name:24} {r['wall_s']:8.1f}s {r['peak_rss'] / 1e9:8.2f}GB {r['peak_rss'] / model_b:6.2f}{note}")
+        for rank in r.get("ranks", []):
+            held = rank["params"] + rank["grads"] + rank["optimizer"]
+            print(f"  rank {rank['rank']}: peak RSS {rank['peak_rss'] / 1e9:.2f}GB = {rank['peak_rss'] / model_b:.2f} B; "
+                  f"params+grads+optimizer {held / 1e9:.2f}GB = {held / model_b:.2f} B")
     if "merge ties base+3" in rows and "mergekit-yaml ties" in rows:
         a, b = rows["merge ties base+3"], rows["mergekit-yaml ties"]
         print(f"merge vs mergekit-yaml: wall x{a['wall_s'] / b['wall_s']:.2f}, peak RSS "

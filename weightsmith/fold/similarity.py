@@ -49,25 +49,34 @@ def cka_matrix(states: list[torch.Tensor], max_tokens: int | None = 1024, seed: 
 
     Uses <X X', Y Y'> (token Gram matrices) or ||Y'X||^2 (feature products), whichever costs less.
     """
-    flat = [s.reshape(-1, s.shape[-1]).float() for s in states]
+    flat = [s.reshape(-1, s.shape[-1]) for s in states]
     if max_tokens and flat[0].shape[0] > max_tokens:
         idx = torch.randperm(flat[0].shape[0], generator=torch.Generator().manual_seed(seed))[:max_tokens]
         flat = [f[idx.to(f.device)] for f in flat]
-    centred = [f - f.mean(0) for f in flat]
     k = len(states)
-    n, d = centred[0].shape
+    n, d = flat[0].shape
     m = torch.eye(k)
-    if n * k < d * k * (k - 1) / 2:
-        grams = [c @ c.T for c in centred]
+    if n * k < d * k * (k - 1) / 2:  # Gram form: one state centred in float32 at a time
+        grams = [_gram(_centred(f)) for f in flat]
         norms = [g.norm() for g in grams]
         pair = lambda i, j: (grams[i] * grams[j]).sum()  # noqa: E731
     else:
+        centred = [_centred(f) for f in flat]
         norms = [(c.T @ c).norm() for c in centred]
         pair = lambda i, j: (centred[j].T @ centred[i]).square().sum()  # noqa: E731
     for i in range(k):
         for j in range(i + 1, k):
             m[i, j] = m[j, i] = float(pair(i, j) / (norms[i] * norms[j]))
     return m
+
+
+def _centred(x: torch.Tensor) -> torch.Tensor:
+    x = x.float()
+    return x - x.mean(0)
+
+
+def _gram(c: torch.Tensor) -> torch.Tensor:
+    return c @ c.T
 
 
 def shortgpt_drop(bi: torch.Tensor, k: int) -> list[int]:
@@ -123,7 +132,7 @@ class RunningSimilarity:
         for i, s in enumerate(states):
             self.last[i].append(s[:, -1:].float().cpu())
             if self.cka:
-                self.sampled[i].append(s.reshape(-1, s.shape[-1])[rows].float().cpu())
+                self.sampled[i].append(s.reshape(-1, s.shape[-1])[rows].cpu())
         self.tokens += count
 
     def block_influence(self) -> torch.Tensor:
