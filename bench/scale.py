@@ -136,6 +136,7 @@ class Stage:
 
 
 Q = ("--quiet", "--force")
+FOLD_TOKENS = ("--max-tokens", "2048")  # the importance's time grows with the calibration tokens, its memory does not
 STAGES: dict[str, Stage] = {
     "inspect": Stage((), lambda p, o: ws("inspect", str(p["A"]))),
     "merge ties base+3": Stage(FINETUNES, lambda p, o: ws(
@@ -150,23 +151,26 @@ STAGES: dict[str, Stage] = {
                                          "--quiet")),
     "fold bi, no heal": Stage((), lambda p, o: ws(
         "fold", str(p["A"]), "--data", str(p["calib"]), "--importance", "bi", "--remove", "0.1", "--heal-steps", "0",
-        "--out", str(o), *Q)),
+        *FOLD_TOKENS, "--out", str(o), *Q)),
     "fold angular, no heal": Stage((), lambda p, o: ws(
         "fold", str(p["A"]), "--data", str(p["calib"]), "--importance", "angular", "--remove", "0.1",
-        "--heal-steps", "0", "--out", str(o), *Q)),
+        "--heal-steps", "0", *FOLD_TOKENS, "--out", str(o), *Q)),
     "fold loss, no heal": Stage((), lambda p, o: ws(
-        "fold", str(p["A"]), "--data", str(p["calib"]), "--remove", "0.1", "--max-tokens", "4096",
-        "--heal-steps", "0", "--out", str(o), *Q)),
+        "fold", str(p["A"]), "--data", str(p["calib"]), "--remove", "0.1", "--heal-steps", "0", *FOLD_TOKENS,
+        "--out", str(o), *Q)),
     "fold bi + 2 LoRA heal": Stage((), lambda p, o: ws(
         "fold", str(p["A"]), "--data", str(p["calib"]), "--importance", "bi", "--remove", "0.1", "--heal-steps", "2",
-        "--heal-lora", "8", "--batch-size", "2", "--out", str(o), *Q)),
+        "--heal-lora", "8", "--batch-size", "2", *FOLD_TOKENS, "--out", str(o), *Q)),
     "fold bi + 2 heal": Stage((), lambda p, o: ws(
         "fold", str(p["A"]), "--data", str(p["calib"]), "--importance", "bi", "--remove", "0.1", "--heal-steps", "2",
-        "--batch-size", "2", "--out", str(o), *Q)),
+        "--batch-size", "2", *FOLD_TOKENS, "--out", str(o), *Q)),
+    "fold bi + 2 heal, teacher cache": Stage((), lambda p, o: ws(
+        "fold", str(p["A"]), "--data", str(p["calib"]), "--importance", "bi", "--remove", "0.1", "--heal-steps", "2",
+        "--batch-size", "2", "--teacher-cache", *FOLD_TOKENS, "--out", str(o), *Q)),
     "fold bi + 2 FSDP heal, 2 ranks": Stage((), lambda p, o: [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "weightsmith", "fold", str(p["A"]),
         "--data", str(p["calib"]), "--importance", "bi", "--remove", "0.1", "--heal-steps", "2", "--batch-size", "2",
-        "--device", "cpu", "--fsdp", "--json", "--out", str(o), "--force"]),
+        "--device", "cpu", "--fsdp", *FOLD_TOKENS, "--json", "--out", str(o), "--force"]),
     "compress rps 0.5": Stage((), lambda p, o: ws("compress", "rps", str(p["A"]), "--budget", "0.5", "--out", str(o),
                                                   *Q)),
     "export rps --plain": Stage(("compress rps 0.5",), lambda p, o: ws(

@@ -150,6 +150,9 @@ class FoldOptions(Options):
     heal_lora: int = option(0, lo=0, help="Heal with peft LoRA adapters of this rank on the blocks' linear layers "
                                           "(merged back after; layers sharing a weight share an adapter); 0 = "
                                           "fine-tune the blocks' weights.")
+    teacher_cache: bool = option(False, help="Compute the original's outputs on the heal windows once, into a "
+                                             "memory-mapped temporary file, so that each heal step runs only the "
+                                             "folded model (and a full heal trains the original's tensors in place).")
     fsdp: bool = option(False, help="Across the processes of torchrun or accelerate launch, shard the heal's "
                                     "weights, gradients and optimizer states (FSDP) instead of replicating the "
                                     "model on every rank; accelerate launch --use_fsdp asks for it too.")

@@ -25,7 +25,7 @@ def llama(tmp_path_factory):
     path = bf16_llama(tmp_path_factory.mktemp("bf16") / "m", hidden_size=256, intermediate_size=1024,
                       num_hidden_layers=5, vocab_size=128)
     model = weightsmith.load(path)
-    return model, read_json(path / "config.json", "config"), sum(p.numel() * 2 for p in model.parameters())
+    return model, read_json(path / "config.json", "config"), sum(p.numel() * 2 for p in model.parameters()), path
 
 
 @pytest.mark.parametrize("importance", ["bi", "angular", "loss"])
@@ -33,7 +33,7 @@ def test_importance_and_plan_allocate_no_copy_of_a_bf16_model(llama, importance)
     from weightsmith.fold.plan import fold_model
     from weightsmith.fold.stage import choose_removed
 
-    model, config, nbytes = llama
+    model, config, nbytes, _ = llama
     windows = torch.randint(0, 128, (6, 12), generator=torch.Generator().manual_seed(0))
     with NewBytes(model) as p:
         removed, _ = choose_removed(model, windows, 2, importance, gate_steps=0, batch_size=2, seed=0, device="cpu",
@@ -49,7 +49,7 @@ def test_a_full_heal_trains_its_own_copy_and_leaves_the_teacher_as_it_was(llama)
     from weightsmith.fold.heal import heal
     from weightsmith.fold.plan import fold_model
 
-    model, config, _ = llama
+    model, config, _, _ = llama
     before = {k: v.clone() for k, v in model.state_dict().items()}
     folded = fold_model(model, config, [1, 3], [1, 1, 1], share_init="first")
     windows = torch.randint(0, 128, (4, 12), generator=torch.Generator().manual_seed(1))
@@ -63,7 +63,7 @@ def test_a_lora_heal_merges_into_new_tensors_and_leaves_the_teacher_as_it_was(ll
     from weightsmith.fold.heal import heal
     from weightsmith.fold.plan import fold_model
 
-    model, config, _ = llama
+    model, config, _, _ = llama
     before = {k: v.clone() for k, v in model.state_dict().items()}
     folded = fold_model(model, config, [0, 2], [1, 1, 1], share_init="first")
     windows = torch.randint(0, 128, (4, 12), generator=torch.Generator().manual_seed(2))
@@ -85,3 +85,25 @@ def test_spilled_states_read_back_exactly_in_their_dtype():
         back = store.get(i)
         assert back.dtype == tensors[i].dtype and torch.equal(back, tensors[i])
     store.close()
+
+
+def test_a_heal_from_cached_teacher_outputs_takes_the_steps_of_one_with_the_teacher(llama):
+    """Same losses and weights with the teacher's outputs cached on disk; without keep_teacher the student
+    trains the tensors it shares with the teacher in place (no copy of the blocks)."""
+    import weightsmith
+    from weightsmith.fold.heal import heal
+    from weightsmith.fold.plan import fold_model
+
+    _, config, _, path = llama
+    model = weightsmith.load(path)  # its blocks get trained
+    windows = torch.randint(0, 128, (6, 12), generator=torch.Generator().manual_seed(5))
+    live = fold_model(model, config, [1, 3], [1, 1, 1], share_init="first")
+    a = heal(live, model, windows, steps=3, batch_size=2, lr=1e-2, tail=2)
+    cached = fold_model(model, config, [1, 3], [1, 1, 1], share_init="first")
+    up = cached.model.layers[0].mlp.up_proj.weight
+    b = heal(cached, model, windows, steps=3, batch_size=2, lr=1e-2, tail=2, teacher_cache=True, keep_teacher=False)
+    assert b["heal_losses"] == pytest.approx(a["heal_losses"], rel=1e-3)
+    assert cached.model.layers[0].mlp.up_proj.weight.data_ptr() == up.data_ptr() == \
+        model.model.layers[0].mlp.up_proj.weight.data_ptr()  # trained in place
+    for x, y in zip(live.parameters(), cached.parameters()):
+        assert torch.allclose(x.float(), y.float(), atol=2e-2)

@@ -26,6 +26,7 @@ from ..progress import ProgressFn, report
 from ..training import Sentences, lr_at
 from .blocks import block_list, is_causal_lm
 from .pooling import Pooling
+from .teacher_cache import TeacherCache
 
 
 def add_lora(model: torch.nn.Module, rank: int, alpha: float | None = None) -> list[torch.nn.Parameter]:
@@ -91,7 +92,8 @@ def heal(student: torch.nn.Module, teacher: torch.nn.Module, windows: torch.Tens
          mse_weight: float = 1.0, pooled_weight: float = 1.0, temperature: float = 2.0, blocks_only: bool = True,
          lora_rank: int = 0, splice: float = 0.0, seed: int = 0, device: str | torch.device = "cpu",
          pooling: Pooling | None = None, progress: ProgressFn | None = None, merge: bool = True,
-         sharded: bool = False, gathered: dict | None = None) -> dict:
+         sharded: bool = False, gathered: dict | None = None, teacher_cache: bool = False,
+         keep_teacher: bool = True) -> dict:
     """Train ``student`` in place (AdamW, 10% linear warmup, then cosine decay to 0.1·lr); returns the first
     and last losses and what each rank did.
 
@@ -99,7 +101,10 @@ def heal(student: torch.nn.Module, teacher: torch.nn.Module, windows: torch.Tens
     ``splice``: the share of each batch of sentences replaced by spliced ones (``Sentences.spliced``);
     ``merge``: merge LoRA adapters into the weights at the end (``merge_lora``; a caller that drops the teacher
     first merges with less memory); ``sharded``: FSDP across the launched processes (``shard.Sharded``), rank 0
-    then finds the whole trained weights in ``gathered`` (the student keeps only its shards).
+    then finds the whole trained weights in ``gathered`` (the student keeps only its shards); ``teacher_cache``:
+    the teacher's outputs on every window computed once (``TeacherCache``), each step runs the student alone;
+    ``keep_teacher=False``: the caller has no use for the teacher afterwards, so that with the cache the student
+    trains the tensors it shares with the teacher in place instead of a copy.
 
     Every rank draws the same global batch of ``batch_size`` windows and trains on its own equal slice;
     the gradients are averaged across ranks, so N processes take the steps one process would.
@@ -111,19 +116,23 @@ def heal(student: torch.nn.Module, teacher: torch.nn.Module, windows: torch.Tens
         raise OptionError("heal_splice", f"{splice} needs sentences (encoders); token windows cannot be spliced")
     if sharded and lora_rank:
         raise OptionError("heal_lora", "LoRA adapters are small: heal them data-parallel, without sharding")
+    if teacher_cache and isinstance(windows, Sentences):
+        raise OptionError("teacher_cache", "caches token windows; sentences (encoders) are batched by length")
     engine = (Sharded if sharded else Replicated)(torch.device(device))
     ranks = Ranks.start(device) if launched() else Ranks()
     if batch_size % ranks.world:
         raise OptionError("batch_size", f"{batch_size} must be a multiple of the {ranks.world} processes")
     _freeze(teacher)
     model = student
+    causal = is_causal_lm(model)
+    cache = TeacherCache(teacher, windows, tail=tail, causal=causal, batch_size=batch_size, device=engine.device,
+                         progress=progress) if teacher_cache else None
     params = _trainable(student, lora_rank, blocks_only)
-    if not engine.sharded:
+    if not engine.sharded and (cache is None or keep_teacher):
         own_storage(params, teacher)
-    student, teacher, opt, params = engine.prepare(student, teacher, params, lr)
-    loss_kw = dict(causal=is_causal_lm(model), tail=tail, lm_weight=lm_weight, kd_weight=kd_weight,
-                   mse_weight=mse_weight, pooled_weight=pooled_weight, temperature=temperature,
-                   pooling=pooling or Pooling())
+    student, teacher, opt, params = engine.prepare(student, None if cache else teacher, params, lr)
+    loss_kw = dict(causal=causal, tail=tail, lm_weight=lm_weight, kd_weight=kd_weight, mse_weight=mse_weight,
+                   pooled_weight=pooled_weight, temperature=temperature, pooling=pooling or Pooling())
     gen = torch.Generator().manual_seed(seed)
     per_rank = batch_size // ranks.world
     student.eval()  # dropout off: the student matches the teacher's deterministic outputs
@@ -138,7 +147,8 @@ def heal(student: torch.nn.Module, teacher: torch.nn.Module, windows: torch.Tens
         if step == 0:
             first_windows = drawn[mine].tolist()
         opt.zero_grad(set_to_none=True)
-        losses.append(_accumulate(engine, student, teacher, _parts(data, idx), **loss_kw))
+        cached = cache.outputs(idx, engine.device) if cache else None
+        losses.append(_accumulate(engine, student, teacher, _parts(data, idx), cached, **loss_kw))
         grad_norms.append(engine.clip(params, 1.0))
         opt.step()
         report(progress, "heal", step + 1, steps)
@@ -163,14 +173,15 @@ def _held(student: torch.nn.Module, opt) -> dict:
     return {**state_bytes(student, opt), "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
-def _accumulate(engine, student, teacher, parts: list[tuple], **loss_kw) -> float:
+def _accumulate(engine, student, teacher, parts: list[tuple], cached, **loss_kw) -> float:
     """Backward through each part of one step's batch (the gradients add up; ranks reduce them once, after the
-    last part); returns the batch's loss."""
+    last part); returns the batch's loss. ``cached``: the teacher's outputs on the batch (token windows: one
+    part)."""
     loss = 0.0
     for j, (x, mask, rows, tokens) in enumerate(parts):
         x, mask = x.to(engine.device), None if mask is None else mask.to(engine.device)
         with engine.no_sync(student, last=j + 1 == len(parts)):
-            part = distill_loss(student, teacher, x, mask, rows=rows, tokens=tokens, **loss_kw)
+            part = distill_loss(student, teacher, x, mask, rows=rows, tokens=tokens, teacher_out=cached, **loss_kw)
             engine.backward(part)
         loss += part.item()
     return loss
@@ -228,13 +239,16 @@ def _mse(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None) -> torch.T
 def distill_loss(student: torch.nn.Module, teacher: torch.nn.Module, x: torch.Tensor, mask: torch.Tensor | None = None,
                  *, causal: bool, tail: int, lm_weight: float, kd_weight: float, mse_weight: float,
                  pooled_weight: float, temperature: float, pooling: Pooling, rows: float = 1.0,
-                 tokens: float = 1.0) -> torch.Tensor:
+                 tokens: float = 1.0, teacher_out=None) -> torch.Tensor:
     """The heal objective on one batch (see the module docstring); ``mask``: the padding of encoder inputs.
     A part of a larger batch passes its share of the batch's ``rows`` and real ``tokens``, which weigh the
-    per-sentence and per-token means, so that the parts' losses add up to the whole batch's."""
+    per-sentence and per-token means, so that the parts' losses add up to the whole batch's. ``teacher_out``:
+    the teacher's outputs on ``x`` already computed (``TeacherCache``)."""
     extra = {} if mask is None else {"attention_mask": mask}
-    with torch.no_grad():
-        t_out = teacher(input_ids=x, output_hidden_states=True, **extra)
+    t_out = teacher_out
+    if t_out is None:
+        with torch.no_grad():
+            t_out = teacher(input_ids=x, output_hidden_states=True, **extra)
     s_out = student(input_ids=x, output_hidden_states=True, labels=x if causal and lm_weight else None, **extra)
     k = min(tail, len(s_out.hidden_states) - 1)
     loss = tokens * mse_weight * sum(_mse(s_out.hidden_states[-1 - i], t_out.hidden_states[-1 - i], mask)

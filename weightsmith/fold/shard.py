@@ -51,7 +51,7 @@ class Replicated:
     def prepare(self, student, teacher, params, lr: float):
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
         student, opt = self.accelerator.prepare(student, opt)
-        return student, teacher.to(self.device), opt, params
+        return student, None if teacher is None else teacher.to(self.device), opt, params
 
     def no_sync(self, student, last: bool):
         return contextlib.nullcontext() if last else self.accelerator.no_sync(student)
@@ -83,7 +83,8 @@ class Sharded:
 
     def prepare(self, student, teacher, params, lr: float):
         self.shard(student)  # each rank copies out its shards: the student no longer holds the teacher's tensors
-        self.shard(teacher)
+        if teacher is not None:  # None: its outputs are cached
+            self.shard(teacher)
         params = [p for p in student.parameters() if p.requires_grad]  # sharding made new parameters
         return student, teacher, torch.optim.AdamW(params, lr=lr, weight_decay=0.0), params
 

@@ -105,7 +105,8 @@ def fold(model_path: str | Path, out: str | Path, opts: FoldOptions | None = Non
     params_original, params_unique = count_params(teacher), count_params(folded)
     healed, gathered = {}, {}
     if opts.heal_steps:
-        healed = _heal(folded, teacher, job, opts, seed=seed, device=dev, progress=progress, gathered=gathered)
+        healed = _heal(folded, teacher, job, opts, seed=seed, device=dev, progress=progress, gathered=gathered,
+                       keep_teacher=model is not None)
     del teacher, model  # the blocks the fold dropped go (unless the caller holds the model)
     if opts.heal_steps:
         folded = _healed_model(folded, config, opts, gathered)
@@ -140,7 +141,7 @@ def _measured_picks(teacher, config: dict, removed: list[int], job: "_Job", opts
 
 
 def _heal(folded: torch.nn.Module, teacher: torch.nn.Module, job: _Job, opts: FoldOptions, *, seed: int, device,
-          progress: ProgressFn | None, gathered: dict) -> dict:
+          progress: ProgressFn | None, gathered: dict, keep_teacher: bool) -> dict:
     """The heal of ``folded`` from ``teacher`` as ``opts`` says (LoRA adapters left unmerged; sharded: the whole
     weights into ``gathered`` on rank 0); returns its report."""
     from .heal import heal
@@ -149,7 +150,8 @@ def _heal(folded: torch.nn.Module, teacher: torch.nn.Module, job: _Job, opts: Fo
     return heal(folded, teacher, job.heal_data(opts), steps=opts.heal_steps, lr=opts.heal_lr, tail=opts.heal_tail,
                 pooled_weight=opts.heal_pooled_weight, splice=opts.heal_splice, batch_size=opts.batch_size,
                 lora_rank=opts.heal_lora, seed=seed, device=device, pooling=job.pooling, progress=progress, merge=False,
-                sharded=fsdp_requested(opts.fsdp) and Ranks.start(device).world > 1, gathered=gathered)
+                sharded=fsdp_requested(opts.fsdp) and Ranks.start(device).world > 1, gathered=gathered,
+                teacher_cache=opts.teacher_cache, keep_teacher=keep_teacher)
 
 
 def _healed_model(folded: torch.nn.Module, config: dict, opts: FoldOptions, gathered: dict) -> torch.nn.Module:
