@@ -112,12 +112,7 @@ def heal(student: torch.nn.Module, teacher: torch.nn.Module, windows: torch.Tens
     from .ranks import Ranks, launched
     from .shard import Replicated, Sharded
 
-    if splice and not isinstance(windows, Sentences):
-        raise OptionError("heal_splice", f"{splice} needs sentences (encoders); token windows cannot be spliced")
-    if sharded and lora_rank:
-        raise OptionError("heal_lora", "LoRA adapters are small: heal them data-parallel, without sharding")
-    if teacher_cache and isinstance(windows, Sentences):
-        raise OptionError("teacher_cache", "caches token windows; sentences (encoders) are batched by length")
+    _check(windows, splice=splice, sharded=sharded, lora_rank=lora_rank, teacher_cache=teacher_cache)
     engine = (Sharded if sharded else Replicated)(torch.device(device))
     ranks = Ranks.start(device) if launched() else Ranks()
     if batch_size % ranks.world:
@@ -133,9 +128,35 @@ def heal(student: torch.nn.Module, teacher: torch.nn.Module, windows: torch.Tens
     student, teacher, opt, params = engine.prepare(student, None if cache else teacher, params, lr)
     loss_kw = dict(causal=causal, tail=tail, lm_weight=lm_weight, kd_weight=kd_weight, mse_weight=mse_weight,
                    pooled_weight=pooled_weight, temperature=temperature, pooling=pooling or Pooling())
+    student.eval()  # dropout off: the student matches the teacher's deterministic outputs
+    losses, grad_norms, first_windows = _steps(engine, student, teacher, opt, params, windows, cache, ranks,
+                                               steps=steps, lr=lr, batch_size=batch_size, splice=splice, seed=seed,
+                                               progress=progress, **loss_kw)
+    held = _held(student, opt)
+    student.eval()
+    if engine.sharded and gathered is not None:
+        gathered.update(engine.gather(student, ranks.rank))
+    if lora_rank and merge:
+        merge_lora(model)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return _heal_report(steps, lora_rank, losses, grad_norms, first_windows, ranks, held)
+
+
+def _check(windows, *, splice: float, sharded: bool, lora_rank: int, teacher_cache: bool) -> None:
+    if splice and not isinstance(windows, Sentences):
+        raise OptionError("heal_splice", f"{splice} needs sentences (encoders); token windows cannot be spliced")
+    if sharded and lora_rank:
+        raise OptionError("heal_lora", "LoRA adapters are small: heal them data-parallel, without sharding")
+    if teacher_cache and isinstance(windows, Sentences):
+        raise OptionError("teacher_cache", "caches token windows; sentences (encoders) are batched by length")
+
+
+def _steps(engine, student, teacher, opt, params, windows, cache, ranks, *, steps: int, lr: float, batch_size: int,
+           splice: float, seed: int, progress: ProgressFn | None, **loss_kw) -> tuple[list, list, list]:
+    """The heal's steps; returns this rank's losses and gradient norms, and the windows of its first batch."""
     gen = torch.Generator().manual_seed(seed)
     per_rank = batch_size // ranks.world
-    student.eval()  # dropout off: the student matches the teacher's deterministic outputs
     losses, grad_norms, first_windows = [], [], []
     for step in range(steps):
         for g in opt.param_groups:
@@ -152,15 +173,7 @@ def heal(student: torch.nn.Module, teacher: torch.nn.Module, windows: torch.Tens
         grad_norms.append(engine.clip(params, 1.0))
         opt.step()
         report(progress, "heal", step + 1, steps)
-    held = _held(student, opt)
-    student.eval()
-    if engine.sharded and gathered is not None:
-        gathered.update(engine.gather(student, ranks.rank))
-    if lora_rank and merge:
-        merge_lora(model)
-    for p in model.parameters():
-        p.requires_grad_(True)
-    return _heal_report(steps, lora_rank, losses, grad_norms, first_windows, ranks, held)
+    return losses, grad_norms, first_windows
 
 
 def _held(student: torch.nn.Module, opt) -> dict:

@@ -78,10 +78,7 @@ def fold(model_path: str | Path, out: str | Path, opts: FoldOptions | None = Non
     model_path = Path(model_path)
     config = _check_inputs(model_path, opts)
     ranks = Ranks.start(device)
-    _claim_output(ranks, out, model_path, force)
-    if opts.heal_steps and opts.batch_size % ranks.world:
-        raise OptionError("batch_size", f"{opts.batch_size} must be a multiple of the {ranks.world} processes "
-                                        "(each rank heals on an equal share of every batch)")
+    _claim_output(ranks, out, model_path, force, opts)
     clock = Clock()
     torch.manual_seed(seed)
     dev = ranks.device if ranks.world > 1 else resolve_device(device)
@@ -178,8 +175,12 @@ def _check_inputs(model_path: Path, opts: FoldOptions) -> dict:
     return read_json(model_path / "config.json", "config.json")
 
 
-def _claim_output(ranks: Ranks, out: str | Path, model_path: Path, force: bool) -> None:
-    """Rank 0 checks and locks the output for the run; the other ranks stop with its refusal."""
+def _claim_output(ranks: Ranks, out: str | Path, model_path: Path, force: bool, opts: FoldOptions) -> None:
+    """Rank 0 checks and locks the output for the run; the other ranks stop with its refusal. Every rank first
+    checks that the heal's batches split evenly across the ranks."""
+    if opts.heal_steps and opts.batch_size % ranks.world:
+        raise OptionError("batch_size", f"{opts.batch_size} must be a multiple of the {ranks.world} processes "
+                                        "(each rank heals on an equal share of every batch)")
     refused = None
     if ranks.rank == 0:
         try:
