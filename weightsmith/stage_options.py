@@ -49,6 +49,7 @@ class AnalyzeOptions(Options):
     max_tokens: int = max_tokens_option(4096)
     batch_size: int = batch_size_option(8)
     tokenizer: Path | None = option(None, path=True, help="Tokenizer folder (default: the model's own).")
+    dtype: str | None = option(None, choices=DTYPES, help="Run in float32, bfloat16 or float16 (default: as stored).")
 
 
 class RpsOptions(Options):
@@ -153,6 +154,8 @@ class FoldOptions(Options):
     teacher_cache: bool = option(False, help="Compute the original's outputs on the heal windows once, into a "
                                              "memory-mapped temporary file, so that each heal step runs only the "
                                              "folded model (and a full heal trains the original's tensors in place).")
+    dtype: str | None = option(None, choices=DTYPES, help="Fold (and write) in float32, bfloat16 or float16 "
+                                                          "(default: as stored).")
     fsdp: bool = option(False, help="Across the processes of torchrun or accelerate launch, shard the heal's "
                                     "weights, gradients and optimizer states (FSDP) instead of replicating the "
                                     "model on every rank; accelerate launch --use_fsdp asks for it too.")

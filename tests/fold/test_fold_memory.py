@@ -107,3 +107,25 @@ def test_a_heal_from_cached_teacher_outputs_takes_the_steps_of_one_with_the_teac
         model.model.layers[0].mlp.up_proj.weight.data_ptr()  # trained in place
     for x, y in zip(live.parameters(), cached.parameters()):
         assert torch.allclose(x.float(), y.float(), atol=2e-2)
+
+
+def test_analyze_and_fold_keep_the_stored_dtype_unless_told(llama, tmp_path, monkeypatch):
+    import weightsmith.loading
+    from weightsmith.fold.analyze import analyze
+    from weightsmith.fold.stage import _load
+
+    _, _, _, path = llama
+    assert {p.dtype for p in _load(path, "cpu", None).parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in _load(path, "cpu", "float32").parameters()} == {torch.float32}
+    data = tmp_path / "d.txt"
+    data.write_text("a b c d e f g h " * 200)
+
+    class Loaded(Exception):
+        pass
+
+    def load(*args, **kwargs):
+        raise Loaded(kwargs.get("dtype"))
+
+    monkeypatch.setattr(weightsmith.loading, "load", load)
+    with pytest.raises(Loaded, match="float16"):
+        analyze(path, data, dtype="float16")

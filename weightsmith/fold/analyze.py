@@ -125,9 +125,11 @@ def heatmap(report: dict, path: Path, title: str) -> None:
 
 def analyze(model_path: str | Path, data: str | Path, out: str | Path | None = None, *, remove: float = 0.25,
             seq: int | None = None, max_tokens: int = 4096, batch_size: int = 8, device: str = "auto",
-            tokenizer: str | Path | None = None, force: bool = False, progress: ProgressFn | None = None) -> dict:
+            tokenizer: str | Path | None = None, force: bool = False, progress: ProgressFn | None = None,
+            dtype: str | None = None) -> dict:
     """Similarity report for every block of the model at ``model_path``; writes analysis.json and heatmap.png to
-    the folder ``out`` (atomically, refused inside an input or when it exists without ``force``)."""
+    the folder ``out`` (atomically, refused inside an input or when it exists without ``force``). The
+    metrics are accumulated one batch at a time (``block_similarity``): memory is the weights and one batch."""
     from ..eval import load_tokenizer
     from ..loading import load
 
@@ -139,7 +141,7 @@ def analyze(model_path: str | Path, data: str | Path, out: str | Path | None = N
     if out is not None:
         check_output(out, inputs, force)
     dev = resolve_device(device)
-    model = load(model_path, device=dev)
+    model = load(model_path, device=dev, dtype=dtype)  # as stored unless ``dtype`` says
     tok = load_tokenizer(tokenizer or model_path)
     windows = calibration_windows(tok, data, seq=model_seq(model, seq), max_tokens=max_tokens,
                                   causal=is_causal_lm(model))

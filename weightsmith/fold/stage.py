@@ -82,7 +82,7 @@ def fold(model_path: str | Path, out: str | Path, opts: FoldOptions | None = Non
     clock = Clock()
     torch.manual_seed(seed)
     dev = ranks.device if ranks.world > 1 else resolve_device(device)
-    teacher = model if model is not None else _load(model_path, dev)
+    teacher = model if model is not None else _load(model_path, dev, opts.dtype)
     job = _prepare(model_path, teacher, opts)
     clock.lap("load")
     removed, scores = [], {}
@@ -192,10 +192,10 @@ def _claim_output(ranks: Ranks, out: str | Path, model_path: Path, force: bool, 
         raise WeightsmithError(refused)
 
 
-def _load(model_path: Path, device) -> torch.nn.Module:
+def _load(model_path: Path, device, dtype: str | None) -> torch.nn.Module:
     from ..loading import load
 
-    return load(model_path, device=device)
+    return load(model_path, device=device, dtype=dtype)  # as stored unless ``dtype`` says: never upcast whole
 
 
 @dataclass
