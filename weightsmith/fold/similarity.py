@@ -53,20 +53,32 @@ def cka_matrix(states: list[torch.Tensor], max_tokens: int | None = 1024, seed: 
     if max_tokens and flat[0].shape[0] > max_tokens:
         idx = torch.randperm(flat[0].shape[0], generator=torch.Generator().manual_seed(seed))[:max_tokens]
         flat = [f[idx.to(f.device)] for f in flat]
+    if gram_form(*flat[0].shape, len(flat)):
+        return gram_cka([_gram(_centred(f)) for f in flat])
     k = len(states)
-    n, d = flat[0].shape
     m = torch.eye(k)
-    if n * k < d * k * (k - 1) / 2:  # Gram form: one state centred in float32 at a time
-        grams = [_gram(_centred(f)) for f in flat]
-        norms = [g.norm() for g in grams]
-        pair = lambda i, j: (grams[i] * grams[j]).sum()  # noqa: E731
-    else:
-        centred = [_centred(f) for f in flat]
-        norms = [(c.T @ c).norm() for c in centred]
-        pair = lambda i, j: (centred[j].T @ centred[i]).square().sum()  # noqa: E731
+    centred = [_centred(f) for f in flat]
+    norms = [(c.T @ c).norm() for c in centred]
+    pair = lambda i, j: (centred[j].T @ centred[i]).square().sum()  # noqa: E731
     for i in range(k):
         for j in range(i + 1, k):
             m[i, j] = m[j, i] = float(pair(i, j) / (norms[i] * norms[j]))
+    return m
+
+
+def gram_form(n: int, d: int, k: int) -> bool:
+    """Whether CKA over ``k`` sets of ``n`` tokens x ``d`` features costs less through token Gram matrices."""
+    return n * k < d * k * (k - 1) / 2
+
+
+def gram_cka(grams: list[torch.Tensor]) -> torch.Tensor:
+    """Linear CKA of every pair from the centred token Gram matrices: <K_i, K_j> / (||K_i|| ||K_j||)."""
+    k = len(grams)
+    norms = [g.norm() for g in grams]
+    m = torch.eye(k)
+    for i in range(k):
+        for j in range(i + 1, k):
+            m[i, j] = m[j, i] = float((grams[i] * grams[j]).sum() / (norms[i] * norms[j]))
     return m
 
 
@@ -146,4 +158,13 @@ class RunningSimilarity:
         return d.masked_fill(torch.arange(n)[:, None] + torch.arange(1, n + 1)[None, :] > n, float("nan"))
 
     def cka_matrix(self) -> torch.Tensor:
-        return cka_matrix([torch.cat(t)[None] for t in self.sampled], max_tokens=None)
+        """CKA of the sampled tokens. In Gram form each block input's tokens are dropped once its Gram matrix is
+        formed (asked for once)."""
+        n, d, k = sum(t.shape[0] for t in self.sampled[0]), self.sampled[0][0].shape[-1], len(self.sampled)
+        if not gram_form(n, d, k):
+            return cka_matrix([torch.cat(t)[None] for t in self.sampled], max_tokens=None)
+        grams = []
+        for i in range(k):
+            grams.append(_gram(_centred(torch.cat(self.sampled[i]))))
+            self.sampled[i] = []
+        return gram_cka(grams)
