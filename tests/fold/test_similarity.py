@@ -81,3 +81,6 @@ def test_metrics_streamed_batch_by_batch_equal_the_metrics_of_all_states(zoo):
         assert torch.equal(full.isnan(), streamed.isnan())
         assert torch.allclose(streamed.nan_to_num(), full.nan_to_num(), atol=1e-6)
     assert torch.allclose(stats.cka_matrix(), cka_matrix(states, max_tokens=60), atol=1e-5)
+    light = block_similarity(model, x, batch_size=3, mean_angular=False, cka=False)  # one state held at a time
+    assert torch.allclose(light.block_influence(), block_influence(states), atol=1e-6)
+    assert torch.allclose(light.angular_distance().nan_to_num(), angular_distance(states).nan_to_num(), atol=1e-6)

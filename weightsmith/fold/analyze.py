@@ -19,32 +19,30 @@ from .similarity import RunningSimilarity, angular_drop, shortgpt_drop
 
 
 @torch.no_grad()
-def each_batch_states(model: torch.nn.Module, windows: torch.Tensor, on_batch, *, batch_size: int = 8,
+def each_batch_states(model: torch.nn.Module, windows: torch.Tensor, on_state, *, batch_size: int = 8,
                       device: str | torch.device = "cpu", progress: ProgressFn | None = None) -> None:
-    """``on_batch(states)`` after each batch's forward pass: the inputs of every block plus the last block's
-    output, [batch, seq, hidden] each, in the model's dtype on its device (one batch held at a time).
+    """``on_state(i, state, k)`` as each batch's forward pass reaches the input of block i (i = 0..k-2) and the
+    last block's output (i = k-1): [batch, seq, hidden] in the model's dtype on its device; nothing is kept here.
 
     Hooks read the residual stream itself, so the last entry is before any final norm (unlike
     ``output_hidden_states`` on Llama, whose last entry is normed).
     """
     blocks = block_list(model)
-    got: list[torch.Tensor | None] = [None] * (len(blocks) + 1)
+    k = len(blocks) + 1
 
     def pre(i):
         def hook(mod, args, kwargs):
-            got[i] = (args[0] if args else kwargs["hidden_states"]).detach()
+            on_state(i, (args[0] if args else kwargs["hidden_states"]).detach(), k)
         return hook
 
     def post(mod, args, kwargs, out):
-        got[-1] = first_tensor(out).detach()
+        on_state(k - 1, first_tensor(out).detach(), k)
 
     handles = [b.register_forward_pre_hook(pre(i), with_kwargs=True) for i, b in enumerate(blocks)]
     handles.append(blocks[-1].register_forward_hook(post, with_kwargs=True))
     try:
         for s in track(progress, "forward", range(0, windows.shape[0], batch_size)):
             model(input_ids=windows[s:s + batch_size].to(device))
-            on_batch(list(got))
-            got[:] = [None] * len(got)
     finally:
         for h in handles:
             h.remove()
@@ -56,8 +54,10 @@ def block_states(model: torch.nn.Module, windows: torch.Tensor, *, batch_size: i
     on the CPU (``each_batch_states``; the stages stream them instead, through ``block_similarity``)."""
     got: list[list[torch.Tensor]] = []
 
-    def keep(states):
-        got.append([t.float().cpu() for t in states])
+    def keep(i, state, k):
+        if i == 0:
+            got.append([])
+        got[-1].append(state.float().cpu())
 
     each_batch_states(model, windows, keep, batch_size=batch_size, device=device, progress=progress)
     return [torch.cat(g) for g in zip(*got)]
@@ -66,9 +66,9 @@ def block_states(model: torch.nn.Module, windows: torch.Tensor, *, batch_size: i
 def block_similarity(model: torch.nn.Module, windows: torch.Tensor, *, batch_size: int = 8,
                      device: str | torch.device = "cpu", progress: ProgressFn | None = None,
                      mean_angular: bool = True, cka: bool = True, cka_tokens: int | None = 1024) -> RunningSimilarity:
-    """The similarity metrics of every block over ``windows``, accumulated batch by batch."""
+    """The similarity metrics of every block over ``windows``, accumulated as the forward passes go."""
     stats = RunningSimilarity(windows.numel(), mean_angular=mean_angular, cka=cka, cka_tokens=cka_tokens)
-    each_batch_states(model, windows, stats.update, batch_size=batch_size, device=device, progress=progress)
+    each_batch_states(model, windows, stats.take, batch_size=batch_size, device=device, progress=progress)
     return stats
 
 

@@ -111,7 +111,7 @@ class RunningSimilarity:
     distance, each window's last token for the last-token angular distance, and the CKA's sampled tokens
     (the ``max_tokens`` tokens ``cka_matrix`` would draw from the whole set).
 
-    ``update`` takes [windows, tokens, hidden] states of every block input and the last output."""
+    ``take`` takes the [windows, tokens, hidden] states of the block inputs and the last output."""
 
     def __init__(self, total_tokens: int, *, mean_angular: bool = True, cka_tokens: int | None = 1024,
                  cka: bool = True, seed: int = 0):
@@ -126,26 +126,35 @@ class RunningSimilarity:
             sample = torch.randperm(total_tokens, generator=torch.Generator().manual_seed(seed))[:cka_tokens]
         self.sample = torch.zeros(total_tokens, dtype=torch.bool)
         self.sample[sample] = True
+        self._held: list[torch.Tensor] = []
 
-    def update(self, states: list[torch.Tensor]) -> None:
-        k = len(states)
+    def take(self, i: int, state: torch.Tensor, k: int) -> None:
+        """State ``i`` of ``k`` of the current batch, as the forward pass reaches it. Only the previous one is
+        held, unless the token-mean angular distance (every pair) needs the whole batch's."""
+        if i == 0:
+            self._start(k)
+            self._held = []
+        count = state.shape[0] * state.shape[1]
+        if i:
+            self.cos_sum[i - 1] += _cos(self._held[-1], state).double().sum()
+        if self.mean_angular:
+            for n, earlier in enumerate(reversed(self._held), 1):
+                self.ang_sum[i - n, n - 1] += angular(earlier, state).double().sum()
+        self._held = self._held + [state] if self.mean_angular else [state]
+        self.last[i].append(state[:, -1:].float().cpu())
+        if self.cka:
+            self.sampled[i].append(state.reshape(-1, state.shape[-1])[self.sample[self.tokens:self.tokens + count]
+                                                                      .to(state.device)].cpu())
+        if i == k - 1:
+            self._held = []
+            self.tokens += count
+
+    def _start(self, k: int) -> None:
         if self.cos_sum is None:
             self.cos_sum = torch.zeros(k - 1, dtype=torch.float64)
             self.ang_sum = torch.zeros(k - 1, k - 1, dtype=torch.float64)
             self.last = [[] for _ in range(k)]
             self.sampled = [[] for _ in range(k)]
-        count = states[0].shape[0] * states[0].shape[1]
-        for i in range(k - 1):
-            self.cos_sum[i] += _cos(states[i], states[i + 1]).double().sum()
-            if self.mean_angular:
-                for n in range(1, k - i):
-                    self.ang_sum[i, n - 1] += angular(states[i], states[i + n]).double().sum()
-        rows = self.sample[self.tokens:self.tokens + count].to(states[0].device)
-        for i, s in enumerate(states):
-            self.last[i].append(s[:, -1:].float().cpu())
-            if self.cka:
-                self.sampled[i].append(s.reshape(-1, s.shape[-1])[rows].cpu())
-        self.tokens += count
 
     def block_influence(self) -> torch.Tensor:
         return (1.0 - self.cos_sum / self.tokens).float()
