@@ -37,6 +37,12 @@ def state_bytes(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str,
             "optimizer": sum(local_bytes(v) for v in moments)}
 
 
+def adamw(params, lr: float) -> torch.optim.Optimizer:
+    """AdamW stepping one parameter at a time: the multi-tensor form's temporaries (a copy of the moments of
+    every parameter at once) would cost as much memory as the moments themselves."""
+    return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, foreach=False)
+
+
 class Replicated:
     """Every rank a whole model; ``accelerate`` averages the gradients (one plain process: no wrapper)."""
 
@@ -49,7 +55,7 @@ class Replicated:
         self.device = self.accelerator.device
 
     def prepare(self, student, teacher, params, lr: float):
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        opt = adamw(params, lr)
         student, opt = self.accelerator.prepare(student, opt)
         return student, None if teacher is None else teacher.to(self.device), opt, params
 
@@ -86,7 +92,7 @@ class Sharded:
         if teacher is not None:  # None: its outputs are cached
             self.shard(teacher)
         params = [p for p in student.parameters() if p.requires_grad]  # sharding made new parameters
-        return student, teacher, torch.optim.AdamW(params, lr=lr, weight_decay=0.0), params
+        return student, teacher, adamw(params, lr), params
 
     def no_sync(self, student, last: bool):
         student.set_requires_gradient_sync(last)
