@@ -147,7 +147,7 @@ STAGES: dict[str, Stage] = {
         "--no-copy-tokenizer"], optional=True),
     "eval": Stage((), lambda p, o: ws("eval", str(p["A"]), "--data", str(p["calib"]), "--max-tokens", "2048",
                                       "--context", "512", "--quiet")),
-    "eval, batch 1": Stage((), lambda p, o: ws("eval", str(p["A"]), "--data", str(p["calib"]), "--max-tokens", "2048",
+    "eval batch 1": Stage((), lambda p, o: ws("eval", str(p["A"]), "--data", str(p["calib"]), "--max-tokens", "2048",
                                              "--context", "512", "--batch-size", "1", "--quiet"), optional=True),
     "analyze": Stage((), lambda p, o: ws("analyze", str(p["A"]), "--data", str(p["calib"]), "--max-tokens", "2048",
                                          "--quiet")),
