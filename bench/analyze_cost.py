@@ -13,7 +13,7 @@ import torch
 
 import weightsmith
 from weightsmith.eval import load_tokenizer
-from weightsmith.fold.analyze import block_states, similarity_report
+from weightsmith.fold.analyze import block_similarity, similarity_report
 from weightsmith.fold.blocks import is_causal_lm
 from weightsmith.fold.data import calibration_windows, model_seq
 from weightsmith.zoo import build, minilm_path
@@ -39,8 +39,7 @@ def measure(path, data, max_tokens, repeats, batch_size=8):
             model(input_ids=windows[s:s + batch_size], output_hidden_states=True)
 
     def analyze():
-        states = block_states(model, windows, batch_size=batch_size)
-        similarity_report(states, remove=1)
+        similarity_report(block_similarity(model, windows, batch_size=batch_size), remove=1)
 
     plain()
     t_plain, t_analyze = best_of(plain, repeats), best_of(analyze, repeats)

@@ -1,5 +1,6 @@
-"""Heal throughput: weightsmith's heal (accelerate, distillation from the original) against plain PyTorch
-loops on the same folded model, batch and sequence length:
+"""Heal throughput: weightsmith's heal (accelerate, distillation from the original), with and without the
+teacher's outputs cached (--teacher-cache), against plain PyTorch loops on the same folded model, batch and
+sequence length:
 
   plain distil: the same objective written as a bare loop (teacher forward, student forward, losses,
                 backward, clip, AdamW), so the ratio is what heal's machinery costs;
@@ -109,12 +110,22 @@ def sentence_tokens(data, steps, batch) -> int:
     return sum(len(data.ids[i]) for d in draws for i in d.tolist())
 
 
-def heal_rate(student, teacher, windows, steps, batch, pooling):
-    heal(student, teacher, windows, steps=3, batch_size=batch, pooling=pooling)  # warm-up, as the loops get
+def heal_rate(student, teacher, windows, steps, batch, pooling, setup: float = 0.0, **options):
+    """Heal tokens per second (``setup``: seconds of the run not counted, such as building a teacher cache)."""
+    heal(student, teacher, windows, steps=3, batch_size=batch, pooling=pooling, **options)  # warm-up, as the loops get
     t0 = time.perf_counter()
-    heal(student, teacher, windows, steps=steps, batch_size=batch, pooling=pooling)
+    heal(student, teacher, windows, steps=steps, batch_size=batch, pooling=pooling, **options)
     tokens = sentence_tokens(windows, steps, batch) if isinstance(windows, Sentences) else steps * batch * windows.shape[1]
-    return tokens / (time.perf_counter() - t0)
+    return tokens / (time.perf_counter() - t0 - setup)
+
+
+def cache_seconds(teacher, windows, batch) -> float:
+    """The time ``heal(teacher_cache=True)`` spends computing the teacher's outputs before its first step."""
+    from weightsmith.fold.teacher_cache import TeacherCache
+
+    t0 = time.perf_counter()
+    TeacherCache(teacher, windows, tail=2, causal=is_causal_lm(teacher), batch_size=batch)
+    return time.perf_counter() - t0
 
 
 def main() -> None:
@@ -145,10 +156,14 @@ def main() -> None:
     windows = calibration_windows(load_tokenizer(path), data, seq=args.seq, max_tokens=64 * args.seq,
                                   causal=is_causal_lm(teacher))
     rates = {}
-    for name in ("heal", "plain distil", "plain LM", "heal"):  # heal twice: first and last, for drift
+    cache_s = cache_seconds(teacher, windows, args.batch_size)
+    for name in ("heal", "cached", "cached steps", "plain distil", "plain LM", "heal"):  # heal first and last: drift
         _, student = folded_pair(path, removed)
         if name == "heal":
             rates.setdefault(name, []).append(heal_rate(student, teacher, windows, args.steps, args.batch_size, pooling))
+        elif name.startswith("cached"):
+            rates[name] = [heal_rate(student, teacher, windows, args.steps, args.batch_size, pooling, teacher_cache=True,
+                                     setup=cache_s if name == "cached steps" else 0.0)]
         else:
             rates[name] = [plain_loop(student, teacher, windows, args.steps, args.batch_size, name == "plain distil",
                                       pooling or read_pooling(path))]
@@ -158,6 +173,9 @@ def main() -> None:
     print("| loop | tokens/s | heal / loop |")
     print("|---|---|---|")
     print(f"| weightsmith heal | {h:,.0f} | 1.00 |")
+    for name, what in (("cached", "its build included"), ("cached steps", "steps only")):
+        print(f"| weightsmith heal --teacher-cache ({windows.shape[0]} windows; {what}) | {rates[name][0]:,.0f} | "
+              f"{h / rates[name][0]:.2f} |")
     for name in ("plain distil", "plain LM"):
         print(f"| {name} | {rates[name][0]:,.0f} | {h / rates[name][0]:.2f} |")
 

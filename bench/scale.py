@@ -124,6 +124,7 @@ class Stage:
 
 
 Q = ("--quiet", "--force")
+FOLD_TOKENS = ("--max-tokens", "2048")  # the importance's time grows with the calibration tokens, its memory does not
 STAGES: dict[str, Stage] = {
     "inspect": Stage((), lambda p, o: ws("inspect", str(p["A"]))),
     "merge ties base+3": Stage(FINETUNES, lambda p, o: ws(
@@ -134,11 +135,32 @@ STAGES: dict[str, Stage] = {
         "--no-copy-tokenizer"], optional=True),
     "eval": Stage((), lambda p, o: ws("eval", str(p["A"]), "--data", str(p["calib"]), "--max-tokens", "2048",
                                       "--context", "512", "--quiet"), bound=1.3),
+    "eval batch 1": Stage((), lambda p, o: ws("eval", str(p["A"]), "--data", str(p["calib"]), "--max-tokens", "2048",
+                                             "--context", "512", "--batch-size", "1", "--quiet"), optional=True, bound=1.3),
     "analyze": Stage((), lambda p, o: ws("analyze", str(p["A"]), "--data", str(p["calib"]), "--max-tokens", "2048",
                                          "--quiet"), bound=1.3),
     "fold bi, no heal": Stage((), lambda p, o: ws(
         "fold", str(p["A"]), "--data", str(p["calib"]), "--importance", "bi", "--remove", "0.1", "--heal-steps", "0",
+        *FOLD_TOKENS, "--out", str(o), *Q), bound=1.3),
+    "fold angular, no heal": Stage((), lambda p, o: ws(
+        "fold", str(p["A"]), "--data", str(p["calib"]), "--importance", "angular", "--remove", "0.1",
+        "--heal-steps", "0", *FOLD_TOKENS, "--out", str(o), *Q), bound=1.3),
+    "fold loss, no heal": Stage((), lambda p, o: ws(
+        "fold", str(p["A"]), "--data", str(p["calib"]), "--remove", "0.1", "--heal-steps", "0", *FOLD_TOKENS,
         "--out", str(o), *Q), bound=1.3),
+    "fold bi + 2 LoRA heal": Stage((), lambda p, o: ws(
+        "fold", str(p["A"]), "--data", str(p["calib"]), "--importance", "bi", "--remove", "0.1", "--heal-steps", "2",
+        "--heal-lora", "8", "--batch-size", "2", *FOLD_TOKENS, "--out", str(o), *Q), bound=1.5),
+    "fold bi + 2 heal": Stage((), lambda p, o: ws(
+        "fold", str(p["A"]), "--data", str(p["calib"]), "--importance", "bi", "--remove", "0.1", "--heal-steps", "2",
+        "--batch-size", "2", *FOLD_TOKENS, "--out", str(o), *Q), bound=4.0),
+    "fold bi + 2 heal, teacher cache": Stage((), lambda p, o: ws(
+        "fold", str(p["A"]), "--data", str(p["calib"]), "--importance", "bi", "--remove", "0.1", "--heal-steps", "2",
+        "--batch-size", "2", "--teacher-cache", *FOLD_TOKENS, "--out", str(o), *Q), bound=4.0),
+    "fold bi + 2 FSDP heal, 2 ranks": Stage((), lambda p, o: [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "weightsmith", "fold", str(p["A"]),
+        "--data", str(p["calib"]), "--importance", "bi", "--remove", "0.1", "--heal-steps", "2", "--batch-size", "2",
+        "--device", "cpu", "--fsdp", *FOLD_TOKENS, "--json", "--out", str(o), "--force"]),
     "compress rps 0.5": Stage((), lambda p, o: ws("compress", "rps", str(p["A"]), "--budget", "0.5", "--out", str(o),
                                                   *Q), bound=1.3),
     "export rps --plain": Stage(("compress rps 0.5",), lambda p, o: ws(
@@ -183,21 +205,33 @@ def measure(argv: list[str], cap_gb: float, code: Path) -> dict:
     log = Path(tempfile.mkstemp(suffix=".time")[1])
     start = time.perf_counter()
     # run from the checkout itself: `python -m` puts the working directory first on the path
+    out = tempfile.TemporaryFile("w+")
     proc = subprocess.Popen(["/usr/bin/time", "-v", "-o", str(log), *argv], env=env, cwd=code,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=out, stderr=subprocess.PIPE, text=True)
     killed: list = []
     threading.Thread(target=_watch, args=(proc.pid, int(cap_gb * 2**20), killed), daemon=True).start()
     err = proc.stderr.read()
     proc.wait()
+    out.seek(0)
+    ranks = _rank_figures(out.read())
     text = log.read_text()
     log.unlink()
     peak = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", text).group(1)) * 1024
-    row = {"wall_s": time.perf_counter() - start, "peak_rss": peak, "rc": proc.returncode}
+    row = {"wall_s": time.perf_counter() - start, "peak_rss": peak, "rc": proc.returncode, **ranks}
     if killed:
         row["killed_above_gb"] = cap_gb
     elif proc.returncode:
         row["error"] = err.strip().splitlines()[-1:] or ["?"]
     return row
+
+
+def _rank_figures(stdout: str) -> dict:
+    """Each rank's peak RSS and heal tensor bytes, from a fold's JSON report (a sharded heal reports them)."""
+    try:
+        ranks = json.loads(stdout).get("heal_ranks") or []
+    except (ValueError, AttributeError):
+        return {}
+    return {"ranks": [{"rank": r["rank"], **r["held"]} for r in ranks if "held" in r]} if len(ranks) > 1 else {}
 
 
 def _folder(stage: str) -> str:
@@ -232,6 +266,10 @@ def show(rows: dict, model_b: int) -> None:
             f"  failed: {r['error'][0][:80]}" if "error" in r else "")
         print(f"{name:24} {r['wall_s']:8.1f}s {r['peak_rss'] / 1e9:8.2f}GB {r['peak_rss'] / model_b:6.2f}  "
               f"{_bound(name, model_b)}{note}")
+        for rank in r.get("ranks", []):
+            held = rank["params"] + rank["grads"] + rank["optimizer"]
+            print(f"  rank {rank['rank']}: peak RSS {rank['peak_rss'] / 1e9:.2f}GB = {rank['peak_rss'] / model_b:.2f} B; "
+                  f"params+grads+optimizer {held / 1e9:.2f}GB = {held / model_b:.2f} B")
     if "merge ties base+3" in rows and "mergekit-yaml ties" in rows:
         a, b = rows["merge ties base+3"], rows["mergekit-yaml ties"]
         print(f"merge vs mergekit-yaml: wall x{a['wall_s'] / b['wall_s']:.2f}, peak RSS "

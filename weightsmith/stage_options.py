@@ -56,6 +56,7 @@ class AnalyzeOptions(Options):
     max_tokens: int = max_tokens_option(4096)
     batch_size: int = batch_size_option(8)
     tokenizer: Path | None = option(None, path=True, help="Tokenizer folder (default: the model's own).")
+    dtype: str | None = option(None, choices=DTYPES, help="Run in float32, bfloat16 or float16 (default: as stored).")
 
 
 class RpsOptions(Options):
@@ -157,6 +158,14 @@ class FoldOptions(Options):
     heal_lora: int = option(0, lo=0, help="Heal with peft LoRA adapters of this rank on the blocks' linear layers "
                                           "(merged back after; layers sharing a weight share an adapter); 0 = "
                                           "fine-tune the blocks' weights.")
+    teacher_cache: bool = option(False, help="Compute the original's outputs on the heal windows once, into a "
+                                             "memory-mapped temporary file, so that each heal step runs only the "
+                                             "folded model (and a full heal trains the original's tensors in place).")
+    dtype: str | None = option(None, choices=DTYPES, help="Fold (and write) in float32, bfloat16 or float16 "
+                                                          "(default: as stored).")
+    fsdp: bool = option(False, help="Across the processes of torchrun or accelerate launch, shard the heal's "
+                                    "weights, gradients and optimizer states (FSDP) instead of replicating the "
+                                    "model on every rank; accelerate launch --use_fsdp asks for it too.")
     seq_len: int | None = seq_len_option(None, help="Tokens per calibration window (default: min(positions, "
                                                        "128)).", aliases=("--seq",))
     max_tokens: int = max_tokens_option(16384, help="Calibration tokens for the importance (and the heal, unless "

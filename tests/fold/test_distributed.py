@@ -50,6 +50,42 @@ def test_two_cpu_ranks_heal_data_parallel_and_match_one_process(zoo, tmp_path):
         assert torch.allclose(a.get(name), b.get(name), atol=1e-5), name
 
 
+def test_two_cpu_ranks_heal_sharded_and_match_one_process(zoo, tmp_path):
+    """FSDP: the same loss curve and output as one process, each rank holding about half the parameters,
+    gradients and optimizer states (tensor bytes) of the one process."""
+    base, data = zoo.model("base"), zoo.data("general", "calib")
+    args = ["fold", str(base), "--data", str(data), "--remove", "0.25", "--share", "2", "--importance", "bi",
+            "--heal-steps", "3", "--batch-size", "4", "--max-tokens", "1024", "--seq", "64", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          str(free_port()), "-m", "weightsmith", *args, "--fsdp", "--json", "-o", str(tmp_path / "two")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    two = json.loads(run.stdout)
+    one = fold(base, tmp_path / "one", data=data, remove=0.25, share="2", importance="bi", heal_steps=3, batch_size=4,
+               max_tokens=1024, seq=64, device="cpu")
+    assert two["processes"] == 2 and two["groups"] == one["groups"] == [[0, 1], [2]]
+    assert two["heal_losses"] == pytest.approx(one["heal_losses"], rel=1e-5)
+    held_one = one["heal_ranks"][0]["held"]
+    for r in two["heal_ranks"]:
+        assert r["grad_norm_last"] == pytest.approx(one["heal_ranks"][0]["grad_norm_last"], rel=1e-4)
+        for kind in ("params", "grads", "optimizer"):
+            assert r["held"][kind] <= 0.6 * held_one[kind], kind
+    a, b = Checkpoint(tmp_path / "one"), Checkpoint(tmp_path / "two")
+    assert a.names() == b.names()
+    for name in a.names():
+        assert torch.allclose(a.get(name), b.get(name), atol=1e-4), name
+
+
+def test_fsdp_is_asked_for_by_the_option_or_by_accelerate_launch(monkeypatch):
+    from weightsmith.fold.shard import fsdp_requested
+
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    assert fsdp_requested(True) and not fsdp_requested(False)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what accelerate launch --use_fsdp sets
+    assert fsdp_requested(False)
+
+
 def test_accelerate_cpu_launch_that_started_one_process_is_refused(zoo, tmp_path, monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")

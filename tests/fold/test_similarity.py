@@ -63,3 +63,24 @@ def test_block_states_are_the_block_inputs(zoo):
     for i in range(4):  # the last hidden state is normed in Llama; the hook reads the residual stream
         assert torch.equal(states[i], hs[i])
     assert torch.allclose(model.model.norm(states[4]), hs[4], atol=1e-5)
+
+
+def test_metrics_streamed_batch_by_batch_equal_the_metrics_of_all_states(zoo):
+    """BI, both angular distances and the sampled CKA, accumulated per batch in the model's dtype, against the
+    functions on every state held at once in float32."""
+    import weightsmith
+    from weightsmith.fold.analyze import block_similarity, block_states
+
+    model = weightsmith.load(zoo.model("base"))
+    x = torch.randint(0, 1000, (7, 20), generator=torch.Generator().manual_seed(3))
+    states = block_states(model, x, batch_size=3)
+    stats = block_similarity(model, x, batch_size=3, cka_tokens=60)  # 3 uneven batches, 60 of 140 tokens drawn
+    assert torch.allclose(stats.block_influence(), block_influence(states), atol=1e-6)
+    for last in (True, False):
+        full, streamed = angular_distance(states, last_token=last), stats.angular_distance(last_token=last)
+        assert torch.equal(full.isnan(), streamed.isnan())
+        assert torch.allclose(streamed.nan_to_num(), full.nan_to_num(), atol=1e-6)
+    assert torch.allclose(stats.cka_matrix(), cka_matrix(states, max_tokens=60), atol=1e-5)
+    light = block_similarity(model, x, batch_size=3, mean_angular=False, cka=False)  # one state held at a time
+    assert torch.allclose(light.block_influence(), block_influence(states), atol=1e-6)
+    assert torch.allclose(light.angular_distance().nan_to_num(), angular_distance(states).nan_to_num(), atol=1e-6)

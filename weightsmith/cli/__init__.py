@@ -9,7 +9,7 @@ import sys
 import typer
 
 from ..errors import OptionError, WeightsmithError
-from ..startup import without_collections
+from ..startup import return_freed_memory, without_collections
 
 OFFLINE_BY_DEFAULT = "WEIGHTSMITH_OFFLINE_BY_DEFAULT"  # checkpoint.network reads it (not imported: start-up)
 
@@ -78,6 +78,7 @@ def _restore(handlers: dict) -> None:
 
 def _main() -> None:
     _quiet_libraries()
+    return_freed_memory()  # a stage's peak memory is its weights and one batch, not every batch it freed
     # What the imports built lives as long as the process: later collections need not walk it again.
     gc.freeze()
     try:

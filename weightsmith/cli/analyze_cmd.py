@@ -35,7 +35,7 @@ def analyze_cmd(
         opts = with_tokenizer(opts, run)
         rep = analyze(model, opts.data, out, remove=opts.remove, seq=opts.seq_len, max_tokens=opts.max_tokens,
                       batch_size=opts.batch_size, device=run.device, tokenizer=opts.tokenizer, force=run.force,
-                      progress=progress)
+                      progress=progress, dtype=opts.dtype)
     if run.json_out:
         print_json(rep)
         return

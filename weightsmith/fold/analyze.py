@@ -15,28 +15,28 @@ from ..errors import OutOfRange, WeightsmithError
 from ..progress import ProgressFn, track
 from .blocks import block_list, first_tensor, is_causal_lm
 from .data import calibration_windows, model_seq
-from .similarity import angular_distance, angular_drop, block_influence, cka_matrix, shortgpt_drop
+from .similarity import RunningSimilarity, angular_drop, shortgpt_drop
 
 
 @torch.no_grad()
-def block_states(model: torch.nn.Module, windows: torch.Tensor, *, batch_size: int = 8,
-                 device: str | torch.device = "cpu", progress: ProgressFn | None = None) -> list[torch.Tensor]:
-    """Inputs of every block plus the last block's output, [windows, seq, hidden] each, from one forward pass.
+def each_batch_states(model: torch.nn.Module, windows: torch.Tensor, on_state, *, batch_size: int = 8,
+                      device: str | torch.device = "cpu", progress: ProgressFn | None = None) -> None:
+    """``on_state(i, state, k)`` as each batch's forward pass reaches the input of block i (i = 0..k-2) and the
+    last block's output (i = k-1): [batch, seq, hidden] in the model's dtype on its device; nothing is kept here.
 
     Hooks read the residual stream itself, so the last entry is before any final norm (unlike
     ``output_hidden_states`` on Llama, whose last entry is normed).
     """
     blocks = block_list(model)
-    got: list[list[torch.Tensor]] = [[] for _ in range(len(blocks) + 1)]
+    k = len(blocks) + 1
 
     def pre(i):
         def hook(mod, args, kwargs):
-            x = args[0] if args else kwargs["hidden_states"]
-            got[i].append(x.detach().float().cpu())
+            on_state(i, (args[0] if args else kwargs["hidden_states"]).detach(), k)
         return hook
 
     def post(mod, args, kwargs, out):
-        got[-1].append(first_tensor(out).detach().float().cpu())
+        on_state(k - 1, first_tensor(out).detach(), k)
 
     handles = [b.register_forward_pre_hook(pre(i), with_kwargs=True) for i, b in enumerate(blocks)]
     handles.append(blocks[-1].register_forward_hook(post, with_kwargs=True))
@@ -46,15 +46,38 @@ def block_states(model: torch.nn.Module, windows: torch.Tensor, *, batch_size: i
     finally:
         for h in handles:
             h.remove()
-    return [torch.cat(g) for g in got]
 
 
-def similarity_report(states: list[torch.Tensor], remove: int, cka_tokens: int | None = 1024) -> dict:
-    bi = block_influence(states)
-    last = angular_distance(states, last_token=True)
-    mean = angular_distance(states, last_token=False)
-    cka = cka_matrix(states, max_tokens=cka_tokens)
-    n = len(states) - 1
+def block_states(model: torch.nn.Module, windows: torch.Tensor, *, batch_size: int = 8,
+                 device: str | torch.device = "cpu", progress: ProgressFn | None = None) -> list[torch.Tensor]:
+    """Every block input plus the last block's output over all ``windows``, [windows, seq, hidden] each, float32
+    on the CPU (``each_batch_states``; the stages stream them instead, through ``block_similarity``)."""
+    got: list[list[torch.Tensor]] = []
+
+    def keep(i, state, k):
+        if i == 0:
+            got.append([])
+        got[-1].append(state.float().cpu())
+
+    each_batch_states(model, windows, keep, batch_size=batch_size, device=device, progress=progress)
+    return [torch.cat(g) for g in zip(*got)]
+
+
+def block_similarity(model: torch.nn.Module, windows: torch.Tensor, *, batch_size: int = 8,
+                     device: str | torch.device = "cpu", progress: ProgressFn | None = None,
+                     mean_angular: bool = True, cka: bool = True, cka_tokens: int | None = 1024) -> RunningSimilarity:
+    """The similarity metrics of every block over ``windows``, accumulated as the forward passes go."""
+    stats = RunningSimilarity(windows.numel(), mean_angular=mean_angular, cka=cka, cka_tokens=cka_tokens)
+    each_batch_states(model, windows, stats.take, batch_size=batch_size, device=device, progress=progress)
+    return stats
+
+
+def similarity_report(stats: RunningSimilarity, remove: int) -> dict:
+    bi = stats.block_influence()
+    last = stats.angular_distance(last_token=True)
+    mean = stats.angular_distance(last_token=False)
+    cka = stats.cka_matrix()
+    n = len(bi)
 
     def rows(m):
         return [[None if math.isnan(v) else round(v, 6) for v in r] for r in m.tolist()]
@@ -102,9 +125,11 @@ def heatmap(report: dict, path: Path, title: str) -> None:
 
 def analyze(model_path: str | Path, data: str | Path, out: str | Path | None = None, *, remove: float = 0.25,
             seq: int | None = None, max_tokens: int = 4096, batch_size: int = 8, device: str = "auto",
-            tokenizer: str | Path | None = None, force: bool = False, progress: ProgressFn | None = None) -> dict:
+            tokenizer: str | Path | None = None, force: bool = False, progress: ProgressFn | None = None,
+            dtype: str | None = None) -> dict:
     """Similarity report for every block of the model at ``model_path``; writes analysis.json and heatmap.png to
-    the folder ``out`` (atomically, refused inside an input or when it exists without ``force``)."""
+    the folder ``out`` (atomically, refused inside an input or when it exists without ``force``). The
+    metrics are accumulated one batch at a time (``block_similarity``): memory is the weights and one batch."""
     from ..eval import load_tokenizer
     from ..loading import load
 
@@ -116,14 +141,14 @@ def analyze(model_path: str | Path, data: str | Path, out: str | Path | None = N
     if out is not None:
         check_output(out, inputs, force)
     dev = resolve_device(device)
-    model = load(model_path, device=dev)
+    model = load(model_path, device=dev, dtype=dtype)  # as stored unless ``dtype`` says
     tok = load_tokenizer(tokenizer or model_path)
     windows = calibration_windows(tok, data, seq=model_seq(model, seq), max_tokens=max_tokens,
                                   causal=is_causal_lm(model))
-    states = block_states(model, windows, batch_size=batch_size, device=dev, progress=progress)
-    n = len(states) - 1
+    stats = block_similarity(model, windows, batch_size=batch_size, device=dev, progress=progress)
+    n = len(block_list(model))
     report = {"model": str(model_path), "data": str(data), "tokens": int(windows.numel()), **similarity_report(
-        states, remove=int(round(remove * n)))}
+        stats, remove=int(round(remove * n)))}
     if out is not None:
         with output_folder(out, inputs, force) as tmp:
             write_analysis(report, tmp)

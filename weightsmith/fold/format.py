@@ -93,23 +93,46 @@ def assemble(config: dict, tensors: dict[str, torch.Tensor], device: torch.devic
     """
     from ..loading import config_object, model_class
 
+    from accelerate import init_empty_weights
+
     fold = config["weightsmith"]
     cfg = config_object(config)
-    model = model_class(config)(cfg)
+    with init_empty_weights(include_buffers=False):  # parameters on the meta device: no initialisation, no copy
+        model = model_class(config)(cfg)
     tie_groups(model, fold["groups"], fold.get("relax_rank", 0))
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)  # the tensors themselves
     if unexpected:
         raise WeightsmithError(f"folded weights hold tensor {unexpected[0]!r} that the model has no place for")
+    tie_groups(model, fold["groups"])  # assigning replaced the heads' parameters: the members take them again
+    _tie_embeddings(model)
     state = model.state_dict(keep_vars=True)
-    loaded = {state[k].data_ptr() for k in tensors}
-    really_missing = [k for k in missing if state[k].data_ptr() not in loaded and not (fresh_relax and "lora_" in k)
+    really_missing = [k for k in missing if state[k].is_meta and not (fresh_relax and "lora_" in k)
                       and not k.endswith(".lora_bias")]  # older folders: no bias residual, i.e. zero
     if really_missing:
         raise WeightsmithError(f"folded weights lack tensor {really_missing[0]!r}")
+    _zero_meta(model)
     model.config.weightsmith = fold
     if dtype is not None:
         model.to(dtype)
     return model.to(device).eval()
+
+
+def _tie_embeddings(model: torch.nn.Module) -> None:
+    """Tie the output head to the input embeddings again where the config ties them (assigning tensors unties)."""
+    if getattr(model.config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
+        model.tie_weights()
+
+
+@torch.no_grad()
+def _zero_meta(model: torch.nn.Module) -> None:
+    """Low-rank residuals not stored (older folders: no bias residual) or not yet initialised: zero tensors beside
+    their layer's weight."""
+    for mod in model.modules():
+        for name, p in list(mod.named_parameters(recurse=False)):
+            if p.is_meta:
+                like = mod.weight if isinstance(getattr(mod, "weight", None), torch.Tensor) else p
+                setattr(mod, name, torch.nn.Parameter(torch.zeros(p.shape, dtype=like.dtype, device=like.device),
+                                                      requires_grad=p.requires_grad))
 
 
 def unique_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -41,13 +41,18 @@ def groups_from_sizes(sizes: list[int]) -> list[list[int]]:
 
 def _share_source(members: list[torch.Tensor], init: str, pick: int = 0) -> torch.Tensor:
     if init == "best":
-        return members[pick].clone()
+        return members[pick]
     if init == "average":
-        return torch.stack([m.float() for m in members]).mean(0).to(members[0].dtype)
+        if len(members) == 1:
+            return members[0]
+        total = members[0].to(torch.float32, copy=True)  # one float32 sum, not the group stacked
+        for m in members[1:]:
+            total += m.float()
+        return (total / len(members)).to(members[0].dtype)
     if init == "first":
-        return members[0].clone()
+        return members[0]
     if init == "middle":
-        return members[(len(members) - 1) // 2].clone()
+        return members[(len(members) - 1) // 2]
     raise InvalidChoice("share_init", init, SHARE_INITS)
 
 
@@ -55,7 +60,9 @@ def _share_source(members: list[torch.Tensor], init: str, pick: int = 0) -> torc
 def fold_model(model: torch.nn.Module, config: dict, removed: list[int], sizes: list[int], *,
                share_init: str = "average", relax_rank: int = 0, extra: dict | None = None,
                picks: list[int] | None = None) -> torch.nn.Module:
-    """A new model holding the kept blocks of ``model``, grouped by ``sizes``, shared weights tied.
+    """A new model holding the kept blocks of ``model``, grouped by ``sizes``, shared weights tied. It holds
+    ``model``'s own tensors wherever a weight is taken unchanged (no copy): training it must give a parameter
+    its own storage first (``heal`` does).
     ``share_init="best"`` takes ``picks``: for each group, the position of the member whose weights it shares
     (``share_init.best_members`` measures them)."""
     blocks = block_list(model)
@@ -72,7 +79,7 @@ def fold_model(model: torch.nn.Module, config: dict, removed: list[int], sizes: 
     for new_i, old_i in enumerate(kept):
         for k, v in blocks[old_i].state_dict().items():
             if k not in keys:
-                state[f"{prefix}{new_i}.{k}"] = v.clone()
+                state[f"{prefix}{new_i}.{k}"] = v
     for g, group in enumerate(groups):
         for k in keys:
             members = [blocks[kept[j]].state_dict()[k] for j in group]

@@ -97,6 +97,14 @@ class Ranks:
         torch.distributed.broadcast_object_list(box, src=0)
         return box[0]
 
+    def mean(self, values: list[float]) -> list[float]:
+        """Each of ``values`` averaged over the ranks (every rank passes as many)."""
+        if self.world == 1 or not values:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64)
+        torch.distributed.all_reduce(t)
+        return (t / self.world).tolist()
+
     def gather(self, obj) -> list:
         """Every rank's ``obj``, in rank order."""
         if self.world == 1:

@@ -11,9 +11,13 @@ k blocks: the best of every contiguous span of k blocks and of a beam search tha
 a time (width ``beam``; width 1 is greedy), extending sets only with the k + beam blocks whose removal
 alone costs least. Sets of two or more blocks are compared on every other recorded window (they are only
 ranked against each other; the same windows whatever the batch size), which keeps a two-block search
-within 3x one forward pass. Every set evaluated is cached.
+within 3x one forward pass. Every set evaluated is cached. The recorded inputs wait in a temporary file
+(``SpilledStates``), read back one batch's block input at a time: they are the size of the model for
+long calibration sets.
 """
 from __future__ import annotations
+
+import tempfile
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +53,32 @@ def window_loss(out, causal: bool, pooling: Pooling, reference: torch.Tensor | N
     return (1 - F.cosine_similarity(pooling(out.last_hidden_state.float()), reference, dim=-1)).mean()
 
 
+class SpilledStates:
+    """Tensors written once to an unlinked temporary file and read back one at a time (not memory-mapped: a
+    read holds only the tensor asked for)."""
+
+    def __init__(self):
+        self.file = tempfile.TemporaryFile()
+        self.where: list[tuple[int, int, torch.dtype, tuple[int, ...]]] = []
+
+    def add(self, t: torch.Tensor) -> int:
+        data = t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+        self.file.seek(0, 2)
+        self.where.append((self.file.tell(), len(data), t.dtype, tuple(t.shape)))
+        self.file.write(data)
+        return len(self.where) - 1
+
+    def get(self, index: int) -> torch.Tensor:
+        offset, size, dtype, shape = self.where[index]
+        self.file.seek(offset)
+        buf = bytearray(size)
+        self.file.readinto(buf)
+        return torch.frombuffer(buf, dtype=torch.uint8).view(dtype).view(shape)
+
+    def close(self) -> None:
+        self.file.close()
+
+
 class RemovalProbe:
     """Calibration loss of ``model`` with any set of blocks removed, on ``windows`` (no padding)."""
 
@@ -69,16 +99,17 @@ class RemovalProbe:
 
     @torch.no_grad()
     def _capture(self) -> None:
-        """Block inputs (kept on the CPU, in the model's dtype), output structure, reference outputs."""
-        self.states: list[list[torch.Tensor]] = []
+        """Block inputs (spilled to a temporary file, in the model's dtype), output structure, reference outputs."""
+        self.spilled = SpilledStates()
+        self.states: list[list[int]] = []  # [batch][block] -> index in self.spilled
         self.tails: list = [None] * self.n
         self.reference: list[torch.Tensor] = []
         base = 0.0
-        current: list[torch.Tensor] = []
+        current: list[int] = []
 
         def pre(i):
             def hook(mod, args, kwargs):
-                current.append((args[0] if args else kwargs["hidden_states"]).detach().cpu())
+                current.append(self.spilled.add(args[0] if args else kwargs["hidden_states"]))
             return hook
 
         def post(i):
@@ -146,7 +177,7 @@ class RemovalProbe:
     def _removed_loss(self, bi: int, rows: slice, first: int, slot: list) -> float:
         """Mean loss of windows ``rows`` of batch ``bi``, replaying the recorded input of block ``first``."""
         x = self.batches[bi][rows]
-        slot[0] = self.states[bi][first][rows].to(self.device)
+        slot[0] = self.spilled.get(self.states[bi][first])[rows].to(self.device)
         reference = None if self.causal else self.reference[bi][rows]
         return window_loss(self._forward(x), self.causal, self.pooling, reference).item()
 
@@ -178,4 +209,7 @@ def loss_importance(model: torch.nn.Module, windows: torch.Tensor, k: int, *, ba
     2x the cost of one forward pass over all the windows (ShortGPT BI's cost).
     """
     probe = RemovalProbe(model, windows[::stride], batch_size=batch_size, device=device, pooling=pooling, progress=progress)
-    return probe.choose(k, beam=beam)
+    try:
+        return probe.choose(k, beam=beam)
+    finally:
+        probe.spilled.close()

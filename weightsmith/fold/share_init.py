@@ -77,6 +77,7 @@ def best_members(teacher: torch.nn.Module, folded: torch.nn.Module, kept: list[i
 
 
 def _take(head: torch.nn.Module, source: torch.nn.Module) -> None:
-    """Copy ``source``'s shareable tensors into a group's (tied) head block."""
+    """Point a group's (tied) head block at ``source``'s shareable tensors (shared storage, no copy: the head
+    may hold the teacher's own tensors, which a copy into it would change)."""
     for key in shared_keys(source):
-        head.get_parameter(key).copy_(source.get_parameter(key))
+        head.get_parameter(key).data = source.get_parameter(key).data

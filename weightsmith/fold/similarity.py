@@ -49,25 +49,46 @@ def cka_matrix(states: list[torch.Tensor], max_tokens: int | None = 1024, seed: 
 
     Uses <X X', Y Y'> (token Gram matrices) or ||Y'X||^2 (feature products), whichever costs less.
     """
-    flat = [s.reshape(-1, s.shape[-1]).float() for s in states]
+    flat = [s.reshape(-1, s.shape[-1]) for s in states]
     if max_tokens and flat[0].shape[0] > max_tokens:
         idx = torch.randperm(flat[0].shape[0], generator=torch.Generator().manual_seed(seed))[:max_tokens]
         flat = [f[idx.to(f.device)] for f in flat]
-    centred = [f - f.mean(0) for f in flat]
+    if gram_form(*flat[0].shape, len(flat)):
+        return gram_cka([_gram(_centred(f)) for f in flat])
     k = len(states)
-    n, d = centred[0].shape
     m = torch.eye(k)
-    if n * k < d * k * (k - 1) / 2:
-        grams = [c @ c.T for c in centred]
-        norms = [g.norm() for g in grams]
-        pair = lambda i, j: (grams[i] * grams[j]).sum()  # noqa: E731
-    else:
-        norms = [(c.T @ c).norm() for c in centred]
-        pair = lambda i, j: (centred[j].T @ centred[i]).square().sum()  # noqa: E731
+    centred = [_centred(f) for f in flat]
+    norms = [(c.T @ c).norm() for c in centred]
+    pair = lambda i, j: (centred[j].T @ centred[i]).square().sum()  # noqa: E731
     for i in range(k):
         for j in range(i + 1, k):
             m[i, j] = m[j, i] = float(pair(i, j) / (norms[i] * norms[j]))
     return m
+
+
+def gram_form(n: int, d: int, k: int) -> bool:
+    """Whether CKA over ``k`` sets of ``n`` tokens x ``d`` features costs less through token Gram matrices."""
+    return n * k < d * k * (k - 1) / 2
+
+
+def gram_cka(grams: list[torch.Tensor]) -> torch.Tensor:
+    """Linear CKA of every pair from the centred token Gram matrices: <K_i, K_j> / (||K_i|| ||K_j||)."""
+    k = len(grams)
+    norms = [g.norm() for g in grams]
+    m = torch.eye(k)
+    for i in range(k):
+        for j in range(i + 1, k):
+            m[i, j] = m[j, i] = float((grams[i] * grams[j]).sum() / (norms[i] * norms[j]))
+    return m
+
+
+def _centred(x: torch.Tensor) -> torch.Tensor:
+    x = x.float()
+    return x - x.mean(0)
+
+
+def _gram(c: torch.Tensor) -> torch.Tensor:
+    return c @ c.T
 
 
 def shortgpt_drop(bi: torch.Tensor, k: int) -> list[int]:
@@ -82,3 +103,77 @@ def angular_drop(dist: torch.Tensor, k: int) -> list[int]:
     col = dist[: dist.shape[0] - k + 1, k - 1]
     l = int(torch.argmin(col))
     return list(range(l, l + k))
+
+
+class RunningSimilarity:
+    """The metrics above accumulated one batch of block states at a time, so that only one batch's states are
+    held (in the model's dtype; each pair upcast as it is compared): sums for BI and the token-mean angular
+    distance, each window's last token for the last-token angular distance, and the CKA's sampled tokens
+    (the ``max_tokens`` tokens ``cka_matrix`` would draw from the whole set).
+
+    ``take`` takes the [windows, tokens, hidden] states of the block inputs and the last output."""
+
+    def __init__(self, total_tokens: int, *, mean_angular: bool = True, cka_tokens: int | None = 1024,
+                 cka: bool = True, seed: int = 0):
+        self.mean_angular, self.cka = mean_angular, cka
+        self.cos_sum: torch.Tensor | None = None
+        self.ang_sum: torch.Tensor | None = None
+        self.tokens = 0
+        self.last: list[list[torch.Tensor]] = []
+        self.sampled: list[list[torch.Tensor]] = []
+        sample = torch.arange(total_tokens)
+        if cka_tokens and total_tokens > cka_tokens:
+            sample = torch.randperm(total_tokens, generator=torch.Generator().manual_seed(seed))[:cka_tokens]
+        self.sample = torch.zeros(total_tokens, dtype=torch.bool)
+        self.sample[sample] = True
+        self._held: list[torch.Tensor] = []
+
+    def take(self, i: int, state: torch.Tensor, k: int) -> None:
+        """State ``i`` of ``k`` of the current batch, as the forward pass reaches it. Only the previous one is
+        held, unless the token-mean angular distance (every pair) needs the whole batch's."""
+        if i == 0:
+            self._start(k)
+            self._held = []
+        count = state.shape[0] * state.shape[1]
+        if i:
+            self.cos_sum[i - 1] += _cos(self._held[-1], state).double().sum()
+        if self.mean_angular:
+            for n, earlier in enumerate(reversed(self._held), 1):
+                self.ang_sum[i - n, n - 1] += angular(earlier, state).double().sum()
+        self._held = self._held + [state] if self.mean_angular else [state]
+        self.last[i].append(state[:, -1:].float().cpu())
+        if self.cka:
+            self.sampled[i].append(state.reshape(-1, state.shape[-1])[self.sample[self.tokens:self.tokens + count]
+                                                                      .to(state.device)].cpu())
+        if i == k - 1:
+            self._held = []
+            self.tokens += count
+
+    def _start(self, k: int) -> None:
+        if self.cos_sum is None:
+            self.cos_sum = torch.zeros(k - 1, dtype=torch.float64)
+            self.ang_sum = torch.zeros(k - 1, k - 1, dtype=torch.float64)
+            self.last = [[] for _ in range(k)]
+            self.sampled = [[] for _ in range(k)]
+
+    def block_influence(self) -> torch.Tensor:
+        return (1.0 - self.cos_sum / self.tokens).float()
+
+    def angular_distance(self, last_token: bool = True) -> torch.Tensor:
+        if last_token:
+            return angular_distance([torch.cat(t) for t in self.last], last_token=True)
+        d = (self.ang_sum / self.tokens).float()
+        n = d.shape[0]
+        return d.masked_fill(torch.arange(n)[:, None] + torch.arange(1, n + 1)[None, :] > n, float("nan"))
+
+    def cka_matrix(self) -> torch.Tensor:
+        """CKA of the sampled tokens. In Gram form each block input's tokens are dropped once its Gram matrix is
+        formed (asked for once)."""
+        n, d, k = sum(t.shape[0] for t in self.sampled[0]), self.sampled[0][0].shape[-1], len(self.sampled)
+        if not gram_form(n, d, k):
+            return cka_matrix([torch.cat(t)[None] for t in self.sampled], max_tokens=None)
+        grams = []
+        for i in range(k):
+            grams.append(_gram(_centred(torch.cat(self.sampled[i]))))
+            self.sampled[i] = []
+        return gram_cka(grams)

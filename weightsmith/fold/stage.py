@@ -16,15 +16,16 @@ from ..device import resolve_device
 from ..errors import OptionError, WeightsmithError
 from ..progress import ProgressFn
 from ..stage_options import FoldOptions
-from .analyze import block_states
+from .analyze import block_similarity
 from .blocks import block_list, is_causal_lm
 from .data import calibration_windows, model_seq
 from .gates import gate_importance, lowest
+from .heal import merge_lora
 from .plan import fold_model, parse_share, removal_count
 from .pooling import Pooling, copy_sentence_transformers_files, read_pooling
 from .ranks import Clock, Ranks
 from .removal import loss_importance
-from .similarity import angular_distance, angular_drop, block_influence, shortgpt_drop
+from .similarity import angular_drop, shortgpt_drop
 
 def choose_removed(model: torch.nn.Module, windows: torch.Tensor, k: int, importance: str, *, gate_steps: int,
                    batch_size: int, seed: int, device, progress: ProgressFn | None,
@@ -38,11 +39,12 @@ def choose_removed(model: torch.nn.Module, windows: torch.Tensor, k: int, import
         g = gate_importance(model, windows, n - k, steps=gate_steps, batch_size=batch_size, seed=seed,
                             device=device, pooling=pooling, progress=progress)
         return lowest(g, k), {"gates": [round(v, 5) for v in g]}
-    states = block_states(model, windows, batch_size=batch_size, device=device, progress=progress)
+    stats = block_similarity(model, windows, batch_size=batch_size, device=device, progress=progress,
+                             mean_angular=False, cka=False)
     if importance == "bi":
-        bi = block_influence(states)
+        bi = stats.block_influence()
         return shortgpt_drop(bi, k), {"block_influence": [round(v, 5) for v in bi.tolist()]}
-    dist = angular_distance(states, last_token=True)
+    dist = stats.angular_distance(last_token=True)
     return angular_drop(dist, k), {"angular_distance_n": [None if v != v else round(v, 5) for v in dist[:, max(k, 1) - 1].tolist()]}
 
 
@@ -66,8 +68,9 @@ def fold(model_path: str | Path, out: str | Path, opts: FoldOptions | None = Non
     """Fold ``model_path`` into ``out`` as ``opts`` says (or ``options``, keywords of ``FoldOptions`` replacing
     its fields); returns the plan, the heal losses and the seconds per stage.
 
-    Under ``accelerate launch`` every rank loads the model, rank 0 chooses the blocks (the others get its
-    choice), the heal runs data-parallel, and rank 0 alone writes ``out`` while the others wait.
+    Under ``accelerate launch`` or ``torchrun`` every rank loads the model, rank 0 chooses the blocks (the others
+    get its choice), the heal runs data-parallel (or sharded: ``fsdp``), and rank 0 alone writes ``out`` while
+    the others wait.
     """
     from ..eval import count_params
 
@@ -75,14 +78,11 @@ def fold(model_path: str | Path, out: str | Path, opts: FoldOptions | None = Non
     model_path = Path(model_path)
     config = _check_inputs(model_path, opts)
     ranks = Ranks.start(device)
-    _claim_output(ranks, out, model_path, force)
-    if opts.heal_steps and opts.batch_size % ranks.world:
-        raise OptionError("batch_size", f"{opts.batch_size} must be a multiple of the {ranks.world} processes "
-                                        "(each rank heals on an equal share of every batch)")
+    _claim_output(ranks, out, model_path, force, opts)
     clock = Clock()
     torch.manual_seed(seed)
     dev = ranks.device if ranks.world > 1 else resolve_device(device)
-    teacher = model if model is not None else _load(model_path, dev)
+    teacher = model if model is not None else _load(model_path, dev, opts.dtype)
     job = _prepare(model_path, teacher, opts)
     clock.lap("load")
     removed, scores = [], {}
@@ -99,15 +99,20 @@ def fold(model_path: str | Path, out: str | Path, opts: FoldOptions | None = Non
     folded = fold_model(teacher, config, removed, job.sizes, share_init=opts.share_init, relax_rank=opts.relax_rank,
                         extra={"importance": opts.importance, "scores": scores}, picks=picks)
     clock.lap("fold")
-    healed = {}
+    params_original, params_unique = count_params(teacher), count_params(folded)
+    healed, gathered = {}, {}
     if opts.heal_steps:
-        healed = _heal(folded, teacher, job, opts, seed=seed, device=dev, progress=progress)
+        healed = _heal(folded, teacher, job, opts, seed=seed, device=dev, progress=progress, gathered=gathered,
+                       keep_teacher=model is not None)
+    del teacher, model  # the blocks the fold dropped go (unless the caller holds the model)
+    if opts.heal_steps:
+        folded = _healed_model(folded, config, opts, gathered)
         clock.lap("heal")
     fold_map = copy.deepcopy(folded.config.weightsmith)
     fold_map.update(heal_steps=opts.heal_steps)
     result = {"model": str(model_path), "out": str(out), "blocks": job.n, "removed": removed,
               "kept": fold_map["kept"], "groups": fold_map["groups"], "importance": opts.importance, "scores": scores,
-              "params_original": count_params(teacher), "params_unique": count_params(folded), **healed}
+              "params_original": params_original, "params_unique": params_unique, **healed}
     if job.pooling is not None:
         result["pooling"] = job.pooling.source
     if ranks.rank == 0:
@@ -133,13 +138,30 @@ def _measured_picks(teacher, config: dict, removed: list[int], job: "_Job", opts
 
 
 def _heal(folded: torch.nn.Module, teacher: torch.nn.Module, job: _Job, opts: FoldOptions, *, seed: int, device,
-          progress: ProgressFn | None) -> dict:
-    """The heal of ``folded`` from ``teacher`` as ``opts`` says; returns its report."""
+          progress: ProgressFn | None, gathered: dict, keep_teacher: bool) -> dict:
+    """The heal of ``folded`` from ``teacher`` as ``opts`` says (LoRA adapters left unmerged; sharded: the whole
+    weights into ``gathered`` on rank 0); returns its report."""
     from .heal import heal
+    from .shard import fsdp_requested
 
     return heal(folded, teacher, job.heal_data(opts), steps=opts.heal_steps, lr=opts.heal_lr, tail=opts.heal_tail,
                 pooled_weight=opts.heal_pooled_weight, splice=opts.heal_splice, batch_size=opts.batch_size,
-                lora_rank=opts.heal_lora, seed=seed, device=device, pooling=job.pooling, progress=progress)
+                lora_rank=opts.heal_lora, seed=seed, device=device, pooling=job.pooling, progress=progress, merge=False,
+                sharded=fsdp_requested(opts.fsdp) and Ranks.start(device).world > 1, gathered=gathered,
+                teacher_cache=opts.teacher_cache, keep_teacher=keep_teacher)
+
+
+def _healed_model(folded: torch.nn.Module, config: dict, opts: FoldOptions, gathered: dict) -> torch.nn.Module:
+    """The model to write once the heal is done: adapters merged (new tensors, where the original's were just
+    freed), or (sharded, rank 0) a plain folded model of the gathered weights."""
+    from .format import assemble, folded_config
+
+    if opts.heal_lora:
+        merge_lora(folded)
+    if not gathered:
+        return folded
+    fold_map = folded.config.weightsmith
+    return assemble(folded_config(config, fold_map["kept"], fold_map), gathered)
 
 
 def _check_inputs(model_path: Path, opts: FoldOptions) -> dict:
@@ -153,8 +175,12 @@ def _check_inputs(model_path: Path, opts: FoldOptions) -> dict:
     return read_json(model_path / "config.json", "config.json")
 
 
-def _claim_output(ranks: Ranks, out: str | Path, model_path: Path, force: bool) -> None:
-    """Rank 0 checks and locks the output for the run; the other ranks stop with its refusal."""
+def _claim_output(ranks: Ranks, out: str | Path, model_path: Path, force: bool, opts: FoldOptions) -> None:
+    """Rank 0 checks and locks the output for the run; the other ranks stop with its refusal. Every rank first
+    checks that the heal's batches split evenly across the ranks."""
+    if opts.heal_steps and opts.batch_size % ranks.world:
+        raise OptionError("batch_size", f"{opts.batch_size} must be a multiple of the {ranks.world} processes "
+                                        "(each rank heals on an equal share of every batch)")
     refused = None
     if ranks.rank == 0:
         try:
@@ -166,10 +192,10 @@ def _claim_output(ranks: Ranks, out: str | Path, model_path: Path, force: bool) 
         raise WeightsmithError(refused)
 
 
-def _load(model_path: Path, device) -> torch.nn.Module:
+def _load(model_path: Path, device, dtype: str | None) -> torch.nn.Module:
     from ..loading import load
 
-    return load(model_path, device=device)
+    return load(model_path, device=device, dtype=dtype)  # as stored unless ``dtype`` says: never upcast whole
 
 
 @dataclass

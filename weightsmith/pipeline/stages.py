@@ -265,7 +265,7 @@ def analyze_stage(ctx: Context, **params) -> dict:
     o = so.AnalyzeOptions.from_params(params)
     info = analyze(ctx.inputs[0], o.data, ctx.out if ctx.dry_run else None, remove=o.remove, seq=o.seq_len,
                    max_tokens=o.max_tokens, batch_size=o.batch_size, device=ctx.device, tokenizer=o.tokenizer,
-                   force=True, progress=ctx.progress)
+                   force=True, progress=ctx.progress, dtype=o.dtype)
     write_analysis(info, ctx.out)  # ctx.out is the runner's temporary folder
     return _scalars(info)
 
