@@ -51,15 +51,17 @@ def test_analyze_defaults():
     with mock.patch("weightsmith.fold.analyze.analyze", return_value={}) as fn:
         invoke("analyze", "m", "--data", "d.txt", "--json")
     fn.assert_called_once_with(Path("m"), Path("d.txt"), None, remove=0.25, seq=None, max_tokens=4096, batch_size=8,
-                               device="auto", tokenizer=None, force=False, progress=None)
+                               device="auto", tokenizer=None, force=False, progress=None, dtype=None)
 
 
 def test_analyze_every_flag():
     with mock.patch("weightsmith.fold.analyze.analyze", return_value={}) as fn:
         invoke("analyze", "m", "--data", "d.txt", "-o", "out", "--remove", "0.5", "--seq-len", "32", "--max-tokens",
-               "100", "--batch-size", "2", "--tokenizer", "tok", "--device", "cpu", "--force", "--quiet", "--json")
+               "100", "--batch-size", "2", "--tokenizer", "tok", "--device", "cpu", "--force", "--quiet", "--json",
+               "--dtype", "bfloat16")
     fn.assert_called_once_with(Path("m"), Path("d.txt"), Path("out"), remove=0.5, seq=32, max_tokens=100,
-                               batch_size=2, device="cpu", tokenizer=Path("tok"), force=True, progress=None)
+                               batch_size=2, device="cpu", tokenizer=Path("tok"), force=True, progress=None,
+                               dtype="bfloat16")
     assert AnalyzeOptions.required() == ["data"]
 
 

@@ -37,7 +37,7 @@ CHILD = textwrap.dedent("""
 """)
 MERGE_SIDE_FILES = "weightsmith.merge.engine:copy_side_files"  # inside the output folder, after the tensors
 WRITE = "weightsmith.checkpoint.writer:ShardedWriter.write"
-LOAD = "weightsmith.loading:load"  # after the output is checked and locked, before its folder exists
+PROJECT = "weightsmith.compressor.rps:project_checkpoint"  # after the output is checked and locked, before its folder exists
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +56,8 @@ def _args(kind: str, a: Path, b: Path, tmp_path: Path) -> list:
     out = tmp_path / "out"
     if kind == "merge":
         return [MERGE_SIDE_FILES, "merge", "--method", "linear", "--model", a, "--model", b, "-o", out, "--quiet"]
-    if kind == "compress-while-loading":
-        return [LOAD, "compress", "rps", a, "-o", out, "--budget", "0.5", "--device", "cpu", "--quiet"]
+    if kind == "compress-while-projecting":
+        return [PROJECT, "compress", "rps", a, "-o", out, "--budget", "0.5", "--device", "cpu", "--quiet"]
     if kind == "export-while-writing":
         return [WRITE, "export", a.parent / "rps", "-o", out, "--quiet"]
     spec = tmp_path / "pipe.yaml"
@@ -66,7 +66,7 @@ def _args(kind: str, a: Path, b: Path, tmp_path: Path) -> list:
     return [MERGE_SIDE_FILES, "run", spec, "--quiet"]
 
 
-CASES = [("merge", signal.SIGINT, 130), ("compress-while-loading", signal.SIGTERM, 143),
+CASES = [("merge", signal.SIGINT, 130), ("compress-while-projecting", signal.SIGTERM, 143),
          ("export-while-writing", signal.SIGINT, 130), ("run", signal.SIGTERM, 143)]
 
 
