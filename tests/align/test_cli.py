@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -71,3 +72,21 @@ def test_merge_method_pleas_runs_through_the_merge_command(tiny_llama, tmp_path,
     assert res.exit_code == 0, res.output
     assert json.loads((out / "config.json").read_text())["intermediate_size"] == 128
     assert "merge_method: pleas" in (out / "weightsmith_recipe.yaml").read_text()
+
+
+@pytest.mark.parametrize("which, tensor, value", [("b", "model.norm.weight", float("nan")),
+                                                  ("a", "model.layers.1.mlp.up_proj.weight", float("inf")),
+                                                  ("b", "model.embed_tokens.weight", float("-inf"))])
+def test_align_refuses_non_finite_inputs_by_name_and_writes_nothing(tiny_llama, tmp_path, which, tensor, value):
+    from safetensors.torch import load_file, save_file
+
+    from weightsmith.errors import WeightsmithError
+    from weightsmith.merge.align.folders import align
+
+    folders = {"a": tiny_llama("a"), "b": tiny_llama("b", seed=1)}
+    weights = load_file(folders[which] / "model.safetensors")
+    weights[tensor].view(-1)[3] = value
+    save_file(weights, folders[which] / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(WeightsmithError, match=f"{which}: tensor '{tensor}' holds 1 NaN/inf"):
+        align(folders["a"], folders["b"], tmp_path / "out", method="weight", device="cpu")
+    assert not (tmp_path / "out").exists()

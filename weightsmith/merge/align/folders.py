@@ -108,6 +108,20 @@ def save_like(model: torch.nn.Module, source: str | Path, folder: Path, config: 
         copy_side_files(source, folder)
 
 
+def _check_finite(model_a: str | Path, model_b: str | Path) -> None:
+    """NaN/inf in either input is refused naming the model and tensor, one mapped tensor at a time: matching on
+    such weights has no answer."""
+    from ...checkpoint.values import finite, nonfinite_count
+
+    for model in (model_a, model_b):
+        ckpt = Checkpoint(model)
+        for name in ckpt.names():
+            t = ckpt.map(name)
+            if t.is_floating_point() and not finite(t):
+                raise WeightsmithError(f"{model}: tensor {name!r} holds {nonfinite_count(t)} NaN/inf value(s); units "
+                                       "cannot be matched on non-finite weights: repair the input")
+
+
 def align(model_a: str | Path, model_b: str | Path, out: str | Path, opts: AlignOptions | None = None, *,
           seed: int = 0, device: str = "auto", force: bool = False, progress: ProgressFn | None = None,
           **values) -> dict:
@@ -115,6 +129,7 @@ def align(model_a: str | Path, model_b: str | Path, out: str | Path, opts: Align
     ``values`` override fields of ``opts`` (an :class:`AlignOptions`)."""
     o = AlignOptions.build(opts, **values)
     check_output(out, [model_a, model_b], force)
+    _check_finite(model_a, model_b)
     dev = resolve_device(device)
     t0 = time.perf_counter()
     spec, perms = _match(model_a, model_b, o, seed, dev, progress)
