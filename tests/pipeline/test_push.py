@@ -204,3 +204,19 @@ def test_a_server_that_drips_its_answer_is_cut_at_the_deadline(tmp_path, tiny_ll
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert "did not answer within 1 s" in lines[0] and server.url in lines[0]
+
+
+def test_a_weightsmith_format_folder_is_pushed_only_when_asked(tiny_llama, tmp_path):
+    """An RPS folder (hashed weights stock transformers would fill at random) is refused by push, naming the plain
+    export and the option; with the option it is planned as it is."""
+    from weightsmith.compressor.rps import compress_rps
+
+    rps = tmp_path / "rps"
+    compress_rps(tiny_llama("m"), rps, budget=0.5, device="cpu")
+    with pytest.raises(WeightsmithError, match="weightsmith rps folder.*weightsmith export.*weightsmith_format"):
+        push(rps, "alice/tiny", dry_run=True)
+    plan = push(rps, "alice/tiny", dry_run=True, weightsmith_format=True)
+    assert plan["format"] == "rps" and plan["dry_run"]
+    proc = subprocess.run([sys.executable, "-m", "weightsmith", "push", str(rps), "alice/tiny", "--dry-run"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--weightsmith-format" in proc.stderr and "Traceback" not in proc.stderr

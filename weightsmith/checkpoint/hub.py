@@ -27,12 +27,20 @@ def _ignored(rel: str) -> bool:
     return any(fnmatch(rel, pat) or fnmatch(Path(rel).name, pat) for pat in LOCAL_ONLY)
 
 
-def plan_push(folder: str | Path) -> dict:
-    """Validate ``folder`` and list what a push uploads: ``{"files": [{"path", "size", "generated"}], ...}``."""
+def plan_push(folder: str | Path, weightsmith_format: bool = False) -> dict:
+    """Validate ``folder`` and list what a push uploads: ``{"files": [{"path", "size", "generated"}], ...}``. A
+    folded or RPS folder (shared or hashed weights that stock transformers would fill at random) is refused unless
+    ``weightsmith_format`` says it is meant to be uploaded as it is."""
     folder = Path(folder)
     ckpt = Checkpoint(folder)
     if ckpt.config is None:
         raise WeightsmithError(f"{folder}: no config.json; the Hub cannot load a model folder without one")
+    fmt = (ckpt.config.get("weightsmith") or {}).get("format", "plain")
+    if fmt != "plain" and not weightsmith_format:
+        raise needs_option(f"{folder} is a weightsmith {fmt} folder: stock transformers would load it with its "
+                           "shared or hashed weights filled at random", "; upload the plain checkpoint `weightsmith "
+                           "export` writes of it, or set {0} to upload it as it is (it loads with weightsmith.load)",
+                           "weightsmith_format")
     files = []
     for p in sorted(folder.rglob("*")):
         rel = p.relative_to(folder).as_posix()
@@ -45,7 +53,6 @@ def plan_push(folder: str | Path) -> dict:
         card = _default_card_text(folder, ckpt)
         files.append({"path": "README.md", "size": len(card.encode()), "generated": True})
         files.sort(key=lambda f: f["path"])
-    fmt = (ckpt.config.get("weightsmith") or {}).get("format", "plain")
     return {"folder": str(folder), "format": fmt, "files": files, "total_bytes": sum(f["size"] for f in files),
             "card": card}
 
@@ -96,14 +103,15 @@ def _stage(folder: Path, plan: dict, into: Path) -> None:
 
 def push(folder: str | Path, repo_id: str, *, private: bool = False, revision: str | None = None,
          dry_run: bool = False, token: str | None = None, commit_message: str | None = None,
-         timeout: float = DEFAULT_TIMEOUT, progress: ProgressFn | None = None) -> dict:
+         timeout: float = DEFAULT_TIMEOUT, progress: ProgressFn | None = None, weightsmith_format: bool = False) -> dict:
     """Upload ``folder`` to the Hub model repo ``repo_id`` (created if missing). Returns what was (or would be) sent.
+    A folded or RPS folder only with ``weightsmith_format`` (see ``plan_push``).
 
     Every request waits at most ``timeout`` seconds for the server (connect: at most 10 s)."""
     folder = Path(folder)
     check_repo_id(repo_id)
     check_timeout(timeout)
-    plan = plan_push(folder)
+    plan = plan_push(folder, weightsmith_format)
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
     result = {"repo_id": repo_id, "endpoint": endpoint, "revision": revision or "main", "private": private,
               "dry_run": dry_run, "folder": plan["folder"], "format": plan["format"],

@@ -20,6 +20,7 @@ def push_cmd(
     message: Annotated[str | None, typer.Option("--message", "-m", help="Commit message (default: 'Upload NAME with weightsmith').")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List the files that would be uploaded, with sizes; send nothing.")] = False,
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for the Hub to connect (at most 10) and to answer each request.")] = 60.0,
+    weightsmith_format: Annotated[bool, typer.Option("--weightsmith-format", help="Upload a folded or RPS folder as it is (it loads with weightsmith.load; stock transformers would fill its shared or hashed weights at random).")] = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -32,7 +33,7 @@ def push_cmd(
     folder = model_folder(folder)
     with progress_bars(not quiet and not json_out) as progress:
         result = push(folder, repo_id, private=private, revision=revision, dry_run=dry_run, commit_message=message,
-                      timeout=timeout, progress=progress)
+                      timeout=timeout, progress=progress, weightsmith_format=weightsmith_format)
     if json_out:
         print_json(result)
         return

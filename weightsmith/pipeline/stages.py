@@ -178,11 +178,12 @@ def _check_push(params: dict, inputs: list[str]) -> None:
 
 @stage("push", writes_model=False, check=_check_push)
 def push_stage(ctx: Context, *, repo_id: str, private: bool = False, revision: str | None = None,
-               dry_run: bool = False, message: str | None = None, timeout: float = 60.0) -> dict:
+               dry_run: bool = False, message: str | None = None, timeout: float = 60.0,
+               weightsmith_format: bool = False) -> dict:
     from ..checkpoint.hub import push
 
     result = push(ctx.inputs[0], repo_id, private=private, revision=revision, dry_run=dry_run,
-                  commit_message=message, timeout=timeout, progress=ctx.progress)
+                  commit_message=message, timeout=timeout, progress=ctx.progress, weightsmith_format=weightsmith_format)
     _write_json(ctx.out, "push.json", result)
     return {k: result.get(k) for k in ("repo_id", "revision", "dry_run", "total_bytes", "commit", "commit_url")}
 
