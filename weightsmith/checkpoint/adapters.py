@@ -22,7 +22,7 @@ import torch
 
 from ..errors import WeightsmithError
 from .patterns import check_pattern
-from .reader import SIDE_FILES, Checkpoint, member, read_json
+from .reader import Checkpoint, member, read_json
 
 PREFIX = "base_model.model."
 ADAPTER_CONFIG = "adapter_config.json"
@@ -122,6 +122,12 @@ def _pattern_value(patterns: dict, module: str, default):
     return default
 
 
+def _scale(config: dict, module: str, r: int) -> float:
+    """peft's scaling of one module's B·A: alpha / r, or alpha / sqrt(r) with rsLoRA (``alpha_pattern`` per module)."""
+    alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", 8))
+    return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+
+
 def _plan(base: Checkpoint, lora: Checkpoint, config: dict, where: str) -> dict[str, list]:
     """For each base tensor the adapter changes: [replacement name or None, (A name, B name, scale, kind) or None,
     lora bias name or None]."""
@@ -139,9 +145,7 @@ def _plan(base: Checkpoint, lora: Checkpoint, config: dict, where: str) -> dict[
             other = f"{PREFIX}{module}.{'lora_B.weight' if kind == 'linear' else 'lora_embedding_B'}"
             if other not in lora:
                 raise WeightsmithError(f"{where}: adapter has {name!r} but not {other!r}")
-            r = lora.info(name).shape[0]
-            alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", 8))
-            scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+            scale = _scale(config, module, lora.info(name).shape[0])
             if kind == "linear" and config.get("fan_in_fan_out"):
                 kind = "transposed"
             _entry(plan, base, f"{module}.weight", where)[1] = (name, other, scale, kind)
@@ -149,10 +153,8 @@ def _plan(base: Checkpoint, lora: Checkpoint, config: dict, where: str) -> dict[
             continue
         elif rest.endswith(".lora_B.bias"):
             module = rest[: -len(".lora_B.bias")]
-            alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", 8))
-            r = lora.info(f"{PREFIX}{module}.lora_B.weight").shape[1]
-            _entry(plan, base, f"{module}.bias", where)[2] = (name, alpha / math.sqrt(r) if config.get("use_rslora")
-                                                              else alpha / r)
+            scale = _scale(config, module, lora.info(f"{PREFIX}{module}.lora_B.weight").shape[1])
+            _entry(plan, base, f"{module}.bias", where)[2] = (name, scale)
         elif re.search(r"\.lora_[A-Za-z_]+", rest):
             raise WeightsmithError(f"{where}: adapter tensor {name!r} is of a LoRA variant that cannot be applied")
         else:
@@ -182,7 +184,7 @@ def _delta(lora: Checkpoint, spec: tuple, shape: tuple, where: str) -> torch.Ten
 
 
 def _write(base: Checkpoint, lora: Checkpoint, plan: dict, folder: Path) -> None:
-    from .writer import DEFAULT_SHARD_SIZE, ShardedWriter, write_config
+    from .writer import DEFAULT_SHARD_SIZE, ShardedWriter, copy_side_files, write_config
 
     entries = [(n, base.info(n).torch_dtype, tuple(base.info(n).shape)) for n in base.names()]
     writer = ShardedWriter(folder, entries, DEFAULT_SHARD_SIZE, metadata=base.metadata or None)
@@ -202,13 +204,13 @@ def _write(base: Checkpoint, lora: Checkpoint, plan: dict, folder: Path) -> None
     writer.close()
     if base.config is not None:
         write_config(folder, base.config)
-    for side in (*SIDE_FILES, *EXTRA_SIDE):
-        if (base.path / side).is_file():
-            shutil.copyfile(base.path / side, folder / side)
-    for sub in sorted(base.path.glob("*/config.json")):  # sentence-transformers modules (1_Pooling/, ...)
-        rel = sub.relative_to(base.path).as_posix()
-        (folder / rel).parent.mkdir(exist_ok=True)
-        shutil.copyfile(member(base.path, rel, base.path), folder / rel)
+    copy_side_files(base.path, folder)
+    extra = [*EXTRA_SIDE, *(p.relative_to(base.path).as_posix() for p in sorted(base.path.glob("*/config.json")))]
+    for rel in extra:  # sentence-transformers files and modules (1_Pooling/, ...), read through the gate
+        src = member(base.path, rel, base.path)
+        if src.is_file():
+            (folder / rel).parent.mkdir(exist_ok=True)
+            shutil.copyfile(src, folder / rel)
 
 
 def write_adapter(folder: str | Path, tensors: dict[str, torch.Tensor], config: dict) -> int:

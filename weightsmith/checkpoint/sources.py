@@ -19,7 +19,6 @@ from ..errors import WeightsmithError, needs_option
 from .network import DEFAULT_TIMEOUT, endpoint, is_timeout, online, transport_errors, user_offline
 
 HUB_NAME = re.compile(r"^(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}$")
-COMMIT = re.compile(r"^[0-9a-f]{40}$")
 # What a stage reads from a repo: weights, config, tokenizer, sentence-transformers modules, adapters, cards.
 READ_PATTERNS = (
     "*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json", "tokenizer.json",
@@ -236,7 +235,8 @@ def _download(ref: ModelRef, allow_pickle: bool, code: bool, where: str, timeout
     info = api.model_info(ref.repo_id, revision=ref.revision, timeout=timeout)
     files = [s.rfilename for s in info.siblings or []]
     _check_repo_files(files, allow_pickle, where)
-    # the commit the branch or tag pointed to just now: every file comes from that one commit
+    # snapshot_download resolves the revision once more and records it under refs/ (so the name works offline
+    # later); the folder it returns is named by the commit every file came from, the one the card pins
     folder = snapshot_download(ref.repo_id, revision=ref.revision or "main", cache_dir=hub_cache(),
                                endpoint=endpoint(), allow_patterns=_patterns(allow_pickle, code), etag_timeout=timeout)
     return Path(folder)
