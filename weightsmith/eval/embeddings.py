@@ -4,6 +4,8 @@ the Spearman correlation of all pairwise sentence similarities with the referenc
 Embeddings are pooled as the folder's sentence-transformers files say (``fold.pooling``), then normalised."""
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..fold.pooling import read_pooling
@@ -46,12 +48,16 @@ def agreement(got: torch.Tensor, ref: torch.Tensor) -> dict:
     return {"cosine": float(cos.mean()), "cosine_min": float(cos.min()), "spearman": rho}
 
 
-def reference_embeddings(path, tok, sentences: list[str], batch_size: int, device: torch.device, dtype,
+@functools.lru_cache(maxsize=2)  # every model of one eval call is scored against the same reference: embed it once
+def reference_embeddings(path, sentences: tuple[str, ...], batch_size: int, device: torch.device, dtype,
                          max_length: int) -> torch.Tensor:
+    """The reference model's sentence embeddings, with its own tokenizer and pooling."""
     from ..loading import load
+    from .run import load_tokenizer
 
     reference = load(path, device=device, dtype=dtype)
     try:
-        return embed(reference, tok, sentences, read_pooling(path), batch_size, device, max_length)
+        return embed(reference, load_tokenizer(path), list(sentences), read_pooling(path), batch_size, device,
+                     max_length)
     finally:
         del reference

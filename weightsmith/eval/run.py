@@ -104,8 +104,8 @@ def _encoder_row(row: EvalRow, model: torch.nn.Module, tok, path: Path, o: EvalO
         raise WeightsmithError(f"{o.data}: no sentences (one per non-empty line) to embed")
     length = getattr(model.config, "max_position_embeddings", 512) or 512
     got = embed(model, tok, sentences, read_pooling(path), o.batch_size, dev, length, progress, f"embed {path.name}")
-    ref = reference_embeddings(o.reference, tok, sentences, o.batch_size, dev, model.dtype if o.dtype else None,
-                               length)
+    ref = reference_embeddings(str(o.reference), tuple(sentences), o.batch_size, dev,
+                               model.dtype if o.dtype else None, length)
     row.extra.update(agreement(got, ref), sentences=len(sentences))
     return row
 
@@ -120,4 +120,7 @@ def evaluate(paths: list[str | Path], opts: EvalOptions | None = None, *, device
     for p in paths:
         if not (Path(p) / "config.json").exists():
             raise WeightsmithError(f"{p}: not a model folder (no config.json)")
+    from .embeddings import reference_embeddings
+
+    reference_embeddings.cache_clear()  # shared by this call's models only: a later call reads the folder anew
     return [evaluate_model(p, o, device=device, allow_pickle=allow_pickle, progress=progress) for p in paths]
