@@ -163,11 +163,12 @@ def check_folder(folder: Path, shown: Path) -> None:
     """A folder a stage wrote: its config.json fits its tensors, as ``weightsmith.load`` will check it (messages
     name ``shown``). Folders without a config, with custom code, or whose config transformers cannot build are
     left to the reader."""
-    from .reader import Checkpoint, read_json
+    from .formats import read_config
+    from .reader import Checkpoint
 
     if not (folder / "config.json").is_file() or not any(folder.glob("*.safetensors")):
         return
-    config = read_json(folder / "config.json", "config.json")
+    config = read_config(folder)
     fmt = (config.get("weightsmith") or {}).get("format", "plain")
     ckpt = Checkpoint(folder)
     try:

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from ..errors import WeightsmithError
+from .formats import loads_stock, read_config
 from .patterns import check_pattern
 from .reader import member, read_json, read_regular
 
@@ -74,6 +75,12 @@ def load_tokenizer(folder: str | Path, trust_remote_code: bool = False, **kwargs
     from transformers import AutoTokenizer
 
     check_tokenizer_files(folder)
+    config = Path(folder) / "config.json"
+    if "config" not in kwargs and config.is_file() and not loads_stock(read_config(folder)):
+        # transformers would read the folder's own model type, which names no tokenizer: hand it the stock config
+        from .exact import config_object
+
+        kwargs["config"] = config_object(read_config(folder))
     try:
         return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code, **kwargs)
     except RecursionError:

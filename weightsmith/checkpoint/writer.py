@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from ..errors import WeightsmithError, needs_option
+from .formats import written_config
 from .reader import INDEX_NAME, SINGLE_NAME, SIDE_FILES
 from .safetensors_file import ShardFile
 from .values import finite, nonfinite_count
@@ -558,7 +559,9 @@ def save_state_dict(state: dict[str, torch.Tensor], folder: Path, max_shard_size
 
 
 def write_config(folder: Path, config: dict) -> None:
-    (Path(folder) / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    """config.json; a weightsmith format that stock loaders would get wrong is written under its own model type
+    (``formats.written_config``)."""
+    (Path(folder) / "config.json").write_text(json.dumps(written_config(config), indent=2, sort_keys=True) + "\n")
 
 
 def copy_side_files(src: str | Path, folder: Path) -> list[str]:

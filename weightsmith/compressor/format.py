@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoint import Checkpoint, ShardedWriter, copy_side_files, output_folder, read_json, save_state_dict, write_config
+from ..checkpoint import Checkpoint, ShardedWriter, copy_side_files, output_folder, save_state_dict, write_config
+from ..checkpoint.formats import copy_sentence_transformers_files, read_config
 from ..checkpoint.card import write_model_card
 from ..device import resolve_device, resolve_dtype
 from ..errors import WeightsmithError
@@ -23,7 +24,7 @@ MEMORY_NAME = "rps.memory"
 
 
 def rps_config(path: Path) -> tuple[dict, dict]:
-    config = read_json(Path(path) / "config.json", "config.json")
+    config = read_config(path)
     ws = dict(config.pop("weightsmith", None) or {})
     if ws.get("format") != "rps":
         raise WeightsmithError(f"{path}: config.json has no weightsmith rps section; not an RPS folder")
@@ -124,6 +125,7 @@ def export_plain(path: str | Path, out: str | Path, max_shard_size: str = "5GB",
         writer.close()
         write_config(tmp, config)
         copy_side_files(path, tmp)
+        copy_sentence_transformers_files(path, tmp)
         write_model_card(tmp, stage="export", method=f"rps-{ws['mapping']}-materialised", inputs=[str(path)],
                          parameters={"mapping": ws["mapping"], "budget": ws.get("budget"), "seed": ws["seed"]})
     return {"output": str(out), "tensors": len(plan), "materialised": len(dense),

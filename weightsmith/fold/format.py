@@ -15,13 +15,12 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import (Checkpoint, ShardedWriter, copy_side_files, output_folder, read_json, save_state_dict,
-                          write_config)
+from ..checkpoint import Checkpoint, ShardedWriter, copy_side_files, output_folder, save_state_dict, write_config
+from ..checkpoint.formats import copy_sentence_transformers_files, read_config
 from ..checkpoint.layout import is_norm, num_layers
 from ..errors import WeightsmithError
 from ..progress import ProgressFn, track
 from .blocks import block_list
-from .pooling import copy_sentence_transformers_files
 
 
 class RelaxedLinear(torch.nn.Linear):
@@ -155,7 +154,7 @@ def load(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtyp
     from ..loading import check_layer_count
 
     path = Path(path)
-    config = read_json(path / "config.json", "config.json")
+    config = read_config(path)
     ckpt = Checkpoint(path)
     members = {j for group in config["weightsmith"]["groups"] for j in group[1:]}
     check_layer_count(path, config, ckpt.names(), skip=members)
@@ -195,7 +194,7 @@ def export_plain(path: str | Path, out: str | Path, max_shard_size: str = "5GB",
                  progress: ProgressFn | None = None) -> dict:
     """Write an ordinary checkpoint: shared weights duplicated into every block, relaxations merged in."""
     path = Path(path)
-    config = read_json(path / "config.json", "config.json")
+    config = read_config(path)
     if (config.get("weightsmith") or {}).get("format") != "folded":
         raise WeightsmithError(f"{path}: not a folded folder (config.json has no weightsmith.format = folded)")
     ckpt = Checkpoint(path)
