@@ -123,6 +123,7 @@ def test_minilm_formats_are_refused_by_sentence_transformers_and_their_export_en
         compress_rps(minilm_path(), folder, budget=0.5, modules=r".*layer\.[0-2]\..*dense", device="cpu")
     assert not (folder / "modules.json").exists() and (folder / ST_ASIDE / "modules.json").is_file()
     assert read_pooling(folder).source == "1_Pooling/config.json + Normalize"
+    assert read_pooling(_written_before(folder, tmp_path / "before")).source == "1_Pooling/config.json + Normalize"
     _stock_refuses(lambda f: st.SentenceTransformer(f, device="cpu"), folder)
     (export_folded if name == "folded" else export_rps)(folder, tmp_path / "plain")
     assert (tmp_path / "plain" / "modules.json").is_file() and not (tmp_path / "plain" / ST_ASIDE).exists()

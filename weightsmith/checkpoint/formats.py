@@ -84,13 +84,14 @@ def format_module(fmt: str):
     return importlib.import_module(FORMATS[fmt])
 
 
-def st_root(folder: str | Path) -> Path:
-    """Where ``folder`` keeps its sentence-transformers files: aside when stock loaders refuse the folder."""
+def st_root(folder: str | Path, writing: bool = False) -> Path:
+    """Where ``folder`` keeps its sentence-transformers files: aside when stock loaders refuse the folder (a folder
+    written before they were kept aside holds them beside its weights, and is read so)."""
     folder = Path(folder)
+    if not writing:
+        return folder / ST_ASIDE if (folder / ST_ASIDE).is_dir() else folder
     config = folder / "config.json"
-    if config.is_file() and not loads_stock(read_config(folder)):
-        return folder / ST_ASIDE
-    return folder
+    return folder / ST_ASIDE if config.is_file() and not loads_stock(read_config(folder)) else folder
 
 
 def copy_sentence_transformers_files(src: str | Path, dst: str | Path) -> list[str]:
@@ -99,7 +100,7 @@ def copy_sentence_transformers_files(src: str | Path, dst: str | Path) -> list[s
     returns the relative paths copied."""
     from .reader import member, read_regular
 
-    src, dst = st_root(src), st_root(dst)
+    src, dst = st_root(src), st_root(dst, writing=True)
     copied = []
     for name in ST_FILES:
         if member(src, name, src).is_file():
