@@ -11,10 +11,12 @@ from safetensors.torch import load_file
 
 import weightsmith
 from weightsmith.checkpoint.formats import ST_ASIDE
+from weightsmith.checkpoint.hub import plan_push
 from weightsmith.checkpoint.inspect import summarize
 from weightsmith.compressor.format import export_plain as export_rps
 from weightsmith.compressor.rps import compress_rps
 from weightsmith.eval import load_tokenizer
+from weightsmith.errors import WeightsmithError
 from weightsmith.eval.embeddings import embed
 from weightsmith.fold import fold
 from weightsmith.fold.format import export_plain as export_folded
@@ -79,6 +81,8 @@ def test_causal_formats_are_refused_by_stock_loaders_and_load_exactly_in_weights
     config = json.loads((folder / "config.json").read_text())
     assert config["architectures"][0].startswith("Weightsmith") and config["weightsmith"]["stock"] == {
         "model_type": "llama", "architectures": ["LlamaForCausalLM"]}
+    with pytest.raises(WeightsmithError, match="weightsmith_format"):
+        plan_push(folder)
     card = (folder / "README.md").read_text()
     assert "library_name: weightsmith" in card and f"weightsmith export --plain {name} -o {name}-plain" in card
     for loader in (AutoModelForCausalLM.from_pretrained, AutoModel.from_pretrained, AutoConfig.from_pretrained):
@@ -104,6 +108,7 @@ def test_a_fold_that_shares_nothing_stays_a_stock_folder(zoo, tmp_path):
     assert "library_name: transformers" in (tmp_path / "f" / "README.md").read_text()
     stock = AutoModelForCausalLM.from_pretrained(str(tmp_path / "f")).eval()
     assert torch.equal(_logits(stock), _logits(weightsmith.load(tmp_path / "f")))
+    assert plan_push(tmp_path / "f")["format"] == "folded"  # push uploads it: stock loaders load it right
 
 
 def _encode_ours(folder):

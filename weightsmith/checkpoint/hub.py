@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..errors import OptionError, WeightsmithError, needs_option
 from ..progress import ProgressFn, report
+from .formats import loads_stock
 from .network import DEFAULT_TIMEOUT, is_timeout, online, transport_errors
 from .reader import Checkpoint, member
 
@@ -29,14 +30,14 @@ def _ignored(rel: str) -> bool:
 
 def plan_push(folder: str | Path, weightsmith_format: bool = False) -> dict:
     """Validate ``folder`` and list what a push uploads: ``{"files": [{"path", "size", "generated"}], ...}``. A
-    folded or RPS folder (shared or hashed weights that stock transformers would fill at random) is refused unless
-    ``weightsmith_format`` says it is meant to be uploaded as it is."""
+    folder stock transformers would get wrong (an RPS folder, a folded one that shares blocks: weights it would fill
+    at random) is refused unless ``weightsmith_format`` says it is meant to be uploaded as it is."""
     folder = Path(folder)
     ckpt = Checkpoint(folder)
     if ckpt.config is None:
         raise WeightsmithError(f"{folder}: no config.json; the Hub cannot load a model folder without one")
     fmt = (ckpt.config.get("weightsmith") or {}).get("format", "plain")
-    if fmt != "plain" and not weightsmith_format:
+    if not loads_stock(ckpt.config) and not weightsmith_format:
         raise needs_option(f"{folder} is a weightsmith {fmt} folder: stock transformers would load it with its "
                            "shared or hashed weights filled at random", "; upload the plain checkpoint `weightsmith "
                            "export` writes of it, or set {0} to upload it as it is (it loads with weightsmith.load)",
