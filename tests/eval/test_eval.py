@@ -142,7 +142,7 @@ def test_an_encoder_is_scored_against_its_reference_by_sentence_embeddings(tmp_p
 
     from weightsmith.eval import evaluate
     from weightsmith.eval.embeddings import embed, sentences_of
-    from weightsmith.fold.pooling import read_pooling
+    from weightsmith.pooling import read_pooling
     from weightsmith.zoo import minilm_path
 
     original = minilm_path()

@@ -1,5 +1,5 @@
 """Evaluation: perplexity, accuracy, size and speed, side by side."""
-from .data import load_labelled, load_texts
+from ..data import load_labelled, load_texts
 from .metrics import EvalRow, accuracy, count_params, folder_size, perplexity, tokenize, windows
 from .run import evaluate, evaluate_model, load_tokenizer
 

@@ -8,7 +8,7 @@ import functools
 
 import torch
 
-from ..fold.pooling import read_pooling
+from ..pooling import read_pooling
 from ..progress import ProgressFn, report
 
 MAX_SENTENCES = 2000  # pairwise similarities grow with the square

@@ -9,7 +9,7 @@ from ..device import resolve_device
 from ..errors import OptionError, OutOfRange, WeightsmithError, needs_option
 from ..progress import ProgressFn
 from ..stage_options import EvalOptions
-from .data import load_labelled, load_labelled_images, load_texts
+from ..data import load_labelled, load_labelled_images, load_texts
 from .metrics import EvalRow, accuracy, count_params, folder_size, image_accuracy, perplexity, tokenize
 
 
@@ -93,7 +93,7 @@ def _encoder_row(row: EvalRow, model: torch.nn.Module, tok, path: Path, o: EvalO
     """An encoder without a task head: no perplexity and no accuracy; with a reference, how far its sentence
     embeddings are from the reference's on the lines of ``data``."""
     from .embeddings import agreement, embed, reference_embeddings, sentences_of
-    from ..fold.pooling import read_pooling
+    from ..pooling import read_pooling
 
     if o.reference is None or o.labelled is not None:
         raise needs_option(f"{path}: a {type(model).__name__} is an encoder without a language-model or "

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from ..progress import ProgressFn, report
 from .blocks import block_list, first_tensor, is_causal_lm
-from .pooling import Pooling
+from ..pooling import Pooling
 
 
 def _passthrough(tail):

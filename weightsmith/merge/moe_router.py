@@ -119,7 +119,7 @@ def explain_routing(model_path: str | Path, data: str | Path, *, device: str = "
     """``route_prompts`` over the prompts of a text file (one per non-empty line) or .jsonl (its 'text')."""
     from ..checkpoint.textfile import read_text_file
     from ..device import resolve_device
-    from ..eval.data import load_texts
+    from ..data import load_texts
 
     path = Path(data)
     if not path.is_file():
