@@ -4,12 +4,11 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from ..stage_options import AnalyzeOptions
 from ..checkpoint.trust import remote_code
 from . import app
-from .common import model_folder, with_tokenizer, RunFlags, console, print_json, progress_bars
+from .common import RunFlags, Table, console, model_folder, print_json, progress_bars, with_tokenizer
 from .options import with_options
 
 
