@@ -15,7 +15,8 @@ from pathlib import Path
 from ..errors import OptionError, WeightsmithError, needs_option
 from ..progress import ProgressFn, report
 from .network import DEFAULT_TIMEOUT, http_hint, is_timeout, online, transport_errors
-from .reader import Checkpoint, member
+from .files import member
+from .reader import Checkpoint
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
 # Bookkeeping that describes how a folder was made on this machine, not the model.

@@ -10,7 +10,7 @@ import typer
 
 from . import app
 from ..checkpoint.trust import remote_code
-from .common import DeviceOpt, JsonOpt, QuietOpt, SeedOpt, Table, TrustCodeOpt, console, human_bytes, human_count, progress_bars
+from .common import DeviceOpt, QuietOpt, SeedOpt, Table, TrustCodeOpt, console, human_bytes, human_count, progress_bars
 
 
 @app.command("run")

@@ -53,7 +53,7 @@ def reference_embeddings(path, sentences: tuple[str, ...], batch_size: int, devi
                          max_length: int) -> torch.Tensor:
     """The reference model's sentence embeddings, with its own tokenizer and pooling."""
     from ..loading import load
-    from .run import load_tokenizer
+    from .processors import load_tokenizer
 
     reference = load(path, device=device, dtype=dtype)
     try:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..progress import ProgressFn, report
-from .blocks import block_list, first_tensor, is_causal_lm
+from .blocks import block_list, is_causal_lm
 from ..pooling import Pooling
 
 

@@ -93,7 +93,7 @@ def degenerate_layers(gates: torch.Tensor, threshold: float = 5.0) -> list[int]:
 @torch.no_grad()
 def route_prompts(model_path: Path, prompts: list[str], *, device, progress: ProgressFn | None = None) -> dict:
     """For each prompt and layer, the share of its tokens routed to each expert (top-k of the router)."""
-    from ..eval.run import load_tokenizer
+    from ..eval import load_tokenizer
     from ..loading import load
 
     model = load(model_path, device=device, dtype=torch.float32)
