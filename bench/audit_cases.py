@@ -790,7 +790,7 @@ def _encodes_after_export(w: Work, folder: Path, out: Path) -> Spec:
         from weightsmith import load
         from weightsmith.eval import load_tokenizer
         from weightsmith.eval.embeddings import embed
-        from weightsmith.fold.pooling import read_pooling
+        from weightsmith.pooling import read_pooling
 
         lines = w.sentences.read_text().splitlines()[:8]
         ours = embed(load(folder), load_tokenizer(folder), lines, read_pooling(folder), 8, torch.device("cpu"), 128)

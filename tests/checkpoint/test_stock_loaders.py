@@ -20,7 +20,7 @@ from weightsmith.errors import WeightsmithError
 from weightsmith.eval.embeddings import embed
 from weightsmith.fold import fold
 from weightsmith.fold.format import export_plain as export_folded
-from weightsmith.fold.pooling import read_pooling
+from weightsmith.pooling import read_pooling
 from weightsmith.zoo import minilm_path
 
 SENTENCES = ["The cat slept on the warm windowsill.", "Interest rates rose again this spring as prices climbed.",

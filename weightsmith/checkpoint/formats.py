@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 from ..errors import WeightsmithError
+from .files import member, read_json, read_regular
 
 FORMATS = {
     "folded": "weightsmith.fold.format",
@@ -69,8 +70,6 @@ def stock_config(config: dict) -> dict:
 
 def read_config(folder: str | Path) -> dict:
     """A folder's ``config.json`` through the gate, as weightsmith works with it (``stock_config``)."""
-    from .reader import member, read_json
-
     return stock_config(read_json(member(Path(folder), "config.json", folder), "config.json"))
 
 
@@ -98,8 +97,6 @@ def copy_sentence_transformers_files(src: str | Path, dst: str | Path) -> list[s
     """Copy modules.json, the sentence-transformers configs and every module folder but the transformer itself
     (path "") from where ``src`` keeps them to where ``dst`` (its config.json already written) keeps them;
     returns the relative paths copied."""
-    from .reader import member, read_regular
-
     src, dst = st_root(src), st_root(dst, writing=True)
     copied = []
     for name in ST_FILES:

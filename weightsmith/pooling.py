@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..checkpoint.formats import st_root
-from ..errors import WeightsmithError
+from .checkpoint.formats import st_root
+from .errors import WeightsmithError
 
 # Pooling config keys, in sentence-transformers' concatenation order
 MODES = {"pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max", "pooling_mode_mean_tokens": "mean",
