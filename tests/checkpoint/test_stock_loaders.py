@@ -134,3 +134,7 @@ def test_minilm_formats_are_refused_by_sentence_transformers_and_their_export_en
     assert (tmp_path / "plain" / "modules.json").is_file() and not (tmp_path / "plain" / ST_ASIDE).exists()
     theirs = st.SentenceTransformer(str(tmp_path / "plain"), device="cpu").encode(SENTENCES, convert_to_tensor=True)
     assert torch.allclose(_encode_ours(folder), theirs, atol=1e-5)
+    tok_config = json.loads((folder / "tokenizer_config.json").read_text())
+    del tok_config["tokenizer_class"]  # transformers then picks the class by the model type: the stock one
+    (folder / "tokenizer_config.json").write_text(json.dumps(tok_config))
+    assert type(load_tokenizer(folder)).__name__ == "BertTokenizer"
