@@ -83,6 +83,8 @@ def test_causal_formats_are_refused_by_stock_loaders_and_load_exactly_in_weights
         "model_type": "llama", "architectures": ["LlamaForCausalLM"]}
     with pytest.raises(WeightsmithError, match="weightsmith_format"):
         plan_push(folder)
+    bare = shutil.copytree(folder, tmp_path / "bare", ignore=shutil.ignore_patterns("README.md"))
+    assert "library_name: weightsmith" in plan_push(bare, weightsmith_format=True)["card"]  # the card push writes
     card = (folder / "README.md").read_text()
     assert "library_name: weightsmith" in card and f"weightsmith export --plain {name} -o {name}-plain" in card
     for loader in (AutoModelForCausalLM.from_pretrained, AutoModel.from_pretrained, AutoConfig.from_pretrained):

@@ -61,6 +61,7 @@ def plan_push(folder: str | Path, weightsmith_format: bool = False) -> dict:
 
 def _default_card_text(folder: Path, ckpt: Checkpoint) -> str:
     from .card import write_model_card
+    from .writer import write_config
 
     config = ckpt.config or {}
     fmt = (config.get("weightsmith") or {}).get("format", "plain")
@@ -70,6 +71,7 @@ def _default_card_text(folder: Path, ckpt: Checkpoint) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         target = Path(tmp) / folder.resolve().name
         target.mkdir()
+        write_config(target, config)  # the card says what loads the folder (a weightsmith format: not transformers)
         # _name_or_path is the folder's own text, not a folder this push read: named on the card, never opened
         path = write_model_card(target, stage="push", method=fmt, inputs=[source] if source else [],
                                 parameters=params, read_inputs=False,
