@@ -169,11 +169,12 @@ def judge(spec: Spec, res: Result, unchanged: bool, left: list[str]) -> tuple[bo
     return good, why
 
 
-def first_line(res: Result) -> str:
+def first_line(spec: Spec, res: Result) -> str:
+    """stderr's first line; for a stock loader (whose warnings come first) or a traceback, the error raised."""
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     if not lines:
         return "(none)"
-    return lines[-1] if lines[0].startswith("Traceback") else lines[0]
+    return lines[-1] if spec.expect == "stock" or lines[0].startswith("Traceback") else lines[0]
 
 
 def run_case(c: Case, work: Work) -> dict:
@@ -187,7 +188,7 @@ def run_case(c: Case, work: Work) -> dict:
     unchanged = [snapshot(p) for p in spec.inputs] == before
     left = leftovers(spec.out)
     good, why = judge(spec, res, unchanged, left)
-    line = first_line(res).replace(f"{work.root}/", "")  # paths shown relative to the audit's folder
+    line = first_line(spec, res).replace(f"{work.root}/", "")  # paths shown relative to the audit's folder
     line = line if len(line) <= 140 else line[:137] + "..."
     return {"cls": c.cls, "case": c.name, "rc": res.rc, "line": line, "unchanged": "yes" if unchanged
             else "NO", "verdict": ("good: " if good else "BAD: ") + why, "seconds": res.seconds}
@@ -726,6 +727,13 @@ def _(w: Work) -> Spec:
 def _(w: Work) -> Spec:
     folder = _folded_base(w)
     return Spec(_stock("from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained", folder),
+                [folder], expect="stock")
+
+
+@case("9", "LlamaForCausalLM.from_pretrained (the class named directly) on a folded zoo model")
+def _(w: Work) -> Spec:
+    folder = _folded_base(w)
+    return Spec(_stock("from transformers import LlamaForCausalLM; LlamaForCausalLM.from_pretrained", folder),
                 [folder], expect="stock")
 
 

@@ -75,12 +75,12 @@ def causal(zoo, tmp_path_factory):
 
 @pytest.mark.parametrize("name, export", [("folded", export_folded), ("rps", export_rps)])
 def test_causal_formats_are_refused_by_stock_loaders_and_load_exactly_in_weightsmith(causal, tmp_path, name, export):
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, LlamaForCausalLM
 
     folder = causal / name
     config = json.loads((folder / "config.json").read_text())
     assert config["architectures"][0].startswith("Weightsmith") and config["weightsmith"]["stock"] == {
-        "model_type": "llama", "architectures": ["LlamaForCausalLM"]}
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "dtype": "float32"}
     with pytest.raises(WeightsmithError, match="weightsmith_format"):
         plan_push(folder)
     bare = shutil.copytree(folder, tmp_path / "bare", ignore=shutil.ignore_patterns("README.md"))
@@ -89,6 +89,8 @@ def test_causal_formats_are_refused_by_stock_loaders_and_load_exactly_in_weights
     assert "library_name: weightsmith" in card and f"weightsmith export --plain {name} -o {name}-plain" in card
     for loader in (AutoModelForCausalLM.from_pretrained, AutoModel.from_pretrained, AutoConfig.from_pretrained):
         _stock_refuses(loader, folder)
+    with pytest.raises(AttributeError, match="weightsmith export --plain"):  # the class named: the dtype refuses
+        LlamaForCausalLM.from_pretrained(str(folder))
     ours = weightsmith.load(folder)
     assert ours.config.model_type == "llama" and summarize(folder)["architecture"] == "LlamaForCausalLM"
     _same_state(ours, weightsmith.load(_written_before(folder, tmp_path / "before")))
@@ -132,6 +134,10 @@ def test_minilm_formats_are_refused_by_sentence_transformers_and_their_export_en
     assert read_pooling(folder).source == "1_Pooling/config.json + Normalize"
     assert read_pooling(_written_before(folder, tmp_path / "before")).source == "1_Pooling/config.json + Normalize"
     _stock_refuses(lambda f: st.SentenceTransformer(f, device="cpu"), folder)
+    from transformers import BertModel
+
+    with pytest.raises(AttributeError, match="weightsmith export --plain"):
+        BertModel.from_pretrained(str(folder))
     (export_folded if name == "folded" else export_rps)(folder, tmp_path / "plain")
     assert (tmp_path / "plain" / "modules.json").is_file() and not (tmp_path / "plain" / ST_ASIDE).exists()
     theirs = st.SentenceTransformer(str(tmp_path / "plain"), device="cpu").encode(SENTENCES, convert_to_tensor=True)

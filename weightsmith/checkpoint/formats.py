@@ -2,8 +2,8 @@
 with ``load(path, device, dtype)``, ``export_plain(path, out, ...)`` and optionally ``describe(checkpoint)``.
 
 A folder that a stock loader would fill with random weights (shared or hashed tensors it does not store) carries
-its own ``model_type`` and ``architectures`` on disk, so transformers and sentence-transformers refuse it by name;
-the stock ones are kept in its weightsmith section and put back by every reader (``stock_config``). Its
+its own ``model_type``, ``architectures`` and ``dtype`` on disk, so transformers and sentence-transformers refuse it
+by name; the stock ones are kept in its weightsmith section and put back by every reader (``stock_config``). Its
 sentence-transformers files are kept aside in ``ST_ASIDE`` for the same reason. The format modules are imported
 by name when asked for, so this registry sits below every stage.
 """
@@ -21,7 +21,8 @@ FORMATS = {
     "folded": "weightsmith.fold.format",
     "rps": "weightsmith.compressor.format",
 }
-STOCK_KEYS = ("model_type", "architectures")
+# what a stock loader reads first: the model type (auto classes) and the dtype (a model class named directly)
+STOCK_KEYS = ("model_type", "architectures", "dtype", "torch_dtype")
 # where a folder that stock loaders refuse keeps its sentence-transformers pipeline (export puts it back)
 ST_ASIDE = "weightsmith-sentence-transformers"
 ST_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
@@ -51,8 +52,10 @@ def written_config(config: dict) -> dict:
         return config
     fmt = ws["format"]
     stock = {k: config[k] for k in STOCK_KEYS if k in config}
+    # a model class named directly skips the model type but resolves the dtype: that fails too, quoting it
+    dtypes = {k: own_model_type(fmt) for k in ("dtype", "torch_dtype") if k == "dtype" or k in config}
     return {**config, "model_type": own_model_type(fmt), "architectures": [f"Weightsmith{fmt.capitalize()}Model"],
-            "weightsmith": {**ws, "stock": stock}}
+            **dtypes, "weightsmith": {**ws, "stock": stock}}
 
 
 def stock_config(config: dict) -> dict:
@@ -62,7 +65,7 @@ def stock_config(config: dict) -> dict:
     stock = ws.get("stock") if isinstance(ws, dict) else None
     if not isinstance(stock, dict):
         return config
-    out = {k: v for k, v in config.items() if k not in STOCK_KEYS}
+    out = {k: v for k, v in config.items() if k not in STOCK_KEYS}  # a key the stock config lacks stays absent
     out.update({k: stock[k] for k in STOCK_KEYS if k in stock})
     out["weightsmith"] = {k: v for k, v in ws.items() if k != "stock"}
     return out
