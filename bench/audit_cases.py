@@ -716,32 +716,26 @@ def _folded_base(w: Work) -> Path:
                                       "--share-init", "first", "--max-tokens", 2000))
 
 
-@case("9", "SentenceTransformer(folder) on a --share 2 fold of MiniLM")
-def _(w: Work) -> Spec:
-    folder = _folded_minilm(w)
-    return Spec(_stock("from sentence_transformers import SentenceTransformer; SentenceTransformer", folder),
-                [folder], expect="stock")
+def _rps_base(w: Work) -> Path:
+    return _made(w, "base-rps", ws("compress", "rps", w.base, "--budget", 0.5))
 
 
-@case("9", "AutoModelForCausalLM.from_pretrained on a folded zoo model")
-def _(w: Work) -> Spec:
-    folder = _folded_base(w)
-    return Spec(_stock("from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained", folder),
-                [folder], expect="stock")
+def _stock_case(load: str, made: Callable[[Work], Path]) -> Callable[[Work], Spec]:
+    def build(w: Work) -> Spec:
+        folder = made(w)
+        return Spec(_stock(load, folder), [folder], expect="stock")
+    return build
 
 
-@case("9", "LlamaForCausalLM.from_pretrained (the class named directly) on a folded zoo model")
-def _(w: Work) -> Spec:
-    folder = _folded_base(w)
-    return Spec(_stock("from transformers import LlamaForCausalLM; LlamaForCausalLM.from_pretrained", folder),
-                [folder], expect="stock")
-
-
-@case("9", "AutoModelForCausalLM.from_pretrained on an RPS folder")
-def _(w: Work) -> Spec:
-    folder = _made(w, "base-rps", ws("compress", "rps", w.base, "--budget", 0.5))
-    return Spec(_stock("from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained", folder),
-                [folder], expect="stock")
+AUTO_LM = "from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained"
+for _name, _load, _made_by in [
+        ("SentenceTransformer(folder) on a --share 2 fold of MiniLM",
+         "from sentence_transformers import SentenceTransformer; SentenceTransformer", _folded_minilm),
+        ("AutoModelForCausalLM.from_pretrained on a folded zoo model", AUTO_LM, _folded_base),
+        ("LlamaForCausalLM.from_pretrained (the class named directly) on a folded zoo model",
+         "from transformers import LlamaForCausalLM; LlamaForCausalLM.from_pretrained", _folded_base),
+        ("AutoModelForCausalLM.from_pretrained on an RPS folder", AUTO_LM, _rps_base)]:
+    case("9", _name)(_stock_case(_load, _made_by))
 
 
 @case("9", "push a folded folder (no --weightsmith-format)")
