@@ -8,7 +8,7 @@ import torch
 
 from weightsmith.merge.methods import dare_linear, dare_ties, linear, model_stock, slerp, task_arithmetic, ties
 from weightsmith.merge.mwa import mwa_weights
-from weightsmith.merge.recipe import evaluate_setting
+from weightsmith.merge.settings import evaluate_setting
 from weightsmith.merge.sparsify import breadcrumbs_mask, kth_smallest, ties_trim
 
 

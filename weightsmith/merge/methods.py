@@ -101,27 +101,6 @@ def _one_density_per_model(check: PlanCheck) -> None:
                 "densities that vary by layer")
 
 
-def _read_ahead(jobs, stream):
-    """``stream(jobs)``, with the next job's inputs read in the background while the current ones are counted,
-    where holding both raises the peak memory by at most the engine's PREFETCH_BYTES over the largest job's
-    inputs (the merge loop's own rule)."""
-    from .engine import PREFETCH_BYTES
-
-    def load(job):
-        return next(iter(stream([job])))
-    size = [torch.Size(j.shape).numel() * j.compute.itemsize for j in jobs]
-    largest = max(size, default=0)
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(load, jobs[0]) if jobs else None
-        for i in range(len(jobs)):
-            inputs = pending.result() if pending is not None else load(jobs[i])
-            width = len(inputs)
-            ahead = i + 1 < len(jobs) and (size[i] + size[i + 1]) * width <= largest * width + PREFETCH_BYTES
-            pending = pool.submit(load, jobs[i + 1]) if ahead else None
-            yield inputs
-            del inputs
-
-
 def _whole_model_trim(jobs, stream, progress) -> None:
     """Each input's TIES threshold over its whole task vector (the jobs with ``trim: model``), found in two
     reading passes before the merge; those jobs then cut at it."""
@@ -134,7 +113,7 @@ def _whole_model_trim(jobs, stream, progress) -> None:
     done = [0]
 
     def tensors():
-        for inputs in _read_ahead(jobs, stream):
+        for inputs in stream(jobs):
             yield inputs[0], inputs[1:]
             del inputs  # unmapped before the next tensor is read (unless it is read ahead)
             done[0] += 1

@@ -24,7 +24,8 @@ Hooks, all optional:
 - ``validate(check: PlanCheck)``: rules spanning parameters or tensors, run at plan time with every
   tensor's resolved parameters (raise ``WeightsmithError``);
 - ``prepass(jobs, stream, progress)``: a reading pass before the merge (TIES' whole-model trim),
-  may add entries to ``job.kwargs``; ``stream(jobs)`` yields each job's input tensors, base first;
+  may add entries to ``job.kwargs``; ``stream(jobs)`` yields each job's input tensors, base first (the
+  engine reads the next job's while the current one is used, within its memory rule);
 - ``rewrite(recipe, params, where) -> (Recipe, card)``: turn the recipe into another method's
   recipe before planning (MWA computes weights, then merges linearly);
 - ``reference``: a short torch implementation that performs mergekit 0.1.5's arithmetic in the
@@ -48,6 +49,7 @@ from dataclasses import dataclass, field
 
 from ..errors import OptionError, WeightsmithError, needs_option
 from ..options import OptionSpec, check_value
+from .settings import evaluate_setting
 
 # Modules whose import registers methods (a new method module adds itself here).
 METHOD_MODULES = ["weightsmith.merge.methods", "weightsmith.merge.methods_extra"]
@@ -169,6 +171,11 @@ class Method:
     mergekit_ignores: tuple[str, ...] = ()  # per-model keys mergekit accepts and ignores (noted under compat)
     notes: str = ""
     module: str = ""
+
+    @property
+    def takes_base(self) -> bool:
+        """Whether a base model, when the recipe names one, is an input apart from the others."""
+        return self.base in ("required", "optional")
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
@@ -295,8 +302,6 @@ def check_param_names(method: Method, recipe, where: str, compat: str | None) ->
 def resolve(param: Param, setting, tensor: str, t: float, where: str, compat: str | None, explicit: bool):
     """One parameter's value for a tensor at relative depth ``t``: the setting evaluated (gradients,
     filters), else the default (mergekit's under compat: mergekit), checked against the Param."""
-    from .recipe import evaluate_setting
-
     value = evaluate_setting(setting, tensor, t, where) if setting is not None else None
     if value is None:
         value = param.default
