@@ -43,6 +43,9 @@ def _under(name: str, package: str) -> bool:
     ("checkpoint", ["weightsmith.loading", "weightsmith.cli", "weightsmith.pipeline", "weightsmith.merge",
                     "weightsmith.fold", "weightsmith.compressor", "weightsmith.eval", "weightsmith.training"]),
     ("merge", ["weightsmith.cli", "weightsmith.pipeline", "weightsmith.fold"]),
+    # accelerations and methods know nothing of recipes being planned and run
+    ("merge/native", [f"weightsmith.merge.{m}" for m in ("plan", "execute", "stage", "recipe", "registry")]),
+    ("merge/methods", [f"weightsmith.merge.{m}" for m in ("plan", "execute", "stage")]),
     ("compressor", ["weightsmith.cli", "weightsmith.pipeline", "weightsmith.zoo"]),
     ("eval", ["weightsmith.cli", "weightsmith.pipeline"]),
     ("fold", ["weightsmith.cli", "weightsmith.pipeline"]),
@@ -59,3 +62,32 @@ def test_the_neutral_modules_import_only_errors_progress_and_each_other():
                "weightsmith.training", "weightsmith.eval"]  # training reads text files through eval.load_texts
     for name in ("options.py", "stage_options.py", "errors.py", "training.py"):
         assert all(any(_under(n, p) for p in neutral) for n in imports(ROOT / name)), name
+
+
+def _module(path: Path) -> str:
+    return ".".join(path.relative_to(ROOT.parent).with_suffix("").parts).removesuffix(".__init__")
+
+
+def test_the_merge_package_imports_in_one_direction():
+    """A walk from the merge command through the planner and the engine to a method visits each module once:
+    merge/'s imports form no cycle (PLeaS's block-by-block form and its in-memory form share helpers both
+    ways, the one pair allowed)."""
+    modules = {_module(f): f for f in _files("merge")}
+    graph = {m: {n for n in imports(f) if n in modules and n != m} for m, f in modules.items()}
+    allowed = {frozenset({"weightsmith.merge.pleas", "weightsmith.merge.pleas_blocks"})}
+    cycles = []
+
+    def walk(m: str, path: list[str]) -> None:
+        for n in sorted(graph[m]):
+            if n in path:
+                loop = path[path.index(n):]
+                if frozenset(loop) not in allowed:
+                    cycles.append(loop + [n])
+            elif n not in done:
+                walk(n, path + [n])
+        done.add(m)
+    done: set[str] = set()
+    for m in sorted(graph):
+        walk(m, [m])
+    assert not cycles
+    assert "weightsmith.merge.methods.ties" in graph and graph["weightsmith.merge.stage"]  # the walk saw the package

@@ -14,7 +14,7 @@ import torch
 
 from ..checkpoint import Checkpoint, ShardedWriter
 from ..progress import ProgressFn, report
-from . import mixing
+from .native import mixing
 from .values import ValueChecks, zero_requested
 
 PREFETCH_BYTES = 256 * 2**20

@@ -77,7 +77,7 @@ def _whole_model(method: Method, recipe: Recipe, out: str | Path, opts: MergeOpt
     for p in method.params:
         if recipe.parameters.get(p.name) is not None:
             p.check(recipe.parameters[p.name], "recipe")
-    return method.whole_model_fn()(recipe, out, device=device, dtype=opts.dtype,
+    return method.whole_model(recipe, out, device=device, dtype=opts.dtype,
                               out_shard_size=parse_size(opts.out_shard_size), seed=seed,
                               allow_crimes=opts.allow_crimes, force=force, progress=progress,
                               copy_tokenizer=opts.copy_tokenizer, model_card=opts.model_card,
