@@ -45,6 +45,14 @@ def model_entry(entry, known, where: str, needs: str) -> dict:
     return entry
 
 
+def model_entries(data: dict, key: str, known, where: str, form: str, needs: str) -> list[tuple[str, dict]]:
+    """``data[key]``, a non-empty list of ``form`` entries, each checked by ``model_entry``, with where each is."""
+    raw = data.get(key)
+    if not isinstance(raw, list) or not raw:
+        raise WeightsmithError(f"{where}: '{key}' must be a non-empty list of {form}")
+    return [(f"{where}: {key}[{i}]", model_entry(e, known, f"{where}: {key}[{i}]", needs)) for i, e in enumerate(raw)]
+
+
 def parameters_of(entry: dict, where: str) -> dict:
     """An entry's ``parameters`` mapping (empty when absent)."""
     params = entry.get("parameters") or {}
@@ -199,17 +207,11 @@ def _parse(text: str, source: str, model_ref) -> Recipe:
     method = data.get("merge_method")
     if not isinstance(method, str):
         raise WeightsmithError(f"{source}: 'merge_method' is missing (e.g. merge_method: ties)")
-    raw_models = data.get("models") or []
-    slices = None
-    if "slices" in data:
-        slices = parse_slices(data["slices"], source, model_ref)
-    elif not isinstance(raw_models, list) or not raw_models:
-        raise WeightsmithError(f"{source}: 'models' must be a non-empty list of {{model: PATH, parameters: {{...}}}}")
-    models = []
-    for i, m in enumerate(raw_models):
-        where = f"{source}: models[{i}]"
-        m = model_entry(m, MODEL_KEYS, where, "each entry needs 'model: PATH'")
-        models.append(ModelEntry(model_ref(m["model"], where), parameters_of(m, where)))
+    slices = parse_slices(data["slices"], source, model_ref) if "slices" in data else None
+    models = [] if slices is not None else [
+        ModelEntry(model_ref(m["model"], at), parameters_of(m, at))
+        for at, m in model_entries(data, "models", MODEL_KEYS, source, "{model: PATH, parameters: {...}}",
+                                   "each entry needs 'model: PATH'")]
     base = data.get("base_model")
     params = data.get("parameters") or {}
     if not isinstance(params, dict):
@@ -285,13 +287,9 @@ def parse_slices(raw, source: str, model_ref) -> list[Slice]:
             raise WeightsmithError(f"{where}: 'residual_weight' is not supported (mergekit 0.1.5 accepts it but "
                                    "never reads it); remove it")
         refuse_unknown(s, SLICE_KEYS, where)
-        raw_sources = s.get("sources")
-        if not isinstance(raw_sources, list) or not raw_sources:
-            raise WeightsmithError(f"{where}: 'sources' must be a non-empty list of {{model, layer_range}}")
         sources = []
-        for j, src in enumerate(raw_sources):
-            at = f"{where}: sources[{j}]"
-            src = model_entry(src, SOURCE_KEYS, at, "each source needs 'model: PATH' and 'layer_range: [start, end]'")
+        for at, src in model_entries(s, "sources", SOURCE_KEYS, where, "{model, layer_range}",
+                                     "each source needs 'model: PATH' and 'layer_range: [start, end]'"):
             rng = src.get("layer_range")
             if (not isinstance(rng, list) or len(rng) != 2 or not all(isinstance(x, int) and not isinstance(x, bool)
                                                                         for x in rng) or not 0 <= rng[0] < rng[1]):
