@@ -126,7 +126,8 @@ def _method_of(recipe: Recipe) -> tuple[Recipe, Method, dict]:
         recipe, card = method.rewrite(recipe, resolve_globals(method, recipe, "recipe"), "recipe")
         method = get_method(recipe.method)
     if method.fn is None:
-        raise WeightsmithError(f"recipe: method {method.name!r} merges whole models and cannot take 'slices'")
+        raise WeightsmithError(f"recipe: method {method.name!r} merges whole models"
+                               + (" and cannot take 'slices'" if recipe.slices is not None else ""))
     return recipe, method, card
 
 
