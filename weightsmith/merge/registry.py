@@ -48,7 +48,7 @@ import math
 import sys
 import typing
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..errors import OptionError, WeightsmithError
 from ..options import OptionSpec, check_value
