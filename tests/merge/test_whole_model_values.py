@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from weightsmith.errors import WeightsmithError
-from weightsmith.merge.engine import merge
+from weightsmith.merge import merge
 from weightsmith.merge.recipe import recipe_from_flags
 
 TENSOR = "model.layers.0.mlp.up_proj.weight"
