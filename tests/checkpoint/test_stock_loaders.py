@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 import weightsmith
 from weightsmith.checkpoint.formats import ST_ASIDE
 from weightsmith.checkpoint.hub import plan_push
-from weightsmith.checkpoint.inspect import summarize
+from weightsmith.inspect import summarize
 from weightsmith.compressor.format import export_plain as export_rps
 from weightsmith.compressor.rps import compress_rps
 from weightsmith.eval import load_tokenizer

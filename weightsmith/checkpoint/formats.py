@@ -1,15 +1,14 @@
-"""Folder formats weightsmith writes besides plain checkpoints: ``config["weightsmith"]["format"]`` -> the module
-with ``load(path, device, dtype)``, ``export_plain(path, out, ...)`` and optionally ``describe(checkpoint)``.
+"""Folder formats weightsmith writes besides plain checkpoints (``config["weightsmith"]["format"]``: folded, rps),
+as config files: which format a folder is, and what stock loaders read of it. The code that loads and exports
+each format is its stage's ``format`` module, reached through ``weightsmith.loading.format_module``.
 
 A folder that a stock loader would fill with random weights (shared or hashed tensors it does not store) carries
 its own ``model_type``, ``architectures`` and ``dtype`` on disk, so transformers and sentence-transformers refuse it
 by name; the stock ones are kept in its weightsmith section and put back by every reader (``stock_config``). Its
-sentence-transformers files are kept aside in ``ST_ASIDE`` for the same reason. The format modules are imported
-by name when asked for, so this registry sits below every stage.
+sentence-transformers files are kept aside in ``ST_ASIDE`` for the same reason.
 """
 from __future__ import annotations
 
-import importlib
 import json
 import shutil
 from pathlib import Path
@@ -17,10 +16,6 @@ from pathlib import Path
 from ..errors import WeightsmithError
 from .files import member, read_json, read_regular
 
-FORMATS = {
-    "folded": "weightsmith.fold.format",
-    "rps": "weightsmith.compressor.format",
-}
 # what a stock loader reads first: the model type (auto classes) and the dtype (a model class named directly)
 STOCK_KEYS = ("model_type", "architectures", "dtype", "torch_dtype")
 # where a folder that stock loaders refuse keeps its sentence-transformers pipeline (export puts it back)
@@ -78,12 +73,6 @@ def read_config(folder: str | Path) -> dict:
 
 def folder_format(path: str | Path) -> str:
     return (read_config(path).get("weightsmith") or {}).get("format", "plain")
-
-
-def format_module(fmt: str):
-    if fmt not in FORMATS:
-        raise WeightsmithError(f"folder format {fmt!r} is unknown to this weightsmith version")
-    return importlib.import_module(FORMATS[fmt])
 
 
 def st_root(folder: str | Path, writing: bool = False) -> Path:

@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoint import Checkpoint, ShardedWriter, copy_side_files, output_folder, save_state_dict, write_config
+from ..checkpoint import (DEFAULT_SHARD_SIZE, Checkpoint, ShardedWriter, copy_side_files, output_folder,
+                          save_state_dict, write_config)
 from ..checkpoint.formats import copy_sentence_transformers_files, read_config
 from ..checkpoint.card import write_model_card
 from ..device import resolve_device, resolve_dtype
@@ -51,7 +52,7 @@ def save(model: nn.Module, folder: Path, *, budget: float, extra: dict | None = 
 
 
 def _model_class(config: dict):
-    from ..loading import model_class
+    from ..checkpoint.exact import model_class
 
     return model_class(config)
 
@@ -90,7 +91,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     ckpt = Checkpoint(path)
     if MEMORY_NAME not in ckpt:
         raise WeightsmithError(f"{path}: tensor {MEMORY_NAME!r} is missing; the folder is damaged")
-    from ..loading import check_layer_count
+    from ..checkpoint.exact import check_layer_count
 
     check_layer_count(path, config, ckpt.names())
     memory = HashedMemory.from_config(ws, data=ckpt.get(MEMORY_NAME).clone())
@@ -101,8 +102,8 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     return model.eval()
 
 
-def export_plain(path: str | Path, out: str | Path, max_shard_size: str = "5GB", force: bool = False,
-                 progress: ProgressFn | None = None) -> dict:
+def export_plain(path: str | Path, out: str | Path, out_shard_size: int = DEFAULT_SHARD_SIZE,
+                 force: bool = False, progress: ProgressFn | None = None) -> dict:
     """Write the dense checkpoint (every compressed weight materialised) that stock from_pretrained loads."""
     path, out = Path(path), Path(out)
     config, ws = rps_config(path)
@@ -116,7 +117,7 @@ def export_plain(path: str | Path, out: str | Path, max_shard_size: str = "5GB",
     plan = [(n, ckpt.get(n).dtype, tuple(ckpt.get(n).shape)) for n in plain]
     plan += [(n, out_dtype, tuple(s.shape)) for n, s in dense.items()]
     with output_folder(out, inputs=[path], force=force, stage="export") as tmp:
-        writer = ShardedWriter(tmp, plan, max_shard_size)
+        writer = ShardedWriter(tmp, plan, out_shard_size)
         for n in plain:
             writer.write(n, ckpt.get(n))
         with torch.no_grad():

@@ -135,7 +135,7 @@ def train_rps(from_config: str | Path, out: str | Path, opts: RpsOptions | None 
               seed: int = 0, force: bool = False, progress: ProgressFn | None = None, **values) -> dict:
     """Build an RPS model from a config.json (or a model folder's config) and train it from scratch for
     ``train_steps`` on ``data``; ``values`` override fields of ``opts``."""
-    from ..loading import model_class
+    from ..checkpoint.exact import model_class
 
     o = RpsOptions.build(opts, **values)
     src = Path(from_config)

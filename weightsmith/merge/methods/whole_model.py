@@ -26,7 +26,7 @@ def greedy_soup(recipe, out, **options) -> dict:
               params=params_of(PleasOptions, skip=("out_shard_size",)), min_models=2, max_models=2,
               notes="two models; permutation alignment, partial merging and least squares need calibration data")
 def pleas(recipe, out, **options) -> dict:
-    """PLeaS of the recipe's two models (``pleas.merge_recipe``)."""
-    from ..pleas import merge_recipe
+    """PLeaS of the recipe's two models (``pleas_stage.merge_recipe``)."""
+    from ..pleas_stage import merge_recipe
 
     return merge_recipe(recipe, out, **options)
