@@ -93,9 +93,9 @@ def heal(student: torch.nn.Module, teacher: torch.nn.Module, windows: torch.Tens
          lora_rank: int = 0, splice: float = 0.0, seed: int = 0, device: str | torch.device = "cpu",
          pooling: Pooling | None = None, progress: ProgressFn | None = None, merge: bool = True,
          sharded: bool = False, gathered: dict | None = None, teacher_cache: bool = False,
-         keep_teacher: bool = True) -> dict:
-    """Train ``student`` in place (AdamW, 10% linear warmup, then cosine decay to 0.1·lr); returns the first
-    and last losses and what each rank did.
+         keep_teacher: bool = True, optimizer: str = "adamw") -> dict:
+    """Train ``student`` in place (``optimizer``: AdamW or Adafactor; 10% linear warmup, then cosine decay to
+    0.1·lr); returns the first and last losses and what each rank did.
 
     ``windows``: [n, seq] token windows, or (encoders) ``Sentences``, separate inputs padded per batch;
     ``splice``: the share of each batch of sentences replaced by spliced ones (``Sentences.spliced``);
@@ -125,7 +125,7 @@ def heal(student: torch.nn.Module, teacher: torch.nn.Module, windows: torch.Tens
     params = _trainable(student, lora_rank, blocks_only)
     if not engine.sharded and (cache is None or keep_teacher):
         own_storage(params, teacher)
-    student, teacher, opt, params = engine.prepare(student, None if cache else teacher, params, lr)
+    student, teacher, opt, params = engine.prepare(student, None if cache else teacher, params, lr, optimizer)
     loss_kw = dict(causal=causal, tail=tail, lm_weight=lm_weight, kd_weight=kd_weight, mse_weight=mse_weight,
                    pooled_weight=pooled_weight, temperature=temperature, pooling=pooling or Pooling())
     student.eval()  # dropout off: the student matches the teacher's deterministic outputs
