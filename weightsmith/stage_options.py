@@ -162,6 +162,9 @@ class FoldOptions(Options):
     heal_optimizer: str = option("adamw", choices=HEAL_OPTIMIZERS, help="adamw (two moments per trained weight) "
                                  "or adafactor (torch's: a factored second moment and no first, next to no state; "
                                  "a full heal in less memory).")
+    heal_recompute: bool = option(False, help="Keep only each block's input for the heal's backward pass and "
+                                              "recompute the rest there (activation checkpointing): the same "
+                                              "steps in less memory, one more forward pass per step.")
     teacher_cache: bool = option(False, help="Compute the original's outputs on the heal windows once, into a "
                                              "memory-mapped temporary file, so that each heal step runs only the "
                                              "folded model (and a full heal trains the original's tensors in place).")
