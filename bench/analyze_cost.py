@@ -15,7 +15,8 @@ import weightsmith
 from weightsmith.eval import load_tokenizer
 from weightsmith.fold.analyze import block_similarity, similarity_report
 from weightsmith.fold.blocks import is_causal_lm
-from weightsmith.fold.data import calibration_windows, model_seq
+from weightsmith.data import calibration_windows
+from weightsmith.fold.data import model_seq
 from weightsmith.zoo import build, minilm_path
 
 
@@ -30,7 +31,7 @@ def best_of(fn, repeats):
 
 def measure(path, data, max_tokens, repeats, batch_size=8):
     model = weightsmith.load(path)
-    windows = calibration_windows(load_tokenizer(path), data, seq=model_seq(model, None), max_tokens=max_tokens,
+    windows = calibration_windows(load_tokenizer(path), data, seq_len=model_seq(model, None), max_tokens=max_tokens,
                                   causal=is_causal_lm(model))
 
     @torch.no_grad()

@@ -36,10 +36,10 @@ streams = {d: _tokenize(tok, corpus.split_text(d, "train", r["train_chars"])) fo
 config = LlamaConfig.from_pretrained(str(zoo.model("base")))
 torch.manual_seed(0)
 base = LlamaForCausalLM(config)
-train_lm(base, mix_base_stream(streams), steps=r["base_steps"], lr=r["lr"], batch=r["batch"], seq=r["seq"], seed=0)
+train_lm(base, mix_base_stream(streams), steps=r["base_steps"], lr=r["lr"], batch_size=r["batch"], seq_len=r["seq"], seed=0)
 ft = LlamaForCausalLM(config)
 ft.load_state_dict(base.state_dict())
-train_lm(ft, streams["prose"], steps=r["ft_steps"], lr=r["ft_lr"], batch=r["batch"], seq=r["seq"], seed=100)
+train_lm(ft, streams["prose"], steps=r["ft_steps"], lr=r["ft_lr"], batch_size=r["batch"], seq_len=r["seq"], seed=100)
 cached = Checkpoint(zoo.model("base"))
 out = {"capability": torch.backends.cpu.get_cpu_capability(),
        "same_as_cache": all(torch.equal(v, cached.get(k)) for k, v in base.state_dict().items() if k in cached)}

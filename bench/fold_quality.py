@@ -80,7 +80,7 @@ def minilm_table(heal_steps: int, importances: list[str], sentences: int, seq: i
                  blocks: tuple[int, ...] = (1, 2), share_init: str = "best", packages: bool = False,
                  relax_only: bool = False, pooled_weight: float = 1.0, splice: float = 0.0) -> None:
     from weightsmith.fold.english import english_sentences, write_calibration
-    from weightsmith.fold.pooling import read_pooling
+    from weightsmith.pooling import read_pooling
 
     path = minilm_path()
     tok = load_tokenizer(path)
@@ -110,7 +110,7 @@ def minilm_table(heal_steps: int, importances: list[str], sentences: int, seq: i
                     continue
                 out = Path(tmp) / f"m-{importance}-{share}-{rank}-{steps}"
                 res = fold(path, out, data=data, remove=remove, share=share, importance=importance, heal_steps=steps,
-                           device="cpu", model=original, seed=0, gate_steps=gate_steps, seq=seq, heal_lr=heal_lr,
+                           device="cpu", model=original, seed=0, gate_steps=gate_steps, seq_len=seq, heal_lr=heal_lr,
                            batch_size=heal_batch, relax_rank=rank, heal_max_tokens=1_000_000,
                            share_init=share_init, heal_pooled_weight=pooled_weight, heal_splice=splice)
                 got = embed(weightsmith.load(out), tok, held, pooling)

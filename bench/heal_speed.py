@@ -24,11 +24,11 @@ import weightsmith
 from weightsmith.checkpoint import read_json
 from weightsmith.eval import load_tokenizer
 from weightsmith.fold.blocks import block_list, is_causal_lm
-from weightsmith.fold.data import calibration_windows
+from weightsmith.data import calibration_windows
 from weightsmith.fold.heal import heal
 from weightsmith.fold.plan import fold_model
-from weightsmith.fold.pooling import read_pooling
-from weightsmith.training import Sentences, calibration_sentences
+from weightsmith.pooling import read_pooling
+from weightsmith.data import Sentences, calibration_sentences
 from weightsmith.zoo import build, minilm_path
 
 
@@ -153,7 +153,7 @@ def main() -> None:
         if pooling is None:
             raise SystemExit("--sentences is for an encoder (--model minilm)")
         return sentence_rates(path, removed, teacher, data, args, pooling)
-    windows = calibration_windows(load_tokenizer(path), data, seq=args.seq, max_tokens=64 * args.seq,
+    windows = calibration_windows(load_tokenizer(path), data, seq_len=args.seq, max_tokens=64 * args.seq,
                                   causal=is_causal_lm(teacher))
     rates = {}
     cache_s = cache_seconds(teacher, windows, args.batch_size)

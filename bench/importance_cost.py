@@ -17,9 +17,9 @@ import torch
 
 import weightsmith
 from weightsmith.eval import load_tokenizer
-from weightsmith.fold.data import calibration_windows
+from weightsmith.data import calibration_windows
 from weightsmith.fold.english import write_calibration
-from weightsmith.fold.pooling import read_pooling
+from weightsmith.pooling import read_pooling
 from weightsmith.fold.stage import choose_removed
 from weightsmith.zoo import minilm_path
 
@@ -46,7 +46,7 @@ def main() -> None:
     model, pooling = weightsmith.load(path), read_pooling(path)
     with tempfile.TemporaryDirectory() as tmp:
         data = write_calibration(Path(tmp) / "calib.txt")
-        windows = calibration_windows(load_tokenizer(path), data, seq=args.seq, max_tokens=args.max_tokens, causal=False)
+        windows = calibration_windows(load_tokenizer(path), data, seq_len=args.seq, max_tokens=args.max_tokens, causal=False)
     print(f"all-MiniLM-L6-v2, {windows.numel()} calibration tokens in windows of {args.seq}, "
           f"{args.threads} thread(s), best of {args.repeats}")
     print("| blocks removed | importance | chosen | wall s | CPU s | wall x BI | CPU x BI |")

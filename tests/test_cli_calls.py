@@ -50,8 +50,8 @@ def test_eval_every_flag():
 def test_analyze_defaults():
     with mock.patch("weightsmith.fold.analyze.analyze", return_value={}) as fn:
         invoke("analyze", "m", "--data", "d.txt", "--json")
-    fn.assert_called_once_with(Path("m"), Path("d.txt"), None, remove=0.25, seq=None, max_tokens=4096, batch_size=8,
-                               device="auto", tokenizer=None, force=False, progress=None, dtype=None)
+    fn.assert_called_once_with(Path("m"), None, AnalyzeOptions(data=Path("d.txt")), device="auto", force=False,
+                               progress=None)
 
 
 def test_analyze_every_flag():
@@ -59,9 +59,9 @@ def test_analyze_every_flag():
         invoke("analyze", "m", "--data", "d.txt", "-o", "out", "--remove", "0.5", "--seq-len", "32", "--max-tokens",
                "100", "--batch-size", "2", "--tokenizer", "tok", "--device", "cpu", "--force", "--quiet", "--json",
                "--dtype", "bfloat16")
-    fn.assert_called_once_with(Path("m"), Path("d.txt"), Path("out"), remove=0.5, seq=32, max_tokens=100,
-                               batch_size=2, device="cpu", tokenizer=Path("tok"), force=True, progress=None,
-                               dtype="bfloat16")
+    fn.assert_called_once_with(Path("m"), Path("out"), AnalyzeOptions(
+        data=Path("d.txt"), remove=0.5, seq_len=32, max_tokens=100, batch_size=2, tokenizer=Path("tok"),
+        dtype="bfloat16"), device="cpu", force=True, progress=None)
     assert AnalyzeOptions.required() == ["data"]
 
 

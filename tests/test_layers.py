@@ -56,6 +56,33 @@ def test_lower_layers_do_not_import_upper_ones(folder, forbidden):
 
 def test_the_neutral_modules_import_only_errors_progress_and_each_other():
     neutral = ["weightsmith.options", "weightsmith.stage_options", "weightsmith.errors", "weightsmith.progress",
-               "weightsmith.training", "weightsmith.eval"]  # training reads text files through eval.load_texts
-    for name in ("options.py", "stage_options.py", "errors.py", "training.py"):
+               "weightsmith.training", "weightsmith.data"]
+    for name in ("options.py", "stage_options.py", "errors.py", "training.py", "data.py"):
         assert all(any(_under(n, p) for p in neutral) for n in imports(ROOT / name)), name
+
+
+def test_no_import_circle_between_packages():
+    """The packages and top-level modules import each other as a tree: no cycle A -> B -> ... -> A at package
+    level (a module importing from its own package does not count)."""
+    def unit(name: str) -> str:
+        return ".".join(name.split(".")[:2])
+
+    edges: dict[str, set[str]] = {}
+    for f in ROOT.rglob("*.py"):
+        src = unit(".".join(f.relative_to(ROOT.parent).with_suffix("").parts))
+        edges.setdefault(src, set()).update(unit(n) for n in imports(f) if unit(n) not in (src, "weightsmith"))
+    done: set[str] = set()
+
+    def cycle_from(node: str, path: list[str]) -> list[str] | None:
+        if node in path:
+            return path[path.index(node):] + [node]
+        if node in done:
+            return None
+        for nxt in sorted(edges.get(node, ())):
+            found = cycle_from(nxt, path + [node])
+            if found:
+                return found
+        done.add(node)
+        return None
+
+    assert [c for c in (cycle_from(n, []) for n in sorted(edges)) if c] == []

@@ -64,3 +64,11 @@ def test_no_error_below_the_cli_spells_a_flag():
             if re.search(r"(^|[\s(`'\"])--[a-z]", text):
                 flagged.append(f"{rel}:{line} {text!r}")
     assert flagged == []
+
+
+def test_commands_build_tables_through_the_folding_table():
+    """cli/common.Table folds long cells; a command importing rich's Table directly would cut them again."""
+    import weightsmith.cli as cli_pkg
+
+    folder = Path(cli_pkg.__file__).parent
+    assert [f.name for f in folder.glob("*.py") if "rich.table import" in f.read_text() and f.name != "common.py"] == []

@@ -8,7 +8,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from weightsmith.errors import OptionError
-from weightsmith.training import calibration_windows, lr_at, random_windows, train_lm
+from weightsmith.data import calibration_windows
+from weightsmith.training import lr_at, random_windows, train_lm
 
 
 def test_lr_warms_up_linearly_then_decays_by_cosine_to_a_tenth():

@@ -67,7 +67,7 @@ def test_text_files_past_the_size_limit_are_refused_unread(model, tmp_path, caps
 
 @pytest.mark.parametrize("kind", ["one line", "one jsonl record", "a folder of files"])
 def test_data_is_read_only_as_far_as_max_tokens_can_need(tmp_path, kind):
-    from weightsmith.eval.data import CHARS_PER_TOKEN, load_texts
+    from weightsmith.data import CHARS_PER_TOKEN, load_texts
 
     text = "word " * 400_000
     if kind == "one line":

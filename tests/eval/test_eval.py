@@ -142,7 +142,7 @@ def test_an_encoder_is_scored_against_its_reference_by_sentence_embeddings(tmp_p
 
     from weightsmith.eval import evaluate
     from weightsmith.eval.embeddings import embed, sentences_of
-    from weightsmith.fold.pooling import read_pooling
+    from weightsmith.pooling import read_pooling
     from weightsmith.zoo import minilm_path
 
     original = minilm_path()
@@ -160,7 +160,7 @@ def test_an_encoder_is_scored_against_its_reference_by_sentence_embeddings(tmp_p
     same, perturbed = (evaluate([m], data=data, reference=original, device="cpu")[0].extra for m in (original, moved))
     assert same["cosine"] > 0.9999 and same["spearman"] > 0.9999 and same["sentences"] == 8
     assert 0.5 < perturbed["cosine"] < 0.9999 and perturbed["spearman"] < 1.0
-    from weightsmith.eval.run import load_tokenizer
+    from weightsmith.eval import load_tokenizer
     from weightsmith.loading import load
 
     tok, sentences = load_tokenizer(original), sentences_of([data.read_text()])

@@ -33,7 +33,7 @@ def test_two_cpu_ranks_heal_data_parallel_and_match_one_process(zoo, tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     two = json.loads(run.stdout)  # one JSON document: only rank 0 reports
     one = fold(base, tmp_path / "one", data=data, remove=0.25, share="2", heal_steps=4, batch_size=4, max_tokens=1024,
-               seq=64, device="cpu")
+               seq_len=64, device="cpu")
     assert two["processes"] == 2 and one["processes"] == 1
     ranks = two["heal_ranks"]
     assert [r["rank"] for r in ranks] == [0, 1]
@@ -63,7 +63,7 @@ def test_two_cpu_ranks_heal_sharded_and_match_one_process(zoo, tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     two = json.loads(run.stdout)
     one = fold(base, tmp_path / "one", data=data, remove=0.25, share="2", importance="bi", heal_steps=3, batch_size=4,
-               max_tokens=1024, seq=64, device="cpu")
+               max_tokens=1024, seq_len=64, device="cpu")
     assert two["processes"] == 2 and two["groups"] == one["groups"] == [[0, 1], [2]]
     assert two["heal_losses"] == pytest.approx(one["heal_losses"], rel=1e-5)
     held_one = one["heal_ranks"][0]["held"]

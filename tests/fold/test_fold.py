@@ -133,9 +133,9 @@ def test_gates_pick_a_planted_identity_block_first(zoo):
     model.model.layers.insert(1, planted)
     model.config.num_hidden_layers = 5
     from weightsmith.eval import load_tokenizer
-    from weightsmith.fold.data import calibration_windows
+    from weightsmith.data import calibration_windows
 
-    windows = calibration_windows(load_tokenizer(zoo.model("base")), zoo.data("general", "calib"), seq=64,
+    windows = calibration_windows(load_tokenizer(zoo.model("base")), zoo.data("general", "calib"), seq_len=64,
                                   max_tokens=2048, causal=True)
     gates = gate_importance(model, windows, keep=4, steps=60, batch_size=4)
     assert lowest(gates, 1) == [1]
@@ -202,13 +202,13 @@ def test_fold_cli_json_then_inspect_and_export(zoo, tmp_path):
 def test_heal_trains_on_its_own_token_budget(zoo, tmp_path, monkeypatch):
     """--max-tokens sizes the importance's calibration, --heal-max-tokens the heal's training data: token
     windows for a causal LM, one padded input per line for an encoder."""
-    from weightsmith.training import Sentences
+    from weightsmith.data import Sentences
     from weightsmith.zoo import minilm_path
 
     seen = []
     monkeypatch.setattr("weightsmith.fold.heal.heal", lambda student, teacher, data, **kw: seen.append(data) or {})
     base, calib = zoo.model("base"), zoo.data("general", "calib")
-    common = dict(remove=0.25, importance="bi", heal_steps=1, seq=64, max_tokens=512, device="cpu")
+    common = dict(remove=0.25, importance="bi", heal_steps=1, seq_len=64, max_tokens=512, device="cpu")
     fold(base, tmp_path / "a", data=calib, **common)
     fold(base, tmp_path / "b", data=calib, heal_max_tokens=2048, **common)
     assert [tuple(d.shape) for d in seen] == [(8, 64), (32, 64)]

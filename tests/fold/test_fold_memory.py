@@ -173,4 +173,4 @@ def test_analyze_and_fold_keep_the_stored_dtype_unless_told(llama, tmp_path, mon
 
     monkeypatch.setattr(weightsmith.loading, "load", load)
     with pytest.raises(Loaded, match="float16"):
-        analyze(path, data, dtype="float16")
+        analyze(path, data=data, dtype="float16")

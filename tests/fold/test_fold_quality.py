@@ -38,7 +38,7 @@ def test_minilm_one_block_removed_by_default_importance_keeps_held_out_embedding
     import torch
 
     from weightsmith.fold.english import english_sentences, write_calibration
-    from weightsmith.fold.pooling import read_pooling
+    from weightsmith.pooling import read_pooling
     from weightsmith.zoo import minilm_path
 
     path = minilm_path()
@@ -55,7 +55,7 @@ def test_minilm_one_block_removed_by_default_importance_keeps_held_out_embedding
     ref = embed(original)
     cos = {}
     for steps in (0, 40):
-        res = fold(path, tmp_path / f"f{steps}", data=data, remove=1 / 6, heal_steps=steps, seq=64, heal_lr=1e-4,
+        res = fold(path, tmp_path / f"f{steps}", data=data, remove=1 / 6, heal_steps=steps, seq_len=64, heal_lr=1e-4,
                    device="cpu", model=original)
         assert res["importance"] == "loss" and len(res["removed"]) == 1
         cos[steps] = torch.nn.functional.cosine_similarity(embed(weightsmith.load(tmp_path / f"f{steps}")), ref).mean()

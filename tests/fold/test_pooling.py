@@ -12,7 +12,7 @@ from weightsmith.errors import WeightsmithError
 from weightsmith.eval import load_tokenizer
 from weightsmith.fold import fold
 from weightsmith.fold.format import export_plain
-from weightsmith.fold.pooling import Pooling, read_pooling
+from weightsmith.pooling import Pooling, read_pooling
 from weightsmith.zoo import minilm_path
 
 SENTENCES = ["The cat slept on the warm windowsill.", "Interest rates rose again this spring as prices climbed.",
@@ -40,7 +40,7 @@ def test_minilm_pooling_is_mean_then_normalize_and_matches_by_hand():
 def test_folded_and_exported_minilm_load_in_sentence_transformers(tmp_path, zoo):
     st = pytest.importorskip("sentence_transformers")
     res = fold(minilm_path(), tmp_path / "f", data=zoo.data("prose", "calib"), remove=0.34, share="2",
-               importance="bi", heal_steps=2, seq=32, max_tokens=512, batch_size=4, device="cpu")
+               importance="bi", heal_steps=2, seq_len=32, max_tokens=512, batch_size=4, device="cpu")
     assert res["pooling"] == "1_Pooling/config.json + Normalize"
     for name in ("modules.json", "1_Pooling/config.json", "sentence_bert_config.json"):
         assert (tmp_path / "f" / name).is_file(), name
@@ -73,7 +73,7 @@ def test_bad_pooling_files_are_refused(tmp_path, edit, match):
 
 
 def test_encoder_heal_data_is_one_padded_input_per_line(tmp_path):
-    from weightsmith.training import calibration_sentences
+    from weightsmith.data import calibration_sentences
 
     tok = load_tokenizer(minilm_path())
     (tmp_path / "c.txt").write_text("\n".join(SENTENCES) + "\n\n  \n")
@@ -112,7 +112,7 @@ def test_masked_heal_loss_of_a_padded_batch_is_the_loss_of_each_sentence_alone()
 
 
 def test_sentences_group_by_length_within_the_padding_bound():
-    from weightsmith.training import Sentences
+    from weightsmith.data import Sentences
 
     lengths = [3, 40, 7, 8, 39, 12, 5, 30, 31, 9, 10, 2]
     data = Sentences([[1] * n for n in lengths], 0)
@@ -133,7 +133,7 @@ def test_heal_parts_of_similar_length_add_up_to_the_whole_padded_batch():
     from weightsmith.checkpoint import read_json
     from weightsmith.fold.heal import _parts, distill_loss
     from weightsmith.fold.plan import fold_model
-    from weightsmith.training import Sentences
+    from weightsmith.data import Sentences
 
     path = minilm_path()
     teacher, pooling, tok = weightsmith.load(path), read_pooling(path), load_tokenizer(path)
@@ -166,7 +166,7 @@ def test_heal_parts_of_similar_length_add_up_to_the_whole_padded_batch():
 
 
 def test_spliced_sentences_join_the_start_of_one_input_to_the_end_of_another():
-    from weightsmith.training import Sentences, special_counts
+    from weightsmith.data import Sentences, special_counts
 
     tok = load_tokenizer(minilm_path())
     assert special_counts(tok) == (1, 1)
@@ -194,7 +194,7 @@ def test_spliced_sentences_join_the_start_of_one_input_to_the_end_of_another():
 
 
 def test_special_counts_of_a_tokenizer_without_specials(zoo):
-    from weightsmith.training import special_counts
+    from weightsmith.data import special_counts
 
     assert special_counts(load_tokenizer(zoo.model("base"))) == (0, 0)
 
@@ -207,7 +207,7 @@ def test_encoder_heal_options_are_refused_for_a_causal_lm(zoo, tmp_path):
     base, calib = zoo.model("base"), zoo.data("general", "calib")
     for key, value in (("heal_splice", 0.5), ("heal_pooled_weight", 3.0)):
         with pytest.raises(OptionError, match=f"^{key}: {value} applies to encoders"):
-            fold(base, tmp_path / key, data=calib, remove=0.25, importance="bi", heal_steps=1, seq=32, max_tokens=256,
+            fold(base, tmp_path / key, data=calib, remove=0.25, importance="bi", heal_steps=1, seq_len=32, max_tokens=256,
                  device="cpu", **{key: value})
         assert not (tmp_path / key).exists()
     model = weightsmith.load(base)

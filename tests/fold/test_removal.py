@@ -10,14 +10,14 @@ import torch.nn.functional as F
 import weightsmith
 from weightsmith.checkpoint import read_json
 from weightsmith.eval import load_tokenizer
-from weightsmith.fold.data import calibration_windows
+from weightsmith.data import calibration_windows
 from weightsmith.fold.plan import fold_model
-from weightsmith.fold.pooling import read_pooling
+from weightsmith.pooling import read_pooling
 from weightsmith.fold.removal import RemovalProbe, loss_importance
 
 
 def lm_windows(zoo, max_tokens=1024):
-    return calibration_windows(load_tokenizer(zoo.model("base")), zoo.data("general", "calib"), seq=64,
+    return calibration_windows(load_tokenizer(zoo.model("base")), zoo.data("general", "calib"), seq_len=64,
                                max_tokens=max_tokens, causal=True)
 
 
@@ -46,7 +46,7 @@ def test_probe_distance_equals_the_pooled_distance_of_the_folded_encoder(zoo):
     path = minilm_path()
     model = weightsmith.load(path)
     pooling = read_pooling(path)
-    windows = calibration_windows(load_tokenizer(path), zoo.data("prose", "calib"), seq=32, max_tokens=256,
+    windows = calibration_windows(load_tokenizer(path), zoo.data("prose", "calib"), seq_len=32, max_tokens=256,
                                   causal=False)
     probe = RemovalProbe(model, windows, batch_size=4, pooling=pooling)
     cfg = read_json(path / "config.json", "config")

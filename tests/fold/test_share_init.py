@@ -8,10 +8,10 @@ from weightsmith.checkpoint import read_json
 from weightsmith.errors import WeightsmithError
 from weightsmith.eval import load_tokenizer
 from weightsmith.fold import fold
-from weightsmith.fold.data import calibration_windows
+from weightsmith.data import calibration_windows
 from weightsmith.fold.english import english_sentences, write_calibration
 from weightsmith.fold.plan import fold_model
-from weightsmith.fold.pooling import read_pooling
+from weightsmith.pooling import read_pooling
 from weightsmith.fold.share_init import best_members, calibration_loss, reference_embeddings
 from weightsmith.zoo import minilm_path
 
@@ -29,7 +29,7 @@ def test_measured_members_beat_the_group_average_on_minilm_held_out_text(tmp_pat
     teacher, tok, pooling = weightsmith.load(path), load_tokenizer(path), read_pooling(path)
     config = read_json(path / "config.json", "config")
     data = write_calibration(tmp_path / "c.txt", 200)
-    windows = calibration_windows(tok, data, seq=64, max_tokens=4096, causal=False)
+    windows = calibration_windows(tok, data, seq_len=64, max_tokens=4096, causal=False)
     removed, sizes = [1, 2], [2, 2]
     trial = fold_model(teacher, config, removed, sizes, share_init="first")
     fm = trial.config.weightsmith
@@ -50,7 +50,7 @@ def test_measured_members_beat_the_group_average_on_minilm_held_out_text(tmp_pat
 
 def test_fold_with_best_share_init_records_its_members_and_loads(zoo, tmp_path):
     res = fold(zoo.model("base"), tmp_path / "f", data=zoo.data("general", "calib"), remove=0.0, share="2",
-               share_init="best", device="cpu", max_tokens=1024, seq=64)
+               share_init="best", device="cpu", max_tokens=1024, seq_len=64)
     fm = read_json(tmp_path / "f" / "config.json", "config")["weightsmith"]
     assert fm["share_init"] == "best" and len(fm["share_members"]) == 2
     assert [len(l) for l in res["scores"]["share_member_losses"]] == [2, 2]

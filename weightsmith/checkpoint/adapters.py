@@ -22,7 +22,8 @@ import torch
 
 from ..errors import WeightsmithError
 from .patterns import check_pattern
-from .reader import Checkpoint, member, read_json
+from .files import member, read_json
+from .reader import Checkpoint
 
 PREFIX = "base_model.model."
 ADAPTER_CONFIG = "adapter_config.json"

@@ -46,7 +46,7 @@ def _source_base_models(inputs: list[str]) -> tuple[list[str], list[str]]:
     each card that could not be read (outside the folder, not a file, not UTF-8, broken or oversized front
     matter): a side file never costs the finished output."""
     from ..errors import WeightsmithError
-    from .reader import member, read_regular
+    from .files import member, read_regular
 
     found, notes = [], []
     for i in inputs:

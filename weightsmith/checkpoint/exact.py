@@ -163,7 +163,8 @@ def check_folder(folder: Path, shown: Path) -> None:
     """A folder a stage wrote: its config.json fits its tensors, as ``weightsmith.load`` will check it (messages
     name ``shown``). Folders without a config, with custom code, or whose config transformers cannot build are
     left to the reader."""
-    from .reader import Checkpoint, read_json
+    from .files import read_json
+    from .reader import Checkpoint
 
     if not (folder / "config.json").is_file() or not any(folder.glob("*.safetensors")):
         return

@@ -9,7 +9,7 @@ import importlib
 from pathlib import Path
 
 from ..errors import WeightsmithError
-from .reader import member, read_json
+from .files import member, read_json
 
 FORMATS = {
     "folded": "weightsmith.fold.format",

@@ -14,8 +14,9 @@ from pathlib import Path
 
 from ..errors import OptionError, WeightsmithError, needs_option
 from ..progress import ProgressFn, report
-from .network import DEFAULT_TIMEOUT, is_timeout, online, transport_errors
-from .reader import Checkpoint, member
+from .network import DEFAULT_TIMEOUT, http_hint, is_timeout, online, transport_errors
+from .files import member
+from .reader import Checkpoint
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
 # Bookkeeping that describes how a folder was made on this machine, not the model.
@@ -139,9 +140,8 @@ def push(folder: str | Path, repo_id: str, *, private: bool = False, revision: s
             report(progress, f"push {repo_id}", steps, steps)
     except HfHubHTTPError as exc:
         status = getattr(exc.response, "status_code", None)
-        hint = {401: "set HF_TOKEN or run `hf auth login`", 403: "the token lacks write access to this repo"}.get(
-            status, "check the repo id and your access")
-        raise WeightsmithError(f"push to {endpoint}/{repo_id} failed (HTTP {status}): {hint}") from exc
+        raise WeightsmithError(f"push to {endpoint}/{repo_id} failed (HTTP {status}): "
+                               f"{http_hint(status, write=True)}") from exc
     except ValueError as exc:  # an answer that is not the Hub API's JSON (an HTML page, a proxy's login form)
         raise WeightsmithError(f"push to {endpoint}/{repo_id} failed: the server's answer is not the Hub API's "
                                f"({type(exc).__name__}); check HF_ENDPOINT") from None

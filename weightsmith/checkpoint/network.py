@@ -157,3 +157,12 @@ def transport_errors() -> tuple[type[BaseException], ...]:
         except (ImportError, AttributeError):
             pass
     return errors
+
+
+def http_hint(status: int | None, *, write: bool) -> str:
+    """The fix for an HTTP error from the Hub: one table for downloads (``write`` False) and pushes."""
+    if status == 401:
+        return "set HF_TOKEN or run `hf auth login`"
+    if status == 403:
+        return "the token lacks write access to this repo" if write else "the token may not read this repo"
+    return "check the repo id and your access" if write else "try again later"

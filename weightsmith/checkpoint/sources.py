@@ -16,7 +16,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..errors import WeightsmithError, needs_option
-from .network import DEFAULT_TIMEOUT, endpoint, is_timeout, online, transport_errors, user_offline
+from .network import (DEFAULT_TIMEOUT, endpoint, http_hint, is_timeout, online, transport_errors,
+                      user_offline)
 
 HUB_NAME = re.compile(r"^(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}$")
 # What a stage reads from a repo: weights, config, tokenizer, sentence-transformers modules, adapters, cards.
@@ -267,9 +268,7 @@ def _hub_error(exc: BaseException, ref: ModelRef, where: str, timeout: float) ->
                                 "is private or gated, set HF_TOKEN or run `hf auth login`)")
     if isinstance(exc, errors.HfHubHTTPError):
         status = getattr(getattr(exc, "response", None), "status_code", None)
-        hint = {401: "set HF_TOKEN or run `hf auth login`",
-                403: "the token may not read this repo"}.get(status, "try again later")
-        return WeightsmithError(f"{where}: {url} answered HTTP {status}; {hint}")
+        return WeightsmithError(f"{where}: {url} answered HTTP {status}; {http_hint(status, write=False)}")
     if isinstance(exc, transport_errors()):
         if is_timeout(exc):
             return WeightsmithError(f"{where}: {url} did not answer within {timeout:g} s; check HF_ENDPOINT and your "

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..errors import WeightsmithError
 from .patterns import check_pattern
-from .reader import member, read_json, read_regular
+from .files import member, read_json, read_regular
 
 TOKENIZER_JSON = "tokenizer.json"
 MAX_DEPTH = 100  # the Rust tokenizers parser stops at 128 levels; real files use under 10

@@ -12,7 +12,8 @@ from contextvars import ContextVar
 from pathlib import Path
 
 from ..errors import needs_option
-from .reader import Checkpoint, check_side_files, read_json
+from .files import read_json
+from .reader import Checkpoint, check_side_files
 
 # Files in which transformers looks for ``auto_map`` (custom classes imported from the folder's .py files).
 CODE_CONFIGS = ("config.json", "tokenizer_config.json", "preprocessor_config.json", "processor_config.json",

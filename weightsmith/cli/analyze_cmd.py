@@ -4,12 +4,11 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from ..stage_options import AnalyzeOptions
 from ..checkpoint.trust import remote_code
 from . import app
-from .common import model_folder, with_tokenizer, RunFlags, console, print_json, progress_bars
+from .common import RunFlags, Table, console, model_folder, print_json, progress_bars, with_tokenizer
 from .options import with_options
 
 
@@ -33,9 +32,7 @@ def analyze_cmd(
     with remote_code(run.trust_remote_code), progress_bars(not run.quiet and not run.json_out) as progress:
         model = model_folder(model, run)
         opts = with_tokenizer(opts, run)
-        rep = analyze(model, opts.data, out, remove=opts.remove, seq=opts.seq_len, max_tokens=opts.max_tokens,
-                      batch_size=opts.batch_size, device=run.device, tokenizer=opts.tokenizer, force=run.force,
-                      progress=progress, dtype=opts.dtype)
+        rep = analyze(model, out, opts, device=run.device, force=run.force, progress=progress)
     if run.json_out:
         print_json(rep)
         return

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+import rich.table
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.text import Text
@@ -40,6 +41,14 @@ class TextConsole(Console):
 def styled(*parts: str | tuple[str, str]) -> Text:
     """One line from plain parts and ``(text, style)`` parts, every part shown as it is (``shown``)."""
     return Text.assemble(*[(shown(p[0]), p[1]) if isinstance(p, tuple) else shown(p) for p in parts])
+
+
+class Table(rich.table.Table):
+    """Every command's table: a cell too wide for the terminal folds onto more lines (a long path or model name
+    stays whole and can be copied), instead of rich's default of cutting it with an ellipsis."""
+
+    def add_column(self, *args, overflow: str = "fold", **kwargs) -> None:
+        super().add_column(*args, overflow=overflow, **kwargs)
 
 
 err_console = TextConsole(stderr=True)

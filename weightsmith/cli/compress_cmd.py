@@ -4,12 +4,11 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from ..stage_options import RpsOptions
 from ..checkpoint.trust import remote_code
 from . import app
-from .common import model_folder, OutOpt, RunFlags, console, human_bytes, human_count, print_json, progress_bars
+from .common import OutOpt, RunFlags, Table, console, human_bytes, human_count, model_folder, print_json, progress_bars
 from .options import with_options
 
 compress_app = typer.Typer(help="Compress a checkpoint under a parameter budget.", no_args_is_help=True)

@@ -4,12 +4,11 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from ..stage_options import EvalOptions
 from ..checkpoint.trust import remote_code
 from . import app
-from .common import model_folder, with_tokenizer, RunFlags, console, human_bytes, human_count, print_json, progress_bars, short_name
+from .common import RunFlags, Table, console, human_bytes, human_count, model_folder, print_json, progress_bars, short_name, with_tokenizer
 from .options import with_options
 
 

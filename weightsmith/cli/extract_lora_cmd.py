@@ -6,12 +6,11 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from ..errors import WeightsmithError
 from ..stage_options import ExtractLoraOptions
 from . import app
-from .common import (RunFlags, console, human_bytes, human_count, model_folder, print_json, progress_bars,
+from .common import (RunFlags, Table, console, human_bytes, human_count, model_folder, print_json, progress_bars,
                      with_tokenizer)
 from .options import with_options
 

@@ -4,10 +4,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from . import app
-from .common import OfflineOpt, go_offline, model_folder, JsonOpt, PickleOpt, console, human_bytes, human_count, print_json
+from .common import JsonOpt, OfflineOpt, PickleOpt, Table, console, go_offline, human_bytes, human_count, model_folder, print_json
 
 
 @app.command("inspect")

@@ -6,12 +6,11 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from ..errors import WeightsmithError
 from ..stage_options import MoeOptions
 from . import app
-from .common import RunFlags, console, go_offline, model_folder, print_json, progress_bars
+from .common import RunFlags, Table, console, go_offline, model_folder, print_json, progress_bars
 from .options import with_options
 
 QUANTISED = "weightsmith runs the base in --hidden-dtype (bfloat16 by default); 4/8-bit loading is not supported"

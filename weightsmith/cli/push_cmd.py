@@ -4,10 +4,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from . import app
-from .common import JsonOpt, QuietOpt, model_folder, console, human_bytes, print_json, progress_bars
+from .common import JsonOpt, QuietOpt, Table, console, human_bytes, model_folder, print_json, progress_bars
 
 
 @app.command("push")

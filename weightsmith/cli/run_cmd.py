@@ -7,11 +7,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from . import app
 from ..checkpoint.trust import remote_code
-from .common import DeviceOpt, JsonOpt, QuietOpt, SeedOpt, TrustCodeOpt, console, human_bytes, human_count, progress_bars
+from .common import DeviceOpt, QuietOpt, SeedOpt, Table, TrustCodeOpt, console, human_bytes, human_count, progress_bars
 
 
 @app.command("run")
@@ -106,7 +105,7 @@ def _metrics_table(metrics: list[dict]) -> Table:
         row[col] = f"{value:.4f}" if m.get("perplexity") is None and value is not None else \
             (f"{value:.2f}" if value is not None else "")
     table = Table(title="perplexity (accuracy for labelled data)", title_justify="left")
-    table.add_column("model", no_wrap=True)
+    table.add_column("model")
     for c in (*columns, "params", "size"):
         table.add_column(c, justify="right")
     for label, row in rows.items():

@@ -3,10 +3,9 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from . import app
-from .common import JsonOpt, QuietOpt, console, print_json, progress_bars
+from .common import JsonOpt, QuietOpt, Table, console, print_json, progress_bars
 
 zoo_app = typer.Typer(help="The in-house model zoo trained on Python's own text (cached).", no_args_is_help=True)
 app.add_typer(zoo_app, name="zoo")

@@ -34,7 +34,8 @@ def _check_data(data: Path | None) -> None:
 
 
 def _tokens(tokenizer_dir: Path, data: Path) -> torch.Tensor:
-    from ..eval import load_texts, load_tokenizer, tokenize
+    from ..data import load_texts
+    from ..eval import load_tokenizer, tokenize
 
     ids = tokenize(load_tokenizer(tokenizer_dir), load_texts(data))
     return ids

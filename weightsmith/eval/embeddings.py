@@ -8,7 +8,7 @@ import functools
 
 import torch
 
-from ..fold.pooling import read_pooling
+from ..pooling import read_pooling
 from ..progress import ProgressFn, report
 
 MAX_SENTENCES = 2000  # pairwise similarities grow with the square
@@ -53,7 +53,7 @@ def reference_embeddings(path, sentences: tuple[str, ...], batch_size: int, devi
                          max_length: int) -> torch.Tensor:
     """The reference model's sentence embeddings, with its own tokenizer and pooling."""
     from ..loading import load
-    from .run import load_tokenizer
+    from .processors import load_tokenizer
 
     reference = load(path, device=device, dtype=dtype)
     try:

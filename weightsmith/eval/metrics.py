@@ -17,7 +17,7 @@ from ..progress import ProgressFn, track
 
 def tokenize(tokenizer, texts: list[str], max_tokens: int | None = None) -> torch.Tensor:
     """One token stream: texts joined by the EOS token, cut to ``max_tokens``."""
-    from ..training import token_stream
+    from ..data import token_stream
 
     ids = token_stream(tokenizer, texts, max_tokens or sys.maxsize, tokenizer.eos_token_id)
     if len(ids) < 2:

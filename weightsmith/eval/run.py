@@ -6,35 +6,12 @@ from pathlib import Path
 import torch
 
 from ..device import resolve_device
-from ..errors import OptionError, OutOfRange, WeightsmithError, needs_option
+from ..errors import OutOfRange, WeightsmithError, needs_option
 from ..progress import ProgressFn
 from ..stage_options import EvalOptions
-from .data import load_labelled, load_labelled_images, load_texts
+from ..data import load_labelled, load_labelled_images, load_texts
 from .metrics import EvalRow, accuracy, count_params, folder_size, image_accuracy, perplexity, tokenize
-
-
-def load_tokenizer(path: str | Path, trust_remote_code: bool | None = None):
-    from ..checkpoint.tokenizer_files import load_tokenizer as open_tokenizer
-    from ..checkpoint.trust import check_code
-
-    try:
-        return open_tokenizer(path, check_code(path, trust_remote_code))
-    except WeightsmithError as exc:
-        said = str(exc).replace("{", "{{").replace("}", "}}")  # the message is a template for the option's name
-        raise OptionError(None, f"{said}; give a tokenizer folder by {{0}}", ("tokenizer",)) from None
-
-
-def load_image_processor(path: str | Path, trust_remote_code: bool | None = None):
-    from transformers import AutoImageProcessor
-
-    from ..checkpoint.trust import check_code
-
-    trusted = check_code(path, trust_remote_code)
-    try:
-        return AutoImageProcessor.from_pretrained(str(path), trust_remote_code=trusted)
-    except (OSError, ValueError) as exc:
-        raise WeightsmithError(f"{path}: no image processor (preprocessor_config.json) found there "
-                               f"({exc.__class__.__name__})") from None
+from .processors import load_image_processor, load_tokenizer
 
 
 def model_context(model: torch.nn.Module, requested: int | None) -> int:
@@ -93,7 +70,7 @@ def _encoder_row(row: EvalRow, model: torch.nn.Module, tok, path: Path, o: EvalO
     """An encoder without a task head: no perplexity and no accuracy; with a reference, how far its sentence
     embeddings are from the reference's on the lines of ``data``."""
     from .embeddings import agreement, embed, reference_embeddings, sentences_of
-    from ..fold.pooling import read_pooling
+    from ..pooling import read_pooling
 
     if o.reference is None or o.labelled is not None:
         raise needs_option(f"{path}: a {type(model).__name__} is an encoder without a language-model or "

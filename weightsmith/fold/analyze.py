@@ -11,10 +11,12 @@ import torch
 
 from ..checkpoint.writer import check_output, output_folder
 from ..device import resolve_device
-from ..errors import OutOfRange, WeightsmithError
+from ..errors import WeightsmithError
 from ..progress import ProgressFn, track
+from ..stage_options import AnalyzeOptions
 from .blocks import block_list, first_tensor, is_causal_lm
-from .data import calibration_windows, model_seq
+from ..data import calibration_windows
+from .data import model_seq
 from .similarity import RunningSimilarity, angular_drop, shortgpt_drop
 
 
@@ -123,33 +125,31 @@ def heatmap(report: dict, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def analyze(model_path: str | Path, data: str | Path, out: str | Path | None = None, *, remove: float = 0.25,
-            seq: int | None = None, max_tokens: int = 4096, batch_size: int = 8, device: str = "auto",
-            tokenizer: str | Path | None = None, force: bool = False, progress: ProgressFn | None = None,
-            dtype: str | None = None) -> dict:
-    """Similarity report for every block of the model at ``model_path``; writes analysis.json and heatmap.png to
-    the folder ``out`` (atomically, refused inside an input or when it exists without ``force``). The
-    metrics are accumulated one batch at a time (``block_similarity``): memory is the weights and one batch."""
+def analyze(model_path: str | Path, out: str | Path | None = None, opts: AnalyzeOptions | None = None, *,
+            device: str = "auto", force: bool = False, progress: ProgressFn | None = None, **values) -> dict:
+    """Similarity report for every block of the model at ``model_path`` on ``opts.data`` (``values`` replace
+    fields of ``opts``, an :class:`AnalyzeOptions`); writes analysis.json and heatmap.png to the folder ``out``
+    when given (atomically, refused inside an input or when it exists without ``force``). The metrics are
+    accumulated one batch at a time (``block_similarity``): memory is the weights and one batch."""
     from ..eval import load_tokenizer
     from ..loading import load
 
-    if not Path(data).exists():
-        raise WeightsmithError(f"{data}: data file not found")
-    if not 0 <= remove < 1:
-        raise OutOfRange("remove", remove, 0, 1, hi_open=True)
-    inputs = [Path(model_path), Path(data)] + ([Path(tokenizer)] if tokenizer else [])
+    o = AnalyzeOptions.build(opts, **values)
+    if not Path(o.data).exists():
+        raise WeightsmithError(f"{o.data}: data file not found")
+    inputs = [Path(model_path), Path(o.data)] + ([Path(o.tokenizer)] if o.tokenizer else [])
     if out is not None:
         check_output(out, inputs, force)
     dev = resolve_device(device)
-    model = load(model_path, device=dev, dtype=dtype)  # as stored unless ``dtype`` says
-    tok = load_tokenizer(tokenizer or model_path)
-    windows = calibration_windows(tok, data, seq=model_seq(model, seq), max_tokens=max_tokens,
+    model = load(model_path, device=dev, dtype=o.dtype)  # as stored unless ``dtype`` says
+    tok = load_tokenizer(o.tokenizer or model_path)
+    windows = calibration_windows(tok, o.data, seq_len=model_seq(model, o.seq_len), max_tokens=o.max_tokens,
                                   causal=is_causal_lm(model))
-    stats = block_similarity(model, windows, batch_size=batch_size, device=dev, progress=progress)
+    stats = block_similarity(model, windows, batch_size=o.batch_size, device=dev, progress=progress)
     n = len(block_list(model))
     del model  # the CKA's Gram matrices and the heatmap come after the weights are given back
-    report = {"model": str(model_path), "data": str(data), "tokens": int(windows.numel()), **similarity_report(
-        stats, remove=int(round(remove * n)))}
+    report = {"model": str(model_path), "data": str(o.data), "tokens": int(windows.numel()), **similarity_report(
+        stats, remove=int(round(o.remove * n)))}
     if out is not None:
         with output_folder(out, inputs, force) as tmp:
             write_analysis(report, tmp)

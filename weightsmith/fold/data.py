@@ -1,20 +1,7 @@
-"""Calibration tokens for analyze, gates and heal: one token stream cut into equal windows.
-
-Encoders get each window wrapped in their [CLS] ... [SEP] tokens so they see the inputs they were trained on.
-"""
+"""The calibration window length a model takes (its positions bound what may be asked for)."""
 from __future__ import annotations
 
-from pathlib import Path
-
-import torch
-
-from .. import training
 from ..errors import OptionError
-
-
-def calibration_windows(tokenizer, data: str | Path, *, seq: int, max_tokens: int, causal: bool) -> torch.Tensor:
-    """[windows, seq] token ids from the text file(s) at ``data`` (``weightsmith.training.calibration_windows``)."""
-    return training.calibration_windows(tokenizer, data, seq_len=seq, max_tokens=max_tokens, causal=causal)
 
 
 def model_seq(model, requested: int | None) -> int:

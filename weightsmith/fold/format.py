@@ -21,7 +21,7 @@ from ..checkpoint.layout import is_norm, num_layers
 from ..errors import WeightsmithError
 from ..progress import ProgressFn, track
 from .blocks import block_list
-from .pooling import copy_sentence_transformers_files
+from ..pooling import copy_sentence_transformers_files
 
 
 class RelaxedLinear(torch.nn.Linear):

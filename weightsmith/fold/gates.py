@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from ..progress import ProgressFn, report
 from .blocks import block_list, first_tensor, is_causal_lm
-from .pooling import Pooling
+from ..pooling import Pooling
 
 BETA, LOW, HIGH = 2 / 3, -0.1, 1.1
 

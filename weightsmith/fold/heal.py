@@ -25,9 +25,10 @@ import torch.nn.functional as F
 
 from ..errors import OptionError
 from ..progress import ProgressFn, report
-from ..training import Sentences, lr_at
+from ..data import Sentences
+from ..training import lr_at
 from .blocks import block_list, is_causal_lm
-from .pooling import Pooling
+from ..pooling import Pooling
 from .teacher_cache import TeacherCache
 
 

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from ..progress import ProgressFn, report
-from .blocks import block_list, first_tensor, is_causal_lm
-from .pooling import Pooling
+from .blocks import block_list, is_causal_lm
+from ..pooling import Pooling
 
 
 def _passthrough(tail):

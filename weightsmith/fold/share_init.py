@@ -13,7 +13,7 @@ import torch
 from ..progress import ProgressFn, report
 from .blocks import block_list, is_causal_lm
 from .format import shared_keys
-from .pooling import Pooling
+from ..pooling import Pooling
 from .removal import calibration_forward, window_loss
 
 

@@ -18,11 +18,12 @@ from ..progress import ProgressFn
 from ..stage_options import FoldOptions
 from .analyze import block_similarity
 from .blocks import block_list, is_causal_lm
-from .data import calibration_windows, model_seq
+from ..data import calibration_windows
+from .data import model_seq
 from .gates import gate_importance, lowest
 from .heal import merge_lora
 from .plan import fold_model, parse_share, removal_count
-from .pooling import Pooling, copy_sentence_transformers_files, read_pooling
+from ..pooling import Pooling, copy_sentence_transformers_files, read_pooling
 from .ranks import Clock, Ranks
 from .removal import loss_importance
 from .similarity import angular_drop, shortgpt_drop
@@ -51,17 +52,14 @@ def choose_removed(model: torch.nn.Module, windows: torch.Tensor, k: int, import
 def heal_calibration(tok, data, seq: int, max_tokens: int, causal: bool, windows: torch.Tensor | None):
     """What the heal trains on: token windows for causal LMs (``windows`` when they are the same tokens),
     each line a separate padded input for encoders (the way they are used)."""
-    from ..training import calibration_sentences
+    from ..data import calibration_sentences
 
     if not causal:
         return calibration_sentences(tok, data, seq_len=seq, max_tokens=max_tokens)
-    return windows if windows is not None else calibration_windows(tok, data, seq=seq, max_tokens=max_tokens, causal=True)
+    return windows if windows is not None else calibration_windows(tok, data, seq_len=seq, max_tokens=max_tokens, causal=True)
 
 
 # keyword names older callers use for an option (the options class has one name per concept)
-_RENAMED = {"seq": "seq_len", "max_shard_size": "out_shard_size"}
-
-
 def fold(model_path: str | Path, out: str | Path, opts: FoldOptions | None = None, *, seed: int = 0,
          device: str = "auto", force: bool = False, model: torch.nn.Module | None = None,
          progress: ProgressFn | None = None, **options) -> dict:
@@ -74,7 +72,7 @@ def fold(model_path: str | Path, out: str | Path, opts: FoldOptions | None = Non
     """
     from ..eval import count_params
 
-    opts = FoldOptions.build(opts, **{_RENAMED.get(k, k): v for k, v in options.items()})
+    opts = FoldOptions.build(opts, **options)
     model_path = Path(model_path)
     config = _check_inputs(model_path, opts)
     ranks = Ranks.start(device)
@@ -234,7 +232,7 @@ def _prepare(model_path: Path, teacher: torch.nn.Module, opts: FoldOptions) -> _
     pooling = None if causal else read_pooling(model_path)
     seq = model_seq(teacher, opts.seq_len)
     tok = load_tokenizer(model_path)
-    windows = calibration_windows(tok, opts.data, seq=seq, max_tokens=opts.max_tokens, causal=causal)
+    windows = calibration_windows(tok, opts.data, seq_len=seq, max_tokens=opts.max_tokens, causal=causal)
     return _Job(n, k, sizes, windows, pooling, tok, seq)
 
 

@@ -93,7 +93,7 @@ def degenerate_layers(gates: torch.Tensor, threshold: float = 5.0) -> list[int]:
 @torch.no_grad()
 def route_prompts(model_path: Path, prompts: list[str], *, device, progress: ProgressFn | None = None) -> dict:
     """For each prompt and layer, the share of its tokens routed to each expert (top-k of the router)."""
-    from ..eval.run import load_tokenizer
+    from ..eval import load_tokenizer
     from ..loading import load
 
     model = load(model_path, device=device, dtype=torch.float32)
@@ -119,7 +119,7 @@ def explain_routing(model_path: str | Path, data: str | Path, *, device: str = "
     """``route_prompts`` over the prompts of a text file (one per non-empty line) or .jsonl (its 'text')."""
     from ..checkpoint.textfile import read_text_file
     from ..device import resolve_device
-    from ..eval.data import load_texts
+    from ..data import load_texts
 
     path = Path(data)
     if not path.is_file():

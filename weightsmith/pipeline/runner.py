@@ -190,7 +190,7 @@ def _dry_check(pipeline: Pipeline, entry: StageEntry, out: Path, pending: set[Pa
 def _check_data(entry: StageEntry) -> None:
     """The stage's data files read as the stage will read them (up to its token budget): a file the stage would
     refuse after computing for a while is refused before any stage computes."""
-    from ..eval.data import check_data_file
+    from ..data import check_data_file
 
     options = STAGES[entry.stage].options
     budget = entry.params.get("max_tokens", options.default("max_tokens") if options is not None and

@@ -264,9 +264,8 @@ def analyze_stage(ctx: Context, **params) -> dict:
     from ..fold.analyze import analyze, write_analysis
 
     o = so.AnalyzeOptions.from_params(params)
-    info = analyze(ctx.inputs[0], o.data, ctx.out if ctx.dry_run else None, remove=o.remove, seq=o.seq_len,
-                   max_tokens=o.max_tokens, batch_size=o.batch_size, device=ctx.device, tokenizer=o.tokenizer,
-                   force=True, progress=ctx.progress, dtype=o.dtype)
+    info = analyze(ctx.inputs[0], ctx.out if ctx.dry_run else None, o, device=ctx.device, force=True,
+                   progress=ctx.progress)
     write_analysis(info, ctx.out)  # ctx.out is the runner's temporary folder
     return _scalars(info)
 

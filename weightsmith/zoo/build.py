@@ -182,7 +182,7 @@ class _Builder:
 
     def train(self, model, stream: torch.Tensor, steps: int, lr: float, seed: int, on_step=None,
               optimizer: str = "adamw") -> None:
-        train_lm(model, stream, steps=steps, lr=lr, batch=self.r["batch"], seq=self.r["seq"], seed=seed,
+        train_lm(model, stream, steps=steps, lr=lr, batch_size=self.r["batch"], seq_len=self.r["seq"], seed=seed,
                  on_step=on_step or self.tick, optimizer=optimizer)
 
     def train_bases(self) -> None:

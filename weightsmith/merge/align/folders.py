@@ -16,7 +16,7 @@ from ...device import resolve_device
 from ...errors import WeightsmithError
 from ...progress import ProgressFn
 from ...stage_options import AlignOptions
-from ...training import calibration_windows
+from ...data import calibration_windows
 from .activation_matching import activation_matching
 from .apply import permute_tensor
 from .spec import PermSpec, spec_for

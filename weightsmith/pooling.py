@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..errors import WeightsmithError
+from .errors import WeightsmithError
 
 ST_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
 # Pooling config keys, in sentence-transformers' concatenation order
