@@ -150,8 +150,8 @@ def heal(student: torch.nn.Module, teacher: torch.nn.Module, windows: torch.Tens
 
 @contextmanager
 def recomputed(model: torch.nn.Module, on: bool):
-    """Inside the block, each of ``model``'s blocks keeps only its input for the backward pass and runs its
-    forward again there (activation checkpointing): the same gradients, bit for bit, for one more forward pass
+    """While the context is open, each of ``model``'s blocks keeps only its input for the backward pass and runs
+    its forward again there (activation checkpointing): the same gradients, bit for bit, for one more forward pass
     per step, and one block's activations held instead of every block's."""
     from torch.utils.checkpoint import checkpoint
 

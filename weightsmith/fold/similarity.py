@@ -11,6 +11,7 @@ import torch
 
 from .removal import SpilledStates
 
+
 def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1)
 
