@@ -7,7 +7,7 @@ export TOKENIZERS_PARALLELISM := false
 
 .PHONY: install test test-slow demo bench bench-merge bench-fold bench-pleas bench-rps clean
 
-$(STAMP): pyproject.toml setup.py weightsmith/merge/_kernels.c weightsmith/merge/_tie_replay.h
+$(STAMP): pyproject.toml setup.py weightsmith/merge/native/_kernels.c weightsmith/merge/native/_tie_replay.h
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check "torch==2.13.0"
 	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[dev]"

@@ -108,7 +108,7 @@ def classifier_run(arch: str, seed: int, epochs: int, widths=WIDTHS) -> dict:
 def lm_run(max_tokens: int, widths=(1.0, 1.2, 1.5)) -> dict:
     from weightsmith.eval import evaluate_model
     from weightsmith.merge.align.folders import align
-    from weightsmith.merge.pleas import pleas_merge
+    from weightsmith.merge.pleas_stage import pleas_merge
     from weightsmith.zoo import build
 
     zoo = build("tiny")

@@ -1,4 +1,5 @@
-"""Helpers for error-path tests through the command line: run it, check a refusal, snapshot a folder."""
+"""Helpers for error-path tests through the command line: run it, check a refusal, snapshot a folder, plant a
+folder of the user's."""
 from __future__ import annotations
 
 import hashlib
@@ -26,3 +27,11 @@ def snapshot(folder: Path) -> dict[str, str]:
     """Every path under ``folder`` (hidden ones too) with its content hash."""
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
             for p in sorted(Path(folder).rglob("*"))}
+
+
+def precious(folder: Path) -> Path:
+    """A folder of the user's: a project with its own files."""
+    (folder / ".git").mkdir(parents=True)
+    (folder / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (folder / "notes.txt").write_text("mine")
+    return folder

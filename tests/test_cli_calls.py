@@ -9,8 +9,8 @@ import pytest
 from typer.testing import CliRunner
 
 from weightsmith.cli import app
-from weightsmith.stage_options import (AlignOptions, AnalyzeOptions, EvalOptions, ExtractLoraOptions, FoldOptions,
-                                      MoeOptions, PleasOptions, RpsOptions)
+from weightsmith.stage_options import (AlignOptions, AnalyzeOptions, EvalOptions, ExportOptions, ExtractLoraOptions,
+                                      FoldOptions, MoeOptions, PleasOptions, RpsOptions)
 
 
 @pytest.fixture(autouse=True)
@@ -168,14 +168,14 @@ def test_align_every_flag():
 
 
 def test_pleas_defaults():
-    with mock.patch("weightsmith.merge.pleas.pleas_merge", return_value={}) as fn:
+    with mock.patch("weightsmith.merge.pleas_stage.pleas_merge", return_value={}) as fn:
         invoke("pleas", "a", "b", "--data", "d.txt", "-o", "out", "--json")
     fn.assert_called_once_with(Path("a"), Path("b"), PleasOptions(data=Path("d.txt")), out=Path("out"), seed=0,
                                device="auto", force=False, progress=None)
 
 
 def test_pleas_every_flag():
-    with mock.patch("weightsmith.merge.pleas.pleas_merge", return_value={}) as fn:
+    with mock.patch("weightsmith.merge.pleas_stage.pleas_merge", return_value={}) as fn:
         invoke("pleas", "a", "b", "--data", "d.txt", "-o", "out", "--width", "1.5", "--metric", "correlation",
                "--ridge", "0.01", "--no-least-squares", "--inputs", "original", "--max-tokens", "100", "--seq-len",
                "16", "--batch-size", "2", "--out-shard-size", "1GB", "--seed", "1", "--device", "cpu", "--force",
@@ -191,26 +191,30 @@ def test_pleas_every_flag():
 
 @pytest.mark.parametrize("flags, shard", [([], 5 * 10**9), (["--out-shard-size", "2GB", "--force", "--quiet"], 2 * 10**9)])
 def test_export_flags(flags, shard):
-    module = mock.Mock()
-    module.export_plain.return_value = {}
-    with mock.patch("weightsmith.loading.folder_format", return_value="rps"), \
-            mock.patch("weightsmith.loading.format_module", return_value=module) as fmt:
+    with mock.patch("weightsmith.export.export", return_value={"format": "rps"}) as fn:
         invoke("export", "m", "-o", "out", *flags, "--json")
+    fn.assert_called_once_with(Path("m"), Path("out"), ExportOptions(out_shard_size=shard), force="--force" in flags,
+                               progress=None)
+
+
+def test_export_dispatches_to_the_folder_format_and_refuses_no_plain():
+    from weightsmith.export import export
+
+    module = mock.Mock()
+    module.export_plain.return_value = {"tensors": 3}
+    with mock.patch("weightsmith.export.folder_format", return_value="rps"), \
+            mock.patch("weightsmith.export.format_module", return_value=module) as fmt:
+        assert export("m", "out", out_shard_size=7000) == {"format": "rps", "tensors": 3}
     fmt.assert_called_once_with("rps")
-    module.export_plain.assert_called_once_with(Path("m"), Path("out"), max_shard_size=shard, force="--force" in flags,
-                                                progress=None)
-
-
-def test_export_refuses_no_plain():
-    with mock.patch("weightsmith.loading.folder_format", return_value="rps"):
-        res = CliRunner().invoke(app, ["export", "m", "-o", "out", "--no-plain"])
-    assert str(res.exception) == "only --plain export is available"
+    module.export_plain.assert_called_once_with("m", "out", out_shard_size=7000, force=False, progress=None)
+    res = CliRunner().invoke(app, ["export", "m", "-o", "out", "--no-plain"])
+    assert str(res.exception) == "--plain: off: the plain checkpoint is the one export there is"
 
 
 @pytest.mark.parametrize("flags, kwargs", [([], {"allow_pickle": False, "tensors": False}),
                                            (["--tensors", "--allow-pickle"], {"allow_pickle": True, "tensors": True})])
 def test_inspect_flags(flags, kwargs):
-    with mock.patch("weightsmith.checkpoint.inspect.summarize", return_value={}) as fn:
+    with mock.patch("weightsmith.inspect.summarize", return_value={}) as fn:
         invoke("inspect", "m", *flags, "--json")
     fn.assert_called_once_with(Path("m"), **kwargs)
 

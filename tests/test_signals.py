@@ -35,7 +35,7 @@ CHILD = textwrap.dedent("""
     sys.argv = ["weightsmith", *sys.argv[2:]]
     main()
 """)
-MERGE_SIDE_FILES = "weightsmith.merge.engine:copy_side_files"  # inside the output folder, after the tensors
+MERGE_SIDE_FILES = "weightsmith.merge.stage:copy_side_files"  # inside the output folder, after the tensors
 WRITE = "weightsmith.checkpoint.writer:ShardedWriter.write"
 PROJECT = "weightsmith.compressor.rps:project_checkpoint"  # after the output is checked and locked, before its folder exists
 

@@ -5,10 +5,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import read_json
-from .checkpoint.exact import (build_config, check_layer_count, check_tensors, config_object,  # noqa: F401
-                               model_class, one_line, refuse_mismatch)
-from .checkpoint.formats import FORMATS, folder_format, format_module  # noqa: F401  (re-exported)
+from .checkpoint.exact import build_config, check_layer_count, check_tensors, model_class, one_line, refuse_mismatch
+from .checkpoint.formats import folder_format  # noqa: F401  (callers ask loading which format a folder is)
 from .device import resolve_device, resolve_dtype
 from .errors import WeightsmithError
 
@@ -56,6 +54,21 @@ def custom_class(config: dict):
         if name in auto_map:
             return getattr(transformers, name)
     return transformers.AutoModel
+
+
+FORMATS = ("folded", "rps")
+
+
+def format_module(fmt: str):
+    """The module that loads (``load(path, device, dtype)``), exports (``export_plain``) and describes
+    (``describe(checkpoint)``) folders of format ``fmt``: each lives with the stage that writes it."""
+    if fmt == "folded":
+        from .fold import format as module
+    elif fmt == "rps":
+        from .compressor import format as module
+    else:
+        raise WeightsmithError(f"folder format {fmt!r} is unknown to this weightsmith version")
+    return module
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,

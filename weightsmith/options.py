@@ -52,16 +52,19 @@ class OptionSpec:
     short: str | None = None  # a one-letter alias such as -o
     aliases: tuple[str, ...] = ()  # further flags accepted for it (an older spelling such as --seq)
     size: bool = False       # a size in bytes given as text (5B, 2GB, 300MiB): the built options hold the int
+    panel: str | None = None  # the --help section it is listed in (None: Options)
+    metavar: str | None = None  # how --help shows its value (None: its choices, or its type)
 
 
 def option(default: Any = MISSING, *, help: str, choices: Sequence | None = None, lo: float | None = None,
            hi: float | None = None, lo_open: bool = False, hi_open: bool = False, path: bool = False,
            cli: bool = True, pipeline: bool = True, flag: str | None = None, short: str | None = None,
-           aliases: Sequence[str] = (), size: bool = False) -> Any:
+           aliases: Sequence[str] = (), size: bool = False, panel: str | None = None,
+           metavar: str | None = None) -> Any:
     """A dataclass field declaring one option; no ``default`` makes it required."""
     spec = OptionSpec(help=help, choices=tuple(choices) if choices is not None else None, lo=lo, hi=hi,
                       lo_open=lo_open, hi_open=hi_open, path=path, cli=cli, pipeline=pipeline, flag=flag,
-                      short=short, aliases=tuple(aliases), size=size)
+                      short=short, aliases=tuple(aliases), size=size, panel=panel, metavar=metavar)
     return field(default=default, metadata={"option": spec})
 
 

@@ -4,22 +4,21 @@
 module's ``config.json`` (e.g. ``1_Pooling/config.json``) names the modes: CLS token, mean, max,
 mean / sqrt(length), position-weighted mean, last token; several modes are concatenated in that order
 (as sentence-transformers does). A folder without ``modules.json`` is pooled by the mean of its tokens.
-The fold measures and heals encoders on this pooled embedding, and copies these files into its output
-so a folded (or exported) folder still loads in sentence-transformers.
+The fold measures and heals encoders on this pooled embedding; its output keeps these files
+(``checkpoint.formats``), and so does every folder made from it.
 """
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from .checkpoint.formats import st_root
 from .errors import WeightsmithError
 
-ST_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
 # Pooling config keys, in sentence-transformers' concatenation order
 MODES = {"pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max", "pooling_mode_mean_tokens": "mean",
          "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len", "pooling_mode_weightedmean_tokens": "weightedmean",
@@ -77,7 +76,7 @@ def _module_type(entry: dict, path: Path) -> str:
 
 def read_pooling(folder: str | Path) -> Pooling:
     """The pooling of the sentence-transformers pipeline stored in ``folder`` (mean pooling if there is none)."""
-    folder = Path(folder)
+    folder = st_root(folder)
     modules_path = folder / "modules.json"
     if not modules_path.is_file():
         return Pooling()
@@ -106,23 +105,3 @@ def read_pooling(folder: str | Path) -> Pooling:
     if pooling is None:
         raise WeightsmithError(f"{modules_path}: lists no Pooling module")
     return Pooling(modes=pooling[0], normalize=normalize, source=f"{pooling[1]}{' + Normalize' if normalize else ''}")
-
-
-def copy_sentence_transformers_files(src: str | Path, dst: str | Path) -> list[str]:
-    """Copy modules.json, the sentence-transformers configs and every module folder but the transformer
-    itself (path "") from ``src`` to ``dst``; returns the relative paths copied."""
-    src, dst = Path(src), Path(dst)
-    copied = []
-    for name in ST_FILES:
-        if (src / name).is_file():
-            shutil.copy2(src / name, dst / name)
-            copied.append(name)
-    if (src / "modules.json").is_file():
-        for entry in _read(src / "modules.json"):
-            rel = str(entry.get("path", "")) if isinstance(entry, dict) else ""
-            if rel and not (src / rel).resolve().is_relative_to(src.resolve()):
-                raise WeightsmithError(f"{src / 'modules.json'}: module path {rel!r} points outside the folder")
-            if rel and (src / rel).is_dir():
-                shutil.copytree(src / rel, dst / rel, dirs_exist_ok=True)
-                copied.append(rel)
-    return copied

@@ -7,7 +7,8 @@ from peak_bytes import PeakBytes, bf16_llama
 from weightsmith.checkpoint import Checkpoint
 from weightsmith.loading import load
 from weightsmith.merge.align.folders import lm_batches
-from weightsmith.merge.pleas import pleas_merge, pleas_modules
+from weightsmith.merge.pleas import pleas_modules
+from weightsmith.merge.pleas_stage import pleas_merge
 
 TEXT = "def f(x):\n    return x * 2 + 1\n" * 200
 

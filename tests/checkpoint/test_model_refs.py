@@ -262,3 +262,17 @@ def test_a_pipeline_reads_hub_names_and_its_skip_key_follows_the_commit(models, 
               for name, proc in (("same", same), ("moved", moved))}
     assert "stage_skipped" in events["same"] and "stage_done" not in events["same"], events
     assert "stage_done" in events["moved"] and "stage_skipped" not in events["moved"], events
+
+
+def test_a_download_keeps_the_sentence_transformers_files_a_weightsmith_folder_holds_aside(models, tmp_path):
+    from weightsmith.checkpoint.formats import ST_ASIDE
+
+    files = {p.name: p.read_bytes() for p in models["base"].iterdir() if p.is_file()}
+    aside = {f"{ST_ASIDE}/modules.json": b'[{"idx": 1, "name": "1", "path": "1_Pooling", "type": "x.Pooling"}]',
+             f"{ST_ASIDE}/1_Pooling/config.json": b'{"pooling_mode_mean_tokens": true}'}
+    with FakeHub(lifetime=120) as hub:
+        hub.serve("acme/folded", {**files, **aside})
+        proc = cli(tmp_path, hub.url, "download", "acme/folded", "--json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    folder = Path(json.loads(proc.stdout)["folder"])
+    assert all((folder / name).read_bytes() == data for name, data in aside.items())

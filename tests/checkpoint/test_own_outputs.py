@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from cli_check import refused, snapshot
+from cli_check import precious, refused, snapshot
 from hostile import cli
 from weightsmith.checkpoint.writer import MARKER, check_output, output_folder
 from weightsmith.errors import WeightsmithError
@@ -27,14 +27,6 @@ def written(folder: Path, text: str = "ours") -> Path:
     """A folder as weightsmith writes it (the marker inside)."""
     with output_folder(folder, force=folder.exists()) as tmp:
         (tmp / "v.txt").write_text(text)
-    return folder
-
-
-def precious(folder: Path) -> Path:
-    """A folder of the user's: a project with its own files."""
-    (folder / ".git").mkdir(parents=True)
-    (folder / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
-    (folder / "notes.txt").write_text("mine")
     return folder
 
 

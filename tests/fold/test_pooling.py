@@ -1,5 +1,5 @@
 """Sentence-transformers pooling: read from the folder, equal to sentence-transformers' own encode, carried
-into folded and exported folders so they still load there; bad pooling files are refused."""
+through folded folders (kept aside there) into exported ones so they load there; bad pooling files are refused."""
 import json
 import random
 import shutil
@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import weightsmith
+from weightsmith.checkpoint.formats import ST_ASIDE
 from weightsmith.errors import WeightsmithError
 from weightsmith.eval import load_tokenizer
 from weightsmith.fold import fold
@@ -42,8 +43,8 @@ def test_folded_and_exported_minilm_load_in_sentence_transformers(tmp_path, zoo)
     res = fold(minilm_path(), tmp_path / "f", data=zoo.data("prose", "calib"), remove=0.34, share="2",
                importance="bi", heal_steps=2, seq_len=32, max_tokens=512, batch_size=4, device="cpu")
     assert res["pooling"] == "1_Pooling/config.json + Normalize"
-    for name in ("modules.json", "1_Pooling/config.json", "sentence_bert_config.json"):
-        assert (tmp_path / "f" / name).is_file(), name
+    for name in ("modules.json", "1_Pooling/config.json", "sentence_bert_config.json"):  # kept aside: shared blocks
+        assert (tmp_path / "f" / ST_ASIDE / name).is_file() and not (tmp_path / "f" / name).exists(), name
     export_plain(tmp_path / "f", tmp_path / "p")
     assert (tmp_path / "p" / "1_Pooling" / "config.json").is_file()
     ours = embed(weightsmith.load(tmp_path / "f"), tmp_path / "f", read_pooling(tmp_path / "f"))

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from weightsmith.merge import compat_native as cn
-from weightsmith.merge import mixing, reference
+from weightsmith.merge.methods import reference
+from weightsmith.merge.native import compat_native as cn
+from weightsmith.merge.native import mixing
 from weightsmith.merge.registry import all_methods
 
 pytestmark = pytest.mark.skipif(mixing.native_kernels() is None, reason="native kernels not built")

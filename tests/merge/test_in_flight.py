@@ -9,21 +9,22 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from weightsmith.merge import engine
+from weightsmith.merge import execute as engine
+from weightsmith.merge.plan import TensorJob
 
 
 class Inputs:
-    """Stands in for engine._Inputs: loads record what is held, footprints follow the real rule."""
+    """Stands in for engine.Inputs: loads record what is held, footprints follow the real rule."""
 
     def __init__(self, jobs, device="cpu"):
-        self.device, self.sources = torch.device(device), [None, None]  # two inputs a job
+        self.device = torch.device(device)
         self.largest = max(self.footprint(j) for j in jobs)
         self.lock = threading.Lock()
         self.held: dict[str, int] = {}
         self.peak = 0
 
-    footprint = engine._Inputs.footprint
-    fits = engine._Inputs.fits
+    footprint = engine.Inputs.footprint
+    fits = engine.Inputs.fits
 
     def load(self, job):
         with self.lock:
@@ -67,13 +68,14 @@ def _run(jobs, device="cpu", delay=None, fail=None, monkeypatch=None):
     monkeypatch.setattr(engine, "run_job", run_job)
     written = []
     writer = SimpleNamespace(write=lambda name, t: written.append((name, float(t))))
-    plan = SimpleNamespace(recipe=SimpleNamespace(method="test"), jobs=jobs)
+    plan = SimpleNamespace(method=SimpleNamespace(name="test"), jobs=jobs)
     engine.execute(plan, inputs, writer, Checks(inputs), seed=0)
     return written, most[0], inputs.peak, inputs.largest
 
 
 def _jobs(sizes):
-    return [engine.TensorJob(name=f"t{i}", shape=(n,), dtype=torch.float32, kwargs={}, compute=torch.float32)
+    return [TensorJob(name=f"t{i}", shape=(n,), dtype=torch.float32, kwargs={}, compute=torch.float32,
+                      inputs=[(SimpleNamespace(path="m"), f"t{i}")] * 2)
             for i, n in enumerate(sizes)]
 
 

@@ -176,3 +176,26 @@ def test_every_no_form_of_a_mergekit_yaml_switch_is_accepted(form, calls):
         return
     assert result.exit_code == 0, result.output
     assert len(calls) == 1
+
+
+def test_the_method_flags_are_the_registrys_parameters():
+    """One flag per parameter a method declares, repeatable exactly where some method takes it per model."""
+    from weightsmith.cli.merge_cmd import MergeFlags
+
+    declared = [p for m in all_methods().values() for p in m.params]
+    flags = {f.removesuffix("_") for f in (*MergeFlags.PER_MODEL, *MergeFlags.GLOBAL)}
+    assert flags == {p.name for p in declared}
+    assert {f.removesuffix("_") for f in MergeFlags.PER_MODEL} == {p.name for p in declared if p.scope == "model"}
+
+
+def test_pleas_parameters_are_the_pleas_command_options():
+    from weightsmith.errors import OptionError
+    from weightsmith.stage_options import PleasOptions
+
+    params = {p.name: p for p in all_methods()["pleas"].params}
+    specs = PleasOptions.specs()
+    assert set(params) == set(specs) - {"out_shard_size"}
+    assert all((p.low, p.high, p.choices or None) == (specs[n].lo, specs[n].hi, specs[n].choices)
+               for n, p in params.items())
+    with pytest.raises(OptionError, match="seq_len"):
+        params["seq_len"].check(1, "recipe")

@@ -124,7 +124,7 @@ def wide_models(tmp_path_factory):
 
 @pytest.mark.parametrize("compat", [None, "mergekit"])
 def test_fused_ties_matches_mergekit_on_large_tensors(compat, wide_models, tmp_path, monkeypatch):
-    from weightsmith.merge import methods
+    from weightsmith.merge.methods import ties as methods
 
     cfg = {"merge_method": "ties", "base_model": str(wide_models["base"]), "dtype": "float32",
            "parameters": {"density": 0.3, "normalize": True},

@@ -6,10 +6,14 @@ import math
 import pytest
 import torch
 
-from weightsmith.merge.methods import dare_linear, dare_ties, linear, model_stock, slerp, task_arithmetic, ties
-from weightsmith.merge.mwa import mwa_weights
-from weightsmith.merge.recipe import evaluate_setting
-from weightsmith.merge.sparsify import breadcrumbs_mask, kth_smallest, ties_trim
+from weightsmith.merge.methods.average import linear, model_stock
+from weightsmith.merge.methods.dare import dare_linear, dare_ties
+from weightsmith.merge.methods.mwa import mwa_weights
+from weightsmith.merge.methods.spherical import slerp
+from weightsmith.merge.methods.task_arithmetic import task_arithmetic
+from weightsmith.merge.methods.ties import ties
+from weightsmith.merge.settings import evaluate_setting
+from weightsmith.merge.native.sparsify import breadcrumbs_mask, kth_smallest, ties_trim
 
 
 def test_ties_hand_computed_with_sign_ties_and_zeros():

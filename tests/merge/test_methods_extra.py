@@ -12,7 +12,7 @@ import torch
 
 from perturbed import perturbed_family
 from weightsmith.errors import WeightsmithError
-from weightsmith.merge import methods_extra as mx
+from weightsmith.merge.methods import consensus, dare, spherical, swap
 
 mk_api = pytest.importorskip("mergekit.merge_methods.api")
 
@@ -49,7 +49,7 @@ def same(a, b):
 @pytest.mark.parametrize("topk", [1.0, 0.5, 0.1, 0.0])
 def test_sce_equals_mergekit(shape, topk):
     models, base = family(shape, seed=1)
-    same(mx.sce(models, base, select_topk=topk), mergekit(models, "sce", base, select_topk=topk))
+    same(consensus.sce(models, base, select_topk=topk), mergekit(models, "sce", base, select_topk=topk))
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -59,14 +59,14 @@ def test_nuslerp_equals_mergekit(shape, row_wise, flatten, with_base):
     models, base = family(shape, n=2, seed=2)
     base = base if with_base else None
     for w in ([0.6, 0.4], [-0.5, 0.5], [1.0, 3.0]):
-        ours = mx.nuslerp(models, base, w, nuslerp_row_wise=row_wise, nuslerp_flatten=flatten)
+        ours = spherical.nuslerp(models, base, w, nuslerp_row_wise=row_wise, nuslerp_flatten=flatten)
         ref = mergekit(models, "nuslerp", base, weight=w, nuslerp_row_wise=row_wise, nuslerp_flatten=flatten)
         same(ours, ref)
 
 
 def test_nuslerp_colinear_inputs_interpolate_linearly():
     a = torch.arange(1.0, 9.0)
-    out = mx.nuslerp([a, 2 * a], None, [1.0, 1.0])
+    out = spherical.nuslerp([a, 2 * a], None, [1.0, 1.0])
     torch.testing.assert_close(out, 1.5 * a)
 
 
@@ -77,15 +77,15 @@ def test_multislerp_equals_mergekit(shape, with_base, normalize):
     models, base = family(shape, n=3, seed=3)
     base = base if with_base else None
     w = [0.6, 0.4, 1.0]
-    same(mx.multislerp(models, base, w, normalize_weights=normalize),
+    same(spherical.multislerp(models, base, w, normalize_weights=normalize),
          mergekit(models, "multislerp", base, weight=w, normalize_weights=normalize))
 
 
 def test_multislerp_antipodal_pair_falls_back_to_linear_and_three_refuse():
     a = torch.randn(10)
-    torch.testing.assert_close(mx.multislerp([a, -a], None, [0.5, 0.5]), torch.zeros(10))
+    torch.testing.assert_close(spherical.multislerp([a, -a], None, [0.5, 0.5]), torch.zeros(10))
     with pytest.raises(WeightsmithError, match="multislerp"):
-        mx.multislerp([a, -a, a.clone() * 0], None, [0.5, 0.5, 0.0])
+        spherical.multislerp([a, -a, a.clone() * 0], None, [0.5, 0.5, 0.0])
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -93,7 +93,7 @@ def test_multislerp_antipodal_pair_falls_back_to_linear_and_three_refuse():
 def test_karcher_equals_mergekit(shape, with_base):
     models, base = family(shape, n=2, seed=4)
     for max_iter, tol in ((10, 1e-5), (5, 1e-5), (1, 1e-3)):
-        ours = mx.karcher(models, base if with_base else None, max_iter=max_iter, tol=tol)
+        ours = spherical.karcher(models, base if with_base else None, max_iter=max_iter, tol=tol)
         # karcher ignores the base's role: mergekit gets it as one more input
         ref = mk_api.merge_tensors(models + ([base] if with_base else []), "karcher",
                                    parameters={"max_iter": max_iter, "tol": tol})
@@ -102,7 +102,7 @@ def test_karcher_equals_mergekit(shape, with_base):
 
 def test_karcher_of_one_direction_keeps_it_with_the_mean_norm():
     a = torch.randn(30)
-    out = mx.karcher([a, 3 * a], None)
+    out = spherical.karcher([a, 3 * a], None)
     torch.testing.assert_close(out, 2 * a)
 
 
@@ -110,13 +110,13 @@ def test_karcher_of_one_direction_keeps_it_with_the_mean_norm():
 @pytest.mark.parametrize("t", [0.0001, 0.01, 0.5])
 def test_nearswap_equals_mergekit(shape, t):
     (other,), base = family(shape, n=1, seed=5)
-    same(mx.nearswap([other], base, t), mergekit([other], "nearswap", base, t=t))
+    same(swap.nearswap([other], base, t), mergekit([other], "nearswap", base, t=t))
 
 
 @pytest.mark.parametrize("shape", SHAPES)
 def test_arcee_fusion_equals_mergekit(shape):
     (other,), base = family(shape, n=1, seed=6)
-    out = mx.arcee_fusion([other], base)
+    out = swap.arcee_fusion([other], base)
     same(out, mergekit([other], "arcee_fusion", base))
     # the fence keeps some of the other model's entries and leaves the rest at the base
     moved = out != base
@@ -127,14 +127,14 @@ def test_arcee_fusion_equals_mergekit(shape):
 @pytest.mark.parametrize("epsilon", [1e-5, 0.03])
 def test_ram_equals_mergekit(shape, epsilon):
     models, base = family(shape, n=3, seed=7, sparse=0.5)
-    same(mx.ram(models, base, epsilon=epsilon), mergekit(models, "ram", base, epsilon=epsilon))
+    same(consensus.ram(models, base, epsilon=epsilon), mergekit(models, "ram", base, epsilon=epsilon))
 
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("r,alpha", [(0.1, 0.2), (0.05, 1.0), (0.5, 0.0)])
 def test_ramplus_tl_equals_mergekit(shape, r, alpha):
     models, base = family(shape, n=3, seed=8, sparse=0.6)
-    same(mx.ramplus_tl(models, base, r=r, alpha=alpha),
+    same(consensus.ramplus_tl(models, base, r=r, alpha=alpha),
          mergekit(models, "ramplus_tl", base, r=r, alpha=alpha))
 
 
@@ -142,7 +142,7 @@ def test_ram_keeps_unique_deltas_whole_and_averages_shared_ones():
     base = torch.zeros(4)
     a = torch.tensor([1.0, 2.0, 0.0, 0.0])
     b = torch.tensor([3.0, 0.0, 5.0, 0.0])
-    torch.testing.assert_close(mx.ram([a, b], base), torch.tensor([2.0, 2.0, 5.0, 0.0]))
+    torch.testing.assert_close(consensus.ram([a, b], base), torch.tensor([2.0, 2.0, 5.0, 0.0]))
 
 
 # -- DELLA: same distribution as mergekit's -----------------------------------------------------
@@ -160,7 +160,7 @@ def test_della_keep_rate_rises_with_magnitude_rank_as_mergekit(shape):
     theirs = torch.zeros(delta.numel())
     for s in range(trials):
         g = torch.Generator().manual_seed(s)
-        ours += (mx.della_drop(delta, density, eps, "none", g) != 0).reshape(-1).float()
+        ours += (dare.della_drop(delta, density, eps, "none", g) != 0).reshape(-1).float()
         torch.manual_seed(1000 + s)
         theirs += (della_magprune(delta, density, eps, None) != 0).reshape(-1).float()
     n = delta.numel()
@@ -176,7 +176,7 @@ def test_della_keep_rate_rises_with_magnitude_rank_as_mergekit(shape):
 
 def test_della_l1_rescale_matches_the_input_norm():
     delta = torch.randn(50, 60)
-    kept = mx.della_drop(delta, 0.3, 0.1, "l1", torch.Generator().manual_seed(0))
+    kept = dare.della_drop(delta, 0.3, 0.1, "l1", torch.Generator().manual_seed(0))
     torch.testing.assert_close(kept.abs().sum(), delta.abs().sum())
     assert (kept == 0).float().mean() > 0.5
 
@@ -188,7 +188,7 @@ def test_della_merge_mean_matches_mergekit(method):
     models, base = family((32, 48), n=3, seed=9)
     w = [1.0, 0.7, 0.4]
     params = {"density": 0.5, "epsilon": 0.15, "lambda": 0.8}
-    fn = getattr(mx, method)
+    fn = getattr(dare, method)
     ours, theirs = [], []
     for s in range(60):
         gens = [torch.Generator().manual_seed(10 * s + i) for i in range(3)]
@@ -207,30 +207,30 @@ def test_della_merge_mean_matches_mergekit(method):
 
 def test_della_at_density_one_is_ties_without_trim():
     models, base = family((10, 12), n=3, seed=10)
-    out = mx.della(models, base, [1.0] * 3, [1.0] * 3, [0.1] * 3)
+    out = dare.della(models, base, [1.0] * 3, [1.0] * 3, [0.1] * 3)
     same(out, mergekit(models, "della", base, weight=[1.0] * 3, density=1.0, epsilon=0.1))
 
 
 def test_della_refuses_epsilon_reaching_past_zero_or_one():
-    mx.della_check([0.66], [0.05], "recipe")
+    dare.della_check([0.66], [0.05], "recipe")
     with pytest.raises(WeightsmithError, match="density ± epsilon"):
-        mx.della_check([0.66], [1.35], "recipe")
+        dare.della_check([0.66], [1.35], "recipe")
     with pytest.raises(WeightsmithError, match="epsilon"):
-        mx.della_check([0.1], [0.1], "recipe")
+        dare.della_check([0.1], [0.1], "recipe")
 
 
 # -- half precision: the arithmetic in the dtype, as mergekit does it -----------------------------
 
 HALF_CASES = {
-    "sce": (lambda ms, b: mx.sce(ms, b, select_topk=0.5), {"select_topk": 0.5}, True),
-    "nuslerp": (lambda ms, b: mx.nuslerp(ms[:2], b, [0.6, 0.4], nuslerp_flatten=False),
+    "sce": (lambda ms, b: consensus.sce(ms, b, select_topk=0.5), {"select_topk": 0.5}, True),
+    "nuslerp": (lambda ms, b: spherical.nuslerp(ms[:2], b, [0.6, 0.4], nuslerp_flatten=False),
                 {"weight": [0.6, 0.4], "nuslerp_flatten": False}, True),
-    "multislerp": (lambda ms, b: mx.multislerp(ms, b, [0.6, 0.4, 1.0]), {"weight": [0.6, 0.4, 1.0]}, True),
-    "karcher": (lambda ms, b: mx.karcher(ms, None, max_iter=5), {"max_iter": 5}, False),
-    "nearswap": (lambda ms, b: mx.nearswap(ms[:1], b, 0.01), {"t": 0.01}, True),
-    "arcee_fusion": (lambda ms, b: mx.arcee_fusion(ms[:1], b), {}, True),
-    "ram": (lambda ms, b: mx.ram(ms, b), {}, True),
-    "ramplus_tl": (lambda ms, b: mx.ramplus_tl(ms, b, r=0.05, alpha=1.0), {"r": 0.05, "alpha": 1.0}, True),
+    "multislerp": (lambda ms, b: spherical.multislerp(ms, b, [0.6, 0.4, 1.0]), {"weight": [0.6, 0.4, 1.0]}, True),
+    "karcher": (lambda ms, b: spherical.karcher(ms, None, max_iter=5), {"max_iter": 5}, False),
+    "nearswap": (lambda ms, b: swap.nearswap(ms[:1], b, 0.01), {"t": 0.01}, True),
+    "arcee_fusion": (lambda ms, b: swap.arcee_fusion(ms[:1], b), {}, True),
+    "ram": (lambda ms, b: consensus.ram(ms, b), {}, True),
+    "ramplus_tl": (lambda ms, b: consensus.ramplus_tl(ms, b, r=0.05, alpha=1.0), {"r": 0.05, "alpha": 1.0}, True),
 }
 
 
@@ -271,7 +271,7 @@ def test_engine_output_equals_the_function_on_each_tensor(method, params, extra,
     import yaml
 
     from weightsmith.checkpoint import Checkpoint
-    from weightsmith.merge import merge, parse_recipe
+    from weightsmith.merge import all_methods, merge, parse_recipe
 
     base = tiny_llama("base", 0)
     models = [tiny_llama(f"m{i}", i + 1) for i in range(1 if extra.get("one") else 2)]
@@ -280,7 +280,7 @@ def test_engine_output_equals_the_function_on_each_tensor(method, params, extra,
     recipe = {"merge_method": method, "base_model": str(base), "parameters": params, "models": entries}
     merge(parse_recipe(yaml.safe_dump(recipe)), tmp_path / "out", device="cpu")
     out, b, ms = Checkpoint(tmp_path / "out"), Checkpoint(base), [Checkpoint(m) for m in models]
-    fn = getattr(mx, method)
+    fn = all_methods()[method].fn
     kw = dict(params)
     if extra.get("weight"):
         kw["weight"] = [0.7, 0.3]

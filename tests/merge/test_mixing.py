@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from weightsmith.merge import mixing, sparsify
-from weightsmith.merge.methods import task_arithmetic, ties
-from weightsmith.merge.sparsify import BRACKETED, magnitude_rank
+from weightsmith.merge.methods.task_arithmetic import task_arithmetic
+from weightsmith.merge.methods.ties import ties
+from weightsmith.merge.native import mixing, sparsify
+from weightsmith.merge.native.sparsify import BRACKETED, magnitude_rank
 
 
 def dense_ties(tensors, base, weight, density, normalize=True, lambda_=1.0):
@@ -58,7 +59,7 @@ def native(monkeypatch):
     """The native kernels, switched on. The dev install builds them, so their absence is a failure."""
     monkeypatch.setenv("WEIGHTSMITH_NATIVE", "1")
     kernels = mixing.native_kernels()
-    assert kernels is not None, "weightsmith.merge._kernels was not built (is a C compiler installed?)"
+    assert kernels is not None, "weightsmith.merge.native._kernels was not built (is a C compiler installed?)"
     return kernels
 
 

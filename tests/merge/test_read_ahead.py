@@ -7,8 +7,7 @@ from types import SimpleNamespace
 
 import torch
 
-from weightsmith.merge import methods
-from weightsmith.merge.engine import PREFETCH_BYTES
+from weightsmith.merge.execute import PREFETCH_BYTES, read_ahead
 
 
 def test_read_ahead_yields_every_job_in_order_and_respects_the_memory_rule():
@@ -18,14 +17,13 @@ def test_read_ahead_yields_every_job_in_order_and_respects_the_memory_rule():
     loaded: list[str] = []
     gate = threading.Lock()
 
-    def stream(js):
-        for j in js:
-            with gate:
-                loaded.append(j.name)
-            yield [j.name, j.name]  # two inputs
+    def load(j):
+        with gate:
+            loaded.append(j.name)
+        return [j.name, j.name]  # two inputs
 
     seen = []
-    for i, inputs in enumerate(methods._read_ahead(jobs, stream)):
+    for i, inputs in enumerate(read_ahead(jobs, load)):
         seen.append(inputs[0])
         ahead = {n for n in loaded if n not in seen}
         if i == 1:  # t1 and t2 together (2 × 2 inputs of PREFETCH_BYTES) exceed largest + PREFETCH_BYTES:

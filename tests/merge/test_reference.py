@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from weightsmith.merge import methods, mixing, reference, sparsify
+from weightsmith.merge.methods import reference
+from weightsmith.merge.methods import ties as methods
+from weightsmith.merge.native import mixing, sparsify
 from weightsmith.merge.registry import all_methods
 
 

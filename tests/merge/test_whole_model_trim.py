@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from weightsmith.checkpoint import Checkpoint
-from weightsmith.merge import merge, mixing
+from weightsmith.merge import merge
+from weightsmith.merge.native import mixing
 from weightsmith.merge.recipe import recipe_from_flags
-from weightsmith.merge.sparsify import kept_count, whole_model_thresholds
+from weightsmith.merge.native.sparsify import kept_count, whole_model_thresholds
 
 
 @pytest.fixture(params=["native", "torch"])

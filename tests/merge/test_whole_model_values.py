@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from weightsmith.errors import WeightsmithError
-from weightsmith.merge.engine import merge
+from weightsmith.merge import merge
 from weightsmith.merge.recipe import recipe_from_flags
 
 TENSOR = "model.layers.0.mlp.up_proj.weight"
@@ -63,10 +63,10 @@ def test_nonfinite_inputs_are_refused_by_whole_model_merges(method, pair, tmp_pa
 
 def test_pleas_refuses_a_result_made_non_finite(pair, tmp_path, monkeypatch):
     """Finite inputs, a non-finite merged tensor (here planted in the merged model): refused by name."""
-    from weightsmith.merge import pleas_blocks
+    from weightsmith.merge import pleas_stage
 
     a, b, data = pair
-    original = pleas_blocks.merge_blocks
+    original = pleas_stage.merge_blocks
 
     def spoiled(pair, plans, how, write, progress=None):
         def spoil(path, module):
@@ -75,7 +75,7 @@ def test_pleas_refuses_a_result_made_non_finite(pair, tmp_path, monkeypatch):
                     module.get_parameter(TENSOR[len(path) + 1:]).view(-1)[0] = float("inf")
             write(path, module)
         return original(pair, plans, how, spoil, progress)
-    monkeypatch.setattr(pleas_blocks, "merge_blocks", spoiled)
+    monkeypatch.setattr(pleas_stage, "merge_blocks", spoiled)
     with pytest.raises(WeightsmithError, match=f"merged tensor '{TENSOR}' is not finite although its inputs are"):
         merge(_pleas(a, b, data), tmp_path / "out", device="cpu")
 

@@ -91,6 +91,16 @@ def pinned_recipe(text: str) -> str:
     return text if pinned_data == data else yaml.safe_dump(pinned_data, sort_keys=False)
 
 
+def own_format(folder: Path) -> str | None:
+    """The weightsmith format of a folder whose config.json (written first) stock loaders refuse, else None."""
+    from .formats import loads_stock, read_config
+
+    if not (folder / "config.json").is_file():
+        return None
+    config = read_config(folder)
+    return None if loads_stock(config) else config["weightsmith"]["format"]
+
+
 def write_model_card(folder: str | Path, *, stage: str, method: str, inputs: list[str], parameters: dict,
                      metrics: list[dict] | None = None, recipe: str | None = None, notes: str | None = None,
                      tags: list[str] | None = None, read_inputs: bool = True) -> Path:
@@ -100,7 +110,9 @@ def write_model_card(folder: str | Path, *, stage: str, method: str, inputs: lis
     inputs = [str(i) for i in inputs]
     own, unread = _source_base_models(inputs) if read_inputs else ([], [])
     bases = list(dict.fromkeys(hub_ids(inputs, read_inputs) + own))
-    meta: dict = {"library_name": "transformers", "tags": ["weightsmith", stage, method, *(tags or [])]}
+    fmt = own_format(folder)
+    meta: dict = {"library_name": "weightsmith" if fmt else "transformers",
+                  "tags": ["weightsmith", stage, method, *(tags or [])]}
     if bases:
         meta["base_model"] = bases
         if stage == "merge":
@@ -118,7 +130,12 @@ def write_model_card(folder: str | Path, *, stage: str, method: str, inputs: lis
         recipe = pinned_recipe(recipe)
         (folder / "weightsmith_recipe.yaml").write_text(recipe)
         lines += ["## Recipe", "", "```yaml", recipe.strip(), "```", ""]
-    lines += ["## Loading", "", "```python", "import weightsmith", f"model = weightsmith.load(\"{folder.name.split('.tmp-')[0]}\")", "```", ""]
+    name = folder.name.split('.tmp-')[0]
+    lines += ["## Loading", "", "```python", "import weightsmith", f"model = weightsmith.load(\"{name}\")", "```", ""]
+    if fmt:
+        lines += [f"This is not a stock checkpoint: its weights are stored in weightsmith's {fmt} format, which "
+                  "transformers and sentence-transformers refuse. `weightsmith export --plain "
+                  f"{name} -o {name}-plain` writes one they load.", ""]
     path = folder / "README.md"
     path.write_text("\n".join(lines))
     return path

@@ -157,36 +157,3 @@ def ignored_by_transformers(skeleton, missing: set, unexpected: set) -> tuple[se
     except (ImportError, AttributeError, TypeError):
         return missing, unexpected
     return info.missing_keys, info.unexpected_keys
-
-
-def check_folder(folder: Path, shown: Path) -> None:
-    """A folder a stage wrote: its config.json fits its tensors, as ``weightsmith.load`` will check it (messages
-    name ``shown``). Folders without a config, with custom code, or whose config transformers cannot build are
-    left to the reader."""
-    from .files import read_json
-    from .reader import Checkpoint
-
-    if not (folder / "config.json").is_file() or not any(folder.glob("*.safetensors")):
-        return
-    config = read_json(folder / "config.json", "config.json")
-    fmt = (config.get("weightsmith") or {}).get("format", "plain")
-    ckpt = Checkpoint(folder)
-    try:
-        _check_written(config, fmt, ckpt, shown)
-    finally:
-        ckpt.close()
-
-
-def _check_written(config: dict, fmt: str, ckpt, shown: Path) -> None:
-    if fmt == "folded":
-        members = {j for group in config["weightsmith"].get("groups", []) for j in group[1:]}
-        check_layer_count(shown, config, ckpt.names(), skip=members)
-    elif fmt != "plain":
-        check_layer_count(shown, config, ckpt.names())
-    elif not config.get("auto_map"):
-        cls = model_class(config)
-        try:
-            cfg = config_object(config, cls)
-        except Exception:  # noqa: BLE001 - the reader words what transformers refuses
-            return
-        check_tensors(cls, cfg, ckpt, shown)

@@ -14,8 +14,9 @@ from pathlib import Path
 
 from ..errors import OptionError, WeightsmithError, needs_option
 from ..progress import ProgressFn, report
-from .network import DEFAULT_TIMEOUT, http_hint, is_timeout, online, transport_errors
 from .files import member
+from .formats import loads_stock
+from .network import DEFAULT_TIMEOUT, http_hint, is_timeout, online, transport_errors
 from .reader import Checkpoint
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
@@ -30,14 +31,14 @@ def _ignored(rel: str) -> bool:
 
 def plan_push(folder: str | Path, weightsmith_format: bool = False) -> dict:
     """Validate ``folder`` and list what a push uploads: ``{"files": [{"path", "size", "generated"}], ...}``. A
-    folded or RPS folder (shared or hashed weights that stock transformers would fill at random) is refused unless
-    ``weightsmith_format`` says it is meant to be uploaded as it is."""
+    folder stock transformers would get wrong (an RPS folder, a folded one that shares blocks: weights it would fill
+    at random) is refused unless ``weightsmith_format`` says it is meant to be uploaded as it is."""
     folder = Path(folder)
     ckpt = Checkpoint(folder)
     if ckpt.config is None:
         raise WeightsmithError(f"{folder}: no config.json; the Hub cannot load a model folder without one")
     fmt = (ckpt.config.get("weightsmith") or {}).get("format", "plain")
-    if fmt != "plain" and not weightsmith_format:
+    if not loads_stock(ckpt.config) and not weightsmith_format:
         raise needs_option(f"{folder} is a weightsmith {fmt} folder: stock transformers would load it with its "
                            "shared or hashed weights filled at random", "; upload the plain checkpoint `weightsmith "
                            "export` writes of it, or set {0} to upload it as it is (it loads with weightsmith.load)",
@@ -60,6 +61,7 @@ def plan_push(folder: str | Path, weightsmith_format: bool = False) -> dict:
 
 def _default_card_text(folder: Path, ckpt: Checkpoint) -> str:
     from .card import write_model_card
+    from .writer import write_config
 
     config = ckpt.config or {}
     fmt = (config.get("weightsmith") or {}).get("format", "plain")
@@ -69,6 +71,7 @@ def _default_card_text(folder: Path, ckpt: Checkpoint) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         target = Path(tmp) / folder.resolve().name
         target.mkdir()
+        write_config(target, config)  # the card says what loads the folder (a weightsmith format: not transformers)
         # _name_or_path is the folder's own text, not a folder this push read: named on the card, never opened
         path = write_model_card(target, stage="push", method=fmt, inputs=[source] if source else [],
                                 parameters=params, read_inputs=False,

@@ -17,6 +17,7 @@ from safetensors import safe_open
 
 from ..errors import WeightsmithError, needs_option
 from .files import member, read_json
+from .formats import stock_config
 from .safetensors_file import TORCH_TO_ST, TensorInfo, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -80,8 +81,8 @@ class Checkpoint:
         if not self.path.is_dir():
             raise WeightsmithError(f"{self.path}: not a model folder (no such directory)")
         check_side_files(self.path)
-        self.config = check_config(read_json(self.path / "config.json", "config.json"), self.path / "config.json") \
-            if (self.path / "config.json").exists() else None
+        self.config = check_config(stock_config(read_json(self.path / "config.json", "config.json")),
+                                   self.path / "config.json") if (self.path / "config.json").exists() else None
         self.tensors: dict[str, TensorInfo] = {}
         self.metadata: dict[str, str] = {}
         self._handles: dict[Path, object] = {}

@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..errors import WeightsmithError, needs_option
+from .formats import ST_ASIDE
 from .network import (DEFAULT_TIMEOUT, endpoint, http_hint, is_timeout, online, transport_errors,
                       user_offline)
 
@@ -26,7 +27,7 @@ READ_PATTERNS = (
     "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt",
     "merges.txt", "tokenizer.model", "*.tiktoken", "chat_template.jinja", "chat_template.json",
     "preprocessor_config.json", "modules.json", "sentence_bert_config.json", "config_sentence_transformers.json",
-    "*/config.json", "adapter_config.json", "trainer_state.json", "README.md",
+    "*/config.json", "adapter_config.json", "trainer_state.json", "README.md", f"{ST_ASIDE}/*",
 )
 PICKLE_PATTERNS = ("pytorch_model*.bin", "pytorch_model.bin.index.json", "adapter_model.bin")
 CODE_PATTERNS = ("*.py",)

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from ..errors import WeightsmithError
+from .formats import loads_stock, read_config
 from .patterns import check_pattern
 from .files import member, read_json, read_regular
 
@@ -74,7 +75,13 @@ def load_tokenizer(folder: str | Path, trust_remote_code: bool = False, **kwargs
     from transformers import AutoTokenizer
 
     check_tokenizer_files(folder)
+    config = read_config(folder) if "config" not in kwargs and (Path(folder) / "config.json").is_file() else None
     try:
+        if config is not None and not loads_stock(config):
+            # transformers would read the folder's own model type, which names no tokenizer: the stock config
+            from .exact import config_object
+
+            kwargs["config"] = config_object(config)
         return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code, **kwargs)
     except RecursionError:
         raise WeightsmithError(f"{folder}: a tokenizer file nests too deeply to be real") from None

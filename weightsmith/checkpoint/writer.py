@@ -28,7 +28,9 @@ from pathlib import Path
 import torch
 
 from ..errors import WeightsmithError, needs_option
-from .reader import INDEX_NAME, SINGLE_NAME, SIDE_FILES
+from .exact import check_layer_count, check_tensors, config_object, model_class
+from .formats import read_config, written_config
+from .reader import INDEX_NAME, SINGLE_NAME, SIDE_FILES, Checkpoint
 from .safetensors_file import ShardFile
 from .values import finite, nonfinite_count
 
@@ -142,14 +144,42 @@ def output_folder(target: str | Path, inputs: Iterable[str | Path] = (), force: 
 
 
 def _check_shapes(tmp: Path, target: Path, stage: str) -> None:
-    """The publish check of a finished output: its config.json fits its tensors (``exact.check_folder``)."""
-    from .exact import check_folder
-
+    """The publish check of a finished output: its config.json fits its tensors (``check_folder``)."""
     try:
         check_folder(tmp, target)
     except WeightsmithError as exc:
         raise WeightsmithError(f"{stage} wrote a model that is not exactly its tensors, so {target} was not "
                                f"written: {exc}") from None
+
+
+def check_folder(folder: Path, shown: Path) -> None:
+    """A folder a stage wrote: its config.json fits its tensors, as ``weightsmith.load`` will check it (messages
+    name ``shown``). Folders without a config, with custom code, or whose config transformers cannot build are
+    left to the reader."""
+    if not (folder / "config.json").is_file() or not any(folder.glob("*.safetensors")):
+        return
+    config = read_config(folder)
+    fmt = (config.get("weightsmith") or {}).get("format", "plain")
+    ckpt = Checkpoint(folder)
+    try:
+        _check_written(config, fmt, ckpt, shown)
+    finally:
+        ckpt.close()
+
+
+def _check_written(config: dict, fmt: str, ckpt, shown: Path) -> None:
+    if fmt == "folded":
+        members = {j for group in config["weightsmith"].get("groups", []) for j in group[1:]}
+        check_layer_count(shown, config, ckpt.names(), skip=members)
+    elif fmt != "plain":
+        check_layer_count(shown, config, ckpt.names())
+    elif not config.get("auto_map"):
+        cls = model_class(config)
+        try:
+            cfg = config_object(config, cls)
+        except Exception:  # noqa: BLE001 - the reader words what transformers refuses
+            return
+        check_tensors(cls, cfg, ckpt, shown)
 
 
 def check_publishable(folder: Path, name: str, tensor: torch.Tensor) -> None:
@@ -558,7 +588,9 @@ def save_state_dict(state: dict[str, torch.Tensor], folder: Path, max_shard_size
 
 
 def write_config(folder: Path, config: dict) -> None:
-    (Path(folder) / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    """config.json; a weightsmith format that stock loaders would get wrong is written under its own model type
+    (``formats.written_config``)."""
+    (Path(folder) / "config.json").write_text(json.dumps(written_config(config), indent=2, sort_keys=True) + "\n")
 
 
 def copy_side_files(src: str | Path, folder: Path) -> list[str]:

@@ -47,7 +47,7 @@ def pleas_cmd(
     run: RunFlags = None,
 ) -> None:
     """PLeaS: merge two models (possibly from different bases) into one of --width× size."""
-    from ..merge.pleas import pleas_merge
+    from ..merge.pleas_stage import pleas_merge
 
     with remote_code(run.trust_remote_code), progress_bars(not run.quiet) as progress:
         model_a, model_b = model_folder(model_a, run), model_folder(model_b, run)

@@ -102,10 +102,16 @@ def model_folder(ref: Path | str, run: RunFlags | None = None, allow_pickle: boo
 
     if run is not None:
         go_offline(run.offline)
-        if run.quiet:  # huggingface_hub's own download bars, as every other bar
-            from huggingface_hub.utils import disable_progress_bars
-            disable_progress_bars()
+        if run.quiet:
+            quiet_hub()
     return resolve_model(ref, allow_pickle=allow_pickle or bool(run is not None and run.allow_pickle))
+
+
+def quiet_hub() -> None:
+    """No huggingface_hub bars either (its downloads and uploads draw their own on stderr)."""
+    from huggingface_hub.utils import disable_progress_bars
+
+    disable_progress_bars()
 
 
 def with_tokenizer(opts, run: RunFlags):
@@ -123,6 +129,7 @@ def progress_bars(enabled: bool = True):
     import os
 
     if not enabled or os.environ.get("WEIGHTSMITH_PROGRESS") == "0":
+        quiet_hub()
         yield None
         return
     if not err_console.is_terminal and not _force_bars():

@@ -23,20 +23,13 @@ def export_cmd(
     offline: OfflineOpt = False,
 ) -> None:
     """Turn a folded or RPS folder into a plain checkpoint that stock from_pretrained loads."""
-    from ..errors import WeightsmithError
-    from ..loading import folder_format, format_module
+    from ..export import export
 
     go_offline(offline)
     model = model_folder(model)
-    fmt = folder_format(model)
-    if fmt == "plain":
-        raise WeightsmithError(f"{model} is already a plain checkpoint; nothing to export")
-    if not opts.plain:
-        raise WeightsmithError("only --plain export is available")
     with progress_bars(not quiet) as progress:
-        info = format_module(fmt).export_plain(model, out, max_shard_size=opts.out_shard_size, force=force,
-                                               progress=progress)
+        info = export(model, out, opts, force=force, progress=progress)
     if json_out:
         print_json(info)
     else:
-        console.print(f"exported {fmt} folder {model} -> {out}")
+        console.print(f"exported {info['format']} folder {model} -> {out}")

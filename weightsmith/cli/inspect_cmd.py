@@ -18,7 +18,7 @@ def inspect_cmd(
     offline: OfflineOpt = False,
 ) -> None:
     """Architecture, layers, parameters, dtypes, size and shards of a model folder, from headers alone."""
-    from ..checkpoint.inspect import summarize
+    from ..inspect import summarize
 
     go_offline(offline)
     model = model_folder(model, allow_pickle=allow_pickle)

@@ -6,7 +6,7 @@ options are accepted where they mean something here and refused by name otherwis
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, ClassVar
 
 import typer
 
@@ -19,18 +19,11 @@ from .options import flag, spelled, with_options
 
 HELP_HEAD = """Merge checkpoints into one, streaming one tensor at a time.
 
-RECIPE is mergekit YAML (merge_method, base_model, models with per-model parameters, global
-parameters, dtype, out_dtype); parameter values may be layer gradients ([0.2, 0.8]) or filtered
-([{filter: self_attn, value: 0.5}, {value: 0.2}]). Without RECIPE, give --method and --model flags.
-`weightsmith merge --list-methods` lists every method with its parameters (--json for a machine).
+RECIPE is mergekit YAML (merge_method, base_model, models with per-model parameters, global parameters, dtype, out_dtype); parameter values may be layer gradients ([0.2, 0.8]) or filtered ([{filter: self_attn, value: 0.5}, {value: 0.2}]). Without RECIPE, give --method and --model flags. `weightsmith merge --list-methods` lists every method with its parameters (--json for a machine).
 
-Arithmetic is float32 by default. --compat mergekit gives mergekit 0.1.5's choices where the paper
-and mergekit differ (TIES trims per tensor; DARE rescale l1; breadcrumbs masks per tensor) and
-does the arithmetic in the recipe's dtype as mergekit does, writing out_dtype when given.
-Embedding / lm_head tensors whose vocabulary rows differ are cropped to the common first rows,
-as mergekit's truncation does; any other shape mismatch is an error. `slices:` (sources with
-layer_range) stacks layers; tokenizer_source / tokenizer: / chat_template build the output
-tokenizer and re-index the vocabulary rows as mergekit does.
+Arithmetic is float32 by default. --compat mergekit gives mergekit 0.1.5's choices where the paper and mergekit differ (TIES trims per tensor; DARE rescale l1; breadcrumbs masks per tensor) and does the arithmetic in the recipe's dtype as mergekit does, writing out_dtype when given.
+
+Embedding / lm_head tensors whose vocabulary rows differ are cropped to the common first rows, as mergekit's truncation does; any other shape mismatch is an error. `slices:` (sources with layer_range) stacks layers; tokenizer_source / tokenizer: / chat_template build the output tokenizer and re-index the vocabulary rows as mergekit does.
 """
 
 # mergekit-yaml options (mergekit 0.1.5 options.py) that mean nothing here: refused by name, with why.
@@ -102,91 +95,116 @@ def _refused_options():
 RECIPE_FLAGS = {"base_model": "--base", "models": "--model", "merge_method": "--method"}  # recipe keys -> flags
 
 
-def _defaults(param: str, text: str) -> str:
-    """A method parameter's help with its defaults as the registry declares them, per method where they differ."""
-    from ..merge import all_methods
+METHOD_PANEL = "Method parameters (per method: --list-methods)"
+MERGEKIT_PANEL = "mergekit-yaml spellings"
 
+
+def _described(uses: list) -> str:
+    """A method parameter's help from its declarations ``(method, Param)``: the wording most methods share, with
+    those methods (the others' is in --list-methods), then the defaults, per method where they differ."""
+    def names(ms: list[str]) -> str:
+        return ", ".join(ms) if len(ms) < 4 else f"{len(ms)} methods"
+    by_help: dict[str, list[str]] = {}
     by_default: dict[str, list[str]] = {}
-    for name, method in sorted(all_methods().items()):
-        p = method.param(param)
-        if p is not None:
-            by_default.setdefault("all" if p.default is None else str(p.default).lower(), []).append(name)
-    if len(by_default) == 1:
-        return f"{text} (default {next(iter(by_default))})" if "all" not in by_default else text
-    parts = [f"{d} ({', '.join(ms) if len(ms) < 4 else 'the others'})" for d, ms in
-             sorted(by_default.items(), key=lambda kv: len(kv[1]))]
-    return f"{text} (default {'; '.join(parts)})"
+    for method, p in uses:
+        by_help.setdefault(p.help.rstrip("."), []).append(method)
+        if p.default is not None:
+            by_default.setdefault(str(p.default).lower(), []).append(method)
+    wording, ms = max(by_help.items(), key=lambda kv: len(kv[1]))
+    text = wording[:1].upper() + wording[1:] + f" ({names(ms)}" + ("; others: --list-methods)" if len(by_help) > 1
+                                                                   else ")")
+    if len(by_default) == 1 and len(next(iter(by_default.values()))) == len(uses):
+        return f"{text}. (default {next(iter(by_default))})"
+    parts = [f"{d} ({names(ms)})" for d, ms in sorted(by_default.items(), key=lambda kv: len(kv[1]))]
+    return f"{text}." + (f" (default {'; '.join(parts)})" if parts else "")
 
 
-class MergeFlags(Options):
+class FixedFlags(Options):
     """The flags that describe a merge without a recipe (or change a recipe's method, base and parameters), and
     mergekit-yaml's spellings of other options. Command-line only: a pipeline gives these as the merge stage's
-    ``method``, ``base_model``, ``parameters`` and ``model_parameters``."""
+    ``method``, ``base_model``, ``parameters`` and ``model_parameters``. ``MergeFlags`` adds one flag per method
+    parameter the registry declares."""
     method: str | None = option(None, pipeline=False, help="Merge method (overrides the recipe's merge_method).")
     base: str | None = option(None, pipeline=False, help="Base model folder (task vectors are taken against it).")
-    model: list[str] | None = option(None, pipeline=False, help="Input model folder; repeat per model.")
-    weight: list[float] | None = option(None, pipeline=False, help=_defaults("weight", "Weight: once for all models or once per --model."))
-    density: list[float] | None = option(None, pipeline=False, help=_defaults("density", "Fraction of each task vector kept (ties, dare_*, breadcrumbs*)."))
-    gamma: list[float] | None = option(None, pipeline=False, help=_defaults("gamma", "Breadcrumbs: fraction of largest |delta| removed."))
-    lambda_: float | None = option(None, pipeline=False, flag="--lambda", help=_defaults("lambda", "Scale of the merged task vector."))
-    t: float | None = option(None, pipeline=False, help=_defaults("t", "SLERP position: 0 = base, 1 = the other model."))
-    normalize: bool | None = option(None, pipeline=False, flag="--normalize/--no-normalize",
-                                    help=_defaults("normalize", "Divide by summed weights."))
-    rescale: str | None = option(None, pipeline=False, help=_defaults("rescale", "DARE survivors: paper (1/density), l1 (mergekit) or none."))
-    trim: str | None = option(None, pipeline=False, help=_defaults("trim", "TIES: top --density of each whole task vector 'model' (paper) or of each 'tensor' (mergekit)."))
-    mask: str | None = option(None, pipeline=False, help=_defaults("mask", "Breadcrumbs mask fractions per 'row' (paper) or per 'tensor' (mergekit)."))
-    compat: str | None = option(None, pipeline=False, help=_defaults("compat", "'mergekit': mergekit's defaults and its arithmetic in the recipe's dtype."))
-    filter_wise: bool | None = option(None, pipeline=False, flag="--filter-wise/--no-filter-wise",
-                                      help=_defaults("filter_wise", "Model stock: one ratio per output row."))
-    metric: str | None = option(None, pipeline=False, help=_defaults("metric", "MWA: weight by 'loss' (1/loss) or 'step', from trainer_state.json. PLeaS: activation similarity, euclidean or correlation."))
-    p: float | None = option(None, pipeline=False, help=_defaults("p", "MWA penalty factor: w_i = m_i^p / sum_j m_j^p."))
-    metric_value: list[float] | None = option(None, pipeline=False, help="MWA: loss or step per --model instead of "
-                                                                         "trainer_state.json.")
-    data: str | None = option(None, pipeline=False, help="Greedy soup: held-out text scored by perplexity. PLeaS: "
-                                                         "calibration text.")
-    width: float | None = option(None, pipeline=False, help=_defaults("width", "PLeaS: output size in model widths, 1.0-2.0."))
-    labelled: str | None = option(None, pipeline=False, help="Greedy soup: held-out labelled file scored by "
-                                                             "accuracy.")
-    max_tokens: int | None = option(None, pipeline=False, help=_defaults("max_tokens", "Greedy soup: tokens of --data used."))
-    param: list[str] | None = option(None, pipeline=False, help="Any other global parameter, KEY=VALUE (YAML value).")
-    cuda: bool | None = option(None, pipeline=False, flag="--cuda/--no-cuda",
-                               help="mergekit-yaml's spelling of --device cuda / --device cpu.")
-    random_seed: int | None = option(None, pipeline=False, help="mergekit-yaml's spelling of --seed.")
-    num_threads: int | None = option(None, lo=1, pipeline=False, short="-j",
+    model: list[str] | None = option(None, pipeline=False, metavar="MODEL",
+                                     help="Input model folder; repeat per model.")
+    param: list[str] | None = option(None, pipeline=False, metavar="KEY=VALUE", panel=METHOD_PANEL,
+                                     help="Any method parameter, KEY=VALUE (YAML value).")
+    cuda: bool | None = option(None, pipeline=False, flag="--cuda/--no-cuda", panel=MERGEKIT_PANEL,
+                               help="--device cuda / --device cpu.")
+    random_seed: int | None = option(None, pipeline=False, panel=MERGEKIT_PANEL, metavar="INT", help="--seed.")
+    num_threads: int | None = option(None, lo=1, pipeline=False, short="-j", metavar="INT", panel=MERGEKIT_PANEL,
                                      help="CPU threads for the arithmetic. [default: torch's]")
     lazy_unpickle: bool = option(False, pipeline=False, flag="--lazy-unpickle/--no-lazy-unpickle",
-                                 help="Accepted from mergekit-yaml: reading is always lazy here (safetensors, mapped "
-                                      "per tensor).")
+                                 panel=MERGEKIT_PANEL, help="Accepted: reading is always lazy here (safetensors, "
+                                                            "mapped per tensor).")
     unsafe_truncate_embeddings: bool = option(
         False, pipeline=False, flag="--unsafe-truncate-embeddings/--no-unsafe-truncate-embeddings",
-        help="Accepted from mergekit-yaml: differing vocabulary rows are always cropped, with a note.")
-    safe_serialization: bool = option(False, pipeline=False, help="Accepted from mergekit-yaml: the output is always "
-                                                                  "safetensors.")
-    async_write: bool = option(False, pipeline=False, flag="--async-write/--no-async-write",
-                               help="Accepted from mergekit-yaml: writing always overlaps the merge.")
+        panel=MERGEKIT_PANEL, help="Accepted: differing vocabulary rows are always cropped, with a note.")
+    safe_serialization: bool = option(False, pipeline=False, panel=MERGEKIT_PANEL,
+                                      help="Accepted: the output is always safetensors.")
+    async_write: bool = option(False, pipeline=False, flag="--async-write/--no-async-write", panel=MERGEKIT_PANEL,
+                               help="Accepted: writing always overlaps the merge.")
 
-    PER_MODEL = ("weight", "density", "gamma", "metric_value")
-    GLOBAL = ("t", "normalize", "rescale", "trim", "mask", "compat", "filter_wise", "metric", "p", "data", "width",
-              "labelled", "max_tokens")
+    PER_MODEL: ClassVar[tuple[str, ...]] = ()  # method parameters given once or once per --model (field names)
+    GLOBAL: ClassVar[tuple[str, ...]] = ()
 
     def per_model(self) -> dict[str, list | None]:
-        return {k: getattr(self, k) for k in self.PER_MODEL}
+        return {_param(k): getattr(self, k) for k in self.PER_MODEL}
 
     def parameters(self) -> dict:
         """The global method parameters the flags give (``--param`` ones included; None: not given)."""
         from ..merge.recipe import parse_param
 
-        return {"lambda": self.lambda_, **{k: getattr(self, k) for k in self.GLOBAL},
-                **dict(parse_param(x) for x in self.param or [])}
+        return {**{_param(k): getattr(self, k) for k in self.GLOBAL}, **dict(parse_param(x) for x in self.param or [])}
 
     def flag_of(self, param: str) -> str | None:
         """The flag that gave method parameter ``param`` on this command line, if one did."""
         if param in {x.partition("=")[0].strip() for x in self.param or []}:
             return f"--param {param}"
-        field = "lambda_" if param == "lambda" else param
-        if field in (*self.PER_MODEL, *self.GLOBAL, "lambda_") and getattr(self, field) not in (None, []):
+        field = _field(param)
+        if field in (*self.PER_MODEL, *self.GLOBAL) and getattr(self, field) not in (None, []):
             return flag(param)
         return None
+
+
+def _field(param: str) -> str:
+    return param + "_" if param == "lambda" else param  # a Python keyword as a field name
+
+
+def _param(field: str) -> str:
+    return field.removesuffix("_") if field == "lambda_" else field
+
+
+def _method_flags() -> type[FixedFlags]:
+    """``FixedFlags`` with one flag per parameter name the registry declares: repeatable (once, or once per
+    --model) where some method takes it per model; help and defaults from the declarations."""
+    from ..merge import all_methods
+
+    uses: dict[str, list] = {}
+    for name, method in sorted(all_methods().items()):
+        for p in method.params:
+            uses.setdefault(p.name, []).append((name, p))
+    annotations, namespace, per_model = {}, {}, []
+    for name, declared in sorted(uses.items()):
+        kind = declared[0][1].kind
+        if any(p.kind is not kind for _, p in declared):
+            raise TypeError(f"merge parameter {name!r} is declared with different kinds")
+        field = _field(name)
+        if field in FixedFlags.specs() or field in MergeOptions.specs():
+            raise TypeError(f"merge parameter {name!r} has the name of a merge option")
+        many = any(p.scope == "model" for _, p in declared)
+        per_model += [field] * many
+        annotations[field] = (list[kind] if many else kind) | None
+        spelled_as = flag(name) + (f"/--no-{flag(name)[2:]}" if kind is bool else "")
+        namespace[field] = option(None, pipeline=False, flag=spelled_as, panel=METHOD_PANEL, help=_described(declared),
+                                  metavar=kind.__name__.upper().replace("STR", "TEXT"))
+    namespace.update(__annotations__=annotations, __doc__=FixedFlags.__doc__, PER_MODEL=tuple(per_model),
+                     GLOBAL=tuple(f for f in annotations if f not in per_model))
+    return type("MergeFlags", (FixedFlags,), namespace)
+
+
+MergeFlags = _method_flags()
 
 
 @with_options(RunFlags, "run", only=("device", "seed", "force", "json_out", "quiet", "offline"))

@@ -34,7 +34,11 @@ def _decls(name: str, spec: OptionSpec, kind: Any, default: Any) -> list[str]:
     return [long, *([spec.short] if spec.short else []), *spec.aliases]
 
 
-def _metavar(spec: OptionSpec) -> str | None:
+def _metavar(spec: OptionSpec, kind: Any) -> str | None:
+    if spec.metavar is not None:
+        return spec.metavar
+    if kind in (bool, bool | None):
+        return ""  # a switch takes no value: no "<bool>" beside it
     text = "[" + "|".join(map(str, spec.choices)) + "]" if spec.choices else None
     return text if text and len(text) <= 24 else None  # a long list reads better in the help text
 
@@ -59,7 +63,8 @@ def annotated(cls: type[Options], name: str) -> Any:
     f = cls.__dataclass_fields__[name]
     spec, kind = f.metadata["option"], cls.hints()[name]
     default = ... if name in cls.required() else f.default
-    return Annotated[kind, typer.Option(*_decls(name, spec, kind, default), help=spec.help, metavar=_metavar(spec))]
+    return Annotated[kind, typer.Option(*_decls(name, spec, kind, default), help=spec.help, metavar=_metavar(spec, kind),
+                                        rich_help_panel=spec.panel)]
 
 
 def spelled(param: str, cls: type[Options] | None = None) -> str:

@@ -11,7 +11,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoint import Checkpoint, ShardedWriter, copy_side_files, output_folder, read_json, save_state_dict, write_config
+from ..checkpoint import (DEFAULT_SHARD_SIZE, Checkpoint, ShardedWriter, copy_side_files, output_folder,
+                          save_state_dict, write_config)
+from ..checkpoint.formats import copy_sentence_transformers_files, read_config
 from ..checkpoint.card import write_model_card
 from ..device import resolve_device, resolve_dtype
 from ..errors import WeightsmithError
@@ -23,7 +25,7 @@ MEMORY_NAME = "rps.memory"
 
 
 def rps_config(path: Path) -> tuple[dict, dict]:
-    config = read_json(Path(path) / "config.json", "config.json")
+    config = read_config(path)
     ws = dict(config.pop("weightsmith", None) or {})
     if ws.get("format") != "rps":
         raise WeightsmithError(f"{path}: config.json has no weightsmith rps section; not an RPS folder")
@@ -50,7 +52,7 @@ def save(model: nn.Module, folder: Path, *, budget: float, extra: dict | None = 
 
 
 def _model_class(config: dict):
-    from ..loading import model_class
+    from ..checkpoint.exact import model_class
 
     return model_class(config)
 
@@ -89,7 +91,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     ckpt = Checkpoint(path)
     if MEMORY_NAME not in ckpt:
         raise WeightsmithError(f"{path}: tensor {MEMORY_NAME!r} is missing; the folder is damaged")
-    from ..loading import check_layer_count
+    from ..checkpoint.exact import check_layer_count
 
     check_layer_count(path, config, ckpt.names())
     memory = HashedMemory.from_config(ws, data=ckpt.get(MEMORY_NAME).clone())
@@ -100,8 +102,8 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     return model.eval()
 
 
-def export_plain(path: str | Path, out: str | Path, max_shard_size: str = "5GB", force: bool = False,
-                 progress: ProgressFn | None = None) -> dict:
+def export_plain(path: str | Path, out: str | Path, out_shard_size: int = DEFAULT_SHARD_SIZE,
+                 force: bool = False, progress: ProgressFn | None = None) -> dict:
     """Write the dense checkpoint (every compressed weight materialised) that stock from_pretrained loads."""
     path, out = Path(path), Path(out)
     config, ws = rps_config(path)
@@ -115,7 +117,7 @@ def export_plain(path: str | Path, out: str | Path, max_shard_size: str = "5GB",
     plan = [(n, ckpt.get(n).dtype, tuple(ckpt.get(n).shape)) for n in plain]
     plan += [(n, out_dtype, tuple(s.shape)) for n, s in dense.items()]
     with output_folder(out, inputs=[path], force=force, stage="export") as tmp:
-        writer = ShardedWriter(tmp, plan, max_shard_size)
+        writer = ShardedWriter(tmp, plan, out_shard_size)
         for n in plain:
             writer.write(n, ckpt.get(n))
         with torch.no_grad():
@@ -124,6 +126,7 @@ def export_plain(path: str | Path, out: str | Path, max_shard_size: str = "5GB",
         writer.close()
         write_config(tmp, config)
         copy_side_files(path, tmp)
+        copy_sentence_transformers_files(path, tmp)
         write_model_card(tmp, stage="export", method=f"rps-{ws['mapping']}-materialised", inputs=[str(path)],
                          parameters={"mapping": ws["mapping"], "budget": ws.get("budget"), "seed": ws["seed"]})
     return {"output": str(out), "tensors": len(plan), "materialised": len(dense),

@@ -35,7 +35,7 @@ class Target:
 
 
 def _meta_model(ckpt: Checkpoint):
-    from ..loading import build_config, model_class
+    from ..checkpoint.exact import build_config, model_class
 
     cls = model_class(ckpt.config)
     cfg = build_config(ckpt.config, cls, ckpt.path)

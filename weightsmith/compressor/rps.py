@@ -13,6 +13,7 @@ import torch
 
 from ..checkpoint import Checkpoint, check_output, copy_side_files, output_folder, read_json
 from ..checkpoint.card import write_model_card
+from ..checkpoint.formats import copy_sentence_transformers_files, read_config, stock_config
 from ..device import resolve_device
 from ..errors import MissingOption, OptionError, WeightsmithError
 from ..progress import ProgressFn
@@ -46,6 +47,7 @@ def _finish(model, folder: Path, *, budget: float, inputs: list[str], method: st
     ws = rps_format.save(model, folder, budget=budget)
     if side_from is not None:
         copy_side_files(side_from, folder)
+        copy_sentence_transformers_files(side_from, folder)
     mem = model.rps
     compressed = sum(s.numel for s in mem.specs.values())
     report = {"mapping": mem.mapping, "budget": budget, "slots": mem.num_slots, "compressed_params": compressed,
@@ -96,9 +98,7 @@ def project_checkpoint(model_path: Path, o: RpsOptions, seed: int, progress: Pro
 
 def _check_heals(model_path: Path) -> None:
     """The heal trains a causal LM on its own loss: refuse any other model before the projection, by name."""
-    from ..checkpoint import read_json
-
-    config = read_json(model_path / "config.json", "config.json") if (model_path / "config.json").is_file() else {}
+    config = read_config(model_path) if (model_path / "config.json").is_file() else {}
     arch = (config.get("architectures") or ["?"])[0]
     if not str(arch).endswith(("ForCausalLM", "LMHeadModel")):
         raise OptionError("heal_steps", f"{model_path} is a {arch}, not a causal LM: the heal trains a language-"
@@ -135,7 +135,7 @@ def train_rps(from_config: str | Path, out: str | Path, opts: RpsOptions | None 
               seed: int = 0, force: bool = False, progress: ProgressFn | None = None, **values) -> dict:
     """Build an RPS model from a config.json (or a model folder's config) and train it from scratch for
     ``train_steps`` on ``data``; ``values`` override fields of ``opts``."""
-    from ..loading import model_class
+    from ..checkpoint.exact import model_class
 
     o = RpsOptions.build(opts, **values)
     src = Path(from_config)
@@ -147,7 +147,7 @@ def train_rps(from_config: str | Path, out: str | Path, opts: RpsOptions | None 
         raise MissingOption("data", "training a model from a config needs text to train on")
     _check_data(o.data)
     check_output(out, [cfg_file.parent], force)
-    config = read_json(cfg_file, str(cfg_file))
+    config = stock_config(read_json(cfg_file, str(cfg_file)))
     config.pop("weightsmith", None)
     tok_dir = Path(o.tokenizer) if o.tokenizer else cfg_file.parent
     tokens = _tokens(tok_dir, Path(o.data))

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import (Checkpoint, ShardedWriter, copy_side_files, output_folder, read_json, save_state_dict,
-                          write_config)
+from ..checkpoint import (DEFAULT_SHARD_SIZE, Checkpoint, ShardedWriter, copy_side_files, output_folder,
+                          save_state_dict, write_config)
+from ..checkpoint.formats import copy_sentence_transformers_files, read_config
 from ..checkpoint.layout import is_norm, num_layers
 from ..errors import WeightsmithError
 from ..progress import ProgressFn, track
 from .blocks import block_list
-from ..pooling import copy_sentence_transformers_files
 
 
 class RelaxedLinear(torch.nn.Linear):
@@ -91,7 +91,7 @@ def assemble(config: dict, tensors: dict[str, torch.Tensor], device: torch.devic
 
     ``fresh_relax``: the low-rank residuals are not in ``tensors`` yet (the caller initialises them).
     """
-    from ..loading import config_object, model_class
+    from ..checkpoint.exact import config_object, model_class
 
     from accelerate import init_empty_weights
 
@@ -152,10 +152,10 @@ def save(model: torch.nn.Module, folder: Path, config: dict, max_shard_size: str
 
 
 def load(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> torch.nn.Module:
-    from ..loading import check_layer_count
+    from ..checkpoint.exact import check_layer_count
 
     path = Path(path)
-    config = read_json(path / "config.json", "config.json")
+    config = read_config(path)
     ckpt = Checkpoint(path)
     members = {j for group in config["weightsmith"]["groups"] for j in group[1:]}
     check_layer_count(path, config, ckpt.names(), skip=members)
@@ -191,11 +191,11 @@ def _plain_sources(config: dict, names: list[str]) -> dict[str, list[str]]:
     return out
 
 
-def export_plain(path: str | Path, out: str | Path, max_shard_size: str = "5GB", force: bool = False,
-                 progress: ProgressFn | None = None) -> dict:
+def export_plain(path: str | Path, out: str | Path, out_shard_size: int = DEFAULT_SHARD_SIZE,
+                 force: bool = False, progress: ProgressFn | None = None) -> dict:
     """Write an ordinary checkpoint: shared weights duplicated into every block, relaxations merged in."""
     path = Path(path)
-    config = read_json(path / "config.json", "config.json")
+    config = read_config(path)
     if (config.get("weightsmith") or {}).get("format") != "folded":
         raise WeightsmithError(f"{path}: not a folded folder (config.json has no weightsmith.format = folded)")
     ckpt = Checkpoint(path)
@@ -203,7 +203,7 @@ def export_plain(path: str | Path, out: str | Path, max_shard_size: str = "5GB",
     plan = [(n, _torch_dtype(ckpt, s[0]), tuple(ckpt.info(s[0]).shape)) for n, s in sources.items()]
     plain_cfg = {k: v for k, v in config.items() if k != "weightsmith"}
     with output_folder(out, inputs=[path], force=force, stage="export") as tmp:
-        writer = ShardedWriter(tmp, plan, max_shard_size)
+        writer = ShardedWriter(tmp, plan, out_shard_size)
         for name, src in track(progress, "export", list(sources.items())):
             t = ckpt.get(src[0])
             if len(src) == 3:

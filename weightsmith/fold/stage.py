@@ -12,6 +12,7 @@ import torch
 
 from ..checkpoint import check_output, copy_side_files, output_folder, read_json
 from ..checkpoint.card import write_model_card
+from ..checkpoint.formats import copy_sentence_transformers_files
 from ..device import resolve_device
 from ..errors import OptionError, WeightsmithError
 from ..progress import ProgressFn
@@ -23,7 +24,7 @@ from .data import model_seq
 from .gates import gate_importance, lowest
 from .heal import merge_lora
 from .plan import fold_model, parse_share, removal_count
-from ..pooling import Pooling, copy_sentence_transformers_files, read_pooling
+from ..pooling import Pooling, read_pooling
 from .ranks import Clock, Ranks
 from .removal import loss_importance
 from .similarity import angular_drop, shortgpt_drop

@@ -105,7 +105,7 @@ def output_config(arch: str, cfg: MoeConfig, base: Checkpoint, out_dtype: torch.
     """config.json of the MoE: the base's config carried into MixtralConfig / Qwen2MoeConfig as mergekit does."""
     import transformers
 
-    from ..loading import config_object, model_class
+    from ..checkpoint.exact import config_object, model_class
 
     base_cfg = config_object(base.config, model_class(base.config))
     if arch == "Mixtral":

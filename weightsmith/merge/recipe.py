@@ -1,8 +1,9 @@
-"""Merge recipes: mergekit-style YAML (models, parameters, base_model, dtype, merge_method) or CLI flags.
+"""Merge recipes: mergekit-style YAML (models or slices, parameters, base_model, dtype, merge_method) or CLI
+flags, read into a ``Recipe``; nothing is opened here (``resolve_recipe`` turns model references into folders).
 
-Parameter values follow mergekit's rules: a scalar; a list, interpolated across the layers as a
-gradient (first layer = first value, last layer = last value); or a list of ``{filter, value}``
-entries where the first whose filter is a substring of the tensor name (or ``*``/absent) wins.
+Parameter values are kept as written; ``settings.evaluate_setting`` reads them for a tensor as mergekit does
+(a scalar, a layer gradient, or ``{filter, value}`` entries). A slice lists sources (a model and a
+``layer_range`` [start, end)) of equal length; the planner stacks them.
 """
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ KNOWN_KEYS = {"merge_method", "models", "base_model", "parameters", "dtype", "to
 MODEL_KEYS = {"model", "parameters"}
 # Top-level keys carried on the recipe for the stages that handle them (tokenizer, chat template, name).
 OPTION_KEYS = ("tokenizer_source", "chat_template", "tokenizer", "name")
+SLICE_KEYS = {"sources", "base_model", "parameters"}
+SOURCE_KEYS = {"model", "layer_range", "parameters"}
 
 
 def refuse_unknown(keys, known, where: str) -> None:
@@ -42,6 +45,14 @@ def model_entry(entry, known, where: str, needs: str) -> dict:
     return entry
 
 
+def model_entries(data: dict, key: str, known, where: str, form: str, needs: str) -> list[tuple[str, dict]]:
+    """``data[key]``, a non-empty list of ``form`` entries, each checked by ``model_entry``, with where each is."""
+    raw = data.get(key)
+    if not isinstance(raw, list) or not raw:
+        raise WeightsmithError(f"{where}: '{key}' must be a non-empty list of {form}")
+    return [(f"{where}: {key}[{i}]", model_entry(e, known, f"{where}: {key}[{i}]", needs)) for i, e in enumerate(raw)]
+
+
 def parameters_of(entry: dict, where: str) -> dict:
     """An entry's ``parameters`` mapping (empty when absent)."""
     params = entry.get("parameters") or {}
@@ -57,6 +68,24 @@ class ModelEntry:
 
 
 @dataclass
+class SliceSource:
+    model: str
+    layers: tuple[int, int] | None  # [start, end); None: every tensor of the model (a ``models:`` entry)
+    parameters: dict = field(default_factory=dict)
+
+
+@dataclass
+class Slice:
+    sources: list[SliceSource]
+    base_model: str | None = None
+    parameters: dict = field(default_factory=dict)
+
+    @property
+    def length(self) -> int:
+        return self.sources[0].layers[1] - self.sources[0].layers[0]
+
+
+@dataclass
 class Recipe:
     method: str
     models: list[ModelEntry]
@@ -66,7 +95,7 @@ class Recipe:
     text: str | None = None
     out_dtype: str | None = None
     options: dict = field(default_factory=dict)  # OPTION_KEYS given in the recipe
-    slices: list | None = None  # layer stacking (``slices.Slice``), instead of ``models``
+    slices: list | None = None  # layer stacking (``Slice``), instead of ``models``
 
     @property
     def inputs(self) -> list[str]:
@@ -171,7 +200,6 @@ def yaml_mapping(text: str, source: str, holding: str) -> dict:
 def _parse(text: str, source: str, model_ref) -> Recipe:
     data = yaml_mapping(text, source, "merge_method and models")
     if "modules" in data:
-        from .slices import single_module
         data = single_module(data, source)
     if "slices" in data and "models" in data:
         raise WeightsmithError(f"{source}: give 'models' or 'slices', not both")
@@ -179,18 +207,11 @@ def _parse(text: str, source: str, model_ref) -> Recipe:
     method = data.get("merge_method")
     if not isinstance(method, str):
         raise WeightsmithError(f"{source}: 'merge_method' is missing (e.g. merge_method: ties)")
-    raw_models = data.get("models") or []
-    slices = None
-    if "slices" in data:
-        from .slices import parse_slices
-        slices = parse_slices(data["slices"], source, model_ref)
-    elif not isinstance(raw_models, list) or not raw_models:
-        raise WeightsmithError(f"{source}: 'models' must be a non-empty list of {{model: PATH, parameters: {{...}}}}")
-    models = []
-    for i, m in enumerate(raw_models):
-        where = f"{source}: models[{i}]"
-        m = model_entry(m, MODEL_KEYS, where, "each entry needs 'model: PATH'")
-        models.append(ModelEntry(model_ref(m["model"], where), parameters_of(m, where)))
+    slices = parse_slices(data["slices"], source, model_ref) if "slices" in data else None
+    models = [] if slices is not None else [
+        ModelEntry(model_ref(m["model"], at), parameters_of(m, at))
+        for at, m in model_entries(data, "models", MODEL_KEYS, source, "{model: PATH, parameters: {...}}",
+                                   "each entry needs 'model: PATH'")]
     base = data.get("base_model")
     params = data.get("parameters") or {}
     if not isinstance(params, dict):
@@ -213,31 +234,6 @@ def load_recipe(path: str | Path) -> Recipe:
     from ..checkpoint.textfile import read_text_file
 
     return parse_recipe(read_text_file(path, "recipe"), str(path), path.resolve().parent)
-
-
-def evaluate_setting(setting, tensor_name: str, t: float, where: str):
-    """Resolve one parameter setting for a tensor at relative depth ``t`` (mergekit semantics)."""
-    if isinstance(setting, dict):
-        setting = [setting]
-    if setting is None or isinstance(setting, (bool, int, float, str)):
-        return setting
-    if not isinstance(setting, list) or not setting:
-        raise WeightsmithError(f"{where}: cannot read parameter value {setting!r}")
-    if all(isinstance(e, (bool, int, float, str)) for e in setting):
-        if not all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in setting):
-            return setting[int(t * (len(setting) - 1))]
-        scaled = t * (len(setting) - 1)
-        i0 = int(scaled)
-        i1 = min(len(setting) - 1, i0 + 1)
-        frac = scaled - i0
-        return (1 - frac) * setting[i0] + frac * setting[i1]
-    for cond in setting:
-        if not isinstance(cond, dict) or "value" not in cond:
-            raise WeightsmithError(f"{where}: a filtered value needs 'value' (and optionally 'filter'), got {cond!r}")
-        flt = cond.get("filter")
-        if flt is None or flt == "*" or flt in tensor_name:
-            return evaluate_setting(cond["value"], tensor_name, t, where)
-    return None
 
 
 def recipe_from_flags(method: str, models: list[str], base: str | None = None, per_model: dict | None = None,
@@ -274,3 +270,63 @@ def parse_param(text: str) -> tuple[str, object]:
         return key.strip(), load_yaml(value)
     except yaml.YAMLError:
         raise OptionError("param", f"{text!r}: value is not valid YAML") from None
+
+
+# -- layer stacking: mergekit's ``slices:`` and one-module ``modules:`` forms ----------------------
+
+def parse_slices(raw, source: str, model_ref) -> list[Slice]:
+    """The ``slices:`` list of a recipe; ``model_ref(value, where)`` reads a model reference."""
+    if not isinstance(raw, list) or not raw:
+        raise WeightsmithError(f"{source}: 'slices' must be a non-empty list of {{sources: [...]}}")
+    out = []
+    for i, s in enumerate(raw):
+        where = f"{source}: slices[{i}]"
+        if not isinstance(s, dict):
+            raise WeightsmithError(f"{where}: expected a mapping with 'sources'")
+        if "residual_weight" in s:
+            raise WeightsmithError(f"{where}: 'residual_weight' is not supported (mergekit 0.1.5 accepts it but "
+                                   "never reads it); remove it")
+        refuse_unknown(s, SLICE_KEYS, where)
+        sources = []
+        for at, src in model_entries(s, "sources", SOURCE_KEYS, where, "{model, layer_range}",
+                                     "each source needs 'model: PATH' and 'layer_range: [start, end]'"):
+            rng = src.get("layer_range")
+            if (not isinstance(rng, list) or len(rng) != 2 or not all(isinstance(x, int) and not isinstance(x, bool)
+                                                                        for x in rng) or not 0 <= rng[0] < rng[1]):
+                raise WeightsmithError(f"{at}: 'layer_range' must be [start, end] with 0 <= start < end, got {rng!r}")
+            sources.append(SliceSource(model_ref(src["model"], at), (rng[0], rng[1]), parameters_of(src, at)))
+        lengths = {x.layers[1] - x.layers[0] for x in sources}
+        if len(lengths) > 1:
+            raise WeightsmithError(f"{where}: every source of a slice must span the same number of layers, got "
+                                   f"{sorted(lengths)}")
+        base = model_ref(s["base_model"], f"{where}: base_model") if s.get("base_model") is not None else None
+        out.append(Slice(sources, base, parameters_of(s, where)))
+    return out
+
+
+MODULE_KEYS = {"slices", "models", "parameters"}
+
+
+def single_module(data: dict, source: str) -> dict:
+    """A recipe's ``modules:`` form for a one-module model (mergekit names that module ``default``) as
+    the plain form: its ``slices`` or ``models`` at the top, its ``parameters`` over the recipe's.
+    Models of several modules (a vision tower beside a language model) are refused by name."""
+    modules = data["modules"]
+    if not isinstance(modules, dict) or set(modules) != {"default"}:
+        names = sorted(modules) if isinstance(modules, dict) else modules
+        raise WeightsmithError(f"{source}: 'modules' {names!r}: only the one-module form (modules: {{default: ...}}) "
+                               "is supported; per-module recipes of multi-module models are not")
+    for key in ("models", "slices"):
+        if key in data:
+            raise WeightsmithError(f"{source}: give '{key}' inside modules.default or at the top, not both")
+    module = modules["default"]
+    where = f"{source}: modules.default"
+    if not isinstance(module, dict):
+        raise WeightsmithError(f"{where}: expected a mapping with 'slices' or 'models'")
+    refuse_unknown(module, MODULE_KEYS, where)
+    if ("slices" in module) == ("models" in module):
+        raise WeightsmithError(f"{where}: give exactly one of 'slices' or 'models'")
+    out = {k: v for k, v in data.items() if k != "modules"}
+    out.update({k: module[k] for k in ("slices", "models") if k in module})
+    out["parameters"] = {**(data.get("parameters") or {}), **parameters_of(module, where)}
+    return out

@@ -1,38 +1,41 @@
-"""The merge-method registry: one declaration per method, read by the engine, the CLI help and ``--list-methods``.
+"""The merge-method registry: one declaration per method, read by the planner, the engine, the CLI (its flags,
+help and ``--list-methods``) and pipelines.
 
-A method is one decorated function (mergekit's ``easy_define`` idea, with weightsmith's ``Param``)::
+A method is one decorated function, its declaration beside it (mergekit's ``easy_define`` idea, with
+weightsmith's ``Param``)::
 
     @merge_method("task_arithmetic", title="Task Arithmetic", url="https://arxiv.org/abs/2212.04089",
                   base="required", params=(WEIGHT, normalize_param(False), LAMBDA), inplace=True)
     def task_arithmetic(tensors, base, weight, normalize=False, lambda_=1.0, inplace=False): ...
 
-The call contract, for a tensor function (``base`` is 'required' or 'none'):
+What the function is, ``kind``:
 
-- ``fn(tensors, base, **kwargs)`` (``fn(tensors, **kwargs)`` without a base): ``tensors`` are the
-  inputs' tensors for one name (the base excluded), float32, or the recipe's ``dtype`` when the
-  engine runs mergekit's arithmetic (``reference`` below);
-- ``kwargs`` holds every declared ``Param`` under its ``arg`` name (``lambda`` arrives as ``lambda_``;
-  a Param with ``arg=None`` is checked and shown but not passed). A 'model' Param arrives as a list
-  with one value per input, a 'global' Param as one value; values are already evaluated for the
-  tensor (layer gradients, filters) and checked against the Param's kind, range and choices;
-- ``inplace=True`` when declared ``inplace=True``: the inputs are the engine's own copies and may
-  be overwritten; ``generators`` (one ``torch.Generator`` per input) when ``random=True``;
-- it returns the merged tensor (any float dtype; the engine casts to the output dtype).
+- 'tensor' (the default): ``fn(tensors, base, **kwargs)`` (``fn(tensors, **kwargs)`` without a base):
+  ``tensors`` are the inputs' tensors for one name (the base excluded), float32, or the recipe's
+  ``dtype`` when the engine runs mergekit's arithmetic (``reference`` below); ``kwargs`` holds every
+  declared ``Param`` under its ``arg`` name (``lambda`` arrives as ``lambda_``; a Param with ``arg=None``
+  is checked and shown but not passed). A 'model' Param arrives as a list with one value per input, a
+  'global' Param as one value; values are already evaluated for the tensor (layer gradients, filters)
+  and checked against the Param's kind, range and choices; ``inplace=True`` when declared
+  ``inplace=True`` (the inputs are the engine's own copies and may be overwritten); ``generators`` (one
+  ``torch.Generator`` per input) when ``random=True``. It returns the merged tensor (any float dtype;
+  the engine casts to the output dtype);
+- 'rewrite': ``fn(recipe, params, where) -> (Recipe, card)`` turns the recipe into another method's
+  before planning (MWA computes weights, then merges linearly);
+- 'whole_model': ``fn(recipe, out, **options) -> report`` runs the whole merge, for methods that need
+  whole models or data (greedy soup, PLeaS); its Params are checked first.
 
 Hooks, all optional:
 
 - ``validate(check: PlanCheck)``: rules spanning parameters or tensors, run at plan time with every
   tensor's resolved parameters (raise ``WeightsmithError``);
 - ``prepass(jobs, stream, progress)``: a reading pass before the merge (TIES' whole-model trim),
-  may add entries to ``job.kwargs``; ``stream(jobs)`` yields each job's input tensors, base first;
-- ``rewrite(recipe, params, where) -> (Recipe, card)``: turn the recipe into another method's
-  recipe before planning (MWA computes weights, then merges linearly);
+  may add entries to ``job.kwargs``; ``stream(jobs)`` yields each job's input tensors, base first (the
+  engine reads the next job's while the current one is used, within its memory rule);
 - ``reference``: a short torch implementation that performs mergekit 0.1.5's arithmetic in the
-  tensors' own dtype. The engine uses it under ``compat: mergekit`` (in float32 too, unless
-  ``compat_fast`` says the fast path is bit-equal to mergekit there); the tests check every fast
-  path against it;
-- ``whole_model``: a function ``(recipe, out, **options) -> report`` (or "module:function") for
-  methods that need whole models or data (greedy soup, PLeaS); its Params are checked first.
+  tensors' own dtype (``True``: the function itself does). The engine uses it under ``compat: mergekit``
+  (in float32 too, unless ``compat_fast`` says the fast path is bit-equal to mergekit there); the
+  tests check every fast path against it.
 
 Modules that declare methods are listed in ``METHOD_MODULES``; they are imported on first use.
 """
@@ -43,14 +46,19 @@ import importlib
 import inspect
 import math
 import sys
+import typing
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from ..errors import OptionError, WeightsmithError, needs_option
+from ..errors import OptionError, WeightsmithError
 from ..options import OptionSpec, check_value
+from .settings import evaluate_setting
 
 # Modules whose import registers methods (a new method module adds itself here).
-METHOD_MODULES = ["weightsmith.merge.methods", "weightsmith.merge.methods_extra"]
+METHOD_MODULES = [f"weightsmith.merge.methods.{m}" for m in (
+    "average", "task_arithmetic", "ties", "dare", "breadcrumbs", "consensus", "spherical", "swap", "mwa",
+    "whole_model")]
+KINDS = ("tensor", "rewrite", "whole_model")
 BASE_POLICIES = ("required", "optional", "none")
 
 
@@ -164,24 +172,19 @@ class Method:
     prepass: Callable | None = None
     rewrite: Callable | None = None
     reference: Callable | None = None
-    whole_model: Callable | str | None = None
+    whole_model: Callable | None = None
     compat_fast: bool = False  # fn reproduces mergekit's float32 arithmetic, so compat: mergekit uses it in float32
     mergekit_ignores: tuple[str, ...] = ()  # per-model keys mergekit accepts and ignores (noted under compat)
     notes: str = ""
     module: str = ""
 
+    @property
+    def takes_base(self) -> bool:
+        """Whether a base model, when the recipe names one, is an input apart from the others."""
+        return self.base in ("required", "optional")
+
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
-
-    def whole_model_fn(self) -> Callable:
-        target = self.whole_model
-        if isinstance(target, str):
-            module, fn = target.split(":")
-            try:
-                target = getattr(importlib.import_module(module), fn)
-            except (ImportError, AttributeError):
-                raise WeightsmithError(f"merge method {self.name!r} is not available in this installation") from None
-        return target
 
     def describe(self) -> dict:
         return {"name": self.name, "title": self.title, "url": self.url, "base": self.base,
@@ -189,6 +192,27 @@ class Method:
                 "kind": "whole-model" if self.whole_model else "tensor",
                 "mergekit_reference": self.reference is not None, "notes": self.notes,
                 "params": [p.describe() for p in self.params]}
+
+
+def params_of(options, skip: tuple[str, ...] = ()) -> tuple[Param, ...]:
+    """The recipe parameters of a stage whose options class (``stage_options``) declares them once: one global
+    ``Param`` per option but ``skip``, with its kind, default, range, choices and help."""
+    import dataclasses
+
+    hints, specs = options.hints(), options.specs()
+    out = []
+    for f in dataclasses.fields(options):
+        spec = specs.get(f.name)
+        if spec is None or f.name in skip:
+            continue
+        if spec.lo_open or spec.hi_open:
+            raise TypeError(f"{options.__name__}.{f.name}: an open bound has no Param form")
+        kind = next(k for k in (bool, int, float, str) if k in typing.get_args(hints[f.name]) + (hints[f.name],)) \
+            if not spec.path else str
+        default = None if f.default is dataclasses.MISSING else f.default
+        out.append(Param(f.name, kind, default, low=spec.lo, high=spec.hi, choices=spec.choices or (),
+                         help=spec.help))
+    return tuple(out)
 
 
 REGISTRY: dict[str, Method] = {}
@@ -224,12 +248,17 @@ def register(m: Method) -> Method:
     return m
 
 
-def merge_method(name: str, *, title: str, url: str, params: tuple[Param, ...] = (), **options):
+def merge_method(name: str, *, title: str, url: str, params: tuple[Param, ...] = (), kind: str = "tensor",
+                 reference: Callable | bool | None = None, **options):
     """Decorator declaring ``fn`` as merge method ``name`` (see the module docstring for the contract)."""
     module = sys._getframe(1).f_globals.get("__name__", "")
+    if kind not in KINDS:
+        raise TypeError(f"merge method {name!r}: kind must be one of {KINDS}")
 
-    def wrap(fn: Callable | None) -> Callable | None:
-        register(Method(name, fn, title, url, tuple(params), module=module, **options))
+    def wrap(fn: Callable) -> Callable:
+        roles = {k: (fn if kind == k else None) for k in ("rewrite", "whole_model")}
+        register(Method(name, fn if kind == "tensor" else None, title, url, tuple(params), module=module,
+                        reference=fn if reference is True else reference, **roles, **options))
         return fn
     return wrap
 
@@ -260,43 +289,9 @@ def closest(word: str, known) -> str:
     return f" (did you mean {match[0]!r}?)" if match else ""
 
 
-def check_param_names(method: Method, recipe, where: str, compat: str | None) -> list[str]:
-    """Every recipe parameter must be one the method declares; returns notes for keys mergekit ignores
-    (accepted only under compat: mergekit)."""
-    known = {p.name for p in method.params}
-    notes = []
-    for key in recipe.parameters:
-        if key not in known:
-            raise WeightsmithError(f"{where}: method {method.name!r} has no parameter {key!r}{closest(key, known)}; "
-                                   f"it takes {', '.join(sorted(known)) or 'none'}")
-    ignored: set[str] = set()
-    for m in recipe.models:
-        for key in list(m.parameters):
-            p = method.param(key)
-            if p is None and key in method.mergekit_ignores:
-                if compat != "mergekit":
-                    raise needs_option(f"{where}: model {m.path}: method {method.name!r} has no per-model parameter "
-                                       f"{key!r}", " (mergekit accepts and ignores it: {0} mergekit does the same)",
-                                       "compat")
-                ignored.add(key)
-                del m.parameters[key]
-                continue
-            if p is None:
-                raise WeightsmithError(f"{where}: model {m.path}: method {method.name!r} has no parameter "
-                                       f"{key!r}{closest(key, known)}")
-            if p.scope != "model":
-                raise WeightsmithError(f"{where}: model {m.path}: {key!r} is a global parameter of "
-                                       f"{method.name!r}; give it under the recipe's top-level parameters")
-    if ignored:
-        notes.append(f"per-model {', '.join(sorted(ignored))} ignored by {method.name} (as mergekit does)")
-    return notes
-
-
 def resolve(param: Param, setting, tensor: str, t: float, where: str, compat: str | None, explicit: bool):
     """One parameter's value for a tensor at relative depth ``t``: the setting evaluated (gradients,
     filters), else the default (mergekit's under compat: mergekit), checked against the Param."""
-    from .recipe import evaluate_setting
-
     value = evaluate_setting(setting, tensor, t, where) if setting is not None else None
     if value is None:
         value = param.default

@@ -12,7 +12,7 @@ from pathlib import Path
 from ..checkpoint import check_output
 from ..errors import OptionError, WeightsmithError
 from ..progress import ProgressFn, report
-from .engine import merge
+from .stage import merge
 from .recipe import ModelEntry, Recipe
 
 def _score(path: Path, data, labelled, max_tokens, device) -> float:

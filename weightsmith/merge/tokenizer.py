@@ -16,10 +16,15 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import re
+
 import torch
 
 from ..errors import WeightsmithError
-from .recipe import refuse_unknown
+from .recipe import _model_ref, refuse_unknown
+
+# Tensors whose rows are the vocabulary (cropped to the common rows, or re-indexed to the output tokenizer).
+VOCAB_NAMES = re.compile(r"(embed_tokens|lm_head|wte|word_embeddings|embed_out|output)\.weight$")
 
 TOKENIZER_KEYS = {"source", "tokens", "pad_to_multiple_of"}
 TOKEN_KEYS = {"source", "force"}
@@ -405,9 +410,6 @@ def attach_vocabulary(plan):
     """Apply the recipe's tokenizer options to a MergePlan: each vocabulary tensor's inputs are
     re-indexed to the output tokenizer before the method sees them (``job.prepare``), and the plan
     carries what to write. Reads tokenizer files only; a plan without such options is returned as is."""
-    from .engine import VOCAB_NAMES
-    from .recipe import _model_ref
-
     recipe = plan.recipe
     spec = parse_tokenizer_options(recipe.options, "recipe", _model_ref)
     if spec is None:
@@ -426,12 +428,10 @@ def attach_vocabulary(plan):
     vocab = build_vocabulary(spec, base, inputs)
     check_token_sources(spec, vocab, inputs, "recipe: tokenizer")
     rows = padded_size(vocab.size, spec.pad_to_multiple_of)
-    uses_base = plan.base is not None and plan.method.base in ("required", "optional")
-    default = [_key(c.path) for c in ([plan.base] if uses_base else []) + plan.models]
     for job in plan.jobs:
         if not (job.float_math and VOCAB_NAMES.search(job.name)):
             continue
-        models = [_key(c.path) for c, _ in job.inputs] if job.inputs is not None else default
+        models = [_key(c.path) for c, _ in job.inputs]
         job.rows, job.shape = None, (rows, *job.shape[1:])
         job.prepare = (lambda xs, ms=models: permute_rows(xs, ms, vocab, spec, base))
     template = chat_template_text(spec.chat_template, inputs) if spec.chat_template else None

@@ -24,15 +24,13 @@ NOT_MERGEABLE = ("F8_E4M3", "F8_E5M2", "U16", "U32", "U64")
 
 
 class ValueChecks:
-    """Built from a merge plan (runs the header checks); ``run`` wraps the merge of one tensor."""
+    """Built from a merge plan's jobs (runs the header checks); ``run`` wraps the merge of one tensor."""
 
-    def __init__(self, plan, sources: list, allow_nonfinite: bool = False):
-        self.sources = [Path(c.path) for c in sources]
+    def __init__(self, jobs: list, allow_nonfinite: bool = False):
         self.allow_nonfinite = allow_nonfinite
         self.report: list[dict] = []
-        everyone = ([plan.base] if plan.base is not None else []) + list(plan.models)
-        for job in plan.jobs:
-            pairs = job.inputs if job.inputs is not None else [(c, job.name) for c in everyone]
+        for job in jobs:
+            pairs = job.inputs
             for c, n in pairs:
                 if c.info(n).dtype in NOT_MERGEABLE:
                     raise WeightsmithError(
@@ -51,14 +49,13 @@ class ValueChecks:
                     f"recipe: tensor {job.name!r}: weights {weight} sum to 0, so normalize cannot divide by them; "
                     "change the weights or set normalize: false")
 
-    def run(self, name: str, inputs: list[torch.Tensor], merge: Callable[[], torch.Tensor],
-            paths: list | None = None, zero_ok: bool = False) -> torch.Tensor:
-        """``merge()`` of one tensor's ``inputs`` (one per source, in order), refused or reported as above.
+    def run(self, name: str, inputs: list[torch.Tensor], merge: Callable[[], torch.Tensor], paths: list,
+            zero_ok: bool = False) -> torch.Tensor:
+        """``merge()`` of one tensor's ``inputs`` (``paths[i]`` holds ``inputs[i]``), refused or reported as above.
         ``zero_ok``: the recipe itself asks for zeros (``zero_requested``), so an all-zero result is no error.
-        ``paths`` names the inputs where a job reads its own list of sources (layer slices).
         The inputs are checked before ``merge`` runs (methods may overwrite them)."""
-        kept_nonfinite, nonzero = check_inputs(name, inputs, [Path(p) for p in paths] if paths is not None
-                                               else self.sources, self.allow_nonfinite, self.report)
+        kept_nonfinite, nonzero = check_inputs(name, inputs, [Path(p) for p in paths], self.allow_nonfinite,
+                                               self.report)
         result = merge()
         check_result(name, result, kept_nonfinite, nonzero, zero_ok)
         return result

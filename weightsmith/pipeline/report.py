@@ -11,7 +11,7 @@ from .spec import Pipeline
 
 
 def _model_facts(folder: Path) -> dict:
-    from ..checkpoint.inspect import summarize
+    from ..inspect import summarize
     from ..errors import WeightsmithError
 
     try:

@@ -134,7 +134,7 @@ def _write_json(folder: Path, name: str, data) -> None:
 
 @stage("inspect", writes_model=False)
 def inspect_stage(ctx: Context) -> dict:
-    from ..checkpoint.inspect import summarize
+    from ..inspect import summarize
 
     info = summarize(ctx.inputs[0])
     _write_json(ctx.out, "inspect.json", info)
@@ -156,17 +156,10 @@ def eval_stage(ctx: Context, **params) -> dict:
 
 @stage("export", options=so.ExportOptions)
 def export_stage(ctx: Context, **params) -> dict:
-    from ..loading import folder_format, format_module
+    from ..export import export
 
-    opts = so.ExportOptions.from_params(params)
-    fmt = folder_format(ctx.inputs[0])
-    if fmt == "plain":
-        raise WeightsmithError(f"{ctx.inputs[0]} is already a plain checkpoint; export turns folded or RPS folders "
-                               "into plain ones")
-    info = format_module(fmt).export_plain(ctx.inputs[0], ctx.out, max_shard_size=opts.out_shard_size,
-                                           force=ctx.force, progress=ctx.progress)
-    return {"format": fmt, **({k: v for k, v in info.items() if isinstance(v, (int, float, str))}
-                              if isinstance(info, dict) else {})}
+    return _scalars(export(ctx.inputs[0], ctx.out, so.ExportOptions.from_params(params), force=ctx.force,
+                           progress=ctx.progress))
 
 
 def _check_push(params: dict, inputs: list[str]) -> None:

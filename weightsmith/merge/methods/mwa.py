@@ -9,8 +9,10 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from ..checkpoint import read_json
-from ..errors import WeightsmithError
+from ...checkpoint import read_json
+from ...errors import WeightsmithError
+from ..recipe import ModelEntry, Recipe
+from ..registry import Param, get_method, merge_method
 
 
 def checkpoint_metric(folder: str | Path, metric: str) -> float:
@@ -44,3 +46,33 @@ def mwa_weights(metrics: list[float], p: float) -> list[float]:
     raw = [math.exp(v - top) for v in logs]
     total = sum(raw)
     return [r / total for r in raw]
+
+
+@merge_method("mwa", title="Metrics-Weighted Averaging", url="https://arxiv.org/abs/2504.18580", kind="rewrite",
+              params=(Param("metric", str, "loss", choices=("loss", "step"),
+                            help="1/loss or step as each checkpoint's metric"),
+                      Param("p", float, 1.0, "global", 0.0, help="penalty factor: w_i = m_i^p / sum m_j^p"),
+                      Param("metric_value", float, None, "model", 0.0,
+                            help="the metric, when not read from trainer_state.json")),
+              notes="weights computed from the checkpoints' metrics, then a linear merge")
+def mwa(recipe, params: dict, where: str):
+    """MWA's weights from the checkpoints' metrics; the merge is then a normalized linear one."""
+    method = get_method("mwa")
+    metric, p = params["metric"], params["p"]
+    values = []
+    for m in recipe.models:
+        given = m.parameters.get("metric_value")
+        if given is not None:
+            v = method.param("metric_value").check(given, f"{where}: model {m.path}")
+            values.append(1.0 / v if metric == "loss" else v)
+        else:
+            if not Path(m.path).is_dir():
+                raise WeightsmithError(f"model {m.path}: folder not found")
+            values.append(checkpoint_metric(m.path, metric))
+    weights = mwa_weights(values, p)
+    linear_recipe = Recipe("linear", [ModelEntry(m.path, {"weight": w}) for m, w in zip(recipe.models, weights)],
+                           recipe.base_model, {"normalize": True, **({"compat": recipe.parameters["compat"]}
+                                                                      if "compat" in recipe.parameters else {})},
+                           recipe.dtype, recipe.text, out_dtype=recipe.out_dtype)
+    card = {"metric": metric, "p": p, "weights": {m.path: round(w, 6) for m, w in zip(recipe.models, weights)}}
+    return linear_recipe, card

@@ -4,10 +4,10 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from ..errors import WeightsmithError
-from .formats import format_module
-from .layout import detect_layout
-from .reader import Checkpoint
+from .checkpoint.layout import detect_layout
+from .checkpoint.reader import Checkpoint
+from .errors import WeightsmithError
+from .loading import format_module
 
 
 def summarize(path: str | Path, allow_pickle: bool = False, tensors: bool = False) -> dict:

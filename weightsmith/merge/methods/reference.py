@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from .sparsify import _sorted_band
+from ..native.sparsify import _sorted_band
 
 PARALLEL_LIMIT = 8 << 20  # task vectors of more entries are sparsified one input at a time
 CHUNK = 1024 * 1024  # mergekit's SLERP reduces norms and dots over chunks of this many elements

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from . import mixing
-from . import reference as ref
+from ..methods import reference as ref
 from .sparsify import _replay_agrees
 
 HALF = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
