@@ -151,6 +151,12 @@ STAGES: dict[str, Stage] = {
     "fold bi + 2 LoRA heal": Stage((), lambda p, o: ws(
         "fold", str(p["A"]), "--data", str(p["calib"]), "--importance", "bi", "--remove", "0.1", "--heal-steps", "2",
         "--heal-lora", "8", "--batch-size", "2", *FOLD_TOKENS, "--out", str(o), *Q), bound=1.5),
+    "fold bi + 2 LoRA heal recompute": Stage((), lambda p, o: ws(
+        "fold", str(p["A"]), "--data", str(p["calib"]), "--importance", "bi", "--remove", "0.1", "--heal-steps", "2",
+        "--heal-lora", "8", "--heal-recompute", "--batch-size", "2", *FOLD_TOKENS, "--out", str(o), *Q), bound=1.5),
+    "fold bi + 2 heal adafactor": Stage((), lambda p, o: ws(
+        "fold", str(p["A"]), "--data", str(p["calib"]), "--importance", "bi", "--remove", "0.1", "--heal-steps", "2",
+        "--heal-optimizer", "adafactor", "--batch-size", "2", *FOLD_TOKENS, "--out", str(o), *Q), bound=4.0),
     "fold bi + 2 heal": Stage((), lambda p, o: ws(
         "fold", str(p["A"]), "--data", str(p["calib"]), "--importance", "bi", "--remove", "0.1", "--heal-steps", "2",
         "--batch-size", "2", *FOLD_TOKENS, "--out", str(o), *Q), bound=4.0),

@@ -17,6 +17,7 @@ MATCH_METRICS = ("euclidean", "correlation")
 PLEAS_INPUTS = ("merged", "original")
 FOLD_IMPORTANCE = ("loss", "gates", "bi", "angular")
 SHARE_INITS = ("average", "first", "middle", "best")
+HEAL_OPTIMIZERS = ("adamw", "adafactor")
 LORA_RANKS = ("max", "auto")
 LORA_SVD = ("auto", "exact", "lowrank")
 
@@ -158,6 +159,12 @@ class FoldOptions(Options):
     heal_lora: int = option(0, lo=0, help="Heal with peft LoRA adapters of this rank on the blocks' linear layers "
                                           "(merged back after; layers sharing a weight share an adapter); 0 = "
                                           "fine-tune the blocks' weights.")
+    heal_optimizer: str = option("adamw", choices=HEAL_OPTIMIZERS, help="adamw (two moments per trained weight) "
+                                 "or adafactor (torch's: a factored second moment and no first, next to no state; "
+                                 "a full heal in less memory).")
+    heal_recompute: bool = option(False, help="Keep only each block's input for the heal's backward pass and "
+                                              "recompute the rest there (activation checkpointing): the same "
+                                              "steps in less memory, one more forward pass per step.")
     teacher_cache: bool = option(False, help="Compute the original's outputs on the heal windows once, into a "
                                              "memory-mapped temporary file, so that each heal step runs only the "
                                              "folded model (and a full heal trains the original's tensors in place).")

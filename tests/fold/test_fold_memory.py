@@ -109,6 +109,51 @@ def test_a_heal_from_cached_teacher_outputs_takes_the_steps_of_one_with_the_teac
         assert torch.allclose(x.float(), y.float(), atol=2e-2)
 
 
+@pytest.mark.parametrize("optimizer, states", [("adamw", 2.0), ("adafactor", 0.0)])
+def test_the_heal_optimizer_holds_two_moments_per_weight_with_adamw_and_next_to_none_with_adafactor(
+        llama, optimizer, states):
+    import weightsmith
+    from weightsmith.fold.heal import heal
+    from weightsmith.fold.plan import fold_model
+
+    _, config, _, path = llama
+    model = weightsmith.load(path)
+    folded = fold_model(model, config, [1, 3], [1, 1, 1], share_init="first")
+    windows = torch.randint(0, 128, (4, 12), generator=torch.Generator().manual_seed(1))
+    up = folded.model.layers[0].mlp.up_proj.weight.clone()
+    rep = heal(folded, model, windows, steps=3, batch_size=2, lr=1e-2, optimizer=optimizer)
+    trained = sum(q.numel() * q.element_size() for q in folded.model.layers.parameters())
+    held = rep["heal_ranks"][0]["held"]["optimizer"] / trained
+    assert held == pytest.approx(states, abs=0.05), held  # adafactor: a row and a column per matrix
+    assert not torch.equal(folded.model.layers[0].mlp.up_proj.weight, up)
+
+
+@pytest.mark.parametrize("lora", [0, 2])
+def test_a_heal_that_recomputes_the_blocks_takes_the_same_steps_bit_for_bit(llama, lora):
+    import weightsmith
+    from weightsmith.fold.heal import heal, merge_lora
+    from weightsmith.fold.plan import fold_model
+
+    _, config, _, path = llama
+    windows = torch.randint(0, 128, (4, 64), generator=torch.Generator().manual_seed(7))
+    runs = []
+    for recompute in (False, True):
+        model = weightsmith.load(path)
+        folded = fold_model(model, config, [1, 3], [1, 2], share_init="first")  # a shared pair of blocks
+        torch.manual_seed(0)  # the adapters' initial weights
+        with PeakBytes() as probe:
+            rep = heal(folded, model, windows, steps=3, batch_size=4, lr=1e-2, lora_rank=lora, recompute=recompute)
+        if lora:
+            merge_lora(folded)
+        runs.append((rep["heal_losses"], folded.state_dict(), probe.peak))
+    (losses, state, peak), (again, recomputed, less) = runs
+    assert losses == again
+    assert all(torch.equal(state[k], recomputed[k]) for k in state)
+    assert "forward" not in vars(folded.model.layers[0])  # the blocks' own forward is back
+    if lora:  # the activations are most of a LoRA step (a full one holds gradients and moments)
+        assert less < 0.5 * peak, (less, peak)
+
+
 def test_analyze_and_fold_keep_the_stored_dtype_unless_told(llama, tmp_path, monkeypatch):
     import weightsmith.loading
     from weightsmith.fold.analyze import analyze

@@ -84,3 +84,30 @@ def test_metrics_streamed_batch_by_batch_equal_the_metrics_of_all_states(zoo):
     light = block_similarity(model, x, batch_size=3, mean_angular=False, cka=False)  # one state held at a time
     assert torch.allclose(light.block_influence(), block_influence(states), atol=1e-6)
     assert torch.allclose(light.angular_distance().nan_to_num(), angular_distance(states).nan_to_num(), atol=1e-6)
+
+
+def test_spilled_states_give_the_sums_of_every_state_of_a_batch_held(zoo):
+    """The earlier states and CKA samples read back from the temporary file: bit for bit the metrics of the
+    same sums taken with each batch's states and every sampled token held in memory (bfloat16 states)."""
+    import weightsmith
+    from weightsmith.fold.analyze import block_similarity, each_batch_states
+    from weightsmith.fold.similarity import _centred, _cos, _gram, gram_cka
+
+    model = weightsmith.load(zoo.model("base"), dtype="bfloat16")
+    x = torch.randint(0, 1000, (7, 20), generator=torch.Generator().manual_seed(3))
+    stats = block_similarity(model, x, batch_size=3, cka_tokens=60)
+    batches: list[list[torch.Tensor]] = []
+    each_batch_states(model, x, lambda i, s, k: (batches.append([]) if i == 0 else None, batches[-1].append(s)),
+                      batch_size=3)
+    k = len(batches[0])
+    cos_sum, ang_sum = torch.zeros(k - 1, dtype=torch.float64), torch.zeros(k - 1, k - 1, dtype=torch.float64)
+    for held in batches:
+        for i in range(1, k):
+            cos_sum[i - 1] += _cos(held[i - 1], held[i]).double().sum()
+            for n in range(1, i + 1):
+                ang_sum[i - n, n - 1] += angular(held[i - n], held[i]).double().sum()
+    assert torch.equal(stats.block_influence(), (1.0 - cos_sum / x.numel()).float())
+    streamed = stats.angular_distance(last_token=False)
+    assert torch.equal(streamed.nan_to_num(), (ang_sum / x.numel()).float().masked_fill(streamed.isnan(), 0))
+    tokens = [torch.cat([b[i].reshape(-1, b[i].shape[-1]) for b in batches])[stats.sample] for i in range(k)]
+    assert torch.equal(stats.cka_matrix(), gram_cka([_gram(_centred(t)) for t in tokens]))

@@ -56,9 +56,11 @@ def perplexity(model: torch.nn.Module, ids: torch.Tensor, *, context: int, strid
     start = time.perf_counter()
     for batch in track(progress, label, batches):
         x = torch.stack([ids[b:e] for b, e, _ in batch]).to(dev)
-        logits = model(input_ids=x).logits.float()
+        logits = model(input_ids=x).logits
         for row, (b, e, scored) in enumerate(batch):
-            pred = logits[row, e - b - scored - 1: e - b - 1]
+            # only the scored positions in float32, one window at a time: a float32 copy of the batch's logits
+            # would be the largest tensor of the pass for a 32K-100K vocabulary
+            pred = logits[row, e - b - scored - 1: e - b - 1].float()
             nll += F.cross_entropy(pred, x[row, e - b - scored:], reduction="sum").item()
             count += scored
     if dev.type == "cuda":

@@ -147,6 +147,7 @@ def analyze(model_path: str | Path, out: str | Path | None = None, opts: Analyze
                                   causal=is_causal_lm(model))
     stats = block_similarity(model, windows, batch_size=o.batch_size, device=dev, progress=progress)
     n = len(block_list(model))
+    del model  # the CKA's Gram matrices and the heatmap come after the weights are given back
     report = {"model": str(model_path), "data": str(o.data), "tokens": int(windows.numel()), **similarity_report(
         stats, remove=int(round(o.remove * n)))}
     if out is not None:

@@ -17,6 +17,8 @@ the weights afterwards is exact and keeps the sharing: the folded model comes ou
 """
 from __future__ import annotations
 
+import functools
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -94,9 +96,9 @@ def heal(student: torch.nn.Module, teacher: torch.nn.Module, windows: torch.Tens
          lora_rank: int = 0, splice: float = 0.0, seed: int = 0, device: str | torch.device = "cpu",
          pooling: Pooling | None = None, progress: ProgressFn | None = None, merge: bool = True,
          sharded: bool = False, gathered: dict | None = None, teacher_cache: bool = False,
-         keep_teacher: bool = True) -> dict:
-    """Train ``student`` in place (AdamW, 10% linear warmup, then cosine decay to 0.1·lr); returns the first
-    and last losses and what each rank did.
+         keep_teacher: bool = True, optimizer: str = "adamw", recompute: bool = False) -> dict:
+    """Train ``student`` in place (``optimizer``: AdamW or Adafactor; 10% linear warmup, then cosine decay to
+    0.1·lr); returns the first and last losses and what each rank did.
 
     ``windows``: [n, seq] token windows, or (encoders) ``Sentences``, separate inputs padded per batch;
     ``splice``: the share of each batch of sentences replaced by spliced ones (``Sentences.spliced``);
@@ -104,6 +106,7 @@ def heal(student: torch.nn.Module, teacher: torch.nn.Module, windows: torch.Tens
     first merges with less memory); ``sharded``: FSDP across the launched processes (``shard.Sharded``), rank 0
     then finds the whole trained weights in ``gathered`` (the student keeps only its shards); ``teacher_cache``:
     the teacher's outputs on every window computed once (``TeacherCache``), each step runs the student alone;
+    ``recompute``: each block's activations recomputed in the backward pass (``recomputed``);
     ``keep_teacher=False``: the caller has no use for the teacher afterwards, so that with the cache the student
     trains the tensors it shares with the teacher in place instead of a copy.
 
@@ -126,13 +129,14 @@ def heal(student: torch.nn.Module, teacher: torch.nn.Module, windows: torch.Tens
     params = _trainable(student, lora_rank, blocks_only)
     if not engine.sharded and (cache is None or keep_teacher):
         own_storage(params, teacher)
-    student, teacher, opt, params = engine.prepare(student, None if cache else teacher, params, lr)
+    student, teacher, opt, params = engine.prepare(student, None if cache else teacher, params, lr, optimizer)
     loss_kw = dict(causal=causal, tail=tail, lm_weight=lm_weight, kd_weight=kd_weight, mse_weight=mse_weight,
                    pooled_weight=pooled_weight, temperature=temperature, pooling=pooling or Pooling())
     student.eval()  # dropout off: the student matches the teacher's deterministic outputs
-    losses, grad_norms, first_windows = _steps(engine, student, teacher, opt, params, windows, cache, ranks,
-                                               steps=steps, lr=lr, batch_size=batch_size, splice=splice, seed=seed,
-                                               progress=progress, **loss_kw)
+    with recomputed(model, recompute):
+        losses, grad_norms, first_windows = _steps(engine, student, teacher, opt, params, windows, cache, ranks,
+                                                   steps=steps, lr=lr, batch_size=batch_size, splice=splice,
+                                                   seed=seed, progress=progress, **loss_kw)
     held = _held(student, opt)
     student.eval()
     if engine.sharded and gathered is not None:
@@ -142,6 +146,23 @@ def heal(student: torch.nn.Module, teacher: torch.nn.Module, windows: torch.Tens
     for p in model.parameters():
         p.requires_grad_(True)
     return _heal_report(steps, lora_rank, losses, grad_norms, first_windows, ranks, held)
+
+
+@contextmanager
+def recomputed(model: torch.nn.Module, on: bool):
+    """While the context is open, each of ``model``'s blocks keeps only its input for the backward pass and runs
+    its forward again there (activation checkpointing): the same gradients, bit for bit, for one more forward pass
+    per step, and one block's activations held instead of every block's."""
+    from torch.utils.checkpoint import checkpoint
+
+    blocks = list({id(b): b for b in block_list(model)}.values()) if on else []  # a shared block wrapped once
+    for block in blocks:
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+    try:
+        yield
+    finally:
+        for block in blocks:
+            del block.forward
 
 
 def _check(windows, *, splice: float, sharded: bool, lora_rank: int, teacher_cache: bool) -> None:

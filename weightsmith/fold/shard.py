@@ -37,9 +37,12 @@ def state_bytes(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str,
             "optimizer": sum(local_bytes(v) for v in moments)}
 
 
-def adamw(params, lr: float) -> torch.optim.Optimizer:
-    """AdamW stepping one parameter at a time: the multi-tensor form's temporaries (a copy of the moments of
-    every parameter at once) would cost as much memory as the moments themselves."""
+def optimizer(params, lr: float, name: str = "adamw") -> torch.optim.Optimizer:
+    """AdamW, or Adafactor (its second moment a row and a column vector per matrix, no first moment), stepping
+    one parameter at a time: the multi-tensor form's temporaries (a copy of the moments of every parameter at
+    once) would cost as much memory as the moments themselves."""
+    if name == "adafactor":
+        return torch.optim.Adafactor(params, lr=lr, weight_decay=0.0, foreach=False)
     return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, foreach=False)
 
 
@@ -54,8 +57,8 @@ class Replicated:
         self.accelerator = Accelerator(cpu=device.type == "cpu")
         self.device = self.accelerator.device
 
-    def prepare(self, student, teacher, params, lr: float):
-        opt = adamw(params, lr)
+    def prepare(self, student, teacher, params, lr: float, name: str = "adamw"):
+        opt = optimizer(params, lr, name)
         student, opt = self.accelerator.prepare(student, opt)
         return student, None if teacher is None else teacher.to(self.device), opt, params
 
@@ -87,12 +90,12 @@ class Sharded:
             fully_shard([blocks[i] for i in group] if len(group) > 1 else blocks[group[0]])
         fully_shard(model)
 
-    def prepare(self, student, teacher, params, lr: float):
+    def prepare(self, student, teacher, params, lr: float, name: str = "adamw"):
         self.shard(student)  # each rank copies out its shards: the student no longer holds the teacher's tensors
         if teacher is not None:  # None: its outputs are cached
             self.shard(teacher)
         params = [p for p in student.parameters() if p.requires_grad]  # sharding made new parameters
-        return student, teacher, adamw(params, lr), params
+        return student, teacher, optimizer(params, lr, name), params
 
     def no_sync(self, student, last: bool):
         student.set_requires_gradient_sync(last)

@@ -9,6 +9,8 @@ import math
 
 import torch
 
+from .removal import SpilledStates
+
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1)
@@ -120,33 +122,39 @@ class RunningSimilarity:
         self.ang_sum: torch.Tensor | None = None
         self.tokens = 0
         self.last: list[list[torch.Tensor]] = []
-        self.sampled: list[list[torch.Tensor]] = []
+        self.sampled: list[list[int]] = []  # per state, its sampled tokens of each batch in the spill file
         sample = torch.arange(total_tokens)
         if cka_tokens and total_tokens > cka_tokens:
             sample = torch.randperm(total_tokens, generator=torch.Generator().manual_seed(seed))[:cka_tokens]
         self.sample = torch.zeros(total_tokens, dtype=torch.bool)
         self.sample[sample] = True
-        self._held: list[torch.Tensor] = []
+        self._held: list[int] = []  # this batch's states so far, in the spill file
+        self._previous: torch.Tensor | None = None
+        self._spilled = SpilledStates() if mean_angular or cka else None
 
     def take(self, i: int, state: torch.Tensor, k: int) -> None:
         """State ``i`` of ``k`` of the current batch, as the forward pass reaches it. Only the previous one is
-        held, unless the token-mean angular distance (every pair) needs the whole batch's."""
+        held: the earlier ones the token-mean angular distance compares (every pair) and the CKA's sampled
+        tokens wait in a temporary file (read back one tensor at a time) rather than beside the weights."""
         if i == 0:
             self._start(k)
             self._held = []
         count = state.shape[0] * state.shape[1]
         if i:
-            self.cos_sum[i - 1] += _cos(self._held[-1], state).double().sum()
+            self.cos_sum[i - 1] += _cos(self._previous, state).double().sum()
         if self.mean_angular:
-            for n, earlier in enumerate(reversed(self._held), 1):
+            for n, index in enumerate(reversed(self._held), 1):
+                earlier = self._previous if n == 1 else self._spilled.get(index).to(state.device)
                 self.ang_sum[i - n, n - 1] += angular(earlier, state).double().sum()
-        self._held = self._held + [state] if self.mean_angular else [state]
+            if i < k - 1:
+                self._held.append(self._spilled.add(state))
+        self._previous = state
         self.last[i].append(state[:, -1:].float().cpu())
         if self.cka:
-            self.sampled[i].append(state.reshape(-1, state.shape[-1])[self.sample[self.tokens:self.tokens + count]
-                                                                      .to(state.device)].cpu())
+            self.sampled[i].append(self._spilled.add(
+                state.reshape(-1, state.shape[-1])[self.sample[self.tokens:self.tokens + count].to(state.device)]))
         if i == k - 1:
-            self._held = []
+            self._held, self._previous = [], None
             self.tokens += count
 
     def _start(self, k: int) -> None:
@@ -169,11 +177,15 @@ class RunningSimilarity:
     def cka_matrix(self) -> torch.Tensor:
         """CKA of the sampled tokens. In Gram form each block input's tokens are dropped once its Gram matrix is
         formed (asked for once)."""
-        n, d, k = sum(t.shape[0] for t in self.sampled[0]), self.sampled[0][0].shape[-1], len(self.sampled)
+        def tokens(i: int) -> torch.Tensor:
+            return torch.cat([self._spilled.get(j) for j in self.sampled[i]])
+
+        shapes = [self._spilled.where[j][3] for j in self.sampled[0]]
+        n, d, k = sum(shape[0] for shape in shapes), shapes[0][-1], len(self.sampled)
         if not gram_form(n, d, k):
-            return cka_matrix([torch.cat(t)[None] for t in self.sampled], max_tokens=None)
+            return cka_matrix([tokens(i)[None] for i in range(k)], max_tokens=None)
         grams = []
         for i in range(k):
-            grams.append(_gram(_centred(torch.cat(self.sampled[i]))))
+            grams.append(_gram(_centred(tokens(i))))
             self.sampled[i] = []
         return gram_cka(grams)

@@ -147,7 +147,8 @@ def _heal(folded: torch.nn.Module, teacher: torch.nn.Module, job: _Job, opts: Fo
                 pooled_weight=opts.heal_pooled_weight, splice=opts.heal_splice, batch_size=opts.batch_size,
                 lora_rank=opts.heal_lora, seed=seed, device=device, pooling=job.pooling, progress=progress, merge=False,
                 sharded=fsdp_requested(opts.fsdp) and Ranks.start(device).world > 1, gathered=gathered,
-                teacher_cache=opts.teacher_cache, keep_teacher=keep_teacher)
+                teacher_cache=opts.teacher_cache, keep_teacher=keep_teacher, optimizer=opts.heal_optimizer,
+                recompute=opts.heal_recompute)
 
 
 def _healed_model(folded: torch.nn.Module, config: dict, opts: FoldOptions, gathered: dict) -> torch.nn.Module:
