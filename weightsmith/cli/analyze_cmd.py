@@ -37,12 +37,13 @@ def analyze_cmd(
         print_json(rep)
         return
     n = rep["num_blocks"]
-    table = Table(title=f"{model}: {n} blocks, {rep['tokens']} tokens", title_justify="left")
+    table = Table()
     for col in ("block", "BI", "d(l,l+1) last", "d(l,l+1) mean", "CKA(l,l+1)"):
         table.add_column(col, justify="right")
     for i in range(n):
         table.add_row(str(i), f"{rep['block_influence'][i]:.4f}", f"{rep['angular_distance_last_token'][i][0]:.4f}",
                       f"{rep['angular_distance_mean'][i][0]:.4f}", f"{rep['cka'][i][i + 1]:.4f}")
+    console.print(f"{model}: {n} blocks, {rep['tokens']} tokens", soft_wrap=True)  # a path stays on one line
     console.print(table)
     console.print(f"remove {rep['remove']} of {n}: ShortGPT (lowest BI) drops blocks {rep['shortgpt_drop']}; "
                   f"angular distance drops span {rep['angular_drop']}")
