@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from .errors import OptionError, WeightsmithError
-from .loading import folder_format, format_module
+from .checkpoint.formats import folder_format
+from .loading import format_module
 from .progress import ProgressFn
 from .stage_options import ExportOptions
 

@@ -6,7 +6,6 @@ from pathlib import Path
 import torch
 
 from .checkpoint.exact import build_config, check_layer_count, check_tensors, model_class, one_line, refuse_mismatch
-from .checkpoint.formats import folder_format  # noqa: F401  (callers ask loading which format a folder is)
 from .device import resolve_device, resolve_dtype
 from .errors import WeightsmithError
 
@@ -54,9 +53,6 @@ def custom_class(config: dict):
         if name in auto_map:
             return getattr(transformers, name)
     return transformers.AutoModel
-
-
-FORMATS = ("folded", "rps")
 
 
 def format_module(fmt: str):

@@ -166,12 +166,13 @@ def _healed_model(folded: torch.nn.Module, config: dict, opts: FoldOptions, gath
 
 def _check_inputs(model_path: Path, opts: FoldOptions) -> dict:
     """The model's config, once the data and the folder's format are known to suit a fold."""
-    from ..loading import folder_format
+    from ..checkpoint.formats import folder_format
 
     if not Path(opts.data).exists():
         raise WeightsmithError(f"{opts.data}: data file not found")
-    if folder_format(model_path) != "plain":
-        raise WeightsmithError(f"{model_path}: already a {folder_format(model_path)} folder; fold a plain checkpoint")
+    fmt = folder_format(model_path)
+    if fmt != "plain":
+        raise WeightsmithError(f"{model_path}: already a {fmt} folder; fold a plain checkpoint")
     return read_json(model_path / "config.json", "config.json")
 
 
